@@ -1,0 +1,57 @@
+"""rf_callback: where a convolutional network looks, from the first batch to the last epoch.
+
+* :func:`receptive_fields` — the analytic receptive field of every layer (size, effective stride,
+  effective padding, the exact input box of any unit), traced on the meta device.
+* :func:`receptive_maps` — gradient-saliency maps of chosen units (the effective receptive field)
+  and their statistics, for a batch of probe images.
+* :class:`ReceptiveFieldMonitor` — a Lightning callback that logs both to TensorBoard.
+
+Names are imported on first use, so ``import rf_callback`` stays light and the pure algebra in
+:mod:`rf_callback.algebra` imports without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "AxisRF": "rf_callback.algebra",
+    "Field": "rf_callback.algebra",
+    "MisalignedBranchesError": "rf_callback.errors",
+    "TraceError": "rf_callback.errors",
+    "UnsupportedLayerError": "rf_callback.errors",
+    "LayerRF": "rf_callback.fields",
+    "ReceptiveFieldTable": "rf_callback.fields",
+    "receptive_fields": "rf_callback.fields",
+    "unwrap_model": "rf_callback.fields",
+}
+
+__all__ = [
+    "AxisRF",
+    "Field",
+    "LayerRF",
+    "MisalignedBranchesError",
+    "ReceptiveFieldTable",
+    "TraceError",
+    "UnsupportedLayerError",
+    "receptive_fields",
+    "unwrap_model",
+]
+
+if TYPE_CHECKING:
+    from rf_callback.algebra import AxisRF, Field
+    from rf_callback.errors import MisalignedBranchesError, TraceError, UnsupportedLayerError
+    from rf_callback.fields import LayerRF, ReceptiveFieldTable, receptive_fields, unwrap_model
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'rf_callback' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,318 @@
+"""Receptive-field algebra, in pure Python.
+
+Every layer of a convolutional network, seen along one spatial axis, maps output
+position ``u`` to the half-open input interval ``[u * jump + start, u * jump + start + size)``.
+That triple is an :class:`AxisRF`. In the terms of Araujo, Norris and Sim,
+"Computing Receptive Fields of Convolutional Neural Networks" (Distill, 2019):
+
+* ``size`` is the receptive-field size ``r``,
+* ``jump`` is the effective stride ``S`` (the product of the strides so far),
+* ``start`` is minus the effective padding ``P``: unit 0 sees ``[-P, -P + r)``.
+
+Composing a layer ``then`` (kernel ``k``, dilation ``d``, stride ``s``, padding ``p``) after
+the geometry ``first`` gives::
+
+    size  = first.size + (d * (k - 1)) * first.jump
+    jump  = first.jump * s
+    start = first.start - p * first.jump
+
+which unrolls to ``r = 1 + sum_l (k_l - 1) * prod_{i<l} s_i`` with ``k_l`` the dilated kernel
+``d_l * (k_l - 1) + 1``. Padding moves the interval (``start``), never its ``size``.
+
+A ``jump`` of 0 means every unit sees the same interval: the axis has been mixed by a global
+operation (global pooling followed by broadcasting, flatten + Linear, softmax or attention
+across positions, normalisation over the spatial axes).
+
+This module imports nothing outside the standard library, so the maths can be checked
+without torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+__all__ = ["IDENTITY", "AxisRF", "Box", "Field", "MisalignedBranchesError", "compose", "layer", "merge", "mixed"]
+
+
+@dataclass(frozen=True)
+class AxisRF:
+    """Geometry of one spatial axis: unit ``u`` sees ``[u * jump + start, u * jump + start + size)``.
+
+    Example::
+        >>> rf = AxisRF(size=5, jump=2, start=-2)
+        >>> rf.interval(0), rf.interval(3)
+        ((-2, 3), (4, 9))
+        >>> rf.padding, rf.center(3)
+        (2, 6.0)
+    """
+
+    size: int = 1
+    jump: int = 1
+    start: int = 0
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or self.jump < 0:
+            raise ValueError(f"AxisRF needs size >= 1 and jump >= 0, got size={self.size}, jump={self.jump}.")
+
+    @property
+    def padding(self) -> int:
+        """Effective padding: how far unit 0's field reaches before input position 0."""
+        return -self.start
+
+    def interval(self, index: int) -> tuple[int, int]:
+        """Half-open input interval ``(low, high)`` seen by output position ``index`` (not clipped)."""
+        low = index * self.jump + self.start
+        return low, low + self.size
+
+    def center(self, index: int) -> float:
+        """Input coordinate of the centre of output position ``index``'s field."""
+        return index * self.jump + self.start + (self.size - 1) / 2
+
+
+IDENTITY = AxisRF()
+"""The geometry of the input itself: each position sees only itself."""
+
+
+class MisalignedBranchesError(ValueError):
+    """Branches meeting at a merge (add, concat, ...) move at different effective strides.
+
+    Their units do not map to one interval per output position, so no single receptive
+    field describes the merge. ``where`` names the merge point.
+    """
+
+    def __init__(self, where: str, branches: Sequence[AxisRF]) -> None:
+        self.where = where
+        self.branches = tuple(branches)
+        jumps = ", ".join(str(branch.jump) for branch in self.branches)
+        super().__init__(
+            f"Branches merged at {where} have different effective strides ({jumps}), so their units do not"
+            " line up and no single receptive field describes the result. HINT: resample the branches to"
+            " the same stride before merging them, or leave this layer out."
+        )
+
+
+def layer(kernel: int = 1, stride: int = 1, padding: int = 0, dilation: int = 1) -> AxisRF:
+    """Geometry of one sliding-window layer (convolution, pooling, padding, cropping).
+
+    ``padding`` counts positions added before the first input position (negative crops);
+    padding added after the last position changes the output length, not the geometry.
+
+    Example::
+        >>> layer(kernel=3, stride=2, padding=1)
+        AxisRF(size=3, jump=2, start=-1)
+        >>> layer(kernel=3, dilation=2)  # a dilated kernel equals its effective kernel
+        AxisRF(size=5, jump=1, start=0)
+    """
+    if kernel < 1 or stride < 1 or dilation < 1:
+        raise ValueError(
+            f"layer needs kernel, stride and dilation >= 1, got kernel={kernel}, stride={stride}, dilation={dilation}."
+        )
+    return AxisRF(size=dilation * (kernel - 1) + 1, jump=stride, start=-padding)
+
+
+def mixed(extent: int) -> AxisRF:
+    """Geometry of an operation where every output unit reads all ``extent`` input positions.
+
+    Example::
+        >>> compose(AxisRF(size=3, jump=2, start=-1), mixed(4))
+        AxisRF(size=9, jump=0, start=-1)
+    """
+    return AxisRF(size=extent, jump=0, start=0)
+
+
+def compose(first: AxisRF, then: AxisRF) -> AxisRF:
+    """Geometry of ``then`` applied after ``first``, in input pixels.
+
+    Example::
+        >>> compose(AxisRF(size=3, jump=1, start=-1), AxisRF(size=3, jump=2, start=-1))
+        AxisRF(size=5, jump=2, start=-2)
+    """
+    return AxisRF(
+        size=first.size + (then.size - 1) * first.jump,
+        jump=first.jump * then.jump,
+        start=first.start + then.start * first.jump,
+    )
+
+
+def _hull(rfs: Sequence[AxisRF], jump: int) -> AxisRF:
+    low = min(rf.start for rf in rfs)
+    high = max(rf.start + rf.size for rf in rfs)
+    return AxisRF(size=high - low, jump=jump, start=low)
+
+
+Box = tuple[int, int] | None
+"""A half-open input interval ``(low, high)``, or None for a unit that sees only padding."""
+PadMode = Literal["constant", "reflect", "replicate", "circular"]
+
+
+def _union(boxes: Iterable[Box]) -> Box:
+    found = [box for box in boxes if box is not None]
+    if not found:
+        return None
+    return min(low for low, _ in found), max(high for _, high in found)
+
+
+def _source(v: int, n: int, mode: PadMode) -> int | None:
+    """The input position a padded position ``v`` copies, or None for a constant."""
+    if 0 <= v < n:
+        return v
+    if mode == "constant":
+        return None
+    if mode == "replicate":
+        return min(max(v, 0), n - 1)
+    if mode == "circular":
+        return v % n
+    period = 2 * (n - 1)  # reflect
+    v = abs(v) % period if period else 0
+    return period - v if v >= n else v
+
+
+Boxes = tuple[Box, ...]
+"""The exact box of every position along one axis."""
+
+
+def _window(boxes: Boxes, kernel: int, stride: int, padding: int, length: int, dilation: int) -> Boxes:
+    n = len(boxes)
+    reads = (
+        range(u * stride - padding, u * stride - padding + dilation * (kernel - 1) + 1, dilation) for u in range(length)
+    )
+    return tuple(_union(boxes[v] for v in positions if 0 <= v < n) for positions in reads)
+
+
+def _covers(big: Boxes, small: Boxes) -> bool:
+    return all(b is None or (a is not None and a[0] <= b[0] and b[1] <= a[1]) for a, b in zip(big, small))
+
+
+def _prune(branches: Iterable[tuple[Boxes, ...]]) -> tuple[tuple[Boxes, ...], ...]:
+    kept: list[tuple[Boxes, ...]] = []
+    for branch in branches:
+        if any(all(_covers(a, b) for a, b in zip(other, branch)) for other in kept):
+            continue
+        kept = [other for other in kept if not all(_covers(a, b) for a, b in zip(branch, other))] + [branch]
+    return tuple(kept)
+
+
+@dataclass(frozen=True)
+class Field:
+    """The receptive field of every unit of a tensor: Distill's triple per axis and the exact boxes.
+
+    ``rfs[a]`` is the analytic geometry of axis ``a`` (size, effective stride, effective padding).
+    ``branches`` hold the exact boxes: for each path from the input (several after residual adds
+    or concatenations), for each axis, for each position, the half-open interval of input pixels
+    that reach it through real positions only. Strides that drop border pixels, dilation holes at
+    the border, reflect / replicate / circular padding and branches that see only padding at a
+    corner are all exact, because a unit's box is the hull of its branches' rectangles.
+
+    Example::
+        >>> field = Field.of_input((28,)).window(0, kernel=3, stride=2, padding=1, length=14)
+        >>> field.rfs[0], field.box((0,)), field.box((13,))
+        (AxisRF(size=3, jump=2, start=-1), ((0, 2),), ((25, 28),))
+        >>> Field.of_input((5,)).window(0, kernel=2, stride=2, padding=0, length=2).box((1,))  # pixel 4 is dropped
+        ((2, 4),)
+    """
+
+    rfs: tuple[AxisRF, ...]
+    branches: tuple[tuple[Boxes, ...], ...]
+
+    @classmethod
+    def of_input(cls, shape: Sequence[int]) -> Field:
+        """The input itself: each position sees only itself."""
+        return cls((IDENTITY,) * len(shape), (tuple(tuple((i, i + 1) for i in range(n)) for n in shape),))
+
+    def length(self, axis: int) -> int:
+        return len(self.branches[0][axis])
+
+    def _along(self, axis: int, rf: AxisRF, step: Callable[[Boxes], Boxes]) -> Field:
+        rfs = self.rfs[:axis] + (rf,) + self.rfs[axis + 1 :]
+        branches = (branch[:axis] + (step(branch[axis]),) + branch[axis + 1 :] for branch in self.branches)
+        return Field(rfs, _prune(branches))
+
+    def window(self, axis: int, kernel: int, stride: int, padding: int, length: int, dilation: int = 1) -> Field:
+        """After a sliding window (convolution, pooling) along ``axis`` producing ``length`` positions."""
+        rf = compose(self.rfs[axis], layer(kernel, stride, padding, dilation))
+        return self._along(axis, rf, lambda boxes: _window(boxes, kernel, stride, padding, length, dilation))
+
+    def pad(self, axis: int, before: int, length: int, mode: PadMode = "constant") -> Field:
+        """After padding ``before`` positions in front of ``axis`` (negative crops), ``length`` in all.
+
+        Example::
+            >>> Field.of_input((3,)).pad(0, before=1, length=5, mode="reflect").branches[0][0]
+            ((1, 2), (0, 1), (1, 2), (2, 3), (1, 2))
+        """
+
+        def step(boxes: Boxes) -> Boxes:
+            sources = (_source(u - before, len(boxes), mode) for u in range(length))
+            return tuple(None if v is None else boxes[v] for v in sources)
+
+        return self._along(axis, compose(self.rfs[axis], layer(padding=before)), step)
+
+    def take(self, axis: int, start: int, step: int, length: int) -> Field:
+        """After slicing ``[start::step]`` to ``length`` positions along ``axis``."""
+        rf = compose(self.rfs[axis], layer(stride=step, padding=-start))
+        return self._along(axis, rf, lambda boxes: tuple(boxes[start + u * step] for u in range(length)))
+
+    def mix(self, axis: int) -> Field:
+        """After an operation where every position along ``axis`` reads all of them (softmax, statistics)."""
+        rf = compose(self.rfs[axis], mixed(self.length(axis)))
+        return self._along(axis, rf, lambda boxes: (_union(boxes),) * len(boxes))
+
+    def broadcast(self, axis: int, length: int) -> Field:
+        """A length-1 axis repeated to ``length`` positions: each sees what position 0 saw."""
+        return self._along(axis, replace(self.rfs[axis], jump=0), lambda boxes: boxes[:1] * length)
+
+    def first(self, axis: int) -> Field:
+        """Only position 0 of ``axis`` (an axis that ends up with a single position)."""
+        return self._along(axis, self.rfs[axis], lambda boxes: boxes[:1])
+
+    def box(self, index: Sequence[int]) -> tuple[tuple[int, int], ...] | None:
+        """Exact per-axis intervals ``((low, high), ...)`` of unit ``index``; None if it sees only padding."""
+        rectangles = [[branch[a][i] for a, i in enumerate(index)] for branch in self.branches]
+        rectangles = [r for r in rectangles if all(interval is not None for interval in r)]
+        if not rectangles:
+            return None
+        return tuple(_union(column) for column in zip(*rectangles))  # type: ignore[misc]
+
+
+def merge(fields: Sequence[Field], where: str = "a merge") -> Field:
+    """Field of an elementwise merge (add, multiply, concat on channels) of aligned tensors.
+
+    Each output unit sees the union of what the inputs' units at the same position see. Inputs
+    must have the same length on every axis (broadcast ones with :meth:`Field.broadcast`).
+
+    Raises:
+        MisalignedBranchesError: if, on some axis, branches move at different effective strides, so
+            that no single size / stride / padding describes the result (Google's receptive_field
+            raises here too). A mixed branch (stride 0) merges with local ones only when it already
+            sees everything they see.
+
+    Example::
+        >>> image = Field.of_input((8,))
+        >>> main = image.window(0, kernel=3, stride=2, padding=1, length=4)
+        >>> skip = image.window(0, kernel=1, stride=2, padding=0, length=4)
+        >>> merge([main, skip]).rfs
+        (AxisRF(size=3, jump=2, start=-1),)
+    """
+    if not fields:
+        raise ValueError("merge needs at least one branch.")
+    rfs = []
+    for axis in range(len(fields[0].rfs)):
+        axis_rfs = [field.rfs[axis] for field in fields]
+        if fields[0].length(axis) <= 1:  # one output position: strides no longer matter
+            rfs.append(_hull(axis_rfs, axis_rfs[0].jump))
+            continue
+        local = [rf for rf in axis_rfs if rf.jump > 0]
+        spread = [field for field in fields if field.rfs[axis].jump == 0]
+        if len({rf.jump for rf in local}) > 1:
+            raise MisalignedBranchesError(where, axis_rfs)
+        if local and spread:
+            # A fixed field merges with moving ones only if it already holds everything they see.
+            whole = _union(branch[axis][0] for field in spread for branch in field.branches)
+            seen = (box for field in fields for branch in field.branches for box in branch[axis])
+            if whole is None or any(box is not None and not _covers((whole,), (box,)) for box in seen):
+                raise MisalignedBranchesError(where, axis_rfs)
+            rfs.append(_hull([field.rfs[axis] for field in spread], 0))
+        else:
+            rfs.append(_hull(axis_rfs, axis_rfs[0].jump))
+    return Field(tuple(rfs), _prune(branch for field in fields for branch in field.branches))

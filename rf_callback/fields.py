@@ -1,0 +1,313 @@
+"""Analytic receptive fields of every module of a PyTorch model.
+
+:func:`receptive_fields` runs the model's ``forward`` once on the *meta* device (shapes only, no
+arithmetic, no random numbers) and follows every ATen operation (see :mod:`rf_callback.tracing`),
+so residual adds, concatenations, functional calls inside ``forward``, views and permutes are
+followed exactly, whatever Python built the graph. Module boundaries come from forward hooks,
+removed before the function returns.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from rf_callback.algebra import Field, MisalignedBranchesError
+from rf_callback.errors import TraceError, UnsupportedLayerError
+from rf_callback.tracing import PadInterceptor, Traced, Tracer, Unsupported, axis_length, flat_tensors
+
+__all__ = [
+    "LayerRF",
+    "ReceptiveFieldTable",
+    "TraceError",
+    "UnsupportedLayerError",
+    "receptive_fields",
+    "unwrap_model",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Public result types
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerRF:
+    """Receptive field of one module's output, in input pixels.
+
+    Pairs follow the input's spatial axes: ``(h, w)`` for images, ``(l,)`` for sequences.
+
+    Attributes:
+        name: the module's name in ``model.named_modules()``; ``name[k]`` for the ``k``-th call of
+            a module called several times in one forward; ``name:i`` for the ``i``-th of several
+            input-dependent tensors a module returns (a bare name when it returns one).
+        module_type: the module's class name.
+        input_shape: spatial shape of the model input, e.g. ``(28, 28)``.
+        output_shape: spatial shape of this output; 1 on an axis the layer reduced or flattened away.
+        field: the geometry (:class:`~rf_callback.algebra.Field`): ``field.rfs[a]`` is Distill's
+            triple of axis ``a`` (size, jump = stride, start = -padding), ``field.box`` the exact boxes.
+        unsupported: why this row has no receptive field (``None`` when it has one).
+
+    Example::
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1))
+        >>> rf = receptive_fields(net, (1, 28, 28))["2"]
+        >>> rf.size, rf.stride, rf.padding, rf.output_shape
+        ((8, 8), (2, 2), (3, 3), (14, 14))
+        >>> rf.box(0, 0), rf.box(0, 0, clip=False), rf.center(5, 5)
+        ((0, 0, 5, 5), (-3, -3, 5, 5), (10.5, 10.5))
+    """
+
+    name: str
+    module_type: str
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    field: Field | None = None
+    unsupported: UnsupportedLayerError | None = None
+
+    def _geometry(self) -> Field:
+        if self.unsupported is not None or self.field is None:
+            raise self.unsupported  # type: ignore[misc]
+        return self.field
+
+    @property
+    def supported(self) -> bool:
+        return self.unsupported is None
+
+    @property
+    def size(self) -> tuple[int, ...]:
+        """Receptive-field size per axis (padding does not change it)."""
+        return tuple(rf.size for rf in self._geometry().rfs)
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        """Effective stride per axis: input pixels between neighbouring units (0: all units share one field)."""
+        return tuple(rf.jump for rf in self._geometry().rfs)
+
+    @property
+    def padding(self) -> tuple[int, ...]:
+        """Effective padding per axis: how far unit 0's field reaches before the first input pixel."""
+        return tuple(rf.padding for rf in self._geometry().rfs)
+
+    @property
+    def is_global(self) -> bool:
+        """Whether every unit sees the whole input (global pooling, flatten + Linear, attention...)."""
+        field = self._geometry()
+        fixed = all(rf.jump == 0 or n == 1 for rf, n in zip(field.rfs, self.output_shape))
+        return fixed and field.box((0,) * len(self.output_shape)) == tuple((0, n) for n in self.input_shape)
+
+    def _check_index(self, index: Sequence[int]) -> None:
+        if len(index) != len(self.output_shape):
+            raise IndexError(f"{self.name}: a unit has {len(self.output_shape)} coordinates, got {tuple(index)}.")
+        for i, extent in zip(index, self.output_shape):
+            if not 0 <= i < extent:
+                raise IndexError(
+                    f"{self.name}: unit {tuple(index)} is outside the output of shape {self.output_shape}."
+                )
+
+    def center(self, *index: int) -> tuple[float, ...]:
+        """Input coordinates (y, x) of the centre of unit ``index``'s receptive field."""
+        self._check_index(index)
+        return tuple(rf.center(i) for rf, i in zip(self._geometry().rfs, index))
+
+    def box(self, *index: int, clip: bool = True) -> tuple[int, ...]:
+        """Half-open box ``(top, left, bottom, right)`` of the input that can influence unit ``index``.
+
+        ``x[..., top:bottom, left:right]`` is exactly that region: the bounding box of the pixels
+        with a path to the unit. It is empty (``top == bottom``) for a unit that sees only padding.
+        ``clip=False`` gives the analytic box instead, which may extend past the image.
+        """
+        self._check_index(index)
+        field = self._geometry()
+        intervals = [rf.interval(i) for rf, i in zip(field.rfs, index)]
+        if clip:
+            exact = field.box([min(i, field.length(a) - 1) for a, i in enumerate(index)])
+            empty = [(min(max(low, 0), n),) * 2 for (low, _), n in zip(intervals, self.input_shape)]
+            intervals = list(exact) if exact is not None else empty
+        return (*(low for low, _ in intervals), *(high for _, high in intervals))
+
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-ready dict of this row."""
+        record: dict[str, Any] = {"name": self.name, "type": self.module_type, "output_shape": list(self.output_shape)}
+        if self.unsupported is not None:
+            record["unsupported"] = self.unsupported.reason
+            return record
+        record.update(
+            size=list(self.size),
+            stride=list(self.stride),
+            padding=list(self.padding),
+            is_global=self.is_global,
+        )
+        return record
+
+
+class ReceptiveFieldTable(Mapping[str, LayerRF]):
+    """Receptive fields by module name, in the order the modules were called.
+
+    A module called ``k > 1`` times in one forward has rows ``name[0]`` ... ``name[k-1]``; its bare
+    name raises a ``KeyError`` that lists them, so calls are never merged silently.
+    """
+
+    def __init__(self, rows: Sequence[LayerRF], input_shape: tuple[int, ...], reused: Mapping[str, int]) -> None:
+        self._rows = {row.name: row for row in rows}
+        self.input_shape = input_shape
+        self.reused = dict(reused)
+
+    def __getitem__(self, name: str) -> LayerRF:
+        try:
+            return self._rows[name]
+        except KeyError:
+            if name in self.reused:
+                calls = ", ".join(f"{name}[{k}]" for k in range(self.reused[name]))
+                raise KeyError(f"'{name}' is called {self.reused[name]} times in one forward; use {calls}.") from None
+            close = difflib.get_close_matches(name, self._rows, n=5)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise KeyError(f"No module output named '{name}' has a receptive field.{hint}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __repr__(self) -> str:
+        return f"ReceptiveFieldTable({len(self)} layers, input_shape={self.input_shape})"
+
+    @property
+    def unsupported(self) -> list[LayerRF]:
+        """Rows without a receptive field (only present with ``strict=False``)."""
+        return [row for row in self._rows.values() if not row.supported]
+
+
+# --------------------------------------------------------------------------------------------
+# The public entry point
+# --------------------------------------------------------------------------------------------
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP / DataParallel (``.module``) or ``torch.compile`` (``._orig_mod``)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(input_shape)
+    if not 2 <= len(shape) <= 4 or not all(isinstance(n, int) and n > 0 for n in shape):
+        raise ValueError(
+            f"input_shape must be (C, H, W) for images (or (C, L), (C, D, H, W)) without the batch, with positive"
+            f" ints; got {input_shape!r}."
+        )
+    return shape
+
+
+def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bool = True) -> ReceptiveFieldTable:
+    """Analytic receptive field of every module whose output depends on the input's positions.
+
+    The model runs once on the meta device: no arithmetic, no random numbers, no memory for
+    activations. It is evaluated as in ``model.eval()`` (BatchNorm uses running statistics, dropout
+    is off); every module's ``training`` flag, hooks, parameters and device are left as found.
+
+    Args:
+        model: any ``nn.Module`` whose ``forward`` takes one tensor (DDP and ``torch.compile``
+            wrappers are unwrapped).
+        input_shape: ``(C, H, W)`` without the batch; ``(C, L)`` for 1-D models.
+        strict: raise :class:`UnsupportedLayerError` at the first operation without a receptive field
+            (upsampling, transposed convolution, misaligned branches...). With ``False`` the table
+            still lists such layers and those after them, flagged (``row.supported`` is False).
+
+    Returns:
+        A :class:`ReceptiveFieldTable` from module name to :class:`LayerRF`.
+
+    Raises:
+        UnsupportedLayerError: in strict mode, naming the module, its type and the operation.
+        TraceError: if ``forward`` cannot run on the meta device (it reads tensor values).
+
+    Example::
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 5, padding=2))
+        >>> receptive_fields(net, (1, 32, 32))["2"].size
+        (9, 9)
+    """
+    model = unwrap_model(model)
+    shape = _check_input_shape(input_shape)
+    spatial = shape[1:]
+    tracer = Tracer(spatial, strict)
+    calls: dict[str, list[list[tuple[torch.Tensor, Any]]]] = {}  # name -> per call: traced outputs
+    order: list[tuple[str, int, str]] = []  # (name, call index, module type) in call order
+    running: list[tuple[str, int]] = []
+    modes = {module: module.training for module in model.modules()}
+    handles = []
+
+    def before(name: str, kind: str):
+        def hook(_module, _args):
+            index = len(calls.setdefault(name, []))
+            calls[name].append([])
+            order.append((name, index, kind))
+            running.append((name, index))
+            tracer.stack.append((name, kind))
+
+        return hook
+
+    def after(_module, _args, output):
+        tracer.stack.pop()
+        name, index = running.pop()
+        calls[name][index] = [(t, tracer.get(t)) for t in flat_tensors(output) if tracer.get(t) is not None]
+
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    try:
+        for name, module in model.named_modules():
+            if name:
+                handles.append(module.register_forward_pre_hook(before(name, type(module).__name__)))
+                handles.append(module.register_forward_hook(after))
+        model.eval()
+        with torch.no_grad(), PadInterceptor(tracer), tracer:
+            sample = torch.empty((1, *shape), dtype=dtype, device="meta")
+            identity = tuple(((None, n),) if n > 1 else () for n in sample.shape[:2])
+            tracer.info[sample] = Traced(
+                Field.of_input(spatial), identity + tuple(((a, n),) for a, n in enumerate(spatial))
+            )
+            try:
+                model(sample)
+            except (UnsupportedLayerError, MisalignedBranchesError):
+                raise
+            except Exception as error:
+                raise TraceError(
+                    f"Could not run {type(model).__name__}.forward on the meta device to trace receptive fields:"
+                    f" {type(error).__name__}: {error}. HINT: forward must take one tensor of shape"
+                    f" (N, {', '.join(map(str, shape))}) and must not read tensor values (no .item(), no"
+                    " data-dependent control flow)."
+                ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes.items():
+            module.training = mode
+    return _build_table(calls, order, shape)
+
+
+def _build_table(calls, order, shape) -> ReceptiveFieldTable:
+    spatial = shape[1:]
+    rows = []
+    reused = {name: len(entries) for name, entries in calls.items() if len(entries) > 1}
+    for name, index, module_type in order:
+        outputs = calls[name][index]
+        for k, (output, info) in enumerate(outputs):
+            key = f"{name}[{index}]" if name in reused else name
+            key = f"{key}:{k}" if len(outputs) > 1 else key
+            if isinstance(info, Unsupported):
+                output_shape = tuple(output.shape[2:]) if output.dim() == len(shape) + 1 else (1,) * len(spatial)
+                rows.append(LayerRF(key, module_type, spatial, output_shape, unsupported=info.error))
+            else:
+                output_shape = tuple(axis_length(info.layout, axis) for axis in range(len(spatial)))
+                rows.append(LayerRF(key, module_type, spatial, output_shape, info.field))
+    return ReceptiveFieldTable(rows, shape, reused)

@@ -1,0 +1,793 @@
+"""The tracer behind :func:`rf_callback.receptive_fields`.
+
+The model runs on the meta device under a :class:`~torch.utils._python_dispatch.TorchDispatchMode`
+that follows every ATen operation. Each tensor that depends on the input carries a
+:class:`~rf_callback.algebra.Field` and a *layout*: which of its dimensions hold which input axis.
+A registry maps each spatial operation to its geometry (kernel, stride, padding, dilation);
+elementwise operations merge fields; anything else that touches the input's positions is
+reported as unsupported, never guessed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from rf_callback.algebra import Field, MisalignedBranchesError, PadMode, merge
+from rf_callback.errors import UnsupportedLayerError
+
+aten = torch.ops.aten
+
+# A tensor dimension is a product of factors; a factor is (spatial axis or None, length).
+# Non-spatial factors of length 1 are dropped; an axis reduced away is absent from the layout.
+Factor = tuple[int | None, int]
+Layout = tuple[tuple[Factor, ...], ...]
+
+
+@dataclass(frozen=True)
+class Traced:
+    """What a traced tensor knows: the field of its units and where the input's axes live in it."""
+
+    field: Field
+    layout: Layout
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    error: UnsupportedLayerError
+
+
+class _Reject(Exception):
+    """Raised by an operation handler: the operation has no receptive field (the message says why)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Layout algebra
+# --------------------------------------------------------------------------------------------
+
+
+def _dim_size(dim: tuple[Factor, ...]) -> int:
+    size = 1
+    for _, length in dim:
+        size *= length
+    return size
+
+
+def _spatial(dim: tuple[Factor, ...]) -> bool:
+    return any(axis is not None for axis, _ in dim)
+
+
+def _plain(size: int) -> tuple[Factor, ...]:
+    return ((None, size),) if size > 1 else ()
+
+
+def axis_length(layout: Layout, axis: int) -> int:
+    for dim in layout:
+        for factor_axis, length in dim:
+            if factor_axis == axis:
+                return length
+    return 1
+
+
+def _home(layout: Layout, axis: int) -> int | None:
+    """The dimension holding ``axis``, or None when the axis has length 1 there."""
+    for d, dim in enumerate(layout):
+        if any(factor_axis == axis for factor_axis, _ in dim):
+            return d
+    return None
+
+
+def _aligned(info: Traced, ndim: int) -> Traced:
+    """``info`` with its layout right-aligned to ``ndim`` dimensions, as broadcasting does."""
+    return replace(info, layout=((),) * (ndim - len(info.layout)) + info.layout)
+
+
+def _reshape(layout: Layout, shape: Sequence[int]) -> Layout:
+    """Layout after a view/reshape to ``shape``; spatial axes may be merged, not split."""
+    if tuple(shape) == tuple(_dim_size(dim) for dim in layout):
+        return layout
+    queue: list[Factor] = []
+    for dim in layout:
+        for factor in dim:
+            if factor[1] == 1:
+                continue
+            if factor[0] is None and queue and queue[-1][0] is None:
+                queue[-1] = (None, queue[-1][1] * factor[1])
+            else:
+                queue.append(factor)
+    result = []
+    for size in shape:
+        dim: list[Factor] = []
+        remaining = size
+        while remaining > 1:
+            if not queue:
+                raise _Reject(f"a view to {tuple(shape)} that this engine cannot follow")
+            axis, length = queue[0]
+            if remaining % length == 0:
+                dim.append(queue.pop(0))
+                remaining //= length
+            elif axis is None and length % remaining == 0:
+                dim.append((None, remaining))
+                queue[0] = (None, length // remaining)
+                remaining = 1
+            else:
+                raise _Reject(f"a view to {tuple(shape)} splits a spatial axis (space-to-depth)")
+        result.append(tuple(dim))
+    if queue:
+        raise _Reject(f"a view to {tuple(shape)} that this engine cannot follow")
+    return tuple(result)
+
+
+def _normalize_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+# --------------------------------------------------------------------------------------------
+# The tracer
+# --------------------------------------------------------------------------------------------
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.device.type != "meta":
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+    return value
+
+
+def _bind(func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    bound = {}
+    for i, argument in enumerate(func._schema.arguments):
+        if i < len(args):
+            bound[argument.name] = args[i]
+        elif argument.name in kwargs:
+            bound[argument.name] = kwargs[argument.name]
+        elif argument.has_default_value():
+            bound[argument.name] = argument.default_value
+        else:
+            bound[argument.name] = None
+    return bound
+
+
+def flat_tensors(value: Any) -> list[torch.Tensor]:
+    return [leaf for leaf in tree_flatten(value)[0] if isinstance(leaf, torch.Tensor)]
+
+
+class Tracer(TorchDispatchMode):
+    def __init__(self, input_spatial: tuple[int, ...], strict: bool) -> None:
+        super().__init__()
+        self.image = input_spatial
+        self.strict = strict
+        self.info: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+        self.stack: list[tuple[str, str]] = []  # (module name, module type) being run
+        self.transparent = 0
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    def where(self) -> tuple[str, str]:
+        return self.stack[-1] if self.stack else ("", "forward")
+
+    def error(self, operation: str, reason: str) -> UnsupportedLayerError:
+        name, kind = self.where()
+        return UnsupportedLayerError(name, kind, operation, reason)
+
+    def get(self, value: Any) -> Traced | Unsupported | None:
+        if isinstance(value, torch.Tensor):
+            return self.info.get(value)
+        return None
+
+    def traced(self, value: Any) -> Traced:
+        info = self.get(value)
+        assert isinstance(info, Traced)
+        return info
+
+    # ---- dispatch ----------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs or any(a.name == "device" for a in func._schema.arguments if a.kwarg_only):
+            kwargs["device"] = torch.device("meta")  # factories must not allocate, compute or draw
+        out = func(*tree_map(_to_meta, args), **tree_map(_to_meta, kwargs))
+        if self.transparent:
+            return out
+        inputs = [self.info[t] for t in flat_tensors((args, kwargs)) if t in self.info]
+        outputs = flat_tensors(out)
+        if not inputs:
+            for tensor in outputs:  # an in-place write of constants (x.zero_()) forgets the input
+                self.info.pop(tensor, None)
+            return out
+        unsupported = next((info for info in inputs if isinstance(info, Unsupported)), None)
+        name = str(func)
+        if unsupported is not None:
+            results: Any = unsupported
+        else:
+            try:
+                results = self.handle(func, _bind(func, args, kwargs), inputs, out)
+            except _Reject as reject:
+                results = Unsupported(self.error(name, str(reject)))
+            except MisalignedBranchesError as misaligned:
+                jumps = ", ".join(str(rf.jump) for rf in misaligned.branches)
+                reason = (
+                    f"the branches merged here move at different effective strides ({jumps}), so no single receptive"
+                    " field describes the result; resample them to one stride before merging"
+                )
+                results = Unsupported(self.error(name, reason))
+            if isinstance(results, Unsupported) and self.strict:
+                raise results.error
+        if not isinstance(results, tuple):
+            results = (results,) * len(outputs)
+        for tensor, info in zip(outputs, results):
+            if info is None:
+                self.info.pop(tensor, None)
+            else:
+                self.info[tensor] = info
+        return out
+
+    def handle(self, func, bound: dict[str, Any], inputs: list, out: Any) -> Any:
+        handler = _HANDLERS.get(func) or _HANDLERS.get(func.overloadpacket)
+        if handler is not None:
+            return handler(self, func, bound, out)
+        if torch.Tag.pointwise in func.tags:
+            return self.pointwise(func, bound, out)
+        if torch.Tag.reduction in func.tags:
+            return _reduction(self, func, bound, out)
+        if all(not any(_spatial(dim) for dim in info.layout) for info in inputs):
+            # No spatial position is left to tell apart: whatever the operation does, each output
+            # depends on the union of what the inputs see (classifier heads, argmax, indexing...).
+            shape = outputs_first(out).shape
+            return self.combine([replace(i, layout=()) for i in inputs], tuple(_plain(n) for n in shape), str(func))
+        raise _Reject("it is not a known spatial operation; only operations whose geometry is known are followed")
+
+    # ---- shared rules --------------------------------------------------------------------------
+    def combine(self, operands: Sequence[Traced], layout: Layout, where: str) -> Traced:
+        """Geometry of an output with ``layout`` whose units see the union of what ``operands`` see there.
+
+        Each operand's layout must already be aligned to the output's dimensions. An operand axis
+        that is absent there (broadcast) or sits in another dimension than in the output (attention
+        scores) is seen whole by every output position.
+        """
+        fields = []
+        for info in operands:
+            field = info.field
+            for axis in range(len(self.image)):
+                home, extent, place = _home(layout, axis), axis_length(layout, axis), _home(info.layout, axis)
+                if extent == 1:  # a single output position along this axis
+                    field = field.first(axis)
+                elif place is None or axis_length(info.layout, axis) == 1:
+                    field = field.broadcast(axis, extent)
+                elif place != home:
+                    field = field.mix(axis).broadcast(axis, extent)
+            fields.append(field)
+        return Traced(merge(fields, where=f"{where} in {self.describe()}"), layout)
+
+    def describe(self) -> str:
+        name, kind = self.where()
+        return f"'{name}' ({kind})" if name else f"the top-level forward ({kind})"
+
+    def broadcast(self, operands: Sequence[Traced], shape: Sequence[int]) -> Layout:
+        """Output layout of a broadcasting op over operands already aligned to ``shape``."""
+        layout = []
+        for d, size in enumerate(shape):
+            spatial = None
+            for info in operands:
+                dim = info.layout[d]
+                if _dim_size(dim) == size and _spatial(dim):
+                    if spatial is not None and spatial != dim:
+                        raise _Reject("it combines tensors whose spatial axes are laid out differently")
+                    spatial = dim
+            layout.append(spatial if spatial is not None else _plain(size))
+        return tuple(layout)
+
+    def pointwise(self, func, bound: dict[str, Any], out: Any, operands: Sequence[Any] | None = None) -> Any:
+        if operands is None:
+            operands = [value for key, value in bound.items() if key != "out"]
+        tensors = [t for t in flat_tensors(operands) if t in self.info]
+        if not tensors:
+            return None
+        shape = outputs_first(out).shape
+        infos = [_aligned(self.traced(t), len(shape)) for t in tensors]
+        return self.combine(infos, self.broadcast(infos, shape), str(func))
+
+    def mix(self, info: Traced, dims: Sequence[int]) -> Traced:
+        """Every position along ``dims`` now sees what all of them saw (softmax, normalisation...)."""
+        field = info.field
+        for d in dims:
+            for axis, _ in info.layout[d]:
+                if axis is not None:
+                    field = field.mix(axis)
+        return replace(info, field=field)
+
+    def window(self, info: Traced, result: torch.Tensor, kernel, stride, padding, dilation) -> Traced:
+        """Sliding windows over the last ``len(kernel)`` dims (convolution, pooling).
+
+        ``stride`` may be empty (defaults to the kernel); one-element lists apply to every axis.
+        """
+        count = len(kernel)
+        stride = list(stride) if len(stride) else list(kernel)
+        kernel, stride, padding, dilation = (
+            list(value) * count if len(value) == 1 else list(value) for value in (kernel, stride, padding, dilation)
+        )
+        field = info.field
+        layout = list(info.layout[: len(info.layout) - count])
+        for i in range(count):
+            dim = info.layout[len(info.layout) - count + i]
+            size = result.shape[result.dim() - count + i]
+            if _spatial(dim):
+                if len(dim) != 1:
+                    raise _Reject("it slides a window over a dimension that mixes a spatial axis with others")
+                axis = dim[0][0]
+                field = field.window(axis, kernel[i], stride[i], padding[i], size, dilation[i])
+                layout.append(((axis, size),))
+            else:
+                layout.append(_plain(size))
+        return Traced(field, tuple(layout))
+
+
+def outputs_first(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else flat_tensors(out)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Operation handlers: each returns the info of the output(s), or raises _Reject.
+# --------------------------------------------------------------------------------------------
+
+_HANDLERS: dict[Any, Any] = {}
+
+
+def _register(*ops):
+    def decorate(handler):
+        for op in ops:
+            _HANDLERS[op] = handler
+        return handler
+
+    return decorate
+
+
+@_register(aten.convolution.default)
+def _convolution(tracer: Tracer, func, bound, out):
+    if bound["transposed"]:
+        raise _Reject("a transposed convolution upsamples, so a unit has no single input interval")
+    info = tracer.mix(tracer.traced(bound["input"]), [1])  # channels are summed over
+    kernel = list(bound["weight"].shape[2:])
+    result = tracer.window(info, out, kernel, bound["stride"], bound["padding"], bound["dilation"])
+    layout = list(result.layout)
+    layout[1] = _plain(out.shape[1])
+    return replace(result, layout=tuple(layout))
+
+
+def _pool(tracer, bound, out, has_dilation: bool) -> Traced:
+    result = outputs_first(out)
+    dilation = bound["dilation"] if has_dilation else [1]
+    padding = bound["padding"]
+    padding = [padding] if isinstance(padding, int) else padding
+    return tracer.window(tracer.traced(bound["self"]), result, bound["kernel_size"], bound["stride"], padding, dilation)
+
+
+@_register(
+    aten.max_pool1d.default,
+    aten.max_pool2d.default,
+    aten.max_pool3d.default,
+    aten.max_pool1d_with_indices.default,
+    aten.max_pool2d_with_indices.default,
+    aten.max_pool3d_with_indices.default,
+)
+def _max_pool(tracer, func, bound, out):
+    result = _pool(tracer, bound, out, has_dilation=True)
+    return (result, result) if isinstance(out, (tuple, list)) else result
+
+
+@_register(aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default)
+def _avg_pool(tracer, func, bound, out):
+    return _pool(tracer, bound, out, has_dilation=False)
+
+
+@_register(
+    aten.adaptive_avg_pool1d.default,
+    aten.adaptive_avg_pool2d.default,
+    aten._adaptive_avg_pool2d.default,
+    aten.adaptive_avg_pool3d.default,
+    aten._adaptive_avg_pool3d.default,
+    aten.adaptive_max_pool1d.default,
+    aten.adaptive_max_pool2d.default,
+    aten.adaptive_max_pool3d.default,
+)
+def _adaptive_pool(tracer, func, bound, out):
+    source = bound["self"]
+    sizes = list(bound["output_size"])
+    kernel = []
+    for n, m in zip(source.shape[source.dim() - len(sizes) :], sizes):
+        if n % m:
+            raise _Reject(f"adaptive pooling from {n} to {m} positions uses windows of different sizes")
+        kernel.append(n // m)
+    result = tracer.window(tracer.traced(source), outputs_first(out), kernel, kernel, [0], [1])
+    return (result, result) if isinstance(out, (tuple, list)) else result
+
+
+def _pad(tracer: Tracer, source: torch.Tensor, pad: Sequence[int], out: torch.Tensor, mode: PadMode) -> Traced:
+    info = tracer.traced(source)
+    field = info.field
+    layout = list(info.layout)
+    for i in range(len(pad) // 2):
+        d = source.dim() - 1 - i
+        before = pad[2 * i]
+        dim = info.layout[d]
+        if _spatial(dim):
+            if len(dim) != 1:
+                raise _Reject("it pads a dimension that mixes a spatial axis with others")
+            axis = dim[0][0]
+            field = field.pad(axis, before, out.shape[d], mode)
+            layout[d] = ((axis, out.shape[d]),)
+        else:
+            layout[d] = _plain(out.shape[d])
+    return Traced(field, tuple(layout))
+
+
+@_register(
+    aten.constant_pad_nd.default,
+    aten.reflection_pad1d.default,
+    aten.reflection_pad2d.default,
+    aten.reflection_pad3d.default,
+    aten.replication_pad1d.default,
+    aten.replication_pad2d.default,
+    aten.replication_pad3d.default,
+)
+def _padding(tracer, func, bound, out):
+    name = func.overloadpacket.__name__
+    mode = "reflect" if name.startswith("reflection") else "replicate" if name.startswith("replication") else "constant"
+    return _pad(tracer, bound["self"], bound.get("pad") or bound.get("padding"), out, mode)
+
+
+def _cut(tracer: Tracer, source: torch.Tensor, d: int, start: int, step: int, out: torch.Tensor) -> Traced:
+    """A slice ``[start::step]`` of length ``out.shape[d]`` along dim ``d``."""
+    info = tracer.traced(source)
+    dim = info.layout[d]
+    layout = list(info.layout)
+    field = info.field
+    if _spatial(dim):
+        if len(dim) != 1:
+            raise _Reject("it slices a dimension that mixes a spatial axis with others")
+        axis = dim[0][0]
+        field = field.take(axis, start, step, out.shape[d])
+        layout[d] = ((axis, out.shape[d]),)
+    else:
+        layout[d] = _plain(out.shape[d])
+    return Traced(field, tuple(layout))
+
+
+@_register(aten.slice.Tensor)
+def _slice(tracer, func, bound, out):
+    source = bound["self"]
+    d = _normalize_dim(bound["dim"], source.dim())
+    n = source.shape[d]
+    start = bound["start"] if bound["start"] is not None else 0
+    start = min(max(start + n if start < 0 else start, 0), n)
+    return _cut(tracer, source, d, start, bound["step"], out)
+
+
+@_register(aten.select.int)
+def _select(tracer, func, bound, out):
+    source = bound["self"]
+    d = _normalize_dim(bound["dim"], source.dim())
+    index = bound["index"] % source.shape[d]
+    result = _cut(tracer, source, d, index, 1, source.narrow(d, index, 1))
+    return replace(result, layout=result.layout[:d] + result.layout[d + 1 :])
+
+
+@_register(aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int)
+def _split(tracer, func, bound, out):
+    source = bound["self"]
+    d = _normalize_dim(bound["dim"], source.dim())
+    results, start = [], 0
+    for piece in out:
+        length = 1 if func is aten.unbind.int else piece.shape[d]
+        result = _cut(tracer, source, d, start, 1, source.narrow(d, start, length))
+        if func is aten.unbind.int:
+            result = replace(result, layout=result.layout[:d] + result.layout[d + 1 :])
+        results.append(result)
+        start += length
+    return tuple(results)
+
+
+@_register(
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten._reshape_alias.default,
+    aten.view_copy.default,
+)
+def _view(tracer, func, bound, out):
+    info = tracer.traced(bound["self"])
+    return replace(info, layout=_reshape(info.layout, out.shape))
+
+
+@_register(
+    aten.alias.default,
+    aten.detach.default,
+    aten.clone.default,
+    aten._to_copy.default,
+    aten.lift_fresh.default,
+    aten.lift_fresh_copy.default,
+    aten.contiguous.default,
+    aten.to.dtype,
+    aten.to.device,
+    aten.to.dtype_layout,
+)
+def _same(tracer, func, bound, out):
+    return tracer.traced(bound["self"])
+
+
+@_register(aten.permute.default, aten.transpose.int, aten.t.default, aten.movedim.int)
+def _permute(tracer, func, bound, out):
+    source = bound["self"]
+    info = tracer.traced(source)
+    order = list(range(source.dim()))
+    if func is aten.permute.default:
+        order = [_normalize_dim(d, source.dim()) for d in bound["dims"]]
+    elif func is aten.t.default:
+        order.reverse()
+    elif func is aten.transpose.int:
+        a, b = _normalize_dim(bound["dim0"], source.dim()), _normalize_dim(bound["dim1"], source.dim())
+        order[a], order[b] = order[b], order[a]
+    else:
+        a, b = _normalize_dim(bound["source"], source.dim()), _normalize_dim(bound["destination"], source.dim())
+        order.insert(b, order.pop(a))
+    return replace(info, layout=tuple(info.layout[d] for d in order))
+
+
+@_register(aten.unsqueeze.default)
+def _unsqueeze(tracer, func, bound, out):
+    info = tracer.traced(bound["self"])
+    d = _normalize_dim(bound["dim"], out.dim())
+    return replace(info, layout=info.layout[:d] + ((),) + info.layout[d:])
+
+
+@_register(aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims)
+def _squeeze(tracer, func, bound, out):
+    source = bound["self"]
+    info = tracer.traced(source)
+    if func is aten.squeeze.default:
+        dims = set(range(source.dim()))
+    else:
+        dims = bound["dim"] if isinstance(bound["dim"], (list, tuple)) else [bound["dim"]]
+        dims = {_normalize_dim(d, source.dim()) for d in dims}
+    layout = tuple(dim for d, dim in enumerate(info.layout) if not (d in dims and source.shape[d] == 1))
+    return replace(info, layout=layout)
+
+
+@_register(aten.expand.default)
+def _expand(tracer, func, bound, out):
+    source = bound["self"]
+    info = tracer.traced(source)
+    lead = out.dim() - source.dim()
+    layout = [_plain(n) for n in out.shape[:lead]]
+    for d, dim in enumerate(info.layout):
+        size = out.shape[lead + d]
+        layout.append(dim if _dim_size(dim) == size else _plain(size))
+    return replace(info, layout=tuple(layout))
+
+
+@_register(aten.repeat.default)
+def _repeat(tracer, func, bound, out):
+    source = bound["self"]
+    info = tracer.traced(source)
+    lead = out.dim() - source.dim()
+    layout = [_plain(n) for n in out.shape[:lead]]
+    for d, dim in enumerate(info.layout):
+        if bound["repeats"][lead + d] != 1 and _spatial(dim):
+            raise _Reject("it tiles the tensor along a spatial axis")
+        layout.append(dim if _dim_size(dim) == out.shape[lead + d] else _plain(out.shape[lead + d]))
+    return replace(info, layout=tuple(layout))
+
+
+@_register(aten.cat.default, aten.stack.default)
+def _cat(tracer, func, bound, out):
+    d = _normalize_dim(bound["dim"], out.dim())
+    operands = []
+    for tensor in bound["tensors"]:
+        info = tracer.get(tensor)
+        if info is None:
+            continue
+        layout = list(info.layout)
+        if func is aten.stack.default:
+            layout.insert(d, ())
+        elif _spatial(layout[d]):
+            raise _Reject("it concatenates along a spatial axis")
+        layout[d] = ()  # the concatenated dimension carries no position
+        operands.append(replace(info, layout=tuple(layout)))
+    layout = list(tracer.broadcast(operands, [1 if i == d else n for i, n in enumerate(out.shape)]))
+    layout[d] = _plain(out.shape[d])
+    return tracer.combine(operands, tuple(layout), str(func))
+
+
+@_register(aten.copy_.default)
+def _copy(tracer, func, bound, out):
+    return tracer.pointwise(func, bound, out, operands=[bound["src"]])
+
+
+@_register(aten.fill_.Scalar, aten.zero_.default)
+def _constant(tracer, func, bound, out):
+    return None
+
+
+@_register(
+    aten.empty_like.default,
+    aten.zeros_like.default,
+    aten.ones_like.default,
+    aten.full_like.default,
+    aten.rand_like.default,
+    aten.randn_like.default,
+    aten.new_empty.default,
+    aten.new_empty_strided.default,
+    aten.new_zeros.default,
+    aten.new_ones.default,
+    aten.new_full.default,
+)
+def _fresh(tracer, func, bound, out):
+    return None  # a new tensor of the same shape: its values do not depend on the input
+
+
+@_register(
+    aten.where.self,
+    aten.where.ScalarOther,
+    aten.where.ScalarSelf,
+    aten.masked_fill.Scalar,
+    aten.masked_fill.Tensor,
+    aten.masked_fill_.Scalar,
+    aten.masked_fill_.Tensor,
+    aten._prelu_kernel.default,
+    aten.prelu.default,
+    aten.hardswish.default,
+    aten.hardswish_.default,
+    aten.rrelu_with_noise.default,
+    aten.rrelu_with_noise_.default,
+)
+def _pointwise(tracer, func, bound, out):
+    return tracer.pointwise(func, bound, out)
+
+
+@_register(aten.glu.default, aten.channel_shuffle.default, aten.native_channel_shuffle.default)
+def _along_channels(tracer, func, bound, out):
+    """Operations that only move values along one non-spatial dimension (GLU halves, channel shuffle)."""
+    source = bound["self"]
+    info = tracer.traced(source)
+    d = _normalize_dim(bound.get("dim", 1), source.dim())
+    if _spatial(info.layout[d]):
+        raise _Reject("it rearranges values along a spatial axis")
+    return replace(info, layout=info.layout[:d] + (_plain(out.shape[d]),) + info.layout[d + 1 :])
+
+
+@_register(aten.native_dropout.default, aten.log_sigmoid_forward.default)
+def _pointwise_pair(tracer, func, bound, out):
+    result = tracer.pointwise(func, bound, out, operands=[bound.get("input", bound.get("self"))])
+    return (result, result)
+
+
+@_register(
+    aten.native_batch_norm.default,
+    aten._native_batch_norm_legit.default,
+    aten._native_batch_norm_legit.no_stats,
+    aten._native_batch_norm_legit_no_training.default,
+    aten._batch_norm_no_update.default,
+    aten._batch_norm_with_update.default,
+)
+def _batch_norm(tracer, func, bound, out):
+    source = bound["input"]
+    info = tracer.traced(source)
+    training = bound.get("training", func is aten._batch_norm_with_update.default)
+    if training:  # batch statistics: every output depends on every position
+        info = tracer.mix(info, [d for d in range(source.dim()) if d != 1])
+    return (info,) + (tracer.mix(info, range(source.dim())),) * (len(out) - 1)
+
+
+@_register(aten.native_layer_norm.default)
+def _layer_norm(tracer, func, bound, out):
+    source = bound["input"]
+    count = len(bound["normalized_shape"])
+    info = tracer.mix(tracer.traced(source), range(source.dim() - count, source.dim()))
+    return (info,) + (info,) * (len(out) - 1)
+
+
+@_register(aten.native_group_norm.default)
+def _group_norm(tracer, func, bound, out):
+    source = bound["input"]
+    info = tracer.mix(tracer.traced(source), range(1, source.dim()))
+    return (info,) + (info,) * (len(out) - 1)
+
+
+@_register(aten._softmax.default, aten._log_softmax.default, aten._safe_softmax.default)
+def _softmax(tracer, func, bound, out):
+    source = bound["self"]
+    return tracer.mix(tracer.traced(source), [_normalize_dim(bound["dim"], source.dim())])
+
+
+def _reduction(tracer: Tracer, func, bound, out):
+    source = bound["self"]
+    dims = bound.get("dim")
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        dims = list(range(source.dim()))
+    elif isinstance(dims, int):
+        dims = [dims]
+    dims = sorted({_normalize_dim(d, source.dim()) for d in dims})
+    info = tracer.mix(tracer.traced(source), dims)
+    if bound.get("keepdim"):
+        layout = tuple(() if d in dims else dim for d, dim in enumerate(info.layout))
+    else:
+        layout = tuple(dim for d, dim in enumerate(info.layout) if d not in dims)
+    info = replace(info, layout=layout)
+    return (info,) * len(out) if isinstance(out, (tuple, list)) else info
+
+
+@_register(
+    aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default, aten.mv.default, aten.dot.default
+)
+def _matmul(tracer, func, bound, out):
+    """``left @ right`` (+ bias): the contracted dimension mixes whatever positions it holds."""
+    if func in (aten.addmm.default, aten.baddbmm.default):
+        left, right = bound.get("mat1", bound.get("batch1")), bound.get("mat2", bound.get("batch2"))
+    else:
+        left, right = bound["self"], bound.get("mat2", bound.get("vec", bound.get("tensor")))
+    operands = []
+    if left in tracer.info:
+        info = tracer.mix(tracer.traced(left), [left.dim() - 1])
+        tail = ((),) if right.dim() > 1 else ()
+        operands.append(replace(info, layout=info.layout[:-1] + tail))
+    if right in tracer.info:
+        info = tracer.traced(right)
+        if right.dim() == 1:
+            operands.append(replace(tracer.mix(info, [0]), layout=((),) * out.dim()))
+        else:
+            info = tracer.mix(info, [right.dim() - 2])
+            middle = ((),) if left.dim() > 1 else ()
+            operands.append(replace(info, layout=info.layout[:-2] + middle + info.layout[-1:]))
+    if func in (aten.addmm.default, aten.baddbmm.default) and bound["self"] in tracer.info:
+        operands.append(_aligned(tracer.traced(bound["self"]), out.dim()))
+    operands = [_aligned(info, out.dim()) for info in operands]
+    layout, seen = [], set()
+    for d, size in enumerate(out.shape):
+        dim = next(
+            (info.layout[d] for info in operands if _spatial(info.layout[d]) and _dim_size(info.layout[d]) == size),
+            _plain(size),
+        )
+        if any(axis in seen for axis, _ in dim):
+            dim = _plain(size)  # the same axis on both sides (attention scores): each unit sees them all
+        seen.update(axis for axis, _ in dim if axis is not None)
+        layout.append(dim)
+    return tracer.combine(operands, tuple(layout), str(func))
+
+
+# --------------------------------------------------------------------------------------------
+# F.pad with mode='circular' decomposes into copies; it is caught before that.
+# --------------------------------------------------------------------------------------------
+
+
+class PadInterceptor(TorchFunctionMode):
+    def __init__(self, tracer: Tracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.nn.functional.pad and func is not torch._C._nn.pad:
+            return func(*args, **kwargs)
+        bound = dict(zip(("input", "pad", "mode", "value"), args), **kwargs)
+        source, mode = bound["input"], bound.get("mode", "constant")
+        self.tracer.transparent += 1
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self.tracer.transparent -= 1
+        info = self.tracer.get(source)
+        if isinstance(info, Traced):
+            try:
+                self.tracer.info[out] = _pad(self.tracer, source, list(bound["pad"]), out, mode)
+            except _Reject as reject:
+                error = self.tracer.error(f"F.pad(mode={mode!r})", str(reject))
+                if self.tracer.strict:
+                    raise error from None
+                self.tracer.info[out] = Unsupported(error)
+        elif info is not None:
+            self.tracer.info[out] = info
+        return out

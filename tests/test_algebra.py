@@ -1,0 +1,179 @@
+"""The receptive-field algebra, checked against a brute-force 1-D oracle and its own laws (no torch)."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from rf_callback.algebra import IDENTITY, AxisRF, Field, MisalignedBranchesError, compose, layer, merge
+
+rfs = st.builds(AxisRF, size=st.integers(1, 50), jump=st.integers(1, 8), start=st.integers(-30, 30))
+# (kernel, stride, padding before, padding after, dilation, ceil_mode)
+layers = st.tuples(
+    st.integers(1, 5), st.integers(1, 3), st.integers(0, 3), st.integers(0, 3), st.integers(1, 3), st.booleans()
+)
+
+
+def out_length(n: int, kernel: int, stride: int, before: int, after: int, dilation: int, ceil: bool) -> int:
+    """PyTorch's output length of a sliding window (convolution / pooling)."""
+    span = n + before + after - dilation * (kernel - 1) - 1
+    if span < 0:
+        return 0
+    if not ceil:
+        return span // stride + 1
+    length = math.ceil(span / stride) + 1
+    if (length - 1) * stride >= n + before:  # the last window must start inside the input or left padding
+        length -= 1
+    return length
+
+
+def oracle(n: int, stack) -> list[set[int]]:
+    """Input positions each final unit depends on, by enumerating every window."""
+    seen = [{i} for i in range(n)]
+    for kernel, stride, before, after, dilation, ceil in stack:
+        length = out_length(len(seen), kernel, stride, before, after, dilation, ceil)
+        seen = [
+            set().union(*(seen[v] for j in range(kernel) if 0 <= (v := u * stride + j * dilation - before) < len(seen)))
+            for u in range(length)
+        ]
+    return seen
+
+
+def field_of(n: int, stack) -> tuple[Field, int]:
+    field = Field.of_input((n,))
+    for kernel, stride, before, after, dilation, ceil in stack:
+        n = out_length(n, kernel, stride, before, after, dilation, ceil)
+        field = field.window(0, kernel, stride, before, n, dilation)
+    return field, n
+
+
+def boxes(field: Field, length: int) -> list:
+    return [None if (box := field.box((u,))) is None else box[0] for u in range(length)]
+
+
+def hull(positions: set[int]) -> tuple[int, int] | None:
+    return (min(positions), max(positions) + 1) if positions else None
+
+
+def test_the_algebra_imports_without_torch():
+    code = "import sys; sys.modules['torch'] = None; import rf_callback.algebra, rf_callback"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_padding_moves_the_field_and_never_sizes_it():
+    """3x3 pad 1, 3x3 pad 1, 5x5 pad 2: RF 9. The tutorial recurrence gives 1."""
+    stack = [(3, 1, 1), (3, 1, 1), (5, 1, 2)]
+    rf = IDENTITY
+    for kernel, stride, padding in stack:
+        rf = compose(rf, layer(kernel, stride, padding))
+    assert rf == AxisRF(size=9, jump=1, start=-4)
+
+    wrong = 1  # rf_{l+1} = (rf_l - 1) * s_l + k_l - 2 p_l, as copied around the web
+    for kernel, stride, padding in stack:
+        wrong = (wrong - 1) * stride + kernel - 2 * padding
+    assert wrong == 1
+
+
+@given(rfs)
+def test_identity_is_neutral(rf):
+    assert compose(IDENTITY, rf) == rf == compose(rf, IDENTITY)
+
+
+@given(rfs, rfs, rfs)
+def test_composition_is_associative(a, b, c):
+    assert compose(compose(a, b), c) == compose(a, compose(b, c))
+
+
+@given(rfs, st.integers(0, 100))
+def test_next_unit_is_shifted_by_the_stride(rf, index):
+    low, high = rf.interval(index)
+    assert rf.interval(index + 1) == (low + rf.jump, high + rf.jump)
+    assert rf.center(index) == (low + high - 1) / 2
+
+
+@given(st.integers(1, 7), st.integers(1, 4), st.integers(0, 5), st.integers(1, 5))
+def test_a_dilated_kernel_equals_its_effective_kernel(kernel, stride, padding, dilation):
+    assert layer(kernel, stride, padding, dilation) == layer(dilation * (kernel - 1) + 1, stride, padding)
+
+
+@given(st.integers(1, 40), st.lists(layers, min_size=1, max_size=6))
+def test_against_a_brute_force_oracle(n, stack):
+    field, length = field_of(n, stack)
+    truth = oracle(n, stack)
+    assume(length >= 1)
+    assert len(truth) == length
+    size, product, padding = 1, 1, 0
+    for kernel, stride, before, _, dilation, _ in stack:
+        size += dilation * (kernel - 1) * product
+        padding += before * product
+        product *= stride
+    assert field.rfs == (AxisRF(size=size, jump=product, start=-padding),)  # Distill's closed forms
+    for u, box in enumerate(boxes(field, length)):
+        low, high = field.rfs[0].interval(u)
+        assert truth[u] <= set(range(low, high))  # the analytic interval holds every dependency
+        assert box == hull(truth[u])  # and the box is exactly their hull
+
+
+@given(st.integers(4, 40), st.lists(layers, max_size=4), st.integers(0, 2), st.integers(1, 2))
+def test_residual_merge_against_the_oracle(n, stack, radius, dilation):
+    """x + f(x) where f is a 'same' convolution: each unit sees the union of both branches."""
+    trunk, length = field_of(n, stack)
+    assume(length >= 1)
+    same = (2 * radius + 1, 1, dilation * radius, dilation * radius, dilation, False)
+    branch, _ = field_of(n, [*stack, same])
+    merged = merge([trunk, branch])
+    truth_trunk, truth_branch = oracle(n, stack), oracle(n, [*stack, same])
+    assert boxes(merged, length) == [hull(a | b) for a, b in zip(truth_trunk, truth_branch)]
+
+
+@given(st.integers(2, 12), st.integers(0, 4), st.integers(0, 4), st.sampled_from(["reflect", "replicate", "circular"]))
+def test_padding_modes_against_the_oracle(n, before, after, mode):
+    """Reflect, replicate and circular padding copy real pixels: the boxes follow the copies."""
+    assume(mode != "reflect" or max(before, after) < n)
+    length = n + before + after - 2
+    field = Field.of_input((n,)).pad(0, before, n + before + after, mode).window(0, 3, 1, 0, length)
+    padded = [(v if 0 <= v < n else None) for v in range(-before, n + after)]
+    if mode == "replicate":
+        padded = [min(max(v, 0), n - 1) for v in range(-before, n + after)]
+    elif mode == "circular":
+        padded = [v % n for v in range(-before, n + after)]
+    elif mode == "reflect":
+        padded = [-v if v < 0 else 2 * (n - 1) - v if v >= n else v for v in range(-before, n + after)]
+    assert boxes(field, length) == [hull({padded[u], padded[u + 1], padded[u + 2]}) for u in range(length)]
+    assert field.rfs == (AxisRF(size=3, jump=1, start=-before),)
+
+
+def test_misaligned_branches_raise_and_name_the_merge():
+    strided = Field.of_input((16,)).window(0, kernel=3, stride=2, padding=1, length=8)
+    cropped = Field.of_input((16,)).take(0, start=4, step=1, length=8)
+    with pytest.raises(MisalignedBranchesError, match=r"block3\.add .*different effective strides \(2, 1\)"):
+        merge([strided, cropped], where="block3.add")
+
+
+def test_a_global_branch_merges_only_when_it_covers_the_local_one():
+    local = Field.of_input((8,)).window(0, kernel=3, stride=1, padding=1, length=8)
+    everything = local.mix(0)
+    assert merge([local, everything]).rfs == (AxisRF(size=10, jump=0, start=-1),)
+    corner = Field.of_input((8,)).take(0, start=0, step=1, length=1).broadcast(0, 8)
+    with pytest.raises(MisalignedBranchesError):
+        merge([local, corner])
+
+
+def test_a_branch_that_sees_only_padding_adds_nothing():
+    """Concatenating a 1x3 and a 3x1 branch under a padded bottom row: the bottom-right unit sees one
+    pixel through the 3x1 branch; the 1x3 branch reads only the padded row and adds no columns."""
+    image = Field.of_input((5, 5)).pad(0, before=0, length=6)  # F.pad(x, (0, 0, 0, 1))
+    wide = image.window(0, 1, 1, 0, 6).window(1, 3, 1, 1, 5)
+    tall = image.window(0, 3, 1, 1, 6).window(1, 1, 1, 0, 5)
+    assert merge([wide, tall]).box((5, 4)) == ((4, 5), (4, 5))
+    assert merge([wide, tall]).box((2, 2)) == ((1, 4), (1, 4))
+
+
+def test_layer_validates_its_arguments():
+    with pytest.raises(ValueError, match="kernel, stride and dilation >= 1"):
+        layer(kernel=0)
+    with pytest.raises(ValueError, match="size >= 1 and jump >= 0"):
+        AxisRF(size=0)
