@@ -1,0 +1,52 @@
+"""Plain-text and Markdown tables of receptive fields (standard library only)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+__all__ = ["format_rows", "pair"]
+
+COLUMNS = ("layer", "type", "output", "RF size", "stride", "padding")
+
+
+def pair(values: Sequence[int]) -> str:
+    """``(7, 7)`` as ``7``, ``(7, 5)`` as ``7x5``.
+
+    Example::
+        >>> pair([212, 212]), pair([3, 5]), pair([9])
+        ('212', '3x5', '9')
+    """
+    return str(values[0]) if len(set(values)) == 1 else "x".join(str(v) for v in values)
+
+
+def _cells(record: Mapping[str, Any]) -> list[str]:
+    head = [record["name"], record["type"], "x".join(str(n) for n in record["output_shape"])]
+    if "unsupported" in record:
+        return [*head, "unsupported", "-", "-"]
+    stride = "global" if record["is_global"] else pair(record["stride"])
+    return [*head, pair(record["size"]), stride, pair(record["padding"])]
+
+
+def format_rows(records: Iterable[Mapping[str, Any]], markdown: bool = False) -> str:
+    """A table of :meth:`LayerRF.to_record` dicts, aligned for a terminal or as Markdown.
+
+    Example::
+        >>> print(format_rows([{"name": "conv1", "type": "Conv2d", "output_shape": [14, 14],
+        ...                     "size": [3, 3], "stride": [2, 2], "padding": [1, 1], "is_global": False}]))
+        layer  type    output  RF size  stride  padding
+        conv1  Conv2d  14x14   3        2       1
+    """
+    records = list(records)
+    rows = [list(COLUMNS)] + [_cells(record) for record in records]
+    notes = [f"{r['name']}: {r['unsupported']}" for r in records if "unsupported" in r]
+    if markdown:
+        lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+        notes = [f"* {note}" for note in notes]
+    else:
+        widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    if notes:
+        lines += ["", "Unsupported:", *notes]
+    return "\n".join(lines)
