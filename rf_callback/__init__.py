@@ -25,17 +25,23 @@ _EXPORTS = {
     "ReceptiveFieldTable": "rf_callback.fields",
     "receptive_fields": "rf_callback.fields",
     "unwrap_model": "rf_callback.fields",
+    "ERFStats": "rf_callback.saliency",
+    "ReceptiveMaps": "rf_callback.saliency",
+    "receptive_maps": "rf_callback.saliency",
 }
 
 __all__ = [
     "AxisRF",
+    "ERFStats",
     "Field",
     "LayerRF",
     "MisalignedBranchesError",
     "ReceptiveFieldTable",
+    "ReceptiveMaps",
     "TraceError",
     "UnsupportedLayerError",
     "receptive_fields",
+    "receptive_maps",
     "unwrap_model",
 ]
 
@@ -43,6 +49,7 @@ if TYPE_CHECKING:
     from rf_callback.algebra import AxisRF, Field
     from rf_callback.errors import MisalignedBranchesError, TraceError, UnsupportedLayerError
     from rf_callback.fields import LayerRF, ReceptiveFieldTable, receptive_fields, unwrap_model
+    from rf_callback.saliency import ERFStats, ReceptiveMaps, receptive_maps
 
 
 def __getattr__(name: str) -> Any:

@@ -72,7 +72,8 @@ def _table(args: argparse.Namespace) -> int:
     if args.json:
         layers = ",\n".join(f"    {json.dumps(record)}" for record in records)
         print(
-            f'{{\n  "model": {json.dumps(args.model)},\n  "input_shape": {list(table.input_shape)},\n  "layers": [\n{layers}\n  ]\n}}'
+            f'{{\n  "model": {json.dumps(args.model)},\n  "input_shape": {list(table.input_shape)},\n'
+            f'  "layers": [\n{layers}\n  ]\n}}'
         )
     else:
         print(format_rows(records, markdown=args.markdown))

@@ -9,6 +9,7 @@ removed before the function returns.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -51,6 +52,9 @@ class LayerRF:
         output_shape: spatial shape of this output; 1 on an axis the layer reduced or flattened away.
         field: the geometry (:class:`~rf_callback.algebra.Field`): ``field.rfs[a]`` is Distill's
             triple of axis ``a`` (size, jump = stride, start = -padding), ``field.box`` the exact boxes.
+        equivariant: whether this output shifts with the input (no global mixing, fixed-position
+            cuts or positional constants upstream), so that a unit can be computed from a crop of
+            the input around its box.
         unsupported: why this row has no receptive field (``None`` when it has one).
 
     Example::
@@ -68,6 +72,7 @@ class LayerRF:
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
     field: Field | None = None
+    equivariant: bool = False
     unsupported: UnsupportedLayerError | None = None
 
     def _geometry(self) -> Field:
@@ -200,6 +205,14 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def _no_autocast() -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    for device_type in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device_type):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
+
+
 def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     shape = tuple(input_shape)
     if not 2 <= len(shape) <= 4 or not all(isinstance(n, int) and n > 0 for n in shape):
@@ -234,7 +247,9 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
 
     Example::
         >>> from torch import nn
-        >>> net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 5, padding=2))
+        >>> net = nn.Sequential(
+        ...     nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 5, padding=2)
+        ... )
         >>> receptive_fields(net, (1, 32, 32))["2"].size
         (9, 9)
     """
@@ -270,7 +285,8 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
                 handles.append(module.register_forward_pre_hook(before(name, type(module).__name__)))
                 handles.append(module.register_forward_hook(after))
         model.eval()
-        with torch.no_grad(), PadInterceptor(tracer), tracer:
+        # Outside inference mode and autocast, so that composite operations decompose as usual.
+        with torch.inference_mode(False), torch.no_grad(), _no_autocast(), PadInterceptor(tracer), tracer:
             sample = torch.empty((1, *shape), dtype=dtype, device="meta")
             identity = tuple(((None, n),) if n > 1 else () for n in sample.shape[:2])
             tracer.info[sample] = Traced(
@@ -309,5 +325,5 @@ def _build_table(calls, order, shape) -> ReceptiveFieldTable:
                 rows.append(LayerRF(key, module_type, spatial, output_shape, unsupported=info.error))
             else:
                 output_shape = tuple(axis_length(info.layout, axis) for axis in range(len(spatial)))
-                rows.append(LayerRF(key, module_type, spatial, output_shape, info.field))
+                rows.append(LayerRF(key, module_type, spatial, output_shape, info.field, info.equivariant))
     return ReceptiveFieldTable(rows, shape, reused)

@@ -33,10 +33,17 @@ Layout = tuple[tuple[Factor, ...], ...]
 
 @dataclass(frozen=True)
 class Traced:
-    """What a traced tensor knows: the field of its units and where the input's axes live in it."""
+    """What a traced tensor knows: the field of its units and where the input's axes live in it.
+
+    ``equivariant`` holds while every operation so far commutes with shifting the input by a
+    multiple of the stride (convolutions, pooling, padding, elementwise ops, ``[::k]`` slices):
+    then a unit can be computed from a crop of the input around its box. Global mixing, slices
+    that cut at fixed positions, adaptive pooling and position-dependent constants end it.
+    """
 
     field: Field
     layout: Layout
+    equivariant: bool = True
 
 
 @dataclass(frozen=True)
@@ -250,6 +257,7 @@ class Tracer(TorchDispatchMode):
         scores) is seen whole by every output position.
         """
         fields = []
+        equivariant = all(info.equivariant for info in operands)
         for info in operands:
             field = info.field
             for axis in range(len(self.image)):
@@ -257,11 +265,20 @@ class Tracer(TorchDispatchMode):
                 if extent == 1:  # a single output position along this axis
                     field = field.first(axis)
                 elif place is None or axis_length(info.layout, axis) == 1:
-                    field = field.broadcast(axis, extent)
+                    field, equivariant = field.broadcast(axis, extent), False
                 elif place != home:
-                    field = field.mix(axis).broadcast(axis, extent)
+                    field, equivariant = field.mix(axis).broadcast(axis, extent), False
             fields.append(field)
-        return Traced(merge(fields, where=f"{where} in {self.describe()}"), layout)
+        return Traced(merge(fields, where=f"{where} in {self.describe()}"), layout, equivariant)
+
+    @staticmethod
+    def varies_with_position(constants: Sequence[Sequence[int]], layout: Layout) -> bool:
+        """Whether a constant operand (shape given; no input dependence) varies along a spatial dim of ``layout``."""
+        for shape in constants:
+            offset = len(layout) - len(shape)
+            if any(n > 1 and _spatial(layout[offset + d]) for d, n in enumerate(shape) if offset + d >= 0):
+                return True
+        return False
 
     def describe(self) -> str:
         name, kind = self.where()
@@ -284,21 +301,25 @@ class Tracer(TorchDispatchMode):
     def pointwise(self, func, bound: dict[str, Any], out: Any, operands: Sequence[Any] | None = None) -> Any:
         if operands is None:
             operands = [value for key, value in bound.items() if key != "out"]
-        tensors = [t for t in flat_tensors(operands) if t in self.info]
+        every = flat_tensors(operands)
+        tensors = [t for t in every if t in self.info]
         if not tensors:
             return None
         shape = outputs_first(out).shape
         infos = [_aligned(self.traced(t), len(shape)) for t in tensors]
-        return self.combine(infos, self.broadcast(infos, shape), str(func))
+        result = self.combine(infos, self.broadcast(infos, shape), str(func))
+        if self.varies_with_position([t.shape for t in every if t not in self.info], result.layout):
+            result = replace(result, equivariant=False)  # a positional encoding, a fixed mask...
+        return result
 
     def mix(self, info: Traced, dims: Sequence[int]) -> Traced:
         """Every position along ``dims`` now sees what all of them saw (softmax, normalisation...)."""
-        field = info.field
+        field, equivariant = info.field, info.equivariant
         for d in dims:
             for axis, _ in info.layout[d]:
                 if axis is not None:
-                    field = field.mix(axis)
-        return replace(info, field=field)
+                    field, equivariant = field.mix(axis), False
+        return replace(info, field=field, equivariant=equivariant)
 
     def window(self, info: Traced, result: torch.Tensor, kernel, stride, padding, dilation) -> Traced:
         """Sliding windows over the last ``len(kernel)`` dims (convolution, pooling).
@@ -323,7 +344,7 @@ class Tracer(TorchDispatchMode):
                 layout.append(((axis, size),))
             else:
                 layout.append(_plain(size))
-        return Traced(field, tuple(layout))
+        return Traced(field, tuple(layout), info.equivariant)
 
 
 def outputs_first(out: Any) -> torch.Tensor:
@@ -403,6 +424,8 @@ def _adaptive_pool(tracer, func, bound, out):
             raise _Reject(f"adaptive pooling from {n} to {m} positions uses windows of different sizes")
         kernel.append(n // m)
     result = tracer.window(tracer.traced(source), outputs_first(out), kernel, kernel, [0], [1])
+    if any(k > 1 for k in kernel):
+        result = replace(result, equivariant=False)  # the window grows with the input
     return (result, result) if isinstance(out, (tuple, list)) else result
 
 
@@ -422,7 +445,9 @@ def _pad(tracer: Tracer, source: torch.Tensor, pad: Sequence[int], out: torch.Te
             layout[d] = ((axis, out.shape[d]),)
         else:
             layout[d] = _plain(out.shape[d])
-    return Traced(field, tuple(layout))
+    # Reflect, replicate and circular padding copy pixels from the border: on a crop they would copy
+    # from the crop's border instead.
+    return Traced(field, tuple(layout), info.equivariant and mode == "constant")
 
 
 @_register(
@@ -445,16 +470,18 @@ def _cut(tracer: Tracer, source: torch.Tensor, d: int, start: int, step: int, ou
     info = tracer.traced(source)
     dim = info.layout[d]
     layout = list(info.layout)
-    field = info.field
+    field, equivariant = info.field, info.equivariant
     if _spatial(dim):
         if len(dim) != 1:
             raise _Reject("it slices a dimension that mixes a spatial axis with others")
         axis = dim[0][0]
         field = field.take(axis, start, step, out.shape[d])
         layout[d] = ((axis, out.shape[d]),)
+        # Only [::step] shifts with the input; a cut at fixed positions does not.
+        equivariant = equivariant and start == 0 and out.shape[d] == -(-source.shape[d] // step)
     else:
         layout[d] = _plain(out.shape[d])
-    return Traced(field, tuple(layout))
+    return Traced(field, tuple(layout), equivariant)
 
 
 @_register(aten.slice.Tensor)
@@ -585,10 +612,14 @@ def _repeat(tracer, func, bound, out):
 @_register(aten.cat.default, aten.stack.default)
 def _cat(tracer, func, bound, out):
     d = _normalize_dim(bound["dim"], out.dim())
-    operands = []
+    operands, constants = [], []
     for tensor in bound["tensors"]:
         info = tracer.get(tensor)
         if info is None:
+            shape = list(tensor.shape)
+            if func is aten.stack.default:
+                shape.insert(d, 1)
+            constants.append(shape)
             continue
         layout = list(info.layout)
         if func is aten.stack.default:
@@ -599,7 +630,10 @@ def _cat(tracer, func, bound, out):
         operands.append(replace(info, layout=tuple(layout)))
     layout = list(tracer.broadcast(operands, [1 if i == d else n for i, n in enumerate(out.shape)]))
     layout[d] = _plain(out.shape[d])
-    return tracer.combine(operands, tuple(layout), str(func))
+    result = tracer.combine(operands, tuple(layout), str(func))
+    if tracer.varies_with_position(constants, result.layout):
+        result = replace(result, equivariant=False)  # coordinate channels (CoordConv) and the like
+    return result
 
 
 @_register(aten.copy_.default)

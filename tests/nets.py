@@ -9,8 +9,11 @@ is nonzero exactly on the pixels with a path to the unit: its bounding box is th
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+from hypothesis import settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -124,6 +127,24 @@ def build(spec: list[dict], twin: bool = False) -> Net:
     return Net(spec, twin).eval()
 
 
+def well_defined(net: nn.Module, images: torch.Tensor) -> bool:
+    """Whether ``net`` runs on ``images`` with nonempty, finite outputs everywhere.
+
+    A max-pooling window that lies wholly in padding yields -inf and an arbitrary argmax (it even
+    differs between batch sizes), so gradients through it are not defined.
+    """
+    outputs: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda m, a, out: outputs.append(out)) for m in net.modules()]
+    try:
+        net(images)
+    except RuntimeError:
+        return False
+    finally:
+        for handle in handles:
+            handle.remove()
+    return all(out.numel() > 0 and out.isfinite().all() for out in outputs)
+
+
 pairs = st.tuples(st.integers(1, 3), st.integers(1, 3))
 
 
@@ -177,3 +198,6 @@ def blocks(draw) -> dict:
 
 
 specs = st.lists(blocks(), min_size=1, max_size=5)
+
+# Property tests that run real models: fewer examples by default, many under HYPOTHESIS_PROFILE=stress.
+model_examples = settings(max_examples=1000 if os.environ.get("HYPOTHESIS_PROFILE") == "stress" else 40)

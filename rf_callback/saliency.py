@@ -1,0 +1,477 @@
+"""Gradient-saliency receptive maps: where a unit *does* look (its effective receptive field).
+
+The theoretical receptive field (:func:`~rf_callback.receptive_fields`) says where a unit can
+look; the gradient of the unit with respect to the input says where it does (Luo, Li, Urtasun
+and Zemel, "Understanding the Effective Receptive Field in Deep Convolutional Neural Networks",
+NIPS 2016). :func:`receptive_maps` computes these maps for a batch of probe images and many
+layers with one forward pass and one backward pass per layer, leaving no trace on the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from rf_callback.fields import LayerRF, ReceptiveFieldTable, receptive_fields, unwrap_model
+
+__all__ = ["ERFStats", "ReceptiveMaps", "default_layers", "erf_stats", "receptive_maps"]
+
+Unit = Literal["center", "max"] | tuple[int, int]
+
+LUO_THRESHOLD = 0.0455
+"""1 - 95.45%: Luo et al. count the pixels above this fraction of the peak (a Gaussian's 2-sigma mass)."""
+
+_SPATIAL_LAYERS = (
+    nn.modules.conv._ConvNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._LPPoolNd,
+)
+
+
+@dataclass(frozen=True)
+class ERFStats:
+    """Effective-receptive-field statistics, each a float tensor of shape (N, L) (probe, layer).
+
+    Attributes:
+        count: pixels whose saliency exceeds ``threshold`` times the map's peak (Luo et al.).
+        size: ``sqrt(count)``, the side of a square of that area, in pixels.
+        mass_side: side of the smallest square centred on the unit's RF centre that holds at least
+            ``mass`` of the map's total saliency.
+        rf_side: ``sqrt`` of the area of the unit's analytic box clipped to the image.
+        size_fraction: ``size / rf_side``.
+        mass_fraction: ``mass_side / rf_side`` (may exceed 1 near the border, where squares are cut).
+        dead: True where the map is all zero (a dead unit); every statistic is 0 there.
+        threshold: the fraction of the peak used for ``count``.
+        mass: the fraction of the total used for ``mass_side``.
+    """
+
+    count: Tensor
+    size: Tensor
+    mass_side: Tensor
+    rf_side: Tensor
+    size_fraction: Tensor
+    mass_fraction: Tensor
+    dead: Tensor
+    threshold: float
+    mass: float
+
+    def mean(self) -> dict[str, Tensor]:
+        """Each statistic averaged over the probes whose unit is alive, shape (L,); 0 where all are dead."""
+        alive = (~self.dead).to(self.size.dtype)
+        counted = alive.sum(0)
+        result = {}
+        for name in ("count", "size", "mass_side", "rf_side", "size_fraction", "mass_fraction"):
+            total = (getattr(self, name) * alive).sum(0)
+            result[name] = torch.where(counted > 0, total / counted.clamp(min=1), torch.zeros_like(total))
+        result["dead_fraction"] = self.dead.to(self.size.dtype).mean(0)
+        return result
+
+
+@dataclass(frozen=True)
+class ReceptiveMaps:
+    """Gradient receptive maps of N probes at L layers.
+
+    Attributes:
+        layers: the layer names (keys of the receptive-field table), in order.
+        maps: ``|d unit / d input|`` summed over input channels, float32 (N, L, H, W).
+        gradients: the signed gradient, float32 (N, L, C, H, W).
+        units: the chosen unit ``(i, j)`` in each layer's output, int64 (N, L, 2).
+        boxes: that unit's analytic box ``(top, left, bottom, right)`` clipped to the image, int64 (N, L, 4).
+        centers: the centre ``(y, x)`` of that box's unclipped receptive field, float32 (N, L, 2).
+        erf: the statistics of each map (:class:`ERFStats`).
+    """
+
+    layers: tuple[str, ...]
+    maps: Tensor
+    gradients: Tensor
+    units: Tensor
+    boxes: Tensor
+    centers: Tensor
+    erf: ERFStats
+
+
+def default_layers(model: nn.Module, fields: ReceptiveFieldTable) -> list[str]:
+    """Every call of a convolution or pooling module with a supported, spatial receptive field."""
+    spatial = {name for name, module in unwrap_model(model).named_modules() if isinstance(module, _SPATIAL_LAYERS)}
+    return [key for key, row in fields.items() if key.partition("[")[0] in spatial and row.supported]
+
+
+class _Stop(BaseException):
+    """Raised from the last needed hook to skip the rest of forward (BaseException: user code's
+    ``except Exception`` does not swallow it)."""
+
+
+def _resolve(model: nn.Module, fields: ReceptiveFieldTable, layers: Sequence[str] | None) -> list[str]:
+    if layers is None:
+        layers = default_layers(model, fields)
+        if not layers:
+            raise ValueError(
+                f"receptive_maps: {type(model).__name__} has no convolution or pooling layer with a receptive field."
+                " HINT: pass layers=[...] with names from receptive_fields(model, shape)."
+            )
+        return list(layers)
+    if isinstance(layers, str):
+        layers = [layers]
+    for name in layers:
+        try:
+            row = fields[name]
+        except KeyError as error:
+            raise ValueError(f"receptive_maps(layers={list(layers)!r}): {error.args[0]}") from None
+        if not row.supported:
+            raise ValueError(f"receptive_maps: layer '{name}' has no receptive field: {row.unsupported.reason}.")
+    return list(layers)
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration; every module's own ``training`` flag restored afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+def _capture(
+    model: nn.Module, modules: dict[str, nn.Module], layers: Sequence[str], probes: Tensor
+) -> dict[str, Tensor]:
+    """Run ``model(probes)`` until every wanted layer output is seen; return them by layer name."""
+    wanted: dict[str, dict[int, str]] = {}
+    for key in layers:
+        name, _, call = key.partition("[")
+        wanted.setdefault(name, {})[int(call.rstrip("]")) if call else 0] = key
+    captured: dict[str, Tensor] = {}
+    calls: dict[str, int] = {}
+
+    def hook_for(name: str):
+        def hook(_module, _args, output):
+            index = calls.get(name, 0)
+            calls[name] = index + 1
+            key = wanted[name].get(index)
+            if key is not None:
+                captured[key] = output[0] if isinstance(output, (tuple, list)) else output
+                if len(captured) == len(layers):
+                    raise _Stop
+
+        return hook
+
+    handles = []
+    try:
+        for name in wanted:
+            handles.append(modules[name].register_forward_hook(hook_for(name)))
+        with contextlib.suppress(_Stop):
+            model(probes)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [key for key in layers if key not in captured]
+    if missing:
+        raise RuntimeError(f"receptive_maps: forward never produced the outputs of {missing}.")
+    return captured
+
+
+def _choose_units(
+    output: Tensor | None, shape: tuple[int, ...], unit: Unit, channel: int | None, name: str, count: int
+) -> Tensor:
+    """The (i, j) of each probe's unit; ``output`` is only needed for ``unit="max"``."""
+    if len(shape) != 2:
+        raise ValueError(f"receptive_maps: layer '{name}' has a {len(shape)}-D spatial output; maps need 2-D images.")
+    h, w = shape
+    if unit == "center":
+        return torch.tensor([[h // 2, w // 2]] * count)
+    if unit == "max":
+        assert output is not None
+        _check_output(output, channel, name)
+        activation = output[:, channel] if channel is not None else output.sum(1)
+        flat = activation.detach().flatten(1).argmax(1).cpu()
+        return torch.stack([flat // w, flat % w], dim=1)
+    i, j = unit
+    if not (0 <= i < h and 0 <= j < w):
+        raise ValueError(f"receptive_maps(unit={unit}): layer '{name}' has an output of {h}x{w}.")
+    return torch.tensor([[i, j]] * count)
+
+
+def _check_output(output: Tensor, channel: int | None, name: str) -> None:
+    if output.dim() != 4:
+        raise ValueError(f"receptive_maps: layer '{name}' gives a {output.dim()}-D output; maps need (N, C, h, w).")
+    if channel is not None and not 0 <= channel < output.shape[1]:
+        raise ValueError(f"receptive_maps(channel={channel}): layer '{name}' has {output.shape[1]} channels.")
+
+
+def _unit_sum(output: Tensor, units: Tensor, channel: int | None, name: str) -> Tensor:
+    """Sum over probes of each probe's unit (its channel sum, or one channel)."""
+    _check_output(output, channel, name)
+    units = units.to(output.device)
+    picked = output[torch.arange(output.shape[0], device=output.device), :, units[:, 0], units[:, 1]]  # (N, C)
+    return (picked[:, channel] if channel is not None else picked.sum(1)).sum()
+
+
+def _per_unit(units: Tensor, function: Callable[[int, int], tuple]) -> list[tuple]:
+    """``function(i, j)`` for each probe's unit, computed once per distinct unit."""
+    cache: dict[tuple[int, int], tuple] = {}
+    results = []
+    for unit in map(tuple, units.tolist()):
+        if unit not in cache:
+            cache[unit] = function(*unit)
+        results.append(cache[unit])
+    return results
+
+
+@dataclass(frozen=True)
+class _Crop:
+    corners: list[tuple[int, int]]  # top-left corner of each probe's crop
+    size: tuple[int, int]
+
+
+def _crop(members: Sequence[tuple[LayerRF, list[tuple]]], image: tuple[int, int]) -> _Crop | None:
+    """One crop per probe from which every member layer's unit can be computed exactly; None: use the image.
+
+    ``members`` pairs each layer with its units' analytic boxes (padding included, one per probe).
+    A unit's gradient lives inside its box. When a layer is shift-equivariant (zero padding, no
+    global mixing), running the network on a crop that holds the unit's analytic box, starts on
+    a multiple of the effective stride and meets the image border wherever the box runs past it
+    gives the unit exactly, and backward then costs the crop's area instead of the image's.
+    """
+    if not all(row.equivariant and min(row.stride) > 0 for row, _ in members):
+        return None
+    hulls = [_hull(boxes) for boxes in zip(*(boxes for _, boxes in members))]  # per probe
+    corners, size = [], []
+    for axis, length in enumerate(image):
+        stride = math.lcm(*(row.stride[axis] for row, _ in members))
+        lows = [min(max(hull[axis], 0), length - 1) // stride * stride for hull in hulls]
+        highs = [min(hull[axis + 2], length) for hull in hulls]
+        extent = max(max(high - low for low, high in zip(lows, highs)), 1)
+        extent = min(extent + (length - extent) % stride, length)  # so that length - extent is a multiple of stride
+        corners.append([min(low, length - extent) for low in lows])
+        size.append(extent)
+    if tuple(size) == image:
+        return None
+    return _Crop(list(zip(*corners)), (size[0], size[1]))
+
+
+def _hull(boxes: Sequence[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+
+
+def _input_gradients(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    members: Sequence[str],
+    fields: ReceptiveFieldTable,
+    pixels: Tensor,
+    units: dict[str, Tensor],
+    crop: _Crop | None,
+    channel: int | None,
+    captured: tuple[Tensor, dict[str, Tensor]] | None = None,
+) -> dict[str, Tensor]:
+    """Input gradient of each member layer's units, each probe's gradient placed back in its image.
+
+    One forward (on crops when ``crop`` is given), then one backward per layer through the shared
+    graph. ``captured`` reuses a forward already run on the whole image: ``(leaf input, outputs by
+    layer)``. With crops, returns an empty dict if the model cannot run on them (a fixed reshape, a
+    positional table...): the caller then uses whole images.
+    """
+    count = len(pixels)
+    if crop is None:
+        corners, (height, width) = [(0, 0)] * count, tuple(pixels.shape[2:])
+    else:
+        corners, (height, width) = crop.corners, crop.size
+    windows = [(slice(top, top + height), slice(left, left + width)) for top, left in corners]
+    same = len(set(corners)) == 1
+    if captured is not None:
+        leaf, outputs = captured
+    else:
+        if same:
+            leaf = pixels[:, :, windows[0][0], windows[0][1]].clone()
+        else:
+            leaf = torch.stack([pixels[n, :, rows, cols] for n, (rows, cols) in enumerate(windows)])
+        leaf.requires_grad_(True)
+        try:
+            outputs = _capture(model, modules, members, leaf)
+        except RuntimeError:
+            if crop is None:
+                raise
+            return {}
+    offsets = torch.tensor(corners)
+    targets = []
+    for name in members:
+        output = outputs[name]
+        local = units[name] - offsets // torch.tensor(fields[name].stride) if crop is not None else units[name]
+        if crop is not None and (
+            output.dim() != 4 or (local < 0).any() or (local >= torch.tensor(output.shape[2:])).any()
+        ):
+            return {}
+        targets.append(_unit_sum(output, local, channel, name))
+    gradients = [
+        torch.autograd.grad(target, leaf, retain_graph=index < len(members) - 1)[0]
+        for index, target in enumerate(targets)
+    ]
+    results = {}
+    for name, gradient in zip(members, gradients):
+        if crop is None:
+            results[name] = gradient.detach()
+            continue
+        result = torch.zeros_like(pixels)
+        if same:
+            result[:, :, windows[0][0], windows[0][1]] = gradient
+        else:
+            for n, (rows, cols) in enumerate(windows):
+                result[n, :, rows, cols] = gradient[n]
+        results[name] = result
+    return results
+
+
+def receptive_maps(
+    model: nn.Module,
+    probes: Tensor,
+    layers: Sequence[str] | None = None,
+    *,
+    unit: Unit = "center",
+    channel: int | None = None,
+    threshold: float = LUO_THRESHOLD,
+    mass: float = 0.95,
+    fields: ReceptiveFieldTable | None = None,
+) -> ReceptiveMaps:
+    """Gradient receptive maps of one unit per (probe, layer), with ERF statistics.
+
+    The model is evaluated in eval mode (BatchNorm uses its running statistics, dropout is off),
+    whatever its mode; every module's mode, its parameters and their ``.grad``, its hooks, the
+    random state, grad mode, inference mode and autocast are left as found, and the probes are
+    cloned. It works under ``torch.no_grad()`` and ``torch.inference_mode()`` (as in Lightning's
+    validation), on the model's device and dtype, with channels-last probes, and on DDP or
+    ``torch.compile`` wrappers. Autocast is switched off inside, so maps are computed at the
+    model's own precision.
+
+    Args:
+        model: the network; ``model(probes)`` must run.
+        probes: images (N, C, H, W).
+        layers: layer names from :func:`receptive_fields` (default: every convolution and pooling layer).
+        unit: ``"center"`` (the middle output position, as in Luo et al.), ``"max"`` (each probe's
+            position of largest activation, summed over channels unless ``channel`` is given), or
+            an explicit ``(i, j)``.
+        channel: None sums the unit over channels; an int takes that channel only.
+        threshold: fraction of a map's peak above which a pixel counts for ``erf.count``.
+        mass: fraction of the total saliency that ``erf.mass_side``'s square must hold.
+        fields: the table from :func:`receptive_fields` for this input shape, if already computed.
+
+    Returns:
+        A :class:`ReceptiveMaps`.
+
+    Example::
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+        >>> result = receptive_maps(net, torch.rand(2, 1, 16, 16))
+        >>> result.layers, tuple(result.maps.shape), result.boxes[0, 1].tolist()
+        (('0', '2'), (2, 2, 16, 16), [6, 6, 11, 11])
+    """
+    if probes.dim() != 4:
+        raise ValueError(f"receptive_maps: probes must be (N, C, H, W), got shape {tuple(probes.shape)}.")
+    if not 0 < threshold < 1 or not 0 < mass <= 1:
+        raise ValueError(f"receptive_maps: need 0 < threshold < 1 and 0 < mass <= 1, got {threshold} and {mass}.")
+    model = unwrap_model(model)
+    fields = fields if fields is not None else receptive_fields(model, tuple(probes.shape[1:]), strict=False)
+    if tuple(fields.input_shape) != tuple(probes.shape[1:]):
+        raise ValueError(
+            f"receptive_maps: fields were traced for {fields.input_shape}, probes are {tuple(probes.shape[1:])}."
+        )
+    names = _resolve(model, fields, layers)
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else probes.device
+    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else probes.dtype
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(torch.autocast(device.type, enabled=False))
+        stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
+        stack.enter_context(_evaluating(model))
+        pixels = probes.detach().to(device=device, dtype=dtype).clone()
+        image = pixels.clone().requires_grad_(True)
+        modules = dict(model.named_modules())
+        full: dict[str, Tensor] = _capture(model, modules, names, image) if unit == "max" else {}
+        units = {
+            name: _choose_units(full.get(name), fields[name].output_shape, unit, channel, name, len(probes))
+            for name in names
+        }
+        # Shift-equivariant layers run on crops around their units' boxes; the others on whole images.
+        image_size = (probes.shape[2], probes.shape[3])
+        croppable = [name for name in names if fields[name].equivariant and min(fields[name].stride) > 0]
+        boxes = {n: _per_unit(units[n], lambda i, j, row=fields[n]: row.box(i, j, clip=False)) for n in croppable}
+        crop = _crop([(fields[n], boxes[n]) for n in croppable], image_size) if croppable else None
+        gradients = _input_gradients(model, modules, croppable, fields, pixels, units, crop, channel) if crop else {}
+        rest = [name for name in names if name not in gradients]
+        if rest:
+            captured = (image, full) if full else None
+            gradients.update(_input_gradients(model, modules, rest, fields, pixels, units, None, channel, captured))
+
+    with torch.inference_mode(False):  # results are ordinary tensors, even for a caller in inference mode
+        signed = torch.stack([gradients[name].float() for name in names], dim=1).cpu()  # (N, L, C, H, W)
+        units_tensor = torch.stack([units[name].cpu() for name in names], dim=1)
+        maps = signed.abs().sum(2)
+        boxes = torch.tensor([_per_unit(units[name], fields[name].box) for name in names]).transpose(0, 1)
+        centers = torch.tensor([_per_unit(units[name], fields[name].center) for name in names]).transpose(0, 1)
+        return ReceptiveMaps(
+            tuple(names), maps, signed, units_tensor, boxes, centers, erf_stats(maps, boxes, centers, threshold, mass)
+        )
+
+
+def erf_stats(
+    maps: Tensor, boxes: Tensor, centers: Tensor, threshold: float = LUO_THRESHOLD, mass: float = 0.95
+) -> ERFStats:
+    """ERF statistics of saliency maps (N, L, H, W), with the analytic boxes (N, L, 4) and centres (N, L, 2).
+
+    Example::
+        >>> maps = torch.zeros(1, 2, 9, 9)
+        >>> maps[0, 0, 3:6, 3:6] = 1.0  # a 3x3 plateau; the second map is dead
+        >>> stats = erf_stats(maps, torch.tensor([[[0, 0, 9, 9]] * 2]), torch.tensor([[[4.0, 4.0]] * 2]))
+        >>> stats.count.tolist(), stats.mass_side.tolist(), stats.dead.tolist()
+        ([[9.0, 0.0]], [[3.0, 0.0]], [[False, True]])
+    """
+    maps = maps.float()
+    h, w = maps.shape[2:]
+    peak = maps.flatten(2).amax(2)
+    dead = ~(peak > 0)
+    count = (maps > threshold * peak[..., None, None]).flatten(2).sum(2).float()
+    count = torch.where(dead, torch.zeros_like(count), count)
+    size = count.sqrt()
+
+    # A square of side s centred on the unit's RF centre holds the pixels whose Chebyshev distance d
+    # from it is at most (s - 1) / 2. Centres sit on whole or half pixels, so s = 2d + 1 is a whole
+    # number: bucket the saliency by it and find the first side whose cumulative mass is enough.
+    ys = torch.arange(h, dtype=torch.float32).view(1, 1, h, 1)
+    xs = torch.arange(w, dtype=torch.float32).view(1, 1, 1, w)
+    distance = torch.maximum((ys - centers[..., 0, None, None]).abs(), (xs - centers[..., 1, None, None]).abs())
+    side = (2 * distance).round().long().flatten(2)  # side - 1
+    buckets = maps.new_zeros(*side.shape[:2], int(side.max()) + 1).scatter_add_(2, side, maps.flatten(2))
+    cumulative = buckets.cumsum(2)
+    total = cumulative[..., -1:]
+    first = (cumulative >= mass * total - 1e-6 * total).float().argmax(2)
+    mass_side = (first + 1).float()
+    mass_side = torch.where(dead, torch.zeros_like(mass_side), mass_side)
+
+    area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).clamp(min=0).float()
+    rf_side = area.sqrt()
+    safe = rf_side.clamp(min=1)
+    zero = torch.zeros_like(size)
+    return ERFStats(
+        count=count,
+        size=size,
+        mass_side=mass_side,
+        rf_side=rf_side,
+        size_fraction=torch.where(rf_side > 0, size / safe, zero),
+        mass_fraction=torch.where(rf_side > 0, mass_side / safe, zero),
+        dead=dead,
+        threshold=threshold,
+        mass=mass,
+    )
