@@ -28,6 +28,7 @@ _EXPORTS = {
     "ERFStats": "rf_callback.saliency",
     "ReceptiveMaps": "rf_callback.saliency",
     "receptive_maps": "rf_callback.saliency",
+    "ReceptiveFieldMonitor": "rf_callback.callback",
 }
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "Field",
     "LayerRF",
     "MisalignedBranchesError",
+    "ReceptiveFieldMonitor",
     "ReceptiveFieldTable",
     "ReceptiveMaps",
     "TraceError",
@@ -47,6 +49,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from rf_callback.algebra import AxisRF, Field
+    from rf_callback.callback import ReceptiveFieldMonitor
     from rf_callback.errors import MisalignedBranchesError, TraceError, UnsupportedLayerError
     from rf_callback.fields import LayerRF, ReceptiveFieldTable, receptive_fields, unwrap_model
     from rf_callback.saliency import ERFStats, ReceptiveMaps, receptive_maps

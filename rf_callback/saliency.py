@@ -27,7 +27,7 @@ Unit = Literal["center", "max"] | tuple[int, int]
 LUO_THRESHOLD = 0.0455
 """1 - 95.45%: Luo et al. count the pixels above this fraction of the peak (a Gaussian's 2-sigma mass)."""
 
-_SPATIAL_LAYERS = (
+SPATIAL_LAYERS = (
     nn.modules.conv._ConvNd,
     nn.modules.pooling._MaxPoolNd,
     nn.modules.pooling._AvgPoolNd,
@@ -101,7 +101,7 @@ class ReceptiveMaps:
 
 def default_layers(model: nn.Module, fields: ReceptiveFieldTable) -> list[str]:
     """Every call of a convolution or pooling module with a supported, spatial receptive field."""
-    spatial = {name for name, module in unwrap_model(model).named_modules() if isinstance(module, _SPATIAL_LAYERS)}
+    spatial = {name for name, module in unwrap_model(model).named_modules() if isinstance(module, SPATIAL_LAYERS)}
     return [key for key, row in fields.items() if key.partition("[")[0] in spatial and row.supported]
 
 

@@ -1,0 +1,195 @@
+"""ReceptiveFieldMonitor inside real Lightning runs, checked through the files it writes."""
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from PIL import Image
+
+import rf_callback.callback
+from rf_callback import ReceptiveFieldMonitor
+from tests.lightning_helpers import TinyCNN, loaders, read_events
+
+LAYERS = ["conv1", "pool", "conv2"]
+
+
+def trainer_for(tmp_path, callbacks=(), logger=True, **kwargs):
+    if logger is True:
+        logger = TensorBoardLogger(tmp_path, name="run")
+    options = dict(max_epochs=2, enable_progress_bar=False, enable_model_summary=False, deterministic=True)
+    options.update(kwargs)
+    return Trainer(default_root_dir=tmp_path, logger=logger, callbacks=list(callbacks), accelerator="cpu", **options)
+
+
+def fit(tmp_path, callbacks=(), **kwargs):
+    seed_everything(0)
+    model = TinyCNN()
+    trainer = trainer_for(tmp_path, callbacks, **kwargs)
+    trainer.fit(model, *loaders())
+    return trainer, model
+
+
+def test_logs_table_maps_and_scalars_per_epoch(tmp_path):
+    monitor = ReceptiveFieldMonitor()
+    trainer, model = fit(tmp_path, [monitor])
+    events = read_events(trainer.logger.log_dir)
+
+    steps_per_epoch = 4
+    assert events.Tags()["tensors"] == ["receptive_field/table/text_summary"]
+    table = events.Tensors("receptive_field/table/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "| conv2 | Conv2d | 6x6 | 8 | 2 | 3 |" in table
+    assert "receptive_field/summary" in events.Tags()["images"]
+    for layer in LAYERS:
+        images = events.Images(f"receptive_field/{layer}")
+        assert [image.step for image in images] == [0, steps_per_epoch, 2 * steps_per_epoch]  # baseline, 2 epochs
+        picture = Image.open(io.BytesIO(images[-1].encoded_image_string))
+        assert picture.size == (images[-1].width, images[-1].height) == (4 * 110 + 2, 110 + 2)  # 12 px at 9x
+        assert sum(len(i.encoded_image_string) for i in images) < 3 * 1_000_000
+
+    # The last maps were drawn from the final model: its scalars are what the library computes now.
+    expected = monitor.compute(model).erf.mean()
+    for index, layer in enumerate(LAYERS):
+        for tag, key in [("erf_size", "size"), ("erf_mass_side", "mass_side"), ("erf_size_fraction", "size_fraction")]:
+            logged = events.Scalars(f"receptive_field/{layer}/{tag}")
+            assert [s.step for s in logged] == [0, 4, 8]
+            assert logged[-1].value == pytest.approx(float(expected[key][index]), rel=1e-5)
+
+
+def test_default_probes_are_one_per_class_from_the_validation_set(tmp_path):
+    monitor = ReceptiveFieldMonitor()
+    fit(tmp_path, [monitor], max_epochs=1)
+    validation = loaders()[1].dataset
+    assert monitor.labels.tolist() == [0, 1, 2, 3] and monitor.indices == [0, 1, 2, 3]
+    assert torch.equal(monitor.probes, torch.stack([validation[i][0] for i in range(4)]))
+
+
+def test_every_n_epochs_and_chosen_layers(tmp_path):
+    trainer, _ = fit(
+        tmp_path, [ReceptiveFieldMonitor(layers=["conv2"], every_n_epochs=2, log_baseline=False)], max_epochs=4
+    )
+    events = read_events(trainer.logger.log_dir)
+    assert [i.step for i in events.Images("receptive_field/conv2")] == [8, 16]
+    assert not any(tag.startswith("receptive_field/conv1") for tag in events.Tags()["images"])
+
+
+def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
+    plain, plain_model = fit(tmp_path / "plain")
+    monitored, monitored_model = fit(tmp_path / "monitored", [ReceptiveFieldMonitor(unit="max")])
+    for (name, a), (_, b) in zip(plain_model.state_dict().items(), monitored_model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert plain.logged_metrics.keys() == monitored.logged_metrics.keys()
+    assert all(torch.equal(plain.logged_metrics[k], monitored.logged_metrics[k]) for k in plain.logged_metrics)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in monitored_model.modules())
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in monitored_model.parameters())
+
+
+def test_no_logger_is_an_error_at_setup(tmp_path):
+    with pytest.raises(MisconfigurationException, match=r"no logger \(logger=False\).*HINT: Trainer\(logger="):
+        fit(tmp_path, [ReceptiveFieldMonitor()], logger=False)
+
+
+def test_unknown_layers_are_named_with_the_valid_ones(tmp_path):
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"layers=\['conv9'\]\): no module named conv9 in TinyCNN\. Available .*conv1, pool, conv2",
+    ):
+        fit(tmp_path, [ReceptiveFieldMonitor(layers=["conv9"])])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"every_n_epochs": 0}, r"every_n_epochs=0\): must be an int >= 1"),
+        ({"unit": "middle"}, r"unit='middle'\): choose 'center', 'max' or a unit position"),
+        ({"probes": torch.rand(3, 12, 12)}, r"probes=tensor of shape \(3, 12, 12\)\): probes must be \(N, C, H, W\)"),
+        ({"probes": "all"}, r"give a tensor \(N, C, H, W\), validation-dataset indices, or None"),
+        ({"threshold": 0}, r"need 0 < threshold < 1"),
+    ],
+)
+def test_bad_arguments_fail_at_once(kwargs, message):
+    with pytest.raises(MisconfigurationException, match=message):
+        ReceptiveFieldMonitor(**kwargs)
+
+
+def test_without_tensorboard_images_are_png_files_with_one_warning(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    with pytest.warns(UserWarning, match="no TensorBoardLogger among the loggers \\(CSVLogger\\)") as caught:
+        trainer, _ = fit(tmp_path, [ReceptiveFieldMonitor()], logger=logger, max_epochs=1)
+    assert sum("TensorBoardLogger" in str(w.message) for w in caught) == 1
+    folder = Path(trainer.log_dir) / "receptive_field"
+    assert sorted(p.name for p in (folder / "conv2").iterdir()) == ["step_00000000.png", "step_00000004.png"]
+    assert (folder / "table.md").read_text().startswith("| layer |")
+    metrics = (Path(trainer.log_dir) / "metrics.csv").read_text()
+    assert "receptive_field/conv2/erf_size" in metrics
+
+
+def test_a_failure_while_rendering_warns_and_training_goes_on(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("renderer exploded")
+
+    monkeypatch.setattr(rf_callback.callback, "probe_grid", broken)
+    with pytest.warns(
+        UserWarning, match=r"could not log the receptive maps at step 0; training goes on(.|\n)*renderer exploded"
+    ):
+        trainer, _ = fit(tmp_path, [ReceptiveFieldMonitor()], max_epochs=1)
+    assert trainer.current_epoch == 1
+    with pytest.raises(RuntimeError, match="renderer exploded"):
+        fit(tmp_path / "strict", [ReceptiveFieldMonitor(strict=True)], max_epochs=1)
+
+
+def test_resume_keeps_the_same_probes(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = ReceptiveFieldMonitor(probes=[5, 2, 9])
+    fit(tmp_path, [first, checkpoint], max_epochs=1)
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"][first.state_key]
+    assert torch.equal(state["probes"], first.probes) and state["indices"] == [5, 2, 9]
+    assert state["model_class"] == "tests.lightning_helpers.TinyCNN"
+
+    resumed = ReceptiveFieldMonitor(probes=[0, 1])  # the checkpoint's probes win over new arguments
+    seed_everything(0)
+    trainer = trainer_for(tmp_path / "resumed", [resumed])
+    trainer.fit(TinyCNN(), *loaders(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert torch.equal(resumed.probes, first.probes)
+    events = read_events(trainer.logger.log_dir)
+    assert [i.step for i in events.Images("receptive_field/conv2")] == [8]  # no second baseline
+
+
+def test_trainer_validate_logs_maps(tmp_path):
+    trainer = trainer_for(tmp_path, [ReceptiveFieldMonitor(probes=torch.rand(2, 1, 12, 12))])
+    trainer.validate(TinyCNN(), loaders()[1])
+    events = read_events(trainer.logger.log_dir)
+    assert [i.step for i in events.Images("receptive_field/conv1")] == [0]
+
+
+def test_bf16_mixed_precision(tmp_path):
+    trainer, _ = fit(tmp_path, [ReceptiveFieldMonitor()], max_epochs=1, precision="bf16-mixed")
+    events = read_events(trainer.logger.log_dir)
+    assert len(events.Images("receptive_field/conv2")) == 2
+    assert all(s.value > 0 for s in events.Scalars("receptive_field/conv2/erf_size"))
+
+
+@pytest.mark.timeout(240)
+def test_ddp_two_cpu_processes_log_from_rank_zero_only(tmp_path):
+    script = Path(__file__).with_name("ddp_run.py")
+    completed = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        cwd=Path(__file__).parents[1],
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["world_size"] == 2
+    events = read_events(report["log_dir"])
+    steps = report["steps_per_epoch"]
+    assert [i.step for i in events.Images("receptive_field/conv2")] == [0, steps, 2 * steps]
+    assert sorted(p.name for p in Path(report["log_dir"]).parent.iterdir()) == ["version_0"]
