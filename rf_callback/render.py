@@ -115,8 +115,9 @@ def summary_figure(records: Sequence[Mapping[str, Any]], title: str = "Analytic 
     stride_axes = size_axes.twinx()
     stride_axes.plot(positions, [max(r["stride"]) for r in rows], "o-", color="tab:orange", label="effective stride")
     stride_axes.set_ylabel("effective stride (input pixels)")
-    figure.legend(loc="outside upper center", ncols=2)
-    figure.suptitle(title)
+    size_axes.set_title(title)
+    handles = [h for axes in (size_axes, stride_axes) for h in axes.get_legend_handles_labels()[0]]
+    size_axes.legend(handles=handles, loc="upper left")
     return figure
 
 
