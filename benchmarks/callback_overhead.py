@@ -91,7 +91,9 @@ def main() -> None:
 
     plain, monitored = min(times[False]), min(times[True])
     same = all(torch.equal(plain_weights[k], monitored_weights[k]) for k in plain_weights)
-    print(f"SmallCNN on Fashion-MNIST, {args.epochs} epochs, {torch.get_num_threads()} threads, best of {args.repeats}:")
+    print(
+        f"SmallCNN on Fashion-MNIST, {args.epochs} epochs, {torch.get_num_threads()} threads, best of {args.repeats}:"
+    )
     print(f"  without the callback: {plain:7.1f} s")
     print(f"  with the callback:    {monitored:7.1f} s   overhead {100 * (monitored / plain - 1):+.1f}% (target <= 3%)")
     spent = TimedMonitor.spent / args.repeats

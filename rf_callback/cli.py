@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -80,6 +81,47 @@ def _table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unit(text: str) -> str | tuple[int, int]:
+    """``center``, ``max`` or ``i,j``.
+
+    Example::
+        >>> _unit("max"), _unit("3,4")
+        ('max', (3, 4))
+    """
+    if text in ("center", "max"):
+        return text
+    i, _, j = text.partition(",")
+    if not (i.strip().isdigit() and j.strip().isdigit()):
+        raise CommandError(f"--unit {text}: choose center, max or a unit position i,j (e.g. 3,4).")
+    return int(i), int(j)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from rf_callback.compare import CompareError, compare_checkpoints, write_comparison
+
+    model_class = import_object(args.model) if args.model else None
+    unit = _unit(args.unit) if args.unit is not None else None
+    try:
+        comparison = compare_checkpoints(
+            args.checkpoints,
+            model_class=model_class,
+            layers=args.layers,
+            unit=unit,
+            channel=args.channel,
+            probes=args.probes,
+        )
+        written = write_comparison(comparison, args.out, tensorboard=args.tensorboard)
+    except CompareError as error:
+        raise CommandError(str(error)) from error
+    count = len(comparison.checkpoints)
+    print(f"{count} checkpoint{'s' * (count > 1)}, {len(comparison.probes)} probes ({comparison.probe_origin}):\n")
+    print(comparison.format_table())
+    print("\nWrote:", *written, sep="\n  ")
+    if args.tensorboard is not None:
+        print(f"View the TensorBoard run with: tensorboard --logdir {shlex.quote(str(args.tensorboard))}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rf-callback", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +134,35 @@ def _parser() -> argparse.ArgumentParser:
     output.add_argument("--markdown", action="store_true", help="a Markdown table")
     table.add_argument("--strict", action="store_true", help="fail at the first unsupported layer")
     table.set_defaults(run=_table)
+
+    compare = commands.add_parser(
+        "compare", help="receptive maps and ERF statistics of several checkpoints side by side"
+    )
+    compare.add_argument("checkpoints", nargs="+", metavar="CKPT", help="Lightning checkpoint files, in order")
+    compare.add_argument("--out", required=True, metavar="DIR", help="folder for the figures and tables")
+    compare.add_argument(
+        "--model", metavar="CLASS", help="the LightningModule, package.module:Class (default: named in the checkpoint)"
+    )
+    compare.add_argument(
+        "--layers",
+        nargs="+",
+        metavar="NAME",
+        help="layers to compare, after the checkpoints (default: those all checkpoints share)",
+    )
+    compare.add_argument(
+        "--unit", metavar="UNIT", help="center, max or i,j (default: the ReceptiveFieldMonitor's, else center)"
+    )
+    compare.add_argument("--channel", type=int, metavar="C", help="one channel of the unit (default: all, summed)")
+    compare.add_argument(
+        "--probes",
+        metavar="FILE",
+        help="a torch.save'd tensor (N, C, H, W), a checkpoint with ReceptiveFieldMonitor state, or fashion-mnist"
+        " (default: the first checkpoint's ReceptiveFieldMonitor probes, else fashion-mnist)",
+    )
+    compare.add_argument(
+        "--tensorboard", metavar="DIR", help="also write a TensorBoard run there, a step per checkpoint"
+    )
+    compare.set_defaults(run=_compare)
     return parser
 
 

@@ -299,7 +299,7 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
             except Exception as error:
                 raise TraceError(
                     f"Could not run {type(model).__name__}.forward on the meta device to trace receptive fields:"
-                    f" {type(error).__name__}: {error}. HINT: forward must take one tensor of shape"
+                    f" {type(error).__name__}: {str(error).rstrip('.')}. HINT: forward must take one tensor of shape"
                     f" (N, {', '.join(map(str, shape))}) and must not read tensor values (no .item(), no"
                     " data-dependent control flow)."
                 ) from error

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torchvision.utils import draw_bounding_boxes, draw_keypoints, make_grid
+from torchvision.utils import draw_keypoints, make_grid
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -72,13 +72,21 @@ def overlay(
     weight = _unit_range(saliency).sqrt()[None] * 0.75  # faint saliency lets the garment show through
     blended = (grey * (1 - weight) + heat * weight).round().to(torch.uint8)
     big = blended.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
-    top, left, bottom, right = (int(v) for v in box)
+    top, left, bottom, right = (int(v) * scale for v in box)
     if bottom > top and right > left:
-        corners = torch.tensor([[left * scale, top * scale, right * scale - 1, bottom * scale - 1]])
-        big = draw_bounding_boxes(big, corners, colors=[BOX_COLOR], width=max(1, scale // 2))
+        _outline(big, top, left, bottom, right, width=max(1, scale // 2), color=BOX_COLOR)
     y, x = center
     point = torch.tensor([[[(x + 0.5) * scale, (y + 0.5) * scale]]])
     return draw_keypoints(big, point, colors=UNIT_COLOR, radius=max(1, scale // 2))
+
+
+def _outline(image: Tensor, top: int, left: int, bottom: int, right: int, width: int, color: Sequence[int]) -> None:
+    """Draw the inner border of ``[top:bottom, left:right]`` in place (faster than a font-loading box drawer)."""
+    paint = torch.tensor(color, dtype=image.dtype).view(3, 1, 1)
+    image[:, top : top + width, left:right] = paint
+    image[:, bottom - width : bottom, left:right] = paint
+    image[:, top:bottom, left : left + width] = paint
+    image[:, top:bottom, right - width : right] = paint
 
 
 def probe_grid(
