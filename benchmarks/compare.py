@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from timing import interleaved
 from torch.utils.data import DataLoader, TensorDataset
 
 from rf_callback import ReceptiveFieldMonitor
@@ -72,19 +71,6 @@ def make_checkpoints(folder: Path, count: int) -> tuple[list[Path], str]:
     else:
         trainer.fit(model, datamodule=source)
     return sorted((folder / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime), kind
-
-
-def interleaved(functions: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each function, run in turn within each repeat so that all see the same machine."""
-    for function in functions.values():
-        function()  # warm-up: imports, fonts, allocator
-    samples: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
-            start = time.perf_counter()
-            function()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main() -> None:

@@ -8,25 +8,14 @@ Target: well under one real forward pass of torchvision's resnet50 at 224x224 on
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torchvision
+from timing import interleaved
 
 from rf_callback.fields import receptive_fields
 
 MODELS = ["resnet50", "vgg16", "densenet121", "mobilenet_v3_large", "convnext_tiny"]
-
-
-def median_seconds(function, repeats: int) -> float:
-    function()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def main() -> None:
@@ -39,11 +28,13 @@ def main() -> None:
         f"{'model':20s} {'layers':>6s} {'trace ms':>9s} {'forward ms':>11s} {'ratio':>6s}"
         f"   ({torch.get_num_threads()} threads)"
     )
+    torch.set_grad_enabled(False)
     for name in MODELS:
         model = getattr(torchvision.models, name)().eval()
-        trace = median_seconds(lambda: receptive_fields(model, (3, 224, 224)), args.repeats)
-        with torch.no_grad():
-            forward = median_seconds(lambda: model(image), args.repeats)
+        times = interleaved(
+            {"trace": lambda: receptive_fields(model, (3, 224, 224)), "forward": lambda: model(image)}, args.repeats
+        )
+        trace, forward = times["trace"], times["forward"]
         rows = len(receptive_fields(model, (3, 224, 224)))
         print(f"{name:20s} {rows:6d} {trace * 1e3:9.1f} {forward * 1e3:11.1f} {trace / forward:6.2f}")
 

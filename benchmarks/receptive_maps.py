@@ -13,12 +13,11 @@ Targets: ours at least 10x faster than naive and at most 1.25x the floor.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
 from captum.attr import NeuronGradient
+from timing import interleaved
 
 from rf_callback.cli import import_object
 from rf_callback.fields import receptive_fields
@@ -70,19 +69,6 @@ def naive(model, probes, layers, modules):
 
             maps.append(attribution.attribute(probes[n : n + 1], neuron_selector=center))
     return maps
-
-
-def interleaved(functions: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each function, run in turn within each repeat so that all see the same machine."""
-    for function in functions.values():
-        function()  # warm-up
-    samples: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
-            start = time.perf_counter()
-            function()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main() -> None:

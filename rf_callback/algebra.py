@@ -175,10 +175,24 @@ Boxes = tuple[Box, ...]
 
 def _window(boxes: Boxes, kernel: int, stride: int, padding: int, length: int, dilation: int) -> Boxes:
     n = len(boxes)
-    reads = (
-        range(u * stride - padding, u * stride - padding + dilation * (kernel - 1) + 1, dilation) for u in range(length)
-    )
-    return tuple(_union(boxes[v] for v in positions if 0 <= v < n) for positions in reads)
+    monotone = all(
+        a is not None and b is not None and a[0] <= b[0] and a[1] <= b[1] for a, b in zip(boxes, boxes[1:])
+    ) and (n == 0 or boxes[0] is not None)
+    result: list[Box] = []
+    for u in range(length):
+        first = u * stride - padding
+        if monotone:  # the union is the first real read's low and the last real read's high
+            first_j = -(first // dilation) if first < 0 else 0  # the first read at a position >= 0
+            last_j = min(kernel - 1, (n - 1 - first) // dilation) if first <= n - 1 else -1  # the last one < n
+            if first_j <= last_j:
+                result.append((boxes[first + first_j * dilation][0], boxes[first + last_j * dilation][1]))
+            else:
+                result.append(None)
+        else:
+            result.append(
+                _union(boxes[v] for v in range(first, first + dilation * (kernel - 1) + 1, dilation) if 0 <= v < n)
+            )
+    return tuple(result)
 
 
 def _covers(big: Boxes, small: Boxes) -> bool:

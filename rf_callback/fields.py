@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import gc
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -205,6 +206,17 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _no_autocast() -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     for device_type in ("cpu", "cuda"):
@@ -286,7 +298,14 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
                 handles.append(module.register_forward_hook(after))
         model.eval()
         # Outside inference mode and autocast, so that composite operations decompose as usual.
-        with torch.inference_mode(False), torch.no_grad(), _no_autocast(), PadInterceptor(tracer), tracer:
+        with (
+            _gc_paused(),  # the trace allocates many small tuples; the cyclic collector would double its time
+            torch.inference_mode(False),
+            torch.no_grad(),
+            _no_autocast(),
+            PadInterceptor(tracer),
+            tracer,
+        ):
             sample = torch.empty((1, *shape), dtype=dtype, device="meta")
             identity = tuple(((None, n),) if n > 1 else () for n in sample.shape[:2])
             tracer.info[sample] = Traced(

@@ -17,13 +17,13 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from rf_callback.algebra import Field, MisalignedBranchesError, PadMode, merge
 from rf_callback.errors import UnsupportedLayerError
 
 aten = torch.ops.aten
+_EVAL_BATCH_NORMS = (aten.native_batch_norm.default, aten._native_batch_norm_legit_no_training.default)
 
 # A tensor dimension is a product of factors; a factor is (spatial axis or None, length).
 # Non-spatial factors of length 1 are dropped; an axis reduced away is absent from the layout.
@@ -142,9 +142,58 @@ def _normalize_dim(dim: int, ndim: int) -> int:
 
 
 def _to_meta(value: Any) -> Any:
-    if isinstance(value, torch.Tensor) and value.device.type != "meta":
+    """``value`` with every tensor in it (in tuples and lists too) replaced by a meta tensor like it."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "meta":
+            return value
         return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_meta(item) for item in value)
     return value
+
+
+_BOOLEAN_RESULTS = {"eq", "ne", "lt", "le", "gt", "ge", "isnan", "isinf", "isfinite", "signbit", "isneginf", "isposinf"}
+
+
+def _shortcut(func: Any, args: tuple, kwargs: dict) -> Any:
+    """The meta output of common operations without running their (Python) meta kernels, or None.
+
+    Meta tensors hold no data, so an in-place elementwise op returns its input, and an elementwise op
+    on same-shaped floating tensors returns a tensor like its first input. Eval-mode BatchNorm returns
+    a tensor like its input and two per-channel statistics.
+    """
+    first = args[0] if args else None
+    if not isinstance(first, torch.Tensor) or first.device.type != "meta" or not first.is_floating_point():
+        return None
+    if func is aten.convolution.default and not args[6]:  # torch's meta kernel spends ~0.3 ms on checks
+        weight, count = args[1], first.dim() - 2
+        stride, padding, dilation = (list(v) * count if len(v) == 1 else list(v) for v in (args[3], args[4], args[5]))
+        if not len(stride) == len(padding) == len(dilation) == count:
+            return None
+        spatial = [
+            (n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, k, s, p, d in zip(first.shape[2:], weight.shape[2:], stride, padding, dilation)
+        ]
+        usual = first.is_contiguous() and weight.is_contiguous() and weight.shape[1] * args[8] == first.shape[1]
+        if usual and first.dim() == weight.dim() and min(spatial) > 0:
+            return torch.empty((first.shape[0], weight.shape[0], *spatial), dtype=first.dtype, device="meta")
+        return None
+    if func in _EVAL_BATCH_NORMS and not (func is aten.native_batch_norm.default and args[5]):
+        channels = (first.shape[1],) if first.dim() > 1 else (0,)
+        stats = torch.empty(channels, dtype=first.dtype, device="meta")
+        return torch.empty_like(first), stats, torch.empty_like(stats)
+    if torch.Tag.pointwise not in func.tags or "dtype" in kwargs or "out" in kwargs:
+        return None
+    if not (first.is_contiguous() or first.is_contiguous(memory_format=torch.channels_last)):
+        return None  # the kernel decides the layout of the output of a strided input
+    others = [a for a in (*args[1:], *kwargs.values()) if isinstance(a, torch.Tensor)]
+    if any(t.shape != first.shape or t.stride() != first.stride() or t.dtype != first.dtype for t in others):
+        return None
+    if torch.Tag.inplace in func.tags:
+        return first
+    if func.overloadpacket.__name__ in _BOOLEAN_RESULTS or len(func._schema.returns) != 1:
+        return None
+    return torch.empty_like(first)
 
 
 def _bind(func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -162,7 +211,14 @@ def _bind(func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
 
 
 def flat_tensors(value: Any) -> list[torch.Tensor]:
-    return [leaf for leaf in tree_flatten(value)[0] if isinstance(leaf, torch.Tensor)]
+    """The tensors in ``value``, through tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [tensor for item in value for tensor in flat_tensors(item)]
+    if isinstance(value, dict):
+        return [tensor for item in value.values() for tensor in flat_tensors(item)]
+    return []
 
 
 class Tracer(TorchDispatchMode):
@@ -197,7 +253,9 @@ class Tracer(TorchDispatchMode):
         kwargs = dict(kwargs or {})
         if "device" in kwargs or any(a.name == "device" for a in func._schema.arguments if a.kwarg_only):
             kwargs["device"] = torch.device("meta")  # factories must not allocate, compute or draw
-        out = func(*tree_map(_to_meta, args), **tree_map(_to_meta, kwargs))
+        out = _shortcut(func, args, kwargs)
+        if out is None:
+            out = func(*_to_meta(args), **{key: _to_meta(value) for key, value in kwargs.items()})
         if self.transparent:
             return out
         inputs = [self.info[t] for t in flat_tensors((args, kwargs)) if t in self.info]
@@ -711,9 +769,10 @@ def _batch_norm(tracer, func, bound, out):
     source = bound["input"]
     info = tracer.traced(source)
     training = bound.get("training", func is aten._batch_norm_with_update.default)
-    if training:  # batch statistics: every output depends on every position
-        info = tracer.mix(info, [d for d in range(source.dim()) if d != 1])
-    return (info,) + (tracer.mix(info, range(source.dim())),) * (len(out) - 1)
+    if not training:  # running statistics: elementwise; the saved statistics are the constants
+        return (info,) + (None,) * (len(out) - 1)
+    info = tracer.mix(info, [d for d in range(source.dim()) if d != 1])  # batch statistics mix every position
+    return (info,) * len(out)
 
 
 @_register(aten.native_layer_norm.default)
