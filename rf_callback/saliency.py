@@ -237,14 +237,12 @@ class _Crop:
 def _crop(members: Sequence[tuple[LayerRF, list[tuple]]], image: tuple[int, int]) -> _Crop | None:
     """One crop per probe from which every member layer's unit can be computed exactly; None: use the image.
 
-    ``members`` pairs each layer with its units' analytic boxes (padding included, one per probe).
-    A unit's gradient lives inside its box. When a layer is shift-equivariant (zero padding, no
-    global mixing), running the network on a crop that holds the unit's analytic box, starts on
-    a multiple of the effective stride and meets the image border wherever the box runs past it
-    gives the unit exactly, and backward then costs the crop's area instead of the image's.
+    ``members`` pairs each shift-equivariant layer (``row.equivariant``: zero padding, no global
+    mixing; strides > 0) with its units' analytic boxes (padding included, one per probe). A unit's
+    gradient lives inside its box: running the network on a crop that holds that box, starts on a
+    multiple of the effective stride and meets the image border wherever the box runs past it gives
+    the unit exactly, and backward then costs the crop's area instead of the image's.
     """
-    if not all(row.equivariant and min(row.stride) > 0 for row, _ in members):
-        return None
     hulls = [_hull(boxes) for boxes in zip(*(boxes for _, boxes in members))]  # per probe
     corners, size = [], []
     for axis, length in enumerate(image):
@@ -397,9 +395,10 @@ def receptive_maps(
         stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
         stack.enter_context(_evaluating(model))
         pixels = probes.detach().to(device=device, dtype=dtype).clone()
-        image = pixels.clone().requires_grad_(True)
         modules = dict(model.named_modules())
-        full: dict[str, Tensor] = _capture(model, modules, names, image) if unit == "max" else {}
+        # "max" needs every layer's activations on the whole image; the layers that cannot be cropped reuse them.
+        image = pixels.clone().requires_grad_(True) if unit == "max" else None
+        full: dict[str, Tensor] = _capture(model, modules, names, image) if image is not None else {}
         units = {
             name: _choose_units(full.get(name), fields[name].output_shape, unit, channel, name, len(probes))
             for name in names
@@ -407,12 +406,12 @@ def receptive_maps(
         # Shift-equivariant layers run on crops around their units' boxes; the others on whole images.
         image_size = (probes.shape[2], probes.shape[3])
         croppable = [name for name in names if fields[name].equivariant and min(fields[name].stride) > 0]
-        boxes = {n: _per_unit(units[n], lambda i, j, row=fields[n]: row.box(i, j, clip=False)) for n in croppable}
-        crop = _crop([(fields[n], boxes[n]) for n in croppable], image_size) if croppable else None
+        analytic = {n: _per_unit(units[n], lambda i, j, row=fields[n]: row.box(i, j, clip=False)) for n in croppable}
+        crop = _crop([(fields[n], analytic[n]) for n in croppable], image_size) if croppable else None
         gradients = _input_gradients(model, modules, croppable, fields, pixels, units, crop, channel) if crop else {}
         rest = [name for name in names if name not in gradients]
         if rest:
-            captured = (image, full) if full else None
+            captured = (image, full) if image is not None else None
             gradients.update(_input_gradients(model, modules, rest, fields, pixels, units, None, channel, captured))
 
     with torch.inference_mode(False):  # results are ordinary tensors, even for a caller in inference mode

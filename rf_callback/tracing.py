@@ -302,7 +302,7 @@ class Tracer(TorchDispatchMode):
         if all(not any(_spatial(dim) for dim in info.layout) for info in inputs):
             # No spatial position is left to tell apart: whatever the operation does, each output
             # depends on the union of what the inputs see (classifier heads, argmax, indexing...).
-            shape = outputs_first(out).shape
+            shape = _first_output(out).shape
             return self.combine([replace(i, layout=()) for i in inputs], tuple(_plain(n) for n in shape), str(func))
         raise _Reject("it is not a known spatial operation; only operations whose geometry is known are followed")
 
@@ -363,7 +363,7 @@ class Tracer(TorchDispatchMode):
         tensors = [t for t in every if t in self.info]
         if not tensors:
             return None
-        shape = outputs_first(out).shape
+        shape = _first_output(out).shape
         infos = [_aligned(self.traced(t), len(shape)) for t in tensors]
         result = self.combine(infos, self.broadcast(infos, shape), str(func))
         if self.varies_with_position([t.shape for t in every if t not in self.info], result.layout):
@@ -405,7 +405,7 @@ class Tracer(TorchDispatchMode):
         return Traced(field, tuple(layout), info.equivariant)
 
 
-def outputs_first(out: Any) -> torch.Tensor:
+def _first_output(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else flat_tensors(out)[0]
 
 
@@ -438,7 +438,7 @@ def _convolution(tracer: Tracer, func, bound, out):
 
 
 def _pool(tracer, bound, out, has_dilation: bool) -> Traced:
-    result = outputs_first(out)
+    result = _first_output(out)
     dilation = bound["dilation"] if has_dilation else [1]
     padding = bound["padding"]
     padding = [padding] if isinstance(padding, int) else padding
@@ -481,7 +481,7 @@ def _adaptive_pool(tracer, func, bound, out):
         if n % m:
             raise _Reject(f"adaptive pooling from {n} to {m} positions uses windows of different sizes")
         kernel.append(n // m)
-    result = tracer.window(tracer.traced(source), outputs_first(out), kernel, kernel, [0], [1])
+    result = tracer.window(tracer.traced(source), _first_output(out), kernel, kernel, [0], [1])
     if any(k > 1 for k in kernel):
         result = replace(result, equivariant=False)  # the window grows with the input
     return (result, result) if isinstance(out, (tuple, list)) else result
