@@ -19,8 +19,8 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from rf_callback.data import FashionMNISTDataModule
-from rf_callback.models import FashionMNISTClassifier
+from rf_callback.demos.fashion_mnist import FashionMNISTDataModule
+from rf_callback.demos.cnns import FashionMNISTClassifier
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 

@@ -21,8 +21,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rf_callback import ReceptiveFieldMonitor
-from rf_callback.data import FashionMNISTDataModule
-from rf_callback.models import SmallCNN
+from rf_callback.demos.fashion_mnist import FashionMNISTDataModule
+from rf_callback.demos.cnns import SmallCNN
 
 
 class TimedMonitor(ReceptiveFieldMonitor):

@@ -32,12 +32,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from rf_callback import ReceptiveFieldMonitor
 from rf_callback.compare import compare_checkpoints, write_comparison
-from rf_callback.models import SmallCNN
+from rf_callback.demos.cnns import SmallCNN
 
 
 def data() -> tuple[object, str]:
     """The Fashion-MNIST data module when the files are at hand, else random images of its shape."""
-    from rf_callback.data import FashionMNISTDataModule
+    from rf_callback.demos.fashion_mnist import FashionMNISTDataModule
 
     datamodule = FashionMNISTDataModule(
         data_dir="data", source_dirs=["../shared/data/FashionMNIST/raw"], download=False

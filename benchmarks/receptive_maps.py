@@ -7,7 +7,7 @@
 
 Targets: ours at least 10x faster than naive and at most 1.25x the floor.
 
-    python benchmarks/receptive_maps.py [--repeats 20] [--device cpu] [--model rf_callback.models:SmallCNN]
+    python benchmarks/receptive_maps.py [--repeats 20] [--device cpu] [--model rf_callback.demos.cnns:SmallCNN]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from rf_callback.saliency import default_layers, receptive_maps
 def probe_images(count: int) -> torch.Tensor:
     """Real Fashion-MNIST validation images when the data are at hand, else random ones."""
     try:
-        from rf_callback.data import FashionMNISTDataModule
+        from rf_callback.demos.fashion_mnist import FashionMNISTDataModule
 
         data = FashionMNISTDataModule(data_dir="data", source_dirs=["../shared/data/FashionMNIST/raw"], download=False)
         data.prepare_data()
@@ -73,7 +73,7 @@ def naive(model, probes, layers, modules):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="rf_callback.models:SmallCNN")
+    parser.add_argument("--model", default="rf_callback.demos.cnns:SmallCNN")
     parser.add_argument("--probes", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cpu")

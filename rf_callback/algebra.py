@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from rf_callback.errors import MisalignedBranchesError
+
 __all__ = ["IDENTITY", "AxisRF", "Box", "Field", "MisalignedBranchesError", "compose", "layer", "merge", "mixed"]
 
 
@@ -73,24 +75,6 @@ class AxisRF:
 
 IDENTITY = AxisRF()
 """The geometry of the input itself: each position sees only itself."""
-
-
-class MisalignedBranchesError(ValueError):
-    """Branches meeting at a merge (add, concat, ...) move at different effective strides.
-
-    Their units do not map to one interval per output position, so no single receptive
-    field describes the merge. ``where`` names the merge point.
-    """
-
-    def __init__(self, where: str, branches: Sequence[AxisRF]) -> None:
-        self.where = where
-        self.branches = tuple(branches)
-        jumps = ", ".join(str(branch.jump) for branch in self.branches)
-        super().__init__(
-            f"Branches merged at {where} have different effective strides ({jumps}), so their units do not"
-            " line up and no single receptive field describes the result. HINT: resample the branches to"
-            " the same stride before merging them, or leave this layer out."
-        )
 
 
 def layer(kernel: int = 1, stride: int = 1, padding: int = 0, dilation: int = 1) -> AxisRF:

@@ -308,12 +308,12 @@ def fashion_mnist_probes(data_dir: str | os.PathLike = DATA_DIR, source_dirs: Se
     """The first validation image of each Fashion-MNIST class, in class order: ``(10, 1, 28, 28)``.
 
     The same images a :class:`~rf_callback.ReceptiveFieldMonitor` picks by default when trained on
-    :class:`~rf_callback.data.FashionMNISTDataModule`; found offline (``download=False``).
+    :class:`~rf_callback.demos.fashion_mnist.FashionMNISTDataModule`; found offline (``download=False``).
 
     Raises:
         CompareError: if the files are not found or not valid.
     """
-    from rf_callback.data import FashionMNISTDataModule, FashionMNISTNotFoundError, IdxFormatError
+    from rf_callback.demos.fashion_mnist import FashionMNISTDataModule, FashionMNISTNotFoundError, IdxFormatError
 
     datamodule = FashionMNISTDataModule(data_dir, source_dirs=source_dirs, download=False)
     try:

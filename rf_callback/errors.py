@@ -1,10 +1,22 @@
-"""Errors of the receptive-field engine: each names what was asked, what was found and how to fix it."""
+"""Every error rf_callback raises on purpose, in one module that imports nothing outside the standard library.
+
+Each message says what was asked, what was found and how to fix it; errors that carry data keep it
+as attributes, so that programs need not parse messages.
+"""
 
 from __future__ import annotations
 
-from rf_callback.algebra import MisalignedBranchesError
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-__all__ = ["MisalignedBranchesError", "TraceError", "UnsupportedLayerError"]
+__all__ = [
+    "CheckpointError",
+    "CompareError",
+    "MisalignedBranchesError",
+    "TraceError",
+    "UnsupportedLayerError",
+]
 
 
 class UnsupportedLayerError(ValueError):
@@ -30,5 +42,41 @@ class UnsupportedLayerError(ValueError):
         )
 
 
+class MisalignedBranchesError(ValueError):
+    """Branches meeting at a merge (add, concat, ...) move at different effective strides.
+
+    Their units do not map to one interval per output position, so no single receptive field
+    describes the merge. ``where`` names the merge point; ``branches`` hold each branch's geometry.
+    """
+
+    def __init__(self, where: str, branches: Sequence[Any]) -> None:
+        self.where = where
+        self.branches = tuple(branches)
+        jumps = ", ".join(str(branch.jump) for branch in self.branches)
+        super().__init__(
+            f"Branches merged at {where} have different effective strides ({jumps}), so their units do not"
+            " line up and no single receptive field describes the result. HINT: resample the branches to"
+            " the same stride before merging them, or leave this layer out."
+        )
+
+
 class TraceError(RuntimeError):
     """The model's ``forward`` could not run on the meta device."""
+
+
+class CompareError(ValueError):
+    """Bad input to a checkpoint comparison; the message is one line: what was asked, what was found, how to fix it."""
+
+
+class CheckpointError(CompareError):
+    """A checkpoint that cannot be compared: missing, unreadable, not from Lightning, or its model not rebuilt.
+
+    Attributes:
+        path: the checkpoint file.
+        problem: what is wrong with it.
+    """
+
+    def __init__(self, path: Path, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import gc
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from rf_callback.errors import TraceError, UnsupportedLayerError
 from rf_callback.tracing import PadInterceptor, Traced, Tracer, Unsupported, axis_length, flat_tensors
 
 __all__ = [
+    "LayerKey",
     "LayerRF",
     "ReceptiveFieldTable",
     "TraceError",
@@ -31,6 +33,44 @@ __all__ = [
     "receptive_fields",
     "unwrap_model",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# Layer keys: the one place that writes and reads them
+# --------------------------------------------------------------------------------------------
+
+_KEY = re.compile(r"^(?P<module>.*?)(?:\[(?P<call>\d+)\])?(?::(?P<output>\d+))?$")
+
+
+@dataclass(frozen=True)
+class LayerKey:
+    """A row name of :class:`ReceptiveFieldTable`: ``module``, ``module[call]``, ``module:output``, ``module[call]:output``.
+
+    ``call`` is the call index of a module called several times in one forward, ``output`` the index
+    among the input-dependent tensors a module returns (``None`` when there is one).
+
+    Example::
+        >>> LayerKey.parse("layer1.0.relu[2]:1")
+        LayerKey(module='layer1.0.relu', call=2, output=1)
+        >>> str(LayerKey("features.conv1")), str(LayerKey("relu", call=0))
+        ('features.conv1', 'relu[0]')
+    """
+
+    module: str
+    call: int | None = None
+    output: int | None = None
+
+    @classmethod
+    def parse(cls, key: str) -> LayerKey:
+        match = _KEY.match(key)
+        assert match is not None  # the pattern matches every string
+        call, output = match["call"], match["output"]
+        return cls(match["module"], None if call is None else int(call), None if output is None else int(output))
+
+    def __str__(self) -> str:
+        call = "" if self.call is None else f"[{self.call}]"
+        output = "" if self.output is None else f":{self.output}"
+        return f"{self.module}{call}{output}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,6 +97,8 @@ class LayerRF:
             cuts or positional constants upstream), so that a unit can be computed from a crop of
             the input around its box.
         unsupported: why this row has no receptive field (``None`` when it has one).
+        tensor_shape: the whole output tensor's shape for a batch of one, e.g. ``(1, 64, 56, 56)``;
+            it tells an image-shaped ``(N, C, H, W)`` output from a flattened or channels-last one.
 
     Example::
         >>> from torch import nn
@@ -75,6 +117,7 @@ class LayerRF:
     field: Field | None = None
     equivariant: bool = False
     unsupported: UnsupportedLayerError | None = None
+    tensor_shape: tuple[int, ...] = ()
 
     def _geometry(self) -> Field:
         if self.unsupported is not None or self.field is None:
@@ -337,12 +380,15 @@ def _build_table(calls, order, shape) -> ReceptiveFieldTable:
     for name, index, module_type in order:
         outputs = calls[name][index]
         for k, (output, info) in enumerate(outputs):
-            key = f"{name}[{index}]" if name in reused else name
-            key = f"{key}:{k}" if len(outputs) > 1 else key
+            key = str(LayerKey(name, index if name in reused else None, k if len(outputs) > 1 else None))
             if isinstance(info, Unsupported):
                 output_shape = tuple(output.shape[2:]) if output.dim() == len(shape) + 1 else (1,) * len(spatial)
-                rows.append(LayerRF(key, module_type, spatial, output_shape, unsupported=info.error))
+                rows.append(
+                    LayerRF(key, module_type, spatial, output_shape, unsupported=info.error, tensor_shape=output.shape)
+                )
             else:
                 output_shape = tuple(axis_length(info.layout, axis) for axis in range(len(spatial)))
-                rows.append(LayerRF(key, module_type, spatial, output_shape, info.field, info.equivariant))
+                rows.append(
+                    LayerRF(key, module_type, spatial, output_shape, info.field, info.equivariant, None, output.shape)
+                )
     return ReceptiveFieldTable(rows, shape, reused)

@@ -18,11 +18,21 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from rf_callback.fields import LayerRF, ReceptiveFieldTable, receptive_fields, unwrap_model
+from rf_callback.fields import LayerKey, LayerRF, ReceptiveFieldTable, receptive_fields, unwrap_model
 
-__all__ = ["ERFStats", "ReceptiveMaps", "default_layers", "erf_stats", "receptive_maps"]
+__all__ = [
+    "ERFStats",
+    "ReceptiveMaps",
+    "all_layers",
+    "check_channel",
+    "check_unit",
+    "default_layers",
+    "erf_stats",
+    "receptive_maps",
+]
 
 Unit = Literal["center", "max"] | tuple[int, int]
+"""Which output unit of a layer: the middle one, each probe's most active one, or a position (i, j)."""
 
 LUO_THRESHOLD = 0.0455
 """1 - 95.45%: Luo et al. count the pixels above this fraction of the peak (a Gaussian's 2-sigma mass)."""
@@ -99,10 +109,83 @@ class ReceptiveMaps:
     erf: ERFStats
 
 
-def default_layers(model: nn.Module, fields: ReceptiveFieldTable) -> list[str]:
-    """Every call of a convolution or pooling module with a supported, spatial receptive field."""
-    spatial = {name for name, module in unwrap_model(model).named_modules() if isinstance(module, SPATIAL_LAYERS)}
-    return [key for key, row in fields.items() if key.partition("[")[0] in spatial and row.supported]
+def check_unit(unit: object) -> Unit:
+    """``unit`` in its one canonical form, or a ``ValueError`` that lists the choices.
+
+    ``"centre"`` is accepted for ``"center"``; a list ``[i, j]`` becomes a tuple.
+
+    Example::
+        >>> check_unit("centre"), check_unit([3, 4])
+        ('center', (3, 4))
+    """
+    if unit == "centre":
+        return "center"
+    if unit in ("center", "max"):
+        return unit  # type: ignore[return-value]
+    if (
+        isinstance(unit, (list, tuple))
+        and len(unit) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in unit)
+    ):
+        return (unit[0], unit[1])
+    raise ValueError(f"unit={unit!r}: choose 'center' (or 'centre'), 'max' or a unit position (i, j) with ints >= 0.")
+
+
+def check_channel(channel: object) -> int | None:
+    """``channel`` if it is None (sum over channels) or an int >= 0, else a ``ValueError``.
+
+    Example::
+        >>> check_channel(None), check_channel(3)
+        (None, 3)
+    """
+    if channel is None or (isinstance(channel, int) and not isinstance(channel, bool) and channel >= 0):
+        return channel
+    raise ValueError(f"channel={channel!r}: None (sum over channels) or an int >= 0.")
+
+
+def _mappable(row: LayerRF) -> bool:
+    """Whether a row can have a receptive map: a supported row whose output is an image ``(N, C, h, w)``."""
+    return row.supported and len(row.output_shape) == 2 and tuple(row.tensor_shape[2:]) == row.output_shape
+
+
+def default_layers(table: ReceptiveFieldTable) -> list[str]:
+    """One layer per resolution stage: for each output resolution, the last layer of the shallowest depth.
+
+    Depth counts the dots of the module name, so a stage's container (``layer1`` of a ResNet,
+    ``features.1`` of a ConvNeXt) wins over the layers inside it and over the first layer of the
+    next stage that still runs at its resolution. Containers holding more than one change of
+    resolution (a whole ``features`` block) and rows with a single output position (heads) are
+    left out. torchvision's ResNets give ``relu, layer1, layer2, layer3, layer4``.
+
+    Example::
+        >>> from torch import nn
+        >>> conv = nn.Conv2d(4, 4, 3, padding=1)
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), conv, nn.MaxPool2d(2))
+        >>> default_layers(receptive_fields(net, (1, 32, 32)))  # the last at 32x32, at 16x16, at 8x8
+        ['1', '3', '4']
+    """
+    rows = {key: row for key, row in table.items() if _mappable(row)}
+    inside: dict[str, set[tuple[int, ...]]] = {}  # module -> resolutions of the rows of modules inside it
+    for key, row in rows.items():
+        parts = LayerKey.parse(key).module.split(".")
+        for end in range(len(parts)):
+            inside.setdefault(".".join(parts[:end]), set()).add(row.output_shape)
+    chosen: dict[tuple[int, ...], tuple[int, str]] = {}  # resolution -> (depth, key)
+    for key, row in rows.items():
+        module = LayerKey.parse(key).module
+        if math.prod(row.output_shape) == 1 or len(inside.get(module, ())) > 2:
+            continue  # a head, or a container of several stages
+        depth = module.count(".")
+        best = chosen.get(row.output_shape)
+        if best is None or depth <= best[0]:
+            chosen[row.output_shape] = (depth, key)
+    keys = {key for _, key in chosen.values()}
+    return [key for key in table if key in keys]
+
+
+def all_layers(table: ReceptiveFieldTable) -> list[str]:
+    """Every row that can have a receptive map (supported, with a 2-D output), in call order."""
+    return [key for key, row in table.items() if _mappable(row)]
 
 
 class _Stop(BaseException):
@@ -110,25 +193,39 @@ class _Stop(BaseException):
     ``except Exception`` does not swallow it)."""
 
 
-def _resolve(model: nn.Module, fields: ReceptiveFieldTable, layers: Sequence[str] | None) -> list[str]:
-    if layers is None:
-        layers = default_layers(model, fields)
-        if not layers:
+def resolve_layers(table: ReceptiveFieldTable, layers: str | Sequence[str] | None) -> list[str]:
+    """The layer keys to map: ``None`` for :func:`default_layers`, ``"all"`` for :func:`all_layers`, or names.
+
+    Raises:
+        ValueError: for an unknown name (close matches and the valid names listed), a row without a
+            receptive field, or one without a 2-D spatial output.
+    """
+    if layers is None or layers == "all":
+        chosen = default_layers(table) if layers is None else all_layers(table)
+        if not chosen:
             raise ValueError(
-                f"receptive_maps: {type(model).__name__} has no convolution or pooling layer with a receptive field."
-                " HINT: pass layers=[...] with names from receptive_fields(model, shape)."
+                "no layer with a 2-D receptive field that varies across the image: nothing to map. Rows:"
+                f" {', '.join(table) or 'none'}. HINT: check the input shape, or pass layers=[...]."
             )
-        return list(layers)
-    if isinstance(layers, str):
-        layers = [layers]
-    for name in layers:
+        return chosen
+    names = [layers] if isinstance(layers, str) else list(layers)
+    if not names or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"layers={layers!r}: give None, 'all', or a non-empty list of layer names.")
+    valid = ", ".join(all_layers(table)) or "none"
+    for name in names:
         try:
-            row = fields[name]
+            row = table[name]
         except KeyError as error:
-            raise ValueError(f"receptive_maps(layers={list(layers)!r}): {error.args[0]}") from None
+            raise ValueError(f"layers={names!r}: {error.args[0]} Layers that have maps: {valid}.") from None
         if not row.supported:
-            raise ValueError(f"receptive_maps: layer '{name}' has no receptive field: {row.unsupported.reason}.")
-    return list(layers)
+            raise ValueError(f"layers={names!r}: '{name}' has no receptive field: {row.unsupported.reason}.")
+        if not _mappable(row):
+            raise ValueError(
+                f"layers={names!r}: '{name}' ({row.module_type}) gives an output of shape"
+                f" {tuple(row.tensor_shape)} for one input, not an image (N, C, h, w), so it has no 2-D receptive map."
+                f" Layers that have maps: {valid}."
+            )
+    return list(dict.fromkeys(names))
 
 
 @contextlib.contextmanager
@@ -147,10 +244,10 @@ def _capture(
     model: nn.Module, modules: dict[str, nn.Module], layers: Sequence[str], probes: Tensor
 ) -> dict[str, Tensor]:
     """Run ``model(probes)`` until every wanted layer output is seen; return them by layer name."""
-    wanted: dict[str, dict[int, str]] = {}
+    wanted: dict[str, dict[int, list[tuple[str, int]]]] = {}
     for key in layers:
-        name, _, call = key.partition("[")
-        wanted.setdefault(name, {})[int(call.rstrip("]")) if call else 0] = key
+        parsed = LayerKey.parse(key)
+        wanted.setdefault(parsed.module, {}).setdefault(parsed.call or 0, []).append((key, parsed.output or 0))
     captured: dict[str, Tensor] = {}
     calls: dict[str, int] = {}
 
@@ -158,11 +255,10 @@ def _capture(
         def hook(_module, _args, output):
             index = calls.get(name, 0)
             calls[name] = index + 1
-            key = wanted[name].get(index)
-            if key is not None:
-                captured[key] = output[0] if isinstance(output, (tuple, list)) else output
-                if len(captured) == len(layers):
-                    raise _Stop
+            for key, position in wanted[name].get(index, ()):
+                captured[key] = _input_dependent(output)[position]
+            if len(captured) == len(layers):
+                raise _Stop
 
         return hook
 
@@ -179,6 +275,17 @@ def _capture(
     if missing:
         raise RuntimeError(f"receptive_maps: forward never produced the outputs of {missing}.")
     return captured
+
+
+def _input_dependent(output: object) -> list[Tensor]:
+    """The tensors a module returned, in order, through tuples, lists and dicts (what ``name:i`` keys count)."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [tensor for item in output for tensor in _input_dependent(item)]
+    return []
 
 
 def _choose_units(
@@ -354,7 +461,8 @@ def receptive_maps(
     Args:
         model: the network; ``model(probes)`` must run.
         probes: images (N, C, H, W).
-        layers: layer names from :func:`receptive_fields` (default: every convolution and pooling layer).
+        layers: layer keys from :func:`receptive_fields`; ``None`` (default): one per resolution stage
+            (:func:`default_layers`); ``"all"``: every layer with a 2-D output.
         unit: ``"center"`` (the middle output position, as in Luo et al.), ``"max"`` (each probe's
             position of largest activation, summed over channels unless ``channel`` is given), or
             an explicit ``(i, j)``.
@@ -369,7 +477,7 @@ def receptive_maps(
     Example::
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
-        >>> result = receptive_maps(net, torch.rand(2, 1, 16, 16))
+        >>> result = receptive_maps(net, torch.rand(2, 1, 16, 16), layers=["0", "2"])
         >>> result.layers, tuple(result.maps.shape), result.boxes[0, 1].tolist()
         (('0', '2'), (2, 2, 16, 16), [6, 6, 11, 11])
     """
@@ -383,7 +491,8 @@ def receptive_maps(
         raise ValueError(
             f"receptive_maps: fields were traced for {fields.input_shape}, probes are {tuple(probes.shape[1:])}."
         )
-    names = _resolve(model, fields, layers)
+    unit, channel = check_unit(unit), check_channel(channel)
+    names = resolve_layers(fields, layers)
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else probes.device
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else probes.dtype

@@ -20,7 +20,7 @@ from torch import nn
 from rf_callback import ReceptiveFieldMonitor, receptive_maps
 from rf_callback.cli import main
 from rf_callback.compare import CompareError, compare_checkpoints, fashion_mnist_probes
-from rf_callback.data import DEBIAN_PACKAGE_DIR
+from rf_callback.demos.fashion_mnist import DEBIAN_PACKAGE_DIR
 from rf_callback.render import probe_grid
 from tests.lightning_helpers import TinyCNN, loaders, read_events
 

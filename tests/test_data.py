@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rf_callback import data
-from rf_callback.data import (
+from rf_callback.demos import fashion_mnist as data
+from rf_callback.demos.fashion_mnist import (
     PIXEL_MEAN,
     PIXEL_STD,
     RAW_FILES,

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import nn
 from typing_extensions import override
 
-from rf_callback.data import CLASSES, IMAGE_SHAPE
+from rf_callback.demos.fashion_mnist import CLASSES, IMAGE_SHAPE
 
 __all__ = ["DilatedCNN", "FashionMNISTClassifier", "ResidualBlock", "ResidualCNN", "SmallCNN"]
 
@@ -60,7 +60,7 @@ class FashionMNISTClassifier(lightning.LightningModule):
         if type(self) is FashionMNISTClassifier:
             raise TypeError(
                 "FashionMNISTClassifier is the base class and has no layers. HINT: choose a model, e.g."
-                " rf_callback.models.SmallCNN, ResidualCNN or DilatedCNN (model.class_path on the command line)."
+                " rf_callback.demos.cnns.SmallCNN, ResidualCNN or DilatedCNN (model.class_path on the command line)."
             )
         self.lr = lr
         self.weight_decay = weight_decay
@@ -83,7 +83,7 @@ class FashionMNISTClassifier(lightning.LightningModule):
 
     @override
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, 10)``, in the order of :data:`rf_callback.data.CLASSES`, of images ``(N, 1, 28, 28)``."""
+        """Logits ``(N, 10)``, in the order of :data:`rf_callback.demos.fashion_mnist.CLASSES`, of images ``(N, 1, 28, 28)``."""
         return self.classifier(self.features(images))
 
     @override
