@@ -71,8 +71,9 @@ def captum_gradient(model, layer, probe, unit, channel=None):
 
 @pytest.mark.parametrize(("unit", "channel"), [("center", None), ("max", None), ((1, 2), 3), ("max", 5)])
 def test_maps_equal_captum_neuron_gradient(model, probes, unit, channel):
-    result = receptive_maps(model, probes, unit=unit, channel=channel)
-    assert result.layers == ("conv1", "pool1", "block.conv", "block.skip", "conv2")
+    layers = ["conv1", "pool1", "block.conv", "block.skip", "conv2"]
+    result = receptive_maps(model, probes, layers, unit=unit, channel=channel)
+    assert result.layers == tuple(layers)
     modules = dict(model.named_modules())
     model.eval()  # captum runs the model as it is: match receptive_maps' eval mode
     for n in range(len(probes)):
@@ -106,7 +107,7 @@ def test_random_networks_match_captum(spec, height, width, unit):
     probes = torch.rand(2, 1, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     if not well_defined(net, probes):
         reject()
-    result = receptive_maps(net, probes, unit=unit)
+    result = receptive_maps(net, probes, "all", unit=unit)
     modules = dict(net.named_modules())
     for n in range(2):
         for index, name in enumerate(result.layers):
@@ -166,7 +167,7 @@ def test_no_side_effects(model, probes):
     torch.manual_seed(3)
     rng = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
 
-    result = receptive_maps(model, probes, unit="max")
+    result = receptive_maps(model, probes, "all", unit="max")
 
     assert_same_state(before, state_of(model))
     assert random.getstate() == rng[0] and np.array_equal(np.random.get_state()[1], rng[1])
@@ -273,7 +274,7 @@ def test_erf_statistics_by_hand():
             r"layers=\['conv9'\].*No module output named 'conv9'.*Did you mean: conv[12], conv[12]",
         ),
         ({"unit": (30, 30), "layers": ["conv1"]}, r"unit=\(30, 30\).*'conv1' has an output of 20x20"),
-        ({"channel": 99}, r"channel=99.*'conv1' has 8 channels"),
+        ({"channel": 99, "layers": ["conv1"]}, r"channel=99.*'conv1' has 8 channels"),
         ({"threshold": 2.0}, r"0 < threshold < 1"),
     ],
 )
