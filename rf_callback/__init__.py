@@ -4,7 +4,8 @@
   effective padding, the exact input box of any unit), traced on the meta device.
 * :func:`receptive_maps` — gradient-saliency maps of chosen units (the effective receptive field)
   and their statistics, for a batch of probe images.
-* :class:`ReceptiveFieldMonitor` — a Lightning callback that logs both to TensorBoard.
+* :class:`ProbeMonitor` — both for fixed probes, logged at any step, from any training loop.
+* :class:`ReceptiveFieldMonitor` — the Lightning callback over it.
 
 Names are imported on first use, so ``import rf_callback`` stays light and the pure algebra in
 :mod:`rf_callback.algebra` imports without torch.
@@ -29,10 +30,22 @@ _EXPORTS = {
     "ReceptiveMaps": "rf_callback.saliency",
     "receptive_maps": "rf_callback.saliency",
     "ReceptiveFieldMonitor": "rf_callback.callback",
+    "ProbeMonitor": "rf_callback.monitor",
+    "Probes": "rf_callback.probes",
+    "probes_from_dataset": "rf_callback.probes",
+    "LayerKey": "rf_callback.fields",
+    "CompareError": "rf_callback.errors",
+    "CheckpointError": "rf_callback.errors",
 }
 
 __all__ = [
     "AxisRF",
+    "CheckpointError",
+    "CompareError",
+    "LayerKey",
+    "ProbeMonitor",
+    "Probes",
+    "probes_from_dataset",
     "ERFStats",
     "Field",
     "LayerRF",
@@ -50,8 +63,16 @@ __all__ = [
 if TYPE_CHECKING:
     from rf_callback.algebra import AxisRF, Field
     from rf_callback.callback import ReceptiveFieldMonitor
-    from rf_callback.errors import MisalignedBranchesError, TraceError, UnsupportedLayerError
-    from rf_callback.fields import LayerRF, ReceptiveFieldTable, receptive_fields, unwrap_model
+    from rf_callback.errors import (
+        CheckpointError,
+        CompareError,
+        MisalignedBranchesError,
+        TraceError,
+        UnsupportedLayerError,
+    )
+    from rf_callback.fields import LayerKey, LayerRF, ReceptiveFieldTable, receptive_fields, unwrap_model
+    from rf_callback.monitor import ProbeMonitor
+    from rf_callback.probes import Probes, probes_from_dataset
     from rf_callback.saliency import ERFStats, ReceptiveMaps, receptive_maps
 
 

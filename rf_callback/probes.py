@@ -181,7 +181,7 @@ def _first_of_each_class(dataset: Any, num_probes: int) -> tuple[list[int], list
         classes = sorted(first)
     except TypeError:  # labels of mixed types: order of first appearance
         classes = list(first)
-    if len(classes) < num_probes:
+    if len(classes) < num_probes and len(labels) < len(dataset):  # classes may hide in the items not read
         warnings.warn(
             f"probes_from_dataset: found {len(classes)} distinct classes in the {len(labels)} labels read, fewer than"
             f" num_probes={num_probes}; using one probe per class found. HINT: pass dataset indices or a tensor.",

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
@@ -14,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from PIL import Image
 
-import rf_callback.callback
+import rf_callback.monitor
 from rf_callback import ReceptiveFieldMonitor
 from tests.lightning_helpers import TinyCNN, loaders, read_events
 
@@ -37,47 +38,55 @@ def fit(tmp_path, callbacks=(), **kwargs):
     return trainer, model
 
 
+def tag(layer: str) -> str:
+    return f"receptive_field/{LAYERS.index(layer):02d}_{layer}"
+
+
 def test_logs_table_maps_and_scalars_per_epoch(tmp_path):
-    monitor = ReceptiveFieldMonitor()
+    monitor = ReceptiveFieldMonitor(layers=LAYERS)
     trainer, model = fit(tmp_path, [monitor])
     events = read_events(trainer.logger.log_dir)
 
-    steps_per_epoch = 4
-    assert events.Tags()["tensors"] == ["receptive_field/table/text_summary"]
+    assert sorted(events.Tags()["tensors"]) == [
+        "receptive_field/table/text_summary",
+        "receptive_field/table_all_layers/text_summary",
+    ]
     table = events.Tensors("receptive_field/table/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "| conv2 | Conv2d | 6x6 | 8 | 2 | 3 |" in table
     assert "receptive_field/summary" in events.Tags()["images"]
+    val_steps = [s.step for s in events.Scalars("val_acc")]
+    assert val_steps == [3, 7]
     for layer in LAYERS:
-        images = events.Images(f"receptive_field/{layer}")
-        assert [image.step for image in images] == [0, steps_per_epoch, 2 * steps_per_epoch]  # baseline, 2 epochs
+        images = events.Images(tag(layer))
+        assert [image.step for image in images] == [0, *val_steps]  # baseline, then with each epoch's metrics
         picture = Image.open(io.BytesIO(images[-1].encoded_image_string))
-        assert picture.size == (images[-1].width, images[-1].height) == (4 * 110 + 2, 110 + 2)  # 12 px at 9x
-        assert sum(len(i.encoded_image_string) for i in images) < 3 * 1_000_000
+        assert picture.size == (images[-1].width, images[-1].height)
+        assert sum(len(i.encoded_image_string) for i in images) < 3 * 200_000
 
     # The last maps were drawn from the final model: its scalars are what the library computes now.
-    expected = monitor.compute(model).erf.mean()
+    expected = monitor.monitor.compute().erf.mean()
     for index, layer in enumerate(LAYERS):
-        for tag, key in [("erf_size", "size"), ("erf_mass_side", "mass_side"), ("erf_size_fraction", "size_fraction")]:
-            logged = events.Scalars(f"receptive_field/{layer}/{tag}")
-            assert [s.step for s in logged] == [0, 4, 8]
+        for name, key in [("erf_size", "size"), ("erf_mass_side", "mass_side"), ("erf_size_fraction", "size_fraction")]:
+            logged = events.Scalars(f"{tag(layer)}/{name}")
+            assert [s.step for s in logged] == [0, *val_steps]
             assert logged[-1].value == pytest.approx(float(expected[key][index]), rel=1e-5)
+    assert not any(t.endswith("dead_fraction") for t in events.Tags()["scalars"])  # only when nonzero
 
 
 def test_default_probes_are_one_per_class_from_the_validation_set(tmp_path):
     monitor = ReceptiveFieldMonitor()
     fit(tmp_path, [monitor], max_epochs=1)
     validation = loaders()[1].dataset
-    assert monitor.labels.tolist() == [0, 1, 2, 3] and monitor.indices == [0, 1, 2, 3]
-    assert torch.equal(monitor.probes, torch.stack([validation[i][0] for i in range(4)]))
+    assert monitor.probes.labels == ("0", "1", "2", "3") and monitor.probes.indices == (0, 1, 2, 3)
+    assert torch.equal(monitor.probes.images, torch.stack([validation[i][0] for i in range(4)]))
 
 
-def test_every_n_epochs_and_chosen_layers(tmp_path):
-    trainer, _ = fit(
-        tmp_path, [ReceptiveFieldMonitor(layers=["conv2"], every_n_epochs=2, log_baseline=False)], max_epochs=4
-    )
+def test_every_n_epochs_counts_training_epochs_and_the_last_epoch_is_always_logged(tmp_path):
+    monitor = ReceptiveFieldMonitor(layers=["conv2"], every_n_epochs=2, log_baseline=False)
+    trainer, _ = fit(tmp_path, [monitor], max_epochs=3)
     events = read_events(trainer.logger.log_dir)
-    assert [i.step for i in events.Images("receptive_field/conv2")] == [8, 16]
-    assert not any(tag.startswith("receptive_field/conv1") for tag in events.Tags()["images"])
+    assert [i.step for i in events.Images("receptive_field/00_conv2")] == [7, 11]  # epochs 2 and 3 (the last)
+    assert not any("conv1" in t for t in events.Tags()["images"])
 
 
 def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
@@ -98,8 +107,7 @@ def test_no_logger_is_an_error_at_setup(tmp_path):
 
 def test_unknown_layers_are_named_with_the_valid_ones(tmp_path):
     with pytest.raises(
-        MisconfigurationException,
-        match=r"layers=\['conv9'\]\): no module named conv9 in TinyCNN\. Available .*conv1, pool, conv2",
+        MisconfigurationException, match=r"layers=\['conv9'\]\) on TinyCNN: .*'conv9'.*Layers that have maps: conv1, bn, pool"
     ):
         fit(tmp_path, [ReceptiveFieldMonitor(layers=["conv9"])])
 
@@ -108,34 +116,36 @@ def test_unknown_layers_are_named_with_the_valid_ones(tmp_path):
     ("kwargs", "message"),
     [
         ({"every_n_epochs": 0}, r"every_n_epochs=0\): must be an int >= 1"),
-        ({"unit": "middle"}, r"unit='middle'\): choose 'center', 'max' or a unit position"),
-        ({"probes": torch.rand(3, 12, 12)}, r"probes=tensor of shape \(3, 12, 12\)\): probes must be \(N, C, H, W\)"),
-        ({"probes": "all"}, r"give a tensor \(N, C, H, W\), validation-dataset indices, or None"),
+        ({"unit": "middle"}, r"unit='middle': choose 'center' \(or 'centre'\), 'max' or a unit position"),
+        ({"probes": torch.rand(12, 12)}, r"probes must be a tensor \(N, C, H, W\).*got a tensor of shape \(12, 12\)"),
+        ({"probes": "all"}, r"got a str\. HINT: give a torch.Tensor"),
+        ({"probes": np.zeros((2, 1, 12, 12))}, r"got a ndarray of shape \(2, 1, 12, 12\)\. HINT"),
         ({"threshold": 0}, r"need 0 < threshold < 1"),
+        ({"channel": -1}, r"channel=-1: None \(sum over channels\) or an int >= 0"),
     ],
 )
 def test_bad_arguments_fail_at_once(kwargs, message):
-    with pytest.raises(MisconfigurationException, match=message):
+    with pytest.raises(MisconfigurationException, match=message) as raised:
         ReceptiveFieldMonitor(**kwargs)
+    assert len(str(raised.value)) < 400  # never the whole array
 
 
 def test_without_tensorboard_images_are_png_files_with_one_warning(tmp_path):
     logger = CSVLogger(tmp_path, name="csv")
     with pytest.warns(UserWarning, match="no TensorBoardLogger among the loggers \\(CSVLogger\\)") as caught:
-        trainer, _ = fit(tmp_path, [ReceptiveFieldMonitor()], logger=logger, max_epochs=1)
+        trainer, _ = fit(tmp_path, [ReceptiveFieldMonitor(layers=["conv2"])], logger=logger, max_epochs=1)
     assert sum("TensorBoardLogger" in str(w.message) for w in caught) == 1
     folder = Path(trainer.log_dir) / "receptive_field"
-    assert sorted(p.name for p in (folder / "conv2").iterdir()) == ["step_00000000.png", "step_00000004.png"]
-    assert (folder / "table.md").read_text().startswith("| layer |")
-    metrics = (Path(trainer.log_dir) / "metrics.csv").read_text()
-    assert "receptive_field/conv2/erf_size" in metrics
+    assert sorted(p.name for p in (folder / "00_conv2").iterdir()) == ["step_00000000.png", "step_00000003.png"]
+    assert (folder / "table" / "step_00000000.md").read_text().startswith("| layer |")
+    assert "receptive_field/00_conv2/erf_size" in (folder.parent / "scalars.csv").read_text()
 
 
 def test_a_failure_while_rendering_warns_and_training_goes_on(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("renderer exploded")
 
-    monkeypatch.setattr(rf_callback.callback, "probe_grid", broken)
+    monkeypatch.setattr(rf_callback.monitor, "probe_grid", broken)
     with pytest.warns(
         UserWarning, match=r"could not log the receptive maps at step 0; training goes on(.|\n)*renderer exploded"
     ):
@@ -145,35 +155,36 @@ def test_a_failure_while_rendering_warns_and_training_goes_on(tmp_path, monkeypa
         fit(tmp_path / "strict", [ReceptiveFieldMonitor(strict=True)], max_epochs=1)
 
 
-def test_resume_keeps_the_same_probes(tmp_path):
+def test_resume_keeps_the_same_probes_whatever_the_options(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     first = ReceptiveFieldMonitor(probes=[5, 2, 9])
     fit(tmp_path, [first, checkpoint], max_epochs=1)
-    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"][first.state_key]
-    assert torch.equal(state["probes"], first.probes) and state["indices"] == [5, 2, 9]
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["callbacks"][first.state_key]
+    assert torch.equal(state["probes"], first.probes.images) and state["indices"] == (5, 2, 9)
     assert state["model_class"] == "tests.lightning_helpers.TinyCNN"
 
-    resumed = ReceptiveFieldMonitor(probes=[0, 1])  # the checkpoint's probes win over new arguments
+    # new probes, layers, unit and channel: the checkpoint's probes still win
+    resumed = ReceptiveFieldMonitor(probes=[0, 1], layers=["conv1"], unit="max", channel=1)
     seed_everything(0)
     trainer = trainer_for(tmp_path / "resumed", [resumed])
     trainer.fit(TinyCNN(), *loaders(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
-    assert torch.equal(resumed.probes, first.probes)
+    assert torch.equal(resumed.probes.images, first.probes.images)
     events = read_events(trainer.logger.log_dir)
-    assert [i.step for i in events.Images("receptive_field/conv2")] == [8]  # no second baseline
+    assert [i.step for i in events.Images("receptive_field/00_conv1")] == [7]  # no second baseline
 
 
 def test_trainer_validate_logs_maps(tmp_path):
     trainer = trainer_for(tmp_path, [ReceptiveFieldMonitor(probes=torch.rand(2, 1, 12, 12))])
     trainer.validate(TinyCNN(), loaders()[1])
     events = read_events(trainer.logger.log_dir)
-    assert [i.step for i in events.Images("receptive_field/conv1")] == [0]
+    assert [i.step for i in events.Images("receptive_field/00_bn")] == [0]
 
 
 def test_bf16_mixed_precision(tmp_path):
     trainer, _ = fit(tmp_path, [ReceptiveFieldMonitor()], max_epochs=1, precision="bf16-mixed")
     events = read_events(trainer.logger.log_dir)
-    assert len(events.Images("receptive_field/conv2")) == 2
-    assert all(s.value > 0 for s in events.Scalars("receptive_field/conv2/erf_size"))
+    assert len(events.Images("receptive_field/01_conv2")) == 2
+    assert all(s.value > 0 for s in events.Scalars("receptive_field/01_conv2/erf_size"))
 
 
 @pytest.mark.timeout(240)
@@ -191,5 +202,5 @@ def test_ddp_two_cpu_processes_log_from_rank_zero_only(tmp_path):
     assert report["world_size"] == 2
     events = read_events(report["log_dir"])
     steps = report["steps_per_epoch"]
-    assert [i.step for i in events.Images("receptive_field/conv2")] == [0, steps, 2 * steps]
+    assert [i.step for i in events.Images("receptive_field/00_conv2")] == [0, steps - 1, 2 * steps - 1]
     assert sorted(p.name for p in Path(report["log_dir"]).parent.iterdir()) == ["version_0"]

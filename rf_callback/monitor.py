@@ -1,0 +1,237 @@
+"""ProbeMonitor: receptive maps of fixed probes over training, computed, drawn and written with no framework.
+
+The Lightning callback (:class:`~rf_callback.ReceptiveFieldMonitor`) is thin glue over this class; a
+plain PyTorch loop or Lightning Fabric uses it directly with a ``SummaryWriter``::
+
+    from torch.utils.tensorboard import SummaryWriter
+    from rf_callback import ProbeMonitor
+
+    writer = SummaryWriter("runs/my_cnn")
+    monitor = ProbeMonitor(model, probes)        # checks everything now: layers, unit, channel, probes
+    monitor.log_table(writer)                     # the receptive-field table, once
+    for epoch in range(epochs):
+        train_one_epoch(model)
+        monitor.log(writer, step=epoch)           # maps, boxes and ERF statistics of this epoch
+
+It never changes training: see :func:`~rf_callback.receptive_maps` for what is left as found. Compiled
+submodules (``torch.compile``) are run eagerly while it works, so their compiled code is neither
+retraced nor changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rf_callback.errors import TraceError
+from rf_callback.fields import ReceptiveFieldTable, receptive_fields, unwrap_model
+from rf_callback.probes import Probes, as_probes
+from rf_callback.render import probe_grid, summary_figure
+from rf_callback.report import format_rows
+from rf_callback.saliency import (
+    LUO_THRESHOLD,
+    ReceptiveMaps,
+    Unit,
+    check_channel,
+    check_unit,
+    receptive_maps,
+    resolve_layers,
+)
+
+__all__ = ["STATISTICS", "TAG", "ProbeMonitor", "eager"]
+
+TAG = "receptive_field"
+"""Every tag starts with this: images ``receptive_field/<k>_<layer>``, scalars ``.../<statistic>``."""
+
+STATISTICS = {
+    "erf_size": ("size", "ERF size: side (input px) of a square with the area of the pixels above 4.55% of the peak."),
+    "erf_size_fraction": ("size_fraction", "ERF size divided by the side of the analytic receptive field."),
+    "erf_mass_side": ("mass_side", "Side (input px) of the square around the unit's centre holding 95% of the map."),
+    "erf_mass_fraction": ("mass_fraction", "ERF mass side divided by the side of the analytic receptive field."),
+    "dead_fraction": ("dead_fraction", "Share of probes whose unit has an all-zero map (logged only when nonzero)."),
+}
+"""Scalar name -> (:meth:`ERFStats.mean` key, one-sentence description)."""
+
+
+@contextlib.contextmanager
+def eager() -> Iterator[None]:
+    """Run ``torch.compile``'d modules eagerly inside, without compiling, retracing or touching their caches."""
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
+class ProbeMonitor:
+    """Receptive maps of fixed probes at chosen layers, logged at any step to any destination.
+
+    Everything that can be wrong is checked here, at construction: the probes, the layers (one per
+    resolution stage by default), the unit and the channel against every layer's output.
+
+    Args:
+        model: the network; ``model(probes)`` must run.
+        probes: a tensor ``(N, C, H, W)`` or :class:`~rf_callback.probes.Probes` (with captions).
+        layers: ``None`` (one layer per resolution stage), ``"all"``, or layer keys of the table.
+        unit: ``"center"``, ``"max"`` or an output position ``(i, j)`` (checked against every layer).
+        channel: ``None`` sums the unit over channels; an int follows one channel.
+        threshold: fraction of a map's peak for the ERF pixel count (Luo et al.'s 1 - 95.45%).
+        mass: fraction of the saliency the ERF mass square must hold.
+
+    Raises:
+        ValueError: for a bad argument, unknown layers (listed with the valid ones), a unit or
+            channel outside a layer's output, probes the model cannot take.
+        TypeError: for probes that are not a tensor.
+
+    Example::
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1))
+        >>> monitor = ProbeMonitor(net, torch.rand(2, 1, 16, 16))
+        >>> monitor.layers, monitor.tags["2"]
+        (['0', '2'], 'receptive_field/01_2')
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        probes: Tensor | Probes,
+        layers: str | Sequence[str] | None = None,
+        *,
+        unit: Unit | str = "center",
+        channel: int | None = None,
+        threshold: float = LUO_THRESHOLD,
+        mass: float = 0.95,
+    ) -> None:
+        self.unit = check_unit(unit)
+        self.channel = check_channel(channel)
+        if not 0 < threshold < 1 or not 0 < mass <= 1:
+            raise ValueError(f"threshold={threshold}, mass={mass}: need 0 < threshold < 1 and 0 < mass <= 1.")
+        self.threshold, self.mass = threshold, mass
+        self.model = model
+        self.probes = as_probes(probes)
+        self.table = self._trace()
+        self.layers = resolve_layers(self.table, layers)
+        self._check_units_and_channels()
+        self.tags = {layer: layer_tag(index, layer) for index, layer in enumerate(self.layers)}
+
+    def _trace(self) -> ReceptiveFieldTable:
+        shape = tuple(self.probes.images.shape[1:])
+        try:
+            with eager():
+                return receptive_fields(self.model, shape, strict=False)
+        except TraceError as error:
+            hint = _channel_hint(self.model, shape)
+            raise ValueError(f"probes of shape {tuple(self.probes.images.shape)}: {hint}{error}") from error
+
+    def _check_units_and_channels(self) -> None:
+        for layer in self.layers:
+            row = self.table[layer]
+            if isinstance(self.unit, tuple) and not all(0 <= i < n for i, n in zip(self.unit, row.output_shape)):
+                raise ValueError(
+                    f"unit={self.unit}: layer '{layer}' has an output of {'x'.join(map(str, row.output_shape))}"
+                    f" positions. HINT: choose 'center', 'max', or a position inside every monitored layer."
+                )
+            channels = row.tensor_shape[1]
+            if self.channel is not None and self.channel >= channels:
+                raise ValueError(
+                    f"channel={self.channel}: layer '{layer}' has {channels} channels. HINT: channel=None sums"
+                    " over channels, or monitor layers that have that channel."
+                )
+
+    def compute(self) -> ReceptiveMaps:
+        """The receptive maps of the probes at the monitored layers, for the model as it is now."""
+        with eager():
+            return receptive_maps(
+                self.model,
+                self.probes.images,
+                self.layers,
+                unit=self.unit,
+                channel=self.channel,
+                threshold=self.threshold,
+                mass=self.mass,
+                fields=self.table,
+            )
+
+    def images(self, result: ReceptiveMaps) -> dict[str, Tensor]:
+        """One uint8 image ``(3, H, W)`` per layer tag: every probe with its heatmap, box and unit centre."""
+        images = self.probes.images
+        scale = max(1, round(112 / max(images.shape[2:])))
+        return {
+            self.tags[layer]: probe_grid(
+                images, result.maps[:, k], result.boxes[:, k], result.centers[:, k], scale=scale
+            )
+            for k, layer in enumerate(result.layers)
+        }
+
+    def scalars(self, result: ReceptiveMaps) -> dict[str, float]:
+        """The ERF statistics, averaged over the probes, by tag (``dead_fraction`` only where nonzero)."""
+        means = result.erf.mean()
+        values = {}
+        for k, layer in enumerate(result.layers):
+            for name, (key, _) in STATISTICS.items():
+                value = float(means[key][k])
+                if name != "dead_fraction" or value > 0:
+                    values[f"{self.tags[layer]}/{name}"] = value
+        return values
+
+    def log(self, destinations: Any, step: int) -> ReceptiveMaps:
+        """Compute, draw and write this step's maps and statistics to each destination; return the maps.
+
+        ``destinations``: a ``SummaryWriter``, a destination of :mod:`rf_callback.destinations`, or a list.
+        """
+        result = self.compute()
+        images, scalars = self.images(result), self.scalars(result)
+        for destination in as_destinations(destinations):
+            for tag, image in images.items():
+                destination.add_image(tag, image, step)
+            destination.add_scalars(scalars, step)
+            destination.flush()
+        return result
+
+    def table_markdown(self, monitored_only: bool = True) -> str:
+        """The receptive-field table as Markdown: the monitored layers, or every row."""
+        rows = [self.table[layer] for layer in self.layers] if monitored_only else list(self.table.values())
+        return format_rows([row.to_record() for row in rows], markdown=True)
+
+    def log_table(self, destinations: Any, step: int = 0) -> None:
+        """Write the table of the monitored layers, the full table and a chart of RF size and stride, once."""
+        records = [self.table[layer].to_record() for layer in self.layers]
+        for destination in as_destinations(destinations):
+            destination.add_text(f"{TAG}/table", self.table_markdown(), step)
+            destination.add_text(f"{TAG}/table_all_layers", self.table_markdown(monitored_only=False), step)
+            destination.add_figure(f"{TAG}/summary", summary_figure(records), step)
+            destination.flush()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to look through the very same probes."""
+        probes = self.probes
+        return {"probes": probes.images, "labels": probes.labels, "indices": probes.indices}
+
+
+def layer_tag(index: int, layer: str) -> str:
+    """The tag of the ``index``-th monitored layer: a zero-padded index first, so tags sort in network order.
+
+    Example::
+        >>> layer_tag(0, "layer1.0.relu[2]")
+        'receptive_field/00_layer1.0.relu[2]'
+    """
+    return f"{TAG}/{index:02d}_{layer}"
+
+
+def _channel_hint(model: nn.Module, shape: tuple[int, ...]) -> str:
+    """A sentence naming the channels the model's first convolution or linear layer takes, when it disagrees."""
+    first = next(
+        (m for m in unwrap_model(model).modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))), None
+    )
+    wanted = getattr(first, "in_channels", None)
+    if wanted is not None and wanted != shape[0]:
+        return f"the model's first convolution takes {wanted} channels, the probes have {shape[0]}. "
+    return ""
+
+
+def as_destinations(value: Any) -> list[Any]:
+    """``value`` as a list of destinations; a ``SummaryWriter`` becomes a TensorBoard destination."""
+    from rf_callback.destinations import TensorBoardDestination
+
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    return [TensorBoardDestination(item) if hasattr(item, "add_scalar") else item for item in items]
