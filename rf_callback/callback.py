@@ -91,11 +91,19 @@ class ReceptiveFieldMonitor(Callback):
             given = as_probes(probes) if isinstance(probes, Tensor) else None
         except (TypeError, ValueError) as error:
             raise MisconfigurationException(f"{name}: {error}") from None
-        if probes is not None and given is None and (
-            isinstance(probes, str) or not isinstance(probes, Sequence) or not probes
-            or not all(isinstance(i, int) and not isinstance(i, bool) for i in probes)
+        if (
+            probes is not None
+            and given is None
+            and (
+                isinstance(probes, str)
+                or not isinstance(probes, Sequence)
+                or not probes
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in probes)
+            )
         ):
-            found = f"a {type(probes).__name__}" + (f" of shape {tuple(probes.shape)}" if hasattr(probes, "shape") else "")
+            found = f"a {type(probes).__name__}" + (
+                f" of shape {tuple(probes.shape)}" if hasattr(probes, "shape") else ""
+            )
             raise MisconfigurationException(
                 f"{name}(probes=...): got {found}. HINT: give a torch.Tensor (N, C, H, W), validation-dataset indices"
                 " (a list of ints), or None."
@@ -155,7 +163,9 @@ class ReceptiveFieldMonitor(Callback):
                     threshold=self.threshold, mass=self.mass,
                 )  # fmt: skip
         except (TypeError, ValueError) as error:
-            raise MisconfigurationException(f"{name}(layers={self.layers!r}) on {type(pl_module).__name__}: {error}") from None
+            raise MisconfigurationException(
+                f"{name}(layers={self.layers!r}) on {type(pl_module).__name__}: {error}"
+            ) from None
         self._destinations = self._find_destinations(trainer) if trainer.is_global_zero else []
         if trainer.is_global_zero:
             rank_zero_info(
@@ -179,7 +189,9 @@ class ReceptiveFieldMonitor(Callback):
 
     def _find_destinations(self, trainer: Trainer) -> list[Any]:
         destinations: list[Any] = [
-            TensorBoardDestination(logger.experiment) for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)
+            TensorBoardDestination(logger.experiment)
+            for logger in trainer.loggers
+            if isinstance(logger, TensorBoardLogger)
         ]
         if not destinations:
             folder = Path(trainer.log_dir or trainer.default_root_dir)
@@ -191,7 +203,9 @@ class ReceptiveFieldMonitor(Callback):
                     f" ({error}). HINT: add a TensorBoardLogger, or make the log directory writable."
                 ) from None
             kinds = ", ".join(type(logger).__name__ for logger in trainer.loggers)
-            rank_zero_warn(f"{type(self).__name__}: no TensorBoardLogger among the loggers ({kinds}); images go as PNG files under {folder / TAG}.")
+            rank_zero_warn(
+                f"{type(self).__name__}: no TensorBoardLogger among the loggers ({kinds}); images go as PNG files under {folder / TAG}."
+            )
         return destinations
 
     # ---- when ---------------------------------------------------------------------------------------------

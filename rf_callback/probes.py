@@ -47,8 +47,10 @@ class Probes:
 
     def __post_init__(self) -> None:
         if not isinstance(self.images, Tensor) or self.images.dim() < 3 or len(self.images) == 0:
-            found = f"a tensor of shape {tuple(self.images.shape)}" if isinstance(self.images, Tensor) else (
-                f"a {type(self.images).__name__}"
+            found = (
+                f"a tensor of shape {tuple(self.images.shape)}"
+                if isinstance(self.images, Tensor)
+                else (f"a {type(self.images).__name__}")
             )
             raise ValueError(
                 f"probes must be a tensor (N, C, H, W) with N >= 1 ((N, C, L) or (N, C, D, H, W) for 1-D or 3-D"
@@ -238,8 +240,10 @@ def probes_from_dataset(dataset: Dataset, num_probes: int = 10, indices: Sequenc
     captions = None
     if any(label is not None for label in labels):
         captions = tuple(
-            "" if label is None
-            else names[label] if names is not None and isinstance(label, int) and 0 <= label < len(names)
+            ""
+            if label is None
+            else names[label]
+            if names is not None and isinstance(label, int) and 0 <= label < len(names)
             else str(label)
             for label in labels
         )

@@ -58,12 +58,53 @@ def test_unsupported_layers_are_flagged_in_the_table(capsys):
     ("model", "message"),
     [
         ("torchvision.models.nope", "module 'torchvision.models' has no attribute 'nope'"),
-        ("no_such_package.Model", "cannot import module 'no_such_package'"),
+        ("no_such_package.Model", "cannot import 'no_such_package.Model': No module named"),
         ("json.decoder", "is not a model class or factory"),
-        ("collections.OrderedDict", "returned a OrderedDict, not a torch.nn.Module"),
+        ("collections.OrderedDict", "is not a model class or factory"),
+        ("torch.nn.Conv2d", "cannot build 'torch.nn.Conv2d' with no arguments: TypeError"),
+        ("math.sqrt", "cannot build 'math.sqrt' with no arguments"),
+        ("builtins.dict", "is not a model class or factory"),
     ],
 )
 def test_bad_models_fail_with_one_line(capsys, model, message):
     assert main(["table", model, "--input-shape", "3", "32", "32"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["torchvision.models.resnet18", "--input-shape", "3"], "--input-shape 3: give C H W"),
+        (["torchvision.models.resnet18", "--input-shape", "1", "3", "32", "32", "8"], "give C H W"),
+        (["torchvision.models.resnet18", "--input-shape", "1", "32", "32"], "Could not run ResNet.forward"),
+        (["torchvision.models.resnet18", "--input-shape", "3", "32", "32", "--kwargs", "oops"], "write key=value"),
+    ],
+)
+def test_bad_shapes_and_arguments_fail_with_one_line(capsys, argv, message):
+    assert main(["table", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_factory_keyword_arguments_and_row_filters(capsys):
+    argv = ["table", "torchvision.models.resnet18", "--input-shape", "3", "64", "64", "--kwargs", "num_classes=7"]
+    assert main([*argv, "--types", "Conv2d"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert rows and all(" Conv2d " in row for row in rows)
+    assert main([*argv, "--layers", "layer4*"]) == 0
+    out = capsys.readouterr().out
+    assert "layer4.1.conv2" in out and "layer3" not in out and "BatchNorm2d" not in out  # elementwise rows hidden
+    assert main([*argv, "--layers", "layer4*", "--all"]) == 0
+    assert "BatchNorm2d" in capsys.readouterr().out
+
+
+def test_a_model_next_to_the_working_directory_is_importable(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mynet.py").write_text(
+        "from torch import nn\n\nclass Net(nn.Sequential):\n"
+        "    def __init__(self):\n        super().__init__(nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert main(["table", "mynet.Net", "--input-shape", "1", "16", "16"]) == 0
+    assert "Conv2d" in capsys.readouterr().out

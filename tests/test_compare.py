@@ -19,8 +19,8 @@ from torch import nn
 
 from rf_callback import ReceptiveFieldMonitor, receptive_maps
 from rf_callback.cli import main
-from rf_callback.compare import CompareError, compare_checkpoints, fashion_mnist_probes
-from rf_callback.demos.fashion_mnist import DEBIAN_PACKAGE_DIR
+from rf_callback.compare import compare_checkpoints
+from rf_callback.errors import CompareError
 from rf_callback.render import probe_grid
 from tests.lightning_helpers import TinyCNN, loaders, read_events
 
@@ -67,14 +67,14 @@ class FlatNet(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def train(folder: Path, model: LightningModule, epochs: int) -> list[Path]:
+def train(folder: Path, model: LightningModule, epochs: int, layers=LAYERS) -> list[Path]:
     """Fit with a ReceptiveFieldMonitor and keep a checkpoint after every epoch."""
     seed_everything(0)
     trainer = Trainer(
         default_root_dir=folder,
         max_epochs=epochs,
         logger=TensorBoardLogger(folder, name="run"),
-        callbacks=[ReceptiveFieldMonitor(), ModelCheckpoint(folder / "ckpt", save_top_k=-1, every_n_epochs=1)],
+        callbacks=[ReceptiveFieldMonitor(layers), ModelCheckpoint(folder / "ckpt", save_top_k=-1, every_n_epochs=1)],
         enable_progress_bar=False,
         enable_model_summary=False,
         accelerator="cpu",
@@ -87,7 +87,7 @@ def train(folder: Path, model: LightningModule, epochs: int) -> list[Path]:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     tiny = train(root / "tiny", TinyCNN(), epochs=2)
-    wide = train(root / "wide", WideCNN(), epochs=1)
+    wide = train(root / "wide", WideCNN(), epochs=1, layers=[*LAYERS, "conv3"])
     trainer = Trainer(
         max_steps=1,
         limit_val_batches=0,
@@ -194,12 +194,12 @@ def test_tensorboard_run_has_one_step_per_checkpoint(runs, tmp_path):
     events = read_events(board)
     rows = read_csv(out / "erf.csv")
     for index, layer in enumerate(LAYERS):
-        images = events.Images(f"receptive_field/{layer}")
+        images = events.Images(f"receptive_field/{index:02d}_{layer}")
         assert [image.step for image in images] == [0, 1]
         picture = Image.open(io.BytesIO(images[0].encoded_image_string))
-        assert picture.size == (images[0].width, images[0].height) == (4 * 86 + 2, 86 + 2)  # 12 px at 7x
+        assert picture.size == (images[0].width, images[0].height)
         for tag in STATS:
-            scalars = events.Scalars(f"receptive_field/{layer}/{tag}")
+            scalars = events.Scalars(f"receptive_field/{index:02d}_{layer}/{tag}")
             assert [s.step for s in scalars] == [0, 1]
             csv_values = [float(rows[2 * index + k][tag]) for k in (0, 1)]
             assert [s.value for s in scalars] == pytest.approx(csv_values, rel=1e-6)
@@ -238,23 +238,11 @@ def test_probes_from_a_file(runs, tmp_path, capsys):
     assert f"3 probes (from {tmp_path / 'probes.pt'})" in capsys.readouterr().out
 
 
-def test_without_stored_probes_fashion_mnist_is_read_offline_or_named(runs, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # where ../shared/data/FashionMNIST/raw does not exist
-    if DEBIAN_PACKAGE_DIR.is_dir():
-        pytest.skip(f"{DEBIAN_PACKAGE_DIR} holds Fashion-MNIST here")
-    with pytest.raises(
-        CompareError, match=r"the Fashion-MNIST probes cannot be read \(FashionMNISTNotFoundError: .*HINT:"
-    ):
-        compare_checkpoints([runs["tiny"][0]], probes="fashion-mnist")
-    with pytest.raises(CompareError, match=r"^flat holds no ReceptiveFieldMonitor probes, and the Fashion-MNIST"):
+def test_without_stored_probes_the_error_says_how_to_give_them(runs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CompareError, match=r"^flat holds no ReceptiveFieldMonitor probes.*HINT: --probes FILE"):
         compare_checkpoints([runs["flat"]], model_class=FlatNet)
     assert list(tmp_path.iterdir()) == []
-
-
-def test_fashion_mnist_probes_are_the_first_validation_image_of_each_class(tmp_path):
-    shared = Path(__file__).parents[2] / "shared" / "data" / "FashionMNIST" / "raw"  # the documented copy
-    probes = fashion_mnist_probes(tmp_path / "data", [str(shared)])
-    assert probes.shape == (10, 1, 28, 28)
 
 
 def bad_inputs(runs, tmp_path):
@@ -281,7 +269,7 @@ def bad_inputs(runs, tmp_path):
         ("text", [text], "notes.ckpt: cannot be read as a checkpoint"),
         ("state dict", [weights], "weights.pt: not a Lightning checkpoint: it holds a dict with keys conv1.weight"),
         ("class gone", [renamed], "its model class 'no_such_package.models.Net' cannot be imported"),
-        ("--model gone", [first, "--model", "no_such_package:Net"], "cannot import module 'no_such_package'"),
+        ("--model gone", [first, "--model", "no_such_package:Net"], "cannot import 'no_such_package:Net'"),
         (
             "wrong --model",
             [first, "--model", "tests.test_compare:FlatNet"],
