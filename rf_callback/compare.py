@@ -26,7 +26,7 @@ from rf_callback.checkpoints import Checkpoint, checkpoint_labels, load_checkpoi
 from rf_callback.errors import CompareError, TraceError
 from rf_callback.fields import ReceptiveFieldTable, receptive_fields
 from rf_callback.monitor import STATISTICS
-from rf_callback.report import pair
+from rf_callback.report import format_table, pair
 from rf_callback.saliency import ReceptiveMaps, Unit, check_channel, check_unit, default_layers, receptive_maps
 
 __all__ = ["Comparison", "compare_checkpoints"]
@@ -134,14 +134,7 @@ class Comparison:
             ]
             for r in self.records()
         ]
-        if markdown:
-            lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(row) + " |" for row in rows]
-        else:
-            widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-            lines = [
-                "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]
-            ]
+        lines = [format_table(header, rows, markdown)]
         if self.missing:
             bullet = "* " if markdown else "  "
             lines += ["", "Layers not compared (not in every checkpoint):", *(bullet + note for note in self.notes)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["format_rows", "pair"]
+__all__ = ["format_rows", "format_table", "pair"]
 
 COLUMNS = ("layer", "type", "output", "RF size", "stride", "padding")
 
@@ -38,15 +38,25 @@ def format_rows(records: Iterable[Mapping[str, Any]], markdown: bool = False) ->
         conv1  Conv2d  14x14   3        2       1
     """
     records = list(records)
-    rows = [list(COLUMNS)] + [_cells(record) for record in records]
     notes = [f"{r['name']}: {r['unsupported']}" for r in records if "unsupported" in r]
-    if markdown:
-        lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(COLUMNS)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
-        notes = [f"* {note}" for note in notes]
-    else:
-        widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    text = format_table(COLUMNS, [_cells(record) for record in records], markdown)
     if notes:
-        lines += ["", "Unsupported:", *notes]
-    return "\n".join(lines)
+        text += "\n\nUnsupported:\n" + "\n".join(f"* {note}" if markdown else note for note in notes)
+    return text
+
+
+def format_table(header: Sequence[str], rows: Iterable[Sequence[str]], markdown: bool = False) -> str:
+    """Cells aligned in columns for a terminal, or a Markdown table.
+
+    Example::
+        >>> print(format_table(["a", "bb"], [["1", "2"]], markdown=True))
+        | a | bb |
+        |---|---|
+        | 1 | 2 |
+    """
+    rows = [list(header), *map(list, rows)]
+    if markdown:
+        lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows[1:]])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
