@@ -22,6 +22,7 @@ from torch import nn
 
 from rf_callback.algebra import Field, MisalignedBranchesError
 from rf_callback.errors import TraceError, UnsupportedLayerError
+from rf_callback.report import format_rows
 from rf_callback.tracing import PadInterceptor, Traced, Tracer, Unsupported, axis_length, flat_tensors
 
 __all__ = [
@@ -216,7 +217,10 @@ class ReceptiveFieldTable(Mapping[str, LayerRF]):
                 raise KeyError(f"'{name}' is called {self.reused[name]} times in one forward; use {calls}.") from None
             close = difflib.get_close_matches(name, self._rows, n=5)
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
-            raise KeyError(f"No module output named '{name}' has a receptive field.{hint}") from None
+            shown = ", ".join(list(self._rows)[:40]) + (", ..." if len(self) > 40 else "")
+            raise KeyError(
+                f"No module output named '{name}' has a receptive field.{hint} Layers: {shown or 'none'}."
+            ) from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._rows)
@@ -226,6 +230,36 @@ class ReceptiveFieldTable(Mapping[str, LayerRF]):
 
     def __repr__(self) -> str:
         return f"ReceptiveFieldTable({len(self)} layers, input_shape={self.input_shape})"
+
+    def __str__(self) -> str:
+        """The table aligned for a terminal: ``print(table)``."""
+        return format_rows(row.to_record() for row in self.values())
+
+    def to_markdown(self) -> str:
+        """The table as Markdown (for notebooks, READMEs and TensorBoard's Text tab)."""
+        return format_rows((row.to_record() for row in self.values()), markdown=True)
+
+    def filter(
+        self, *, types: str | Sequence[str] | None = None, layers: Sequence[str] | None = None
+    ) -> ReceptiveFieldTable:
+        """The rows of some module types (``"Conv2d"``, ``["Conv2d", "MaxPool2d"]``) and/or some layer keys.
+
+        Example::
+            >>> from torch import nn
+            >>> table = receptive_fields(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2)), (1, 8, 8))
+            >>> print(table.filter(types=["Conv2d", "MaxPool2d"]))
+            layer  type       output  RF size  stride  padding
+            0      Conv2d     6x6     3        1       0
+            2      MaxPool2d  3x3     4        2       0
+        """
+        kinds = {types} if isinstance(types, str) else set(types) if types is not None else None
+        keys = set(layers) if layers is not None else None
+        rows = [
+            row
+            for key, row in self._rows.items()
+            if (kinds is None or row.module_type in kinds) and (keys is None or key in keys)
+        ]
+        return ReceptiveFieldTable(rows, self.input_shape, self.reused)
 
     @property
     def unsupported(self) -> list[LayerRF]:

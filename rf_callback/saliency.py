@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from rf_callback.fields import LayerKey, LayerRF, ReceptiveFieldTable, receptive_fields, unwrap_model
+from rf_callback.report import format_table
 
 __all__ = [
     "ERFStats",
@@ -75,7 +76,11 @@ class ERFStats:
     mass: float
 
     def mean(self) -> dict[str, Tensor]:
-        """Each statistic averaged over the probes whose unit is alive, shape (L,); 0 where all are dead."""
+        """Each statistic averaged over the probes whose unit is alive, shape (L,); 0 where all are dead.
+
+        Keys: ``count``, ``size``, ``mass_side``, ``rf_side``, ``size_fraction``, ``mass_fraction`` (the
+        attributes above) and ``dead_fraction`` (the share of probes whose map is all zero).
+        """
         alive = (~self.dead).to(self.size.dtype)
         counted = alive.sum(0)
         result = {}
@@ -107,6 +112,27 @@ class ReceptiveMaps:
     boxes: Tensor
     centers: Tensor
     erf: ERFStats
+
+    def summary(self) -> str:
+        """Per layer, the ERF statistics averaged over the probes, as an aligned table (``print(maps.summary())``).
+
+        Columns: ``ERF size`` (side of a square with the area of the pixels above the threshold, input
+        px), ``ERF/RF`` (that over the side of the analytic box), ``mass side`` (the square around the
+        unit's centre holding ``mass`` of the saliency), ``mass/RF``, ``dead`` (probes with an all-zero map).
+        """
+        means = self.erf.mean()
+        rows = [
+            [
+                layer,
+                f"{means['size'][k]:.1f}",
+                f"{means['size_fraction'][k]:.2f}",
+                f"{means['mass_side'][k]:.1f}",
+                f"{means['mass_fraction'][k]:.2f}",
+                f"{means['dead_fraction'][k]:.0%}",
+            ]
+            for k, layer in enumerate(self.layers)
+        ]
+        return format_table(["layer", "ERF size", "ERF/RF", "mass side", "mass/RF", "dead"], rows)
 
 
 def check_unit(unit: object) -> Unit:
