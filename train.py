@@ -8,19 +8,21 @@ Usage::
     python train.py --help
 
 ``configs/default.yaml`` is always read first; ``--config`` files and flags override it. Logs go to
-TensorBoard under ``lightning_logs/<name>/version_<n>``, with the checkpoint and the configuration used.
+TensorBoard under ``lightning_logs/<name>/version_<n>``; ``tensorboard --logdir lightning_logs``
+shows every run side by side, named ``<name>/version_<n>``, with the checkpoint and the configuration used.
 """
 
 from __future__ import annotations
 
 import shlex
+import sys
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from rf_callback.demos.fashion_mnist import FashionMNISTDataModule
 from rf_callback.demos.cnns import FashionMNISTClassifier
+from rf_callback.demos.fashion_mnist import FashionMNISTDataModule, FashionMNISTNotFoundError, IdxFormatError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 
@@ -33,17 +35,21 @@ def main() -> None:
         run=False,
         parser_kwargs={"default_config_files": [str(DEFAULT_CONFIG)]},
     )
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    except (FashionMNISTNotFoundError, IdxFormatError) as error:
+        sys.exit(f"train.py: {error}")  # the message names the files and every place searched
     cli.trainer.test(cli.model, datamodule=cli.datamodule)
 
     checkpoint = cli.trainer.checkpoint_callback
     if checkpoint is not None and checkpoint.best_model_path:
         print(f"Checkpoint: {checkpoint.best_model_path}")
-    log_dirs = [logger.log_dir for logger in cli.trainer.loggers if isinstance(logger, TensorBoardLogger)]
-    for log_dir in log_dirs:
-        print(f"TensorBoard logs: {log_dir}")
-        print(f"View them with:   tensorboard --logdir {shlex.quote(log_dir)}")
-    if not log_dirs:
+    loggers = [logger for logger in cli.trainer.loggers if isinstance(logger, TensorBoardLogger)]
+    for logger in loggers:
+        print(f"TensorBoard logs: {logger.log_dir}")
+        # the root holds every run as <config name>/version_<n>, so runs compare side by side
+        print(f"View them with:   tensorboard --logdir {shlex.quote(str(logger.save_dir))}")
+    if not loggers:
         print("No TensorBoard logs were written: trainer.logger is off (fast_dev_run turns it off too).")
 
 
