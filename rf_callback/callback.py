@@ -25,7 +25,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from rf_callback.fields import ReceptiveFieldTable, receptive_fields
-from rf_callback.render import probe_grid, save_png, summary_figure
+from rf_callback.render import layer_grid, save_png, summary_figure
 from rf_callback.report import format_rows
 from rf_callback.saliency import LUO_THRESHOLD, SPATIAL_LAYERS, ReceptiveMaps, Unit, default_layers, receptive_maps
 
@@ -325,7 +325,7 @@ class ReceptiveFieldMonitor(Callback):
 
     def _write(self, trainer: Trainer, result: ReceptiveMaps, step: int) -> None:
         assert self.probes is not None
-        scale = self.scale or max(1, round(112 / max(self.probes.shape[2:])))
+        tile = self.scale * max(self.probes.shape[2:]) if self.scale else 128
         means = result.erf.mean()
         metrics = {
             f"{TAG}/{layer}/{tag}": float(means[key][index])
@@ -336,8 +336,8 @@ class ReceptiveFieldMonitor(Callback):
             logger.log_metrics(metrics, step=step)
         tensorboards = _tensorboards(trainer)
         for index, layer in enumerate(result.layers):
-            grid = probe_grid(
-                self.probes, result.maps[:, index], result.boxes[:, index], result.centers[:, index], scale=scale
+            grid = layer_grid(
+                self.probes, result.maps[:, index], result.boxes[:, index], result.centers[:, index], tile=tile
             )
             for logger in tensorboards:
                 logger.experiment.add_image(f"{TAG}/{layer}", grid, step, dataformats="CHW")

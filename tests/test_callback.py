@@ -51,7 +51,7 @@ def test_logs_table_maps_and_scalars_per_epoch(tmp_path):
         images = events.Images(f"receptive_field/{layer}")
         assert [image.step for image in images] == [0, steps_per_epoch, 2 * steps_per_epoch]  # baseline, 2 epochs
         picture = Image.open(io.BytesIO(images[-1].encoded_image_string))
-        assert picture.size == (images[-1].width, images[-1].height) == (4 * 110 + 2, 110 + 2)  # 12 px at 9x
+        assert picture.size == (images[-1].width, images[-1].height) == (4 * 122 + 2, 124 + 19)  # 12 px at 10x, legend
         assert sum(len(i.encoded_image_string) for i in images) < 3 * 1_000_000
 
     # The last maps were drawn from the final model: its scalars are what the library computes now.
@@ -135,7 +135,7 @@ def test_a_failure_while_rendering_warns_and_training_goes_on(tmp_path, monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("renderer exploded")
 
-    monkeypatch.setattr(rf_callback.callback, "probe_grid", broken)
+    monkeypatch.setattr(rf_callback.callback, "layer_grid", broken)
     with pytest.warns(
         UserWarning, match=r"could not log the receptive maps at step 0; training goes on(.|\n)*renderer exploded"
     ):

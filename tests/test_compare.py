@@ -19,9 +19,9 @@ from torch import nn
 
 from rf_callback import ReceptiveFieldMonitor, receptive_maps
 from rf_callback.cli import main
-from rf_callback.compare import CompareError, compare_checkpoints, fashion_mnist_probes
+from rf_callback.compare import PROBE_PIXELS, CompareError, compare_checkpoints, fashion_mnist_probes
 from rf_callback.data import DEBIAN_PACKAGE_DIR
-from rf_callback.render import probe_grid
+from rf_callback.render import layer_grid
 from tests.lightning_helpers import TinyCNN, loaders, read_events
 
 LAYERS = ["conv1", "pool", "conv2"]
@@ -169,7 +169,8 @@ def test_figure_holds_every_probe_grid_in_its_row_and_column(runs, tmp_path):
         probes = stored(path)["probes"]
         result = receptive_maps(model, probes, layers)
         for index, layer in enumerate(layers):
-            grid = probe_grid(probes, result.maps[:, index], result.boxes[:, index], result.centers[:, index], 5, 7)
+            maps, boxes, centers = result.maps[:, index], result.boxes[:, index], result.centers[:, index]
+            grid = layer_grid(probes, maps, boxes, centers, tile=PROBE_PIXELS, nrow=5)
             hits = find(figure, grid.permute(1, 2, 0).numpy())
             assert len(hits) == 1, (k, layer, hits)
             positions[k, index] = hits[0]
@@ -197,7 +198,7 @@ def test_tensorboard_run_has_one_step_per_checkpoint(runs, tmp_path):
         images = events.Images(f"receptive_field/{layer}")
         assert [image.step for image in images] == [0, 1]
         picture = Image.open(io.BytesIO(images[0].encoded_image_string))
-        assert picture.size == (images[0].width, images[0].height) == (4 * 86 + 2, 86 + 2)  # 12 px at 7x
+        assert picture.size == (images[0].width, images[0].height) == (4 * 86 + 2, 86 + 2 + 19)  # 12 px at 7x; legend
         for tag in STATS:
             scalars = events.Scalars(f"receptive_field/{layer}/{tag}")
             assert [s.step for s in scalars] == [0, 1]

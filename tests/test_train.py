@@ -34,7 +34,7 @@ def test_train_py_logs_table_maps_and_scalars(tmp_path):
     for layer in LAYERS:
         images = events.Images(f"receptive_field/{layer}")
         assert [image.step for image in images] == [0, 5]
-        assert (images[0].width, images[0].height) == (5 * 114 + 2, 2 * 114 + 2)  # 10 probes, 28 px at 4x
+        assert (images[0].width, images[0].height) == (5 * 114 + 2, 2 * 114 + 2 + 19)  # 10 probes, 28 px at 4x, legend
         sizes = events.Scalars(f"receptive_field/{layer}/erf_size")
         assert [s.step for s in sizes] == [0, 5] and all(s.value > 0 for s in sizes)
     assert "val_acc" in events.Tags()["scalars"]
