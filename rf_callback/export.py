@@ -22,7 +22,7 @@ from rf_callback.checkpoints import brief
 from rf_callback.compare import Comparison
 from rf_callback.errors import CompareError
 from rf_callback.monitor import STATISTICS, TAG, layer_tag
-from rf_callback.render import probe_grid
+from rf_callback.render import layer_grid
 from rf_callback.report import pair
 
 if TYPE_CHECKING:
@@ -103,11 +103,17 @@ def _stage(target: Path) -> Path:
 def _grids(comparison: Comparison) -> list[list[Tensor]]:
     """``grids[k][l]``: checkpoint k's probe grid at layer l (uint8 ``(3, H, W)``)."""
     probes = comparison.probes
-    scale = max(1, round(PROBE_PIXELS / max(probes.shape[2:])))
     nrow = min(len(probes), 5)
     return [
         [
-            probe_grid(probes, result.maps[:, index], result.boxes[:, index], result.centers[:, index], nrow, scale)
+            layer_grid(
+                probes,
+                result.maps[:, index],
+                result.boxes[:, index],
+                result.centers[:, index],
+                tile=PROBE_PIXELS,
+                nrow=nrow,
+            )
             for index in range(len(comparison.layers))
         ]
         for result in comparison.maps
@@ -188,7 +194,7 @@ def _picture(comparison: Comparison, grids: Sequence[Sequence[Tensor]]) -> Image
     label_w = int(max(font.getlength(text) for label in row_labels for text in label)) + 2 * gap
     col_w = cell_w + gap
     title = f"Receptive maps of {len(comparison.probes)} probes, {_unit_words(comparison)}"
-    legend = "heat: |d unit / d input|; cyan box: the unit's analytic receptive field; white dot: its centre"
+    legend = "heat: |d unit / d input|; cyan box: the unit's analytic receptive field; cyan ticks: its centre"
     width = max(label_w + len(grids) * col_w + gap, int(font.getlength(legend)) + 2 * gap)
     width = max(width, int(title_font.getlength(title)) + 2 * gap)
     top = gap + 2 * line + gap

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from rf_callback.errors import TraceError
 from rf_callback.fields import ReceptiveFieldTable, receptive_fields, unwrap_model
 from rf_callback.probes import Probes, as_probes
-from rf_callback.render import probe_grid, summary_figure
+from rf_callback.render import layer_grid, summary_figure
 from rf_callback.report import format_rows
 from rf_callback.saliency import (
     LUO_THRESHOLD,
@@ -78,6 +78,7 @@ class ProbeMonitor:
         channel: ``None`` sums the unit over channels; an int follows one channel.
         threshold: fraction of a map's peak for the ERF pixel count (Luo et al.'s 1 - 95.45%).
         mass: fraction of the saliency the ERF mass square must hold.
+        tile: screen pixels per probe side in the images (inputs are scaled by a whole factor to fit).
 
     Raises:
         ValueError: for a bad argument, unknown layers (listed with the valid ones), a unit or
@@ -101,12 +102,16 @@ class ProbeMonitor:
         channel: int | None = None,
         threshold: float = LUO_THRESHOLD,
         mass: float = 0.95,
+        tile: int = 128,
     ) -> None:
         self.unit = check_unit(unit)
         self.channel = check_channel(channel)
         if not 0 < threshold < 1 or not 0 < mass <= 1:
             raise ValueError(f"threshold={threshold}, mass={mass}: need 0 < threshold < 1 and 0 < mass <= 1.")
         self.threshold, self.mass = threshold, mass
+        if not isinstance(tile, int) or tile < 16:
+            raise ValueError(f"tile={tile!r}: screen pixels per probe side, an int >= 16.")
+        self.tile = tile
         self.model = model
         self.probes = as_probes(probes)
         self.table = self._trace()
@@ -153,12 +158,11 @@ class ProbeMonitor:
             )
 
     def images(self, result: ReceptiveMaps) -> dict[str, Tensor]:
-        """One uint8 image ``(3, H, W)`` per layer tag: every probe with its heatmap, box and unit centre."""
-        images = self.probes.images
-        scale = max(1, round(112 / max(images.shape[2:])))
+        """One uint8 image ``(3, H, W)`` per layer tag: every probe with its heatmap, box, centre and caption."""
+        images, labels = self.probes.images, self.probes.labels
         return {
-            self.tags[layer]: probe_grid(
-                images, result.maps[:, k], result.boxes[:, k], result.centers[:, k], scale=scale
+            self.tags[layer]: layer_grid(
+                images, result.maps[:, k], result.boxes[:, k], result.centers[:, k], labels=labels, tile=self.tile
             )
             for k, layer in enumerate(result.layers)
         }

@@ -145,7 +145,7 @@ def test_a_failure_while_rendering_warns_and_training_goes_on(tmp_path, monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("renderer exploded")
 
-    monkeypatch.setattr(rf_callback.monitor, "probe_grid", broken)
+    monkeypatch.setattr(rf_callback.monitor, "layer_grid", broken)
     with pytest.warns(
         UserWarning, match=r"could not log the receptive maps at step 0; training goes on(.|\n)*renderer exploded"
     ):

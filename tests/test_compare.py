@@ -21,7 +21,8 @@ from rf_callback import ReceptiveFieldMonitor, receptive_maps
 from rf_callback.cli import main
 from rf_callback.compare import compare_checkpoints
 from rf_callback.errors import CompareError
-from rf_callback.render import probe_grid
+from rf_callback.export import PROBE_PIXELS
+from rf_callback.render import layer_grid
 from tests.lightning_helpers import TinyCNN, loaders, read_events
 
 LAYERS = ["conv1", "pool", "conv2"]
@@ -169,7 +170,8 @@ def test_figure_holds_every_probe_grid_in_its_row_and_column(runs, tmp_path):
         probes = stored(path)["probes"]
         result = receptive_maps(model, probes, layers)
         for index, layer in enumerate(layers):
-            grid = probe_grid(probes, result.maps[:, index], result.boxes[:, index], result.centers[:, index], 5, 7)
+            maps, boxes, centers = result.maps[:, index], result.boxes[:, index], result.centers[:, index]
+            grid = layer_grid(probes, maps, boxes, centers, tile=PROBE_PIXELS, nrow=5)
             hits = find(figure, grid.permute(1, 2, 0).numpy())
             assert len(hits) == 1, (k, layer, hits)
             positions[k, index] = hits[0]

@@ -1,0 +1,196 @@
+"""layer_grid and plot_maps: sizes for a screen, the box where the field is, heat that reads, captions."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rf_callback.render import (
+    BOX_COLOR,
+    GREY_RANGE,
+    LINE_HEIGHT,
+    PADDING,
+    _palette,
+    layer_grid,
+    plot_maps,
+    tile_size,
+)
+
+CYAN = torch.tensor(BOX_COLOR, dtype=torch.uint8)
+LEGEND = LINE_HEIGHT + 4
+
+
+def one_probe(box, center=None, side=28, image=None, heat=None, **kwargs):
+    """The single panel (3, h, w) of a one-probe grid, without its caption."""
+    image = torch.zeros(1, 1, side, side) if image is None else image
+    heat = torch.zeros(1, side, side) if heat is None else heat
+    if center is None:
+        center = ((box[0] + box[2] - 1) / 2, (box[1] + box[3] - 1) / 2)
+    grid = layer_grid(image, heat, torch.tensor([box]), torch.tensor([center]), **kwargs)
+    h, w = tile_size(side, side, kwargs.get("tile", 128))
+    return grid[:, PADDING : PADDING + h, PADDING : PADDING + w]
+
+
+def cyan(panel):
+    """Where ``panel`` (3, h, w) has the box colour: a bool (h, w)."""
+    return (panel == CYAN.view(3, 1, 1)).all(0)
+
+
+@given(st.integers(1, 1000), st.integers(1, 1000), st.integers(8, 256))
+def test_a_tile_is_the_probe_scaled_by_an_integer_with_its_long_side_in_half_tile_to_tile(height, width, tile):
+    h, w = tile_size(height, width, tile)
+    assert tile / 2 < max(h, w) <= tile
+    if max(height, width) <= tile:
+        factor = h // height
+        assert (h, w) == (height * factor, width * factor)
+    else:
+        factor = -(-max(height, width) // tile)
+        assert (h, w) == (-(-height // factor), -(-width // factor))
+
+
+@pytest.mark.parametrize(("side", "channels", "count", "tile", "columns"), [(224, 3, 10, 112, 5), (28, 1, 6, 112, 3)])
+def test_grid_is_uint8_rgb_in_rows_of_tiles_with_captions_and_a_legend(side, channels, count, tile, columns):
+    boxes = torch.tensor([[4, 4, 12, 12]]).expand(count, 4)
+    grid = layer_grid(
+        torch.rand(count, channels, side, side),
+        torch.rand(count, side, side),
+        boxes,
+        torch.full((count, 2), 7.5),
+        labels=[f"class {n}" for n in range(count)],
+    )
+    rows = -(-count // columns)
+    assert grid.dtype == torch.uint8
+    height = rows * (tile + LINE_HEIGHT + PADDING) + PADDING + LEGEND
+    assert grid.shape == (3, height, columns * (tile + PADDING) + PADDING)
+
+
+def test_box_is_drawn_just_outside_the_field_with_ticks_at_its_centre():
+    # 28 px at 4x: the field (8, 8, 20, 20) is screen rows/columns 32..79; lines 2 px, ticks 5 px long.
+    panel = one_probe((8, 8, 20, 20))
+    box = torch.zeros(112, 112, dtype=torch.bool)
+    box[30:82, 30:82] = True
+    box[32:80, 32:80] = False
+    ticks = torch.zeros(112, 112, dtype=torch.bool)
+    ticks[25:30, 55:57] = ticks[82:87, 55:57] = ticks[55:57, 25:30] = ticks[55:57, 82:87] = True
+    assert torch.equal(cyan(panel), box | ticks)
+
+
+def test_ticks_follow_the_unit_centre_and_the_box_turns_inward_at_the_image_edge():
+    # A field clipped at the top left: its centre (2, 2) is not the middle of the clipped box.
+    mask = cyan(one_probe((0, 0, 10, 10), center=(2.0, 2.0)))
+    assert mask[0:2, 0:42].all() and mask[0:42, 0:2].all()  # top and left lines inside, at the edge
+    assert mask[40:42, 0:42].all() and mask[0:42, 40:42].all()  # bottom and right lines outside the field
+    assert mask[2:7, 9:11].all() and mask[9:11, 2:7].all()  # ticks at 4 * 2.5 = 10, turned inward
+    assert mask[42:47, 9:11].all() and mask[9:11, 42:47].all()  # ticks outward, below and to the right
+
+
+def test_large_probes_are_reduced_and_their_boxes_drawn_at_tile_scale():
+    heat = torch.zeros(1, 224, 224)
+    heat[0, 111, 113] = 1.0
+    panel = one_probe((100, 100, 124, 124), side=224, heat=heat)
+    assert panel.shape[1:] == (112, 112)
+    mask = cyan(panel)
+    assert mask[48:50, 48:64].all() and mask[62:64, 48:64].all() and not mask[50:62, 50:62].any()
+    assert torch.equal(panel[:, 55, 56], _palette("inferno")[255])  # the peak, averaged with 3 zeros, is still the peak
+
+
+def test_no_box_or_ticks_where_the_unit_sees_the_whole_image_and_the_caption_says_so():
+    flagged = layer_grid(
+        torch.rand(2, 1, 28, 28),
+        torch.rand(2, 28, 28),
+        torch.tensor([[0, 0, 28, 28], [8, 8, 20, 20]]),
+        torch.tensor([[13.5, 13.5], [13.5, 13.5]]),
+        whole_image=[True, True],
+    )
+    assert not cyan(flagged).any()  # neither on the probes nor in the legend
+    inferred = one_probe((0, 0, 28, 28))
+    assert not cyan(inferred).any()
+    probe, heat, center = torch.zeros(1, 1, 28, 28), torch.zeros(1, 28, 28), torch.zeros(1, 2)
+    plain = layer_grid(probe, heat, torch.tensor([[8, 8, 20, 20]]), center)
+    whole = layer_grid(probe, heat, torch.tensor([[0, 0, 28, 28]]), center)
+    assert whole.shape[1] == plain.shape[1] + LINE_HEIGHT  # the "whole image" caption
+
+
+def test_labels_write_under_each_probe_and_change_only_the_caption():
+    boxes, centers = torch.tensor([[8, 8, 20, 20]] * 2), torch.full((2, 2), 13.5)
+    args = (torch.rand(2, 1, 28, 28), torch.rand(2, 28, 28), boxes, centers)
+    bare = layer_grid(*args)
+    coat, bag = layer_grid(*args, labels=["Coat", "Coat"]), layer_grid(*args, labels=["Coat", "Bag"])
+    assert coat.shape[1] == bare.shape[1] + LINE_HEIGHT
+    tile = slice(PADDING, PADDING + 112)
+    assert torch.equal(coat[:, tile], bare[:, tile]) and torch.equal(coat[:, tile], bag[:, tile])
+    caption = slice(PADDING + 112, PADDING + 112 + LINE_HEIGHT)
+    first, second = slice(PADDING, PADDING + 112), slice(2 * PADDING + 112, 2 * PADDING + 224)
+    assert torch.equal(coat[:, caption, first], bag[:, caption, first])
+    assert not torch.equal(coat[:, caption, second], bag[:, caption, second])
+    assert not torch.equal(coat[:, caption, first], coat[:, caption, first].flip(2))  # there is text
+
+
+def test_heat_reads_on_white_and_on_black_and_the_probe_is_dimmed_grey():
+    image = torch.zeros(1, 3, 28, 28)
+    image[..., :, 14:] = 1.0  # black left half, white right half
+    heat = torch.zeros(1, 28, 28)
+    heat[0, 5, 5] = heat[0, 5, 20] = 1.0  # the peak on black and on white
+    panel = one_probe((0, 0, 28, 28), image=image, heat=heat)
+    top = _palette("inferno")[255]
+    assert torch.equal(panel[:, 21, 21], top) and torch.equal(panel[:, 21, 81], top)
+    low, high = GREY_RANGE
+    assert panel[:, 100, 10].tolist() == [round(low)] * 3 and panel[:, 100, 100].tolist() == [round(high)] * 3
+    assert top.float().mean() - high > 50  # the heat's peak is far brighter than the brightest garment
+
+
+def test_nan_and_zero_maps_draw_the_probe_alone():
+    maps = torch.zeros(2, 28, 28)
+    maps[1] = float("nan")
+    grid = layer_grid(torch.rand(2, 1, 28, 28), maps, torch.tensor([[0, 0, 28, 28]] * 2), torch.zeros(2, 2))
+    tiles = grid[:, PADDING : PADDING + 112]
+    assert (tiles[0] == tiles[1]).all() and (tiles[1] == tiles[2]).all()  # grey only: no heat anywhere
+
+
+def test_the_same_inputs_give_the_same_image():
+    generator = torch.Generator().manual_seed(0)
+    args = (
+        torch.rand(10, 3, 64, 64, generator=generator),
+        torch.rand(10, 64, 64, generator=generator),
+        torch.randint(0, 32, (10, 4), generator=generator).sort(1).values,
+        torch.rand(10, 2, generator=generator) * 64,
+    )
+    assert torch.equal(layer_grid(*args, labels=list("abcdefghij")), layer_grid(*args, labels=list("abcdefghij")))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"maps": torch.zeros(2, 27, 28)}, r"maps must be \(2, 28, 28\)"),
+        ({"boxes": torch.zeros(2, 2)}, r"boxes must be \(2, 4\)"),
+        ({"labels": ["a"]}, r"labels needs one entry per probe \(2\), got 1"),
+        ({"labels": "ab"}, "not one string"),
+        ({"whole_image": [True]}, "whole_image needs one entry per probe"),
+        ({"tile": 4}, r"tile=4\): an int >= 8"),
+    ],
+)
+def test_arguments_that_disagree_are_named(change, message):
+    args = {
+        "images": torch.zeros(2, 1, 28, 28),
+        "maps": torch.zeros(2, 28, 28),
+        "boxes": torch.zeros(2, 4),
+        "centers": torch.zeros(2, 2),
+    }
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        layer_grid(**args)
+
+
+def test_plot_maps_shows_each_layer_grid_pixel_for_pixel_under_its_name():
+    images, maps = torch.rand(3, 1, 28, 28), torch.rand(3, 2, 28, 28)
+    boxes = torch.tensor([[[10, 10, 18, 18], [0, 0, 28, 28]]]).expand(3, 2, 4)
+    centers = torch.full((3, 2, 2), 13.5)
+    figure = plot_maps(images, maps, boxes, centers, ["a", "b", "c"], ["conv1", "fc"])
+    assert [axes.get_title(loc="left") for axes in figure.axes] == ["conv1", "fc"]
+    for k, axes in enumerate(figure.axes):
+        grid = layer_grid(images, maps[:, k], boxes[:, k], centers[:, k], labels=["a", "b", "c"])
+        assert (axes.images[0].get_array() == grid.permute(1, 2, 0).numpy()).all()
+    single = plot_maps(images, maps[:, 0], boxes[:, 0], centers[:, 0])
+    assert [axes.get_title(loc="left") for axes in single.axes] == ["layer 0"]
+    with pytest.raises(ValueError, match=r"one name per layer \(2\), got 1"):
+        plot_maps(images, maps, boxes, centers, layer_names=["conv1"])
