@@ -13,13 +13,16 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 
 from rf_callback.fields import LayerKey, LayerRF, ReceptiveFieldTable, receptive_fields, unwrap_model
 from rf_callback.report import format_table
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "ERFStats",
@@ -112,6 +115,48 @@ class ReceptiveMaps:
     boxes: Tensor
     centers: Tensor
     erf: ERFStats
+
+    def plot(
+        self,
+        probes: Tensor,
+        layers: str | Sequence[str] | None = None,
+        *,
+        select: Sequence[int] | None = None,
+        labels: Sequence[str] | None = None,
+        tile: int = 128,
+    ) -> Figure:
+        """The picture the callback logs, as a matplotlib figure: one grid of probes per layer.
+
+        Args:
+            probes: the images the maps were computed for ``(N, C, H, W)``.
+            layers: one layer key or several (default: all of them).
+            select: which probes to show (default: all).
+            labels: a caption per probe.
+            tile: screen pixels per probe side.
+
+        Example::
+
+            maps = receptive_maps(model, probes)
+            maps.plot(probes, "layer3", select=[0, 1, 2])  # a Figure; in Jupyter it shows itself
+        """
+        from rf_callback.render import plot_maps
+
+        names = [layers] if isinstance(layers, str) else list(layers) if layers is not None else list(self.layers)
+        missing = [name for name in names if name not in self.layers]
+        if missing:
+            raise KeyError(f"ReceptiveMaps.plot: no maps for {missing}; these maps have {list(self.layers)}.")
+        columns = [self.layers.index(name) for name in names]
+        rows = list(select) if select is not None else list(range(len(probes)))
+        captions = [labels[n] for n in rows] if labels is not None else None
+        return plot_maps(
+            probes[rows],
+            self.maps[rows][:, columns],
+            self.boxes[rows][:, columns],
+            self.centers[rows][:, columns],
+            labels=captions,
+            layer_names=names,
+            tile=tile,
+        )
 
     def summary(self) -> str:
         """Per layer, the ERF statistics averaged over the probes, as an aligned table (``print(maps.summary())``).

@@ -23,7 +23,7 @@ LEVEL = {
     "fields": 3,
     "probes": 3,
     "saliency": 4,
-    "render": 5,
+    "render": 3,
     "destinations": 6,
     "monitor": 7,
     "checkpoints": 8,

@@ -194,3 +194,19 @@ def test_plot_maps_shows_each_layer_grid_pixel_for_pixel_under_its_name():
     assert [axes.get_title(loc="left") for axes in single.axes] == ["layer 0"]
     with pytest.raises(ValueError, match=r"one name per layer \(2\), got 1"):
         plot_maps(images, maps, boxes, centers, layer_names=["conv1"])
+
+
+def test_receptive_maps_plot_draws_the_chosen_layers_and_probes():
+    from torch import nn
+
+    from rf_callback import receptive_maps
+
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1))
+    probes = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    maps = receptive_maps(net, probes, "all")
+    one = maps.plot(probes, "3", select=[0])
+    two = maps.plot(probes, ["0", "3"], select=[0, 2], labels=["a", "b", "c"])
+    assert len(one.axes) == 1 and len(two.axes) == 2
+    assert [axes.get_title(loc="left") for axes in two.axes] == ["0", "3"]
+    with pytest.raises(KeyError, match=r"no maps for \['9'\]"):
+        maps.plot(probes, "9")
