@@ -204,15 +204,18 @@ def brief(error: BaseException) -> str:
 
 
 def checkpoint_labels(paths: Sequence[Path]) -> list[str]:
-    """Each file's name without suffix, with as many parent folders as it takes to tell them apart.
+    """The shortest tails of the paths (run / version / file, without ``checkpoints/`` and ``.ckpt``) that tell
+    them apart, all built the same way: one depth for every label.
 
     Example::
-        >>> checkpoint_labels([Path("a/version_0/last.ckpt"), Path("a/version_1/last.ckpt"), Path("a/epoch=1.ckpt")])
-        ['version_0/last', 'version_1/last', 'epoch=1']
+        >>> checkpoint_labels([Path("a/version_0/checkpoints/last.ckpt"), Path("a/version_1/checkpoints/last.ckpt")])
+        ['version_0/last', 'version_1/last']
+        >>> checkpoint_labels([Path("run/epoch=0-step=4.ckpt"), Path("run/epoch=1-step=8.ckpt")])
+        ['epoch=0-step=4', 'epoch=1-step=8']
     """
-    parts = [path.absolute().with_suffix("").parts for path in paths]
+    parts = [[part for part in path.absolute().with_suffix("").parts if part != "checkpoints"] for path in paths]
     for depth in range(1, max(map(len, parts)) + 1):
-        labels = ["/".join(p[-depth:]) if sum(q[-1] == p[-1] for q in parts) > 1 else p[-1] for p in parts]
+        labels = ["/".join(p[-depth:]) for p in parts]
         if len(set(labels)) == len(labels):
             return labels
     return [f"{p[-1]} [{index}]" for index, p in enumerate(parts)]  # a file given twice

@@ -87,8 +87,10 @@ class Comparison:
         return [{key: values.tolist() for key, values in result.erf.mean().items()} for result in self.maps]
 
     def records(self) -> list[dict[str, Any]]:
-        """One dict per layer and checkpoint (layer by layer): names, analytic RF and ERF statistics (CSV rows)."""
+        """One dict per layer and checkpoint (layer by layer): names, analytic RF, ERF statistics and their
+        change since the first checkpoint (``*_change``; CSV rows)."""
         rows = []
+        first = self.means[0]
         for index, layer in enumerate(self.layers):
             for checkpoint, table, mean in zip(self.checkpoints, self.fields, self.means):
                 row = {
@@ -101,6 +103,8 @@ class Comparison:
                     "rf_stride": pair(table[layer].stride),
                 }
                 row.update({tag: mean[key][index] for tag, (key, _) in STATISTICS.items()})
+                row["erf_size_change"] = mean["size"][index] - first["size"][index]
+                row["erf_size_fraction_change"] = mean["size_fraction"][index] - first["size_fraction"][index]
                 rows.append(row)
         return rows
 
@@ -115,7 +119,7 @@ class Comparison:
 
     def format_table(self, markdown: bool = False) -> str:
         """The ERF statistics per layer and checkpoint, aligned for a terminal or as Markdown, then the notes."""
-        header = ["layer", "checkpoint", "epoch", "step", "model", "RF size", "stride", "ERF size", "ERF/RF"]
+        header = ["layer", "checkpoint", "epoch", "step", "model", "RF size", "stride", "ERF size", "change", "ERF/RF"]
         header += ["mass side", "mass/RF", "dead"]
         rows = [
             [
@@ -127,6 +131,7 @@ class Comparison:
                 str(r["rf_size"]),
                 str(r["rf_stride"]),
                 f"{r['erf_size']:.2f}",
+                f"{r['erf_size_change']:+.2f}",
                 f"{r['erf_size_fraction']:.2f}",
                 f"{r['erf_mass_side']:.2f}",
                 f"{r['erf_mass_fraction']:.2f}",

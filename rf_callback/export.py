@@ -225,6 +225,8 @@ def _picture(comparison: Comparison, grids: Sequence[Sequence[Tensor]]) -> Image
             layer = comparison.layers[index]
             caption = f"ERF {mean['size'][index]:.1f} px, {mean['size_fraction'][index]:.0%} of RF"
             caption += f" {pair(table[layer].size)}"
+            change = mean["size"][index] - means[0]["size"][index]
+            caption += f", {change:+.1f} px since the first" if k else ""
             dead = mean["dead_fraction"][index]
             caption += f", {dead:.0%} dead" if dead else ""
             draw.text((label_w + k * col_w, y + cell_h + 2), _fit(caption, font, cell_w), fill=(0, 0, 0), font=font)
@@ -245,16 +247,28 @@ def _erf_size_figure(comparison: Comparison) -> Figure:
     from matplotlib.figure import Figure
 
     means = comparison.means
-    positions = list(range(len(comparison.checkpoints)))
+    checkpoints = comparison.checkpoints
+    positions = list(range(len(checkpoints)))
     figure = Figure(figsize=(max(6.0, 1.1 * len(positions) + 3.5), 6.0), dpi=100)
     size_axes, fraction_axes = figure.subplots(2, 1, sharex=True)
+    # Lines join checkpoints of one model only: across models the axis is categorical.
+    runs = [[k for k in positions if checkpoints[k].model_class == name] for name in _models(comparison)]
     for index, layer in enumerate(comparison.layers):
-        size_axes.plot(positions, [m["size"][index] for m in means], "o-", label=layer)
-        fraction_axes.plot(positions, [m["size_fraction"][index] for m in means], "o-")
+        color = None
+        for run in runs:
+            line = size_axes.plot(run, [means[k]["size"][index] for k in run], "o-", color=color)[0]
+            fraction_axes.plot(run, [means[k]["size_fraction"][index] for k in run], "o-", color=line.get_color())
+            if color is None:
+                line.set_label(layer)
+                color = line.get_color()
     size_axes.set_ylabel("ERF size (input pixels)")
     fraction_axes.set_ylabel("ERF size / RF size")
     fraction_axes.set_ylim(bottom=0)
-    labels = [c.when.replace(", ", "\n") if c.epoch is not None else c.label for c in comparison.checkpoints]
+    several = len(runs) > 1
+    labels = [
+        f"{c.label}\n{c.class_name}" if several else c.when.replace(", ", "\n") if c.epoch is not None else c.label
+        for c in checkpoints
+    ]
     fraction_axes.set_xticks(positions, labels, fontsize=8)
     fraction_axes.set_xlabel("checkpoint")
     for axes in (size_axes, fraction_axes):
@@ -263,6 +277,11 @@ def _erf_size_figure(comparison: Comparison) -> Figure:
     figure.subplots_adjust(left=0.1, right=0.75, top=0.93, bottom=0.14, hspace=0.08)
     figure.legend(loc="center left", bbox_to_anchor=(0.76, 0.5), title="layer", fontsize=8)
     return figure
+
+
+def _models(comparison: Comparison) -> list[str]:
+    """The model classes of the checkpoints, in order of first appearance."""
+    return list(dict.fromkeys(c.model_class for c in comparison.checkpoints))
 
 
 def _write_tensorboard(comparison: Comparison, grids: list[list[Tensor]], folder: Path) -> None:

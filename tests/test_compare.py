@@ -345,3 +345,16 @@ def test_python_dash_m_reports_a_broken_checkpoint_in_one_line(runs, tmp_path):
     assert completed.returncode == 2
     assert completed.stderr.count("\n") == 1 and "broken.ckpt: cannot be read as a checkpoint" in completed.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.ckpt"]
+
+
+def test_labels_are_built_one_way_and_changes_are_measured_from_the_first(runs, tmp_path):
+    comparison = compare_checkpoints([*runs["tiny"], runs["wide"]], layers=["conv1"])
+    assert [c.label for c in comparison.checkpoints] == [
+        "tiny/ckpt/epoch=0-step=4",
+        "tiny/ckpt/epoch=1-step=8",
+        "wide/ckpt/epoch=0-step=4",
+    ]
+    rows = comparison.records()
+    assert rows[0]["erf_size_change"] == 0.0
+    assert rows[1]["erf_size_change"] == pytest.approx(rows[1]["erf_size"] - rows[0]["erf_size"])
+    assert "change" in comparison.format_table().splitlines()[0]
