@@ -16,8 +16,9 @@ from torchvision.utils import draw_keypoints, make_grid
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from PIL.Image import Image
 
-__all__ = ["colorize", "overlay", "probe_grid", "save_png", "summary_figure"]
+__all__ = ["colorize", "figure_image", "overlay", "pil_image", "probe_grid", "save_png", "summary_figure"]
 
 BOX_COLOR = (0, 255, 255)  # cyan: the analytic receptive field
 UNIT_COLOR = (255, 255, 255)  # white: the centre of the chosen unit's field
@@ -129,8 +130,30 @@ def summary_figure(records: Sequence[Mapping[str, Any]], title: str = "Analytic 
     return figure
 
 
-def save_png(image: Tensor, path: Any) -> None:
-    """Write a uint8 ``(3, H, W)`` image as PNG."""
+def figure_image(figure: Figure) -> Tensor:
+    """A matplotlib figure drawn by Agg at its own size and dpi, as a uint8 image ``(3, H, W)``.
+
+    Example::
+        >>> from matplotlib.figure import Figure
+        >>> figure_image(Figure(figsize=(2, 1), dpi=50)).shape
+        torch.Size([3, 50, 100])
+    """
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    rgba = torch.from_numpy(np.asarray(canvas.buffer_rgba()).copy())
+    return rgba[..., :3].permute(2, 0, 1).contiguous()
+
+
+def pil_image(image: Tensor) -> Image:
+    """A uint8 ``(3, H, W)`` image as a PIL image (what W&B and MLflow take)."""
     from PIL import Image
 
-    Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(path)
+    return Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+
+
+def save_png(image: Tensor, path: Any) -> None:
+    """Write a uint8 ``(3, H, W)`` image as PNG."""
+    pil_image(image).save(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["format_rows", "pair"]
+__all__ = ["COLUMNS", "format_rows", "markdown_table", "pair", "table_rows", "unsupported_notes"]
 
 COLUMNS = ("layer", "type", "output", "RF size", "stride", "padding")
 
@@ -28,6 +28,29 @@ def _cells(record: Mapping[str, Any]) -> list[str]:
     return [*head, pair(record["size"]), stride, pair(record["padding"])]
 
 
+def table_rows(records: Iterable[Mapping[str, Any]]) -> list[list[str]]:
+    """The cells under :data:`COLUMNS` of each :meth:`LayerRF.to_record` dict."""
+    return [_cells(record) for record in records]
+
+
+def unsupported_notes(records: Iterable[Mapping[str, Any]]) -> list[str]:
+    """``name: reason`` for each record without a receptive field."""
+    return [f"{r['name']}: {r['unsupported']}" for r in records if "unsupported" in r]
+
+
+def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A Markdown pipe table.
+
+    Example::
+        >>> print(markdown_table(["layer", "RF size"], [["conv1", "3"]]))
+        | layer | RF size |
+        |---|---|
+        | conv1 | 3 |
+    """
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def format_rows(records: Iterable[Mapping[str, Any]], markdown: bool = False) -> str:
     """A table of :meth:`LayerRF.to_record` dicts, aligned for a terminal or as Markdown.
 
@@ -38,13 +61,13 @@ def format_rows(records: Iterable[Mapping[str, Any]], markdown: bool = False) ->
         conv1  Conv2d  14x14   3        2       1
     """
     records = list(records)
-    rows = [list(COLUMNS)] + [_cells(record) for record in records]
-    notes = [f"{r['name']}: {r['unsupported']}" for r in records if "unsupported" in r]
+    rows = table_rows(records)
+    notes = unsupported_notes(records)
     if markdown:
-        lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(COLUMNS)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+        lines = [markdown_table(COLUMNS, rows)]
         notes = [f"* {note}" for note in notes]
     else:
+        rows = [list(COLUMNS), *rows]
         widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
         lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     if notes:
