@@ -1,22 +1,23 @@
-"""ReceptiveFieldMonitor: log analytic receptive fields and per-epoch receptive maps to TensorBoard.
+"""ReceptiveFieldMonitor: log analytic receptive fields and per-epoch receptive maps to the Trainer's loggers.
 
 Thin glue over :func:`~rf_callback.receptive_fields`, :func:`~rf_callback.receptive_maps` and
 :mod:`rf_callback.render`: check the configuration, decide when, work on rank zero, log, and keep
-the probes in the checkpoint.
+the probes in the checkpoint. :func:`destinations_for` maps the Trainer's loggers to
+:mod:`rf_callback.destinations`.
 """
 
 from __future__ import annotations
 
 import re
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -24,12 +25,19 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from typing_extensions import override
 
+from rf_callback.destinations import (
+    Destination,
+    MLflowDestination,
+    PngFolderDestination,
+    TensorBoardDestination,
+    WandbDestination,
+)
 from rf_callback.fields import ReceptiveFieldTable, receptive_fields
-from rf_callback.render import probe_grid, save_png, summary_figure
-from rf_callback.report import format_rows
+from rf_callback.render import figure_image, probe_grid, summary_figure
+from rf_callback.report import COLUMNS, format_rows, table_rows, unsupported_notes
 from rf_callback.saliency import LUO_THRESHOLD, SPATIAL_LAYERS, ReceptiveMaps, Unit, default_layers, receptive_maps
 
-__all__ = ["ReceptiveFieldMonitor"]
+__all__ = ["ReceptiveFieldMonitor", "destinations_for"]
 
 TAG = "receptive_field"
 SCALARS = {
@@ -115,6 +123,7 @@ class ReceptiveFieldMonitor(Callback):
         self._table: ReceptiveFieldTable | None = None
         self._monitored: list[str] = []
         self._logged_steps: set[int] = set()
+        self._destinations: list[Destination] = []
 
     def _validate_arguments(self) -> None:
         name = type(self).__name__
@@ -165,12 +174,13 @@ class ReceptiveFieldMonitor(Callback):
                 "ReceptiveFieldMonitor logs images and scalars, but the Trainer has no logger (logger=False)."
                 " HINT: Trainer(logger=TensorBoardLogger('lightning_logs')), or remove the callback."
             )
-        if not any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers):
-            kinds = ", ".join(type(logger).__name__ for logger in trainer.loggers)
-            rank_zero_warn(
-                f"ReceptiveFieldMonitor: no TensorBoardLogger among the loggers ({kinds}); images go as PNG files"
-                f" under {Path(trainer.log_dir or '.') / TAG} and scalars to the loggers."
-            )
+        if trainer.is_global_zero:
+            self._destinations = destinations_for(trainer)
+            rank_zero_info(f"ReceptiveFieldMonitor logs to {'; '.join(d.describe() for d in self._destinations)}.")
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._destinations = []  # the loggers' writers and runs are theirs to close
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -285,13 +295,16 @@ class ReceptiveFieldMonitor(Callback):
             + format_rows(monitored)
         )
         step = trainer.global_step
-        for logger in _tensorboards(trainer):
-            logger.experiment.add_text(f"{TAG}/table", format_rows(records, markdown=True), step)
-            logger.experiment.add_figure(f"{TAG}/summary", summary_figure(monitored), step, close=True)
-        if not _tensorboards(trainer):
-            folder = _png_folder(trainer)
-            (folder / "table.md").write_text(format_rows(records, markdown=True) + "\n")
-            summary_figure(monitored).savefig(folder / "summary.png")
+        rows, notes = table_rows(records), unsupported_notes(records)
+        summary = figure_image(summary_figure(monitored))
+
+        def write(destination: Destination) -> None:
+            destination.add_table(f"{TAG}/table", COLUMNS, rows, step)
+            if notes:
+                destination.add_text(f"{TAG}/unsupported", "\n".join(f"* {note}" for note in notes), step)
+            destination.add_image(f"{TAG}/summary", summary, step)
+
+        self._send(write, step)
 
     def _log_maps(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = trainer.global_step
@@ -303,10 +316,7 @@ class ReceptiveFieldMonitor(Callback):
         except Exception as error:
             if self.strict:
                 raise
-            rank_zero_warn(
-                f"ReceptiveFieldMonitor could not log the receptive maps at step {step}; training goes on."
-                f" Pass strict=True to stop instead.\n{''.join(traceback.format_exception(error))}"
-            )
+            _warn_and_go_on(f"could not log the receptive maps at step {step}", error)
         self._logged_steps.add(step)
 
     def compute(self, pl_module: LightningModule) -> ReceptiveMaps:
@@ -332,21 +342,32 @@ class ReceptiveFieldMonitor(Callback):
             for index, layer in enumerate(result.layers)
             for tag, key in SCALARS.items()
         }
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-        tensorboards = _tensorboards(trainer)
-        for index, layer in enumerate(result.layers):
-            grid = probe_grid(
+        images = {
+            f"{TAG}/{layer}": probe_grid(
                 self.probes, result.maps[:, index], result.boxes[:, index], result.centers[:, index], scale=scale
             )
-            for logger in tensorboards:
-                logger.experiment.add_image(f"{TAG}/{layer}", grid, step, dataformats="CHW")
-            if not tensorboards:
-                folder = _png_folder(trainer) / _file_name(layer)
-                folder.mkdir(parents=True, exist_ok=True)
-                save_png(grid, folder / f"step_{step:08d}.png")
-        for logger in tensorboards:
-            logger.experiment.flush()
+            for index, layer in enumerate(result.layers)
+        }
+
+        def write(destination: Destination) -> None:
+            destination.add_scalars(metrics, step)
+            for tag, image in images.items():
+                destination.add_image(tag, image, step)
+
+        self._send(write, step)
+
+    def _send(self, write: Callable[[Destination], None], step: int) -> None:
+        """``write`` to every destination, then flush it; one that fails keeps no other from its share."""
+        for destination in self._destinations:
+            try:
+                try:
+                    write(destination)
+                finally:
+                    destination.flush()
+            except Exception as error:
+                if self.strict:
+                    raise
+                _warn_and_go_on(f"could not log to {destination.describe()} at step {step}", error)
 
     # ---- checkpoint ---------------------------------------------------------------------------------------
     @override
@@ -389,15 +410,45 @@ def _image_and_label(item: Any) -> tuple[Tensor, int | None]:
     return image, (int(label) if isinstance(label, (int, float)) else None)
 
 
-def _tensorboards(trainer: Trainer) -> list[TensorBoardLogger]:
-    return [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+def destinations_for(trainer: Trainer) -> list[Destination]:
+    """Where the Trainer's loggers can hold what the monitor logs: each logger gets all it can hold.
+
+    TensorBoard, Weights & Biases and MLflow loggers get images, scalars and tables in their own run;
+    scalars go through the logger's ``log_metrics``, so its prefix and step bookkeeping apply and they
+    line up with the validation metrics. The other loggers (``CSVLogger``, custom ones) get the scalars,
+    and the images and tables, which they cannot hold, go as files to one folder under the first one's
+    log directory, with one warning naming it.
+    """
+    destinations: list[Destination] = []
+    others: list[Logger] = []
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            destinations.append(TensorBoardDestination(logger.experiment, logger.log_metrics))
+        elif isinstance(logger, WandbLogger):
+            destinations.append(WandbDestination(logger.experiment, logger.log_metrics))
+        elif isinstance(logger, MLFlowLogger):
+            destinations.append(MLflowDestination(logger.experiment, logger.run_id, logger.log_metrics))
+        else:
+            others.append(logger)
+    if others:
+        folder = Path(getattr(others[0], "log_dir", None) or others[0].save_dir or trainer.default_root_dir)
+
+        def log_metrics(values: Mapping[str, float], step: int) -> None:
+            for logger in others:
+                logger.log_metrics(values, step)
+
+        destinations.append(PngFolderDestination(folder, log_metrics))
+        kinds = ", ".join(type(logger).__name__ for logger in others)
+        rank_zero_warn(
+            f"ReceptiveFieldMonitor: {kinds} cannot hold images, so they are written as"
+            f" {folder / TAG}/<layer>/step_<step>.png and the table as {folder / TAG / 'table.md'}; the scalars go"
+            f" to {kinds}. HINT: add a TensorBoardLogger, WandbLogger or MLFlowLogger to see the images there."
+        )
+    return destinations
 
 
-def _png_folder(trainer: Trainer) -> Path:
-    folder = Path(trainer.log_dir or trainer.default_root_dir) / TAG
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def _file_name(layer: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", layer)
+def _warn_and_go_on(what: str, error: Exception) -> None:
+    rank_zero_warn(
+        f"ReceptiveFieldMonitor {what}; training goes on. Pass strict=True to stop instead.\n"
+        + "".join(traceback.format_exception(error))
+    )
