@@ -155,7 +155,8 @@ class WandbDestination:
             self.run.log(values, step=step)
 
     def describe(self) -> str:
-        return f"Weights & Biases run {self.run.name} ({self.run.url or f'offline, {self.run.dir}'})"
+        where = f"offline, {self.run.dir}" if self.run.offline else self.run.url  # run.url warns when offline
+        return f"Weights & Biases run {self.run.name} ({where})"
 
 
 def mlflow_key(tag: str) -> str:
