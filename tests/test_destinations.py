@@ -47,6 +47,7 @@ def image(height: int = 6, width: int = 10) -> torch.Tensor:
 
 def write_a_little(destination) -> None:
     destination.add_table("receptive_field/table", COLUMNS, ROWS, 0)
+    destination.add_text("receptive_field/unsupported", "* up: <upsample_nearest2d> has no receptive field", 0)
     destination.add_image("receptive_field/conv1", image(), 3)
     destination.add_image(WEIRD, image(4, 8), 3)
     destination.add_scalars({"receptive_field/conv1/erf_size": 2.5, f"{WEIRD}/erf_size": 1.5}, 3)
@@ -140,6 +141,7 @@ def test_png_folder_writes_tags_as_paths_and_scalars_as_csv(tmp_path):
     assert Image.open(tmp_path / "receptive_field/layer1.0.relu_1__0/step_00000003.png").size == (8, 4)
     table = (tmp_path / "receptive_field/table.md").read_text()
     assert table == "| layer | RF size |\n|---|---|\n| conv1 | 3 |\n| conv2 | 8 |\n"
+    assert (tmp_path / "receptive_field/unsupported.md").read_text().startswith("* up: <upsample_nearest2d>")
     with (tmp_path / "scalars.csv").open() as file:
         assert list(csv.reader(file)) == [
             ["step", "tag", "value"],
@@ -158,6 +160,8 @@ def test_tensorboard_destination(tmp_path):
     assert [(s.step, s.value) for s in events.Scalars("receptive_field/conv1/erf_size")] == [(3, 2.5)]
     table = events.Tensors("receptive_field/table/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "| conv2 | 8 |" in table
+    note = events.Tensors("receptive_field/unsupported/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert note.startswith("* up: <upsample_nearest2d>")
 
 
 def test_wandb_destination_logs_one_row_per_step_under_the_tensorboard_tags(wandb, tmp_path):
@@ -169,6 +173,8 @@ def test_wandb_destination_logs_one_row_per_step_under_the_tensorboard_tags(wand
     assert [row["step"] for row in rows] == [0, 3]
     assert rows[0]["receptive_field/table"]["_type"] == "table-file"
     assert rows[0]["receptive_field/table"]["nrows"] == 2
+    note = (run_dir / "files" / rows[0]["receptive_field/unsupported"]["path"]).read_text()
+    assert "* up: &lt;upsample_nearest2d&gt;" in note
     assert rows[1]["receptive_field/conv1/erf_size"] == 2.5 and rows[1][f"{WEIRD}/erf_size"] == 1.5
     for tag, size in [("receptive_field/conv1", (10, 6)), (WEIRD, (8, 4))]:
         logged = rows[1][tag]
@@ -187,6 +193,8 @@ def test_mlflow_destination_keys_steps_and_artifacts(mlflow, tmp_path):
     assert mlflow_images(client, run_id) == {"receptive_field/conv1": [(3, (10, 6))], key: [(3, (8, 4))]}
     table = Path(client.download_artifacts(run_id, "receptive_field/table.md")).read_text()
     assert table.splitlines()[-1] == "| conv2 | 8 |"
+    note = Path(client.download_artifacts(run_id, "receptive_field/unsupported.md")).read_text()
+    assert note.startswith("* up: <upsample_nearest2d>")
 
 
 def test_mlflow_destination_falls_back_to_image_artifacts(mlflow, tmp_path):
