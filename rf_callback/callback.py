@@ -8,26 +8,32 @@ from __future__ import annotations
 
 import contextlib
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from rf_callback.destinations import PngFolderDestination, TensorBoardDestination
+from rf_callback.destinations import (
+    Destination,
+    MLflowDestination,
+    PngFolderDestination,
+    TensorBoardDestination,
+    WandbDestination,
+)
 from rf_callback.monitor import TAG, ProbeMonitor
 from rf_callback.probes import Probes, as_probes, probes_from_dataset
 from rf_callback.report import format_rows
 from rf_callback.saliency import LUO_THRESHOLD, Unit, check_channel, check_unit
 
-__all__ = ["ReceptiveFieldMonitor"]
+__all__ = ["ReceptiveFieldMonitor", "destinations_for"]
 
 STATE_FORMAT = "rf_callback.ReceptiveFieldMonitor/2"
 """Marks this callback's state in a checkpoint, whatever the (sub)class is called."""
@@ -166,13 +172,19 @@ class ReceptiveFieldMonitor(Callback):
             raise MisconfigurationException(
                 f"{name}(layers={self.layers!r}) on {type(pl_module).__name__}: {error}"
             ) from None
-        self._destinations = self._find_destinations(trainer) if trainer.is_global_zero else []
         if trainer.is_global_zero:
+            try:
+                self._destinations = destinations_for(trainer)
+            except OSError as error:
+                raise MisconfigurationException(
+                    f"{name}: the folder for images cannot be written ({error}). HINT: add a TensorBoardLogger,"
+                    " or make the log directory writable."
+                ) from None
             rank_zero_info(
                 f"Receptive fields of the monitored layers (input {tuple(self.monitor.table.input_shape)}):\n"
                 + format_rows([self.monitor.table[layer].to_record() for layer in self.monitor.layers])
             )
-            self._guarded(trainer, lambda: self.monitor.log_table(self._destinations, trainer.global_step))
+            self._guarded(lambda: self.monitor.log_table(self._destinations, trainer.global_step, self._failed))
 
     def _read_probes(self, trainer: Trainer) -> Probes:
         dataset = _validation_dataset(trainer)
@@ -186,27 +198,6 @@ class ReceptiveFieldMonitor(Callback):
             return probes_from_dataset(dataset, self.num_probes, self.indices)
         except (TypeError, IndexError, ValueError) as error:
             raise MisconfigurationException(f"{type(self).__name__}(probes={self.indices!r}): {error}") from None
-
-    def _find_destinations(self, trainer: Trainer) -> list[Any]:
-        destinations: list[Any] = [
-            TensorBoardDestination(logger.experiment)
-            for logger in trainer.loggers
-            if isinstance(logger, TensorBoardLogger)
-        ]
-        if not destinations:
-            folder = Path(trainer.log_dir or trainer.default_root_dir)
-            try:
-                destinations.append(PngFolderDestination(folder))
-            except OSError as error:
-                raise MisconfigurationException(
-                    f"{type(self).__name__}: no TensorBoardLogger, and the PNG folder {folder} cannot be written"
-                    f" ({error}). HINT: add a TensorBoardLogger, or make the log directory writable."
-                ) from None
-            kinds = ", ".join(type(logger).__name__ for logger in trainer.loggers)
-            rank_zero_warn(
-                f"{type(self).__name__}: no TensorBoardLogger among the loggers ({kinds}); images go as PNG files under {folder / TAG}."
-            )
-        return destinations
 
     # ---- when ---------------------------------------------------------------------------------------------
     @override
@@ -240,19 +231,32 @@ class ReceptiveFieldMonitor(Callback):
             return
         self._logged_steps.add(step)
         with _quiet(pl_module):
-            self._guarded(trainer, lambda: self.monitor.log(self._destinations, step), step)
+            self._guarded(lambda: self.monitor.log(self._destinations, step, self._failed), step)
 
-    def _guarded(self, trainer: Trainer, work: Any, step: int | None = None) -> None:
+    def _guarded(self, work: Any, step: int | None = None) -> None:
         try:
             work()
         except Exception as error:
             if self.strict:
                 raise
             what = f"the receptive maps at step {step}" if step is not None else "the receptive-field table"
-            rank_zero_warn(
-                f"{type(self).__name__} could not log {what}; training goes on. Pass strict=True to stop instead."
-                f"\n{''.join(traceback.format_exception(error))}"
-            )
+            self._warn(f"could not log {what}", error)
+
+    def _failed(self, destination: Destination, error: Exception) -> None:
+        """One destination failed: the others still get their share."""
+        if self.strict:
+            raise error
+        self._warn(f"could not log to {destination.describe()}", error)
+
+    def _warn(self, what: str, error: Exception) -> None:
+        rank_zero_warn(
+            f"{type(self).__name__} {what}; training goes on. Pass strict=True to stop instead.\n"
+            + "".join(traceback.format_exception(error))
+        )
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._destinations = []  # the loggers' writers and runs are theirs to close
 
     # ---- checkpoint ---------------------------------------------------------------------------------------
     @override
@@ -291,6 +295,42 @@ def _quiet(pl_module: LightningModule) -> Iterator[None]:
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+def destinations_for(trainer: Trainer) -> list[Destination]:
+    """Where the Trainer's loggers can hold what the monitor logs: each logger gets all it can hold.
+
+    TensorBoard, Weights & Biases and MLflow loggers get images, scalars and tables in their own run;
+    scalars go through the logger's ``log_metrics``, so its prefix and step bookkeeping apply. The
+    other loggers (``CSVLogger``, custom ones) get the scalars, and the images and tables, which they
+    cannot hold, go as files to one folder under the first one's log directory, with one warning.
+    """
+    destinations: list[Destination] = []
+    others: list[Logger] = []
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            destinations.append(TensorBoardDestination(logger.experiment, logger.log_metrics))
+        elif isinstance(logger, WandbLogger):
+            destinations.append(WandbDestination(logger.experiment, logger.log_metrics))
+        elif isinstance(logger, MLFlowLogger):
+            destinations.append(MLflowDestination(logger.experiment, logger.run_id, logger.log_metrics))
+        else:
+            others.append(logger)
+    if others:
+        folder = Path(getattr(others[0], "log_dir", None) or others[0].save_dir or trainer.default_root_dir)
+
+        def log_metrics(values: Mapping[str, float], step: int) -> None:
+            for logger in others:
+                logger.log_metrics(values, step)
+
+        destinations.append(PngFolderDestination(folder, log_metrics))
+        kinds = ", ".join(type(logger).__name__ for logger in others)
+        rank_zero_warn(
+            f"ReceptiveFieldMonitor: {kinds} cannot hold images, so they are written as"
+            f" {folder / TAG}/<k>_<layer>/step_<step>.png and the tables as {folder / TAG}/<table>.md; the scalars"
+            f" go to {kinds}. HINT: add a TensorBoardLogger, WandbLogger or MLFlowLogger to see the images there."
+        )
+    return destinations
 
 
 def _validation_dataset(trainer: Trainer) -> Any:

@@ -21,17 +21,18 @@ retraced nor changed.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from rf_callback.destinations import Destination, TensorBoardDestination
 from rf_callback.errors import TraceError
 from rf_callback.fields import ReceptiveFieldTable, receptive_fields, unwrap_model
 from rf_callback.probes import Probes, as_probes
-from rf_callback.render import layer_grid, summary_figure
-from rf_callback.report import format_rows
+from rf_callback.render import figure_image, layer_grid, summary_figure
+from rf_callback.report import COLUMNS, table_rows, unsupported_notes
 from rf_callback.saliency import (
     LUO_THRESHOLD,
     ReceptiveMaps,
@@ -42,7 +43,9 @@ from rf_callback.saliency import (
     resolve_layers,
 )
 
-__all__ = ["STATISTICS", "TAG", "ProbeMonitor", "eager"]
+__all__ = ["STATISTICS", "TAG", "ProbeMonitor", "eager", "layer_tag"]
+
+OnError = Callable[["Destination", Exception], None]
 
 TAG = "receptive_field"
 """Every tag starts with this: images ``receptive_field/<k>_<layer>``, scalars ``.../<statistic>``."""
@@ -178,33 +181,41 @@ class ProbeMonitor:
                     values[f"{self.tags[layer]}/{name}"] = value
         return values
 
-    def log(self, destinations: Any, step: int) -> ReceptiveMaps:
+    def log(self, destinations: Any, step: int, on_error: OnError | None = None) -> ReceptiveMaps:
         """Compute, draw and write this step's maps and statistics to each destination; return the maps.
 
-        ``destinations``: a ``SummaryWriter``, a destination of :mod:`rf_callback.destinations`, or a list.
+        Args:
+            destinations: a ``SummaryWriter``, a :class:`~rf_callback.destinations.Destination`, or a list.
+            step: the step to log at.
+            on_error: called with ``(destination, error)`` when one destination fails, so that the
+                others still get their share; ``None`` raises.
         """
         result = self.compute()
         images, scalars = self.images(result), self.scalars(result)
-        for destination in as_destinations(destinations):
+
+        def write(destination: Destination) -> None:
+            destination.add_scalars(scalars, step)
             for tag, image in images.items():
                 destination.add_image(tag, image, step)
-            destination.add_scalars(scalars, step)
-            destination.flush()
+
+        _send(destinations, write, on_error)
         return result
 
-    def table_markdown(self, monitored_only: bool = True) -> str:
-        """The receptive-field table as Markdown: the monitored layers, or every row."""
-        rows = [self.table[layer] for layer in self.layers] if monitored_only else list(self.table.values())
-        return format_rows([row.to_record() for row in rows], markdown=True)
+    def log_table(self, destinations: Any, step: int = 0, on_error: OnError | None = None) -> None:
+        """Write the receptive fields of the monitored layers, of every layer, and a chart of them, once."""
+        monitored = [self.table[layer].to_record() for layer in self.layers]
+        every = [row.to_record() for row in self.table.values()]
+        notes = unsupported_notes(every)
+        chart = figure_image(summary_figure(monitored))
 
-    def log_table(self, destinations: Any, step: int = 0) -> None:
-        """Write the table of the monitored layers, the full table and a chart of RF size and stride, once."""
-        records = [self.table[layer].to_record() for layer in self.layers]
-        for destination in as_destinations(destinations):
-            destination.add_text(f"{TAG}/table", self.table_markdown(), step)
-            destination.add_text(f"{TAG}/table_all_layers", self.table_markdown(monitored_only=False), step)
-            destination.add_figure(f"{TAG}/summary", summary_figure(records), step)
-            destination.flush()
+        def write(destination: Destination) -> None:
+            destination.add_table(f"{TAG}/table", COLUMNS, table_rows(monitored), step)
+            destination.add_table(f"{TAG}/table_all_layers", COLUMNS, table_rows(every), step)
+            if notes:
+                destination.add_text(f"{TAG}/unsupported", "\n".join(f"* {note}" for note in notes), step)
+            destination.add_image(f"{TAG}/summary", chart, step)
+
+        _send(destinations, write, on_error)
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to look through the very same probes."""
@@ -233,9 +244,21 @@ def _channel_hint(model: nn.Module, shape: tuple[int, ...]) -> str:
     return ""
 
 
-def as_destinations(value: Any) -> list[Any]:
-    """``value`` as a list of destinations; a ``SummaryWriter`` becomes a TensorBoard destination."""
-    from rf_callback.destinations import TensorBoardDestination
-
+def as_destinations(value: Any) -> list[Destination]:
+    """``value`` as a list of destinations; a ``SummaryWriter`` becomes a :class:`TensorBoardDestination`."""
     items = list(value) if isinstance(value, (list, tuple)) else [value]
     return [TensorBoardDestination(item) if hasattr(item, "add_scalar") else item for item in items]
+
+
+def _send(destinations: Any, write: Callable[[Destination], None], on_error: OnError | None) -> None:
+    """``write`` to every destination, then flush it; with ``on_error``, one that fails stops no other."""
+    for destination in as_destinations(destinations):
+        try:
+            try:
+                write(destination)
+            finally:
+                destination.flush()
+        except Exception as error:
+            if on_error is None:
+                raise
+            on_error(destination, error)

@@ -25,9 +25,10 @@ from torchvision.utils import make_grid
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from PIL.Image import Image
     from PIL.ImageFont import FreeTypeFont, ImageFont
 
-__all__ = ["colorize", "layer_grid", "plot_maps", "save_png", "summary_figure"]
+__all__ = ["colorize", "figure_image", "layer_grid", "pil_image", "plot_maps", "save_png", "summary_figure"]
 
 BOX_COLOR = (0, 255, 255)  # cyan: the analytic receptive field, and ticks at the centre of the unit's field
 BACKGROUND = 40  # grey of the text strips
@@ -342,6 +343,29 @@ def summary_figure(records: Sequence[Mapping[str, Any]], title: str = "Analytic 
     return figure
 
 
+def figure_image(figure: Figure) -> Tensor:
+    """A matplotlib figure drawn by Agg at its own size and dpi, as a uint8 image ``(3, H, W)``.
+
+    Example::
+        >>> from matplotlib.figure import Figure
+        >>> figure_image(Figure(figsize=(2, 1), dpi=50)).shape
+        torch.Size([3, 50, 100])
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    rgba = torch.from_numpy(np.asarray(canvas.buffer_rgba()).copy())
+    return rgba[..., :3].permute(2, 0, 1).contiguous()
+
+
+def pil_image(image: Tensor) -> Image:
+    """A uint8 ``(3, H, W)`` image as a PIL image (what W&B and MLflow take)."""
+    from PIL import Image
+
+    return Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+
+
 def save_png(image: Tensor, path: Any) -> None:
     """Write a uint8 ``(3, H, W)`` image as PNG to a path or a binary file.
 
@@ -351,9 +375,7 @@ def save_png(image: Tensor, path: Any) -> None:
         >>> buffer.getvalue()[:4]
         b'\\x89PNG'
     """
-    from PIL import Image
-
-    Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(path, format="PNG")
+    pil_image(image).save(path, format="PNG")
 
 
 def plot_maps(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["format_rows", "format_table", "pair"]
+__all__ = ["COLUMNS", "format_rows", "format_table", "markdown_table", "pair", "table_rows", "unsupported_notes"]
 
 COLUMNS = ("layer", "type", "output", "RF size", "stride", "padding")
 
@@ -28,6 +28,28 @@ def _cells(record: Mapping[str, Any]) -> list[str]:
     return [*head, pair(record["size"]), stride, pair(record["padding"])]
 
 
+def table_rows(records: Iterable[Mapping[str, Any]]) -> list[list[str]]:
+    """The cells under :data:`COLUMNS` of each :meth:`LayerRF.to_record` dict."""
+    return [_cells(record) for record in records]
+
+
+def unsupported_notes(records: Iterable[Mapping[str, Any]]) -> list[str]:
+    """``name: reason`` for each record without a receptive field."""
+    return [f"{r['name']}: {r['unsupported']}" for r in records if "unsupported" in r]
+
+
+def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A Markdown pipe table.
+
+    Example::
+        >>> print(markdown_table(["layer", "RF size"], [["conv1", "3"]]))
+        | layer | RF size |
+        |---|---|
+        | conv1 | 3 |
+    """
+    return format_table(columns, rows, markdown=True)
+
+
 def format_rows(records: Iterable[Mapping[str, Any]], markdown: bool = False) -> str:
     """A table of :meth:`LayerRF.to_record` dicts, aligned for a terminal or as Markdown.
 
@@ -38,8 +60,8 @@ def format_rows(records: Iterable[Mapping[str, Any]], markdown: bool = False) ->
         conv1  Conv2d  14x14   3        2       1
     """
     records = list(records)
-    notes = [f"{r['name']}: {r['unsupported']}" for r in records if "unsupported" in r]
-    text = format_table(COLUMNS, [_cells(record) for record in records], markdown)
+    notes = unsupported_notes(records)
+    text = format_table(COLUMNS, table_rows(records), markdown)
     if notes:
         text += "\n\nUnsupported:\n" + "\n".join(f"* {note}" if markdown else note for note in notes)
     return text
@@ -49,10 +71,9 @@ def format_table(header: Sequence[str], rows: Iterable[Sequence[str]], markdown:
     """Cells aligned in columns for a terminal, or a Markdown table.
 
     Example::
-        >>> print(format_table(["a", "bb"], [["1", "2"]], markdown=True))
-        | a | bb |
-        |---|---|
-        | 1 | 2 |
+        >>> print(format_table(["a", "bb"], [["1", "2"]]))
+        a  bb
+        1  2
     """
     rows = [list(header), *map(list, rows)]
     if markdown:

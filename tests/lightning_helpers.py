@@ -1,6 +1,10 @@
-"""A tiny LightningModule and data for callback tests, and a reader for TensorBoard event files."""
+"""A tiny LightningModule and data for callback tests, and readers for TensorBoard event files and offline W&B runs."""
 
 from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -63,3 +67,43 @@ def read_events(log_dir) -> EventAccumulator:
     events = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
     return events
+
+
+def read_wandb_history(run_dir) -> list[dict]:
+    """The history rows of an offline W&B run, read from its ``run-<id>.wandb`` transaction log.
+
+    The log is LevelDB's format behind a 7-byte header (``:W&B``, magic, version): 32 KiB blocks of
+    records, each a 7-byte header (CRC-32C, length, type: 1 whole, 2 first, 3 middle, 4 last) and a
+    piece of a serialized ``wandb_internal_pb2.Record``. A media value is a dict of its fields
+    (``{"_type": "image-file", "path": ..., "width": ..., "height": ...}``), a path relative to
+    ``<run_dir>/files``.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = Path(run_dir).glob("run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    rows, pending, position, block, kind_of_last = [], b"", 7, 32768, None
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record.FromString(pending)
+            pending = b""
+            kind_of_last = record.WhichOneof("record_type")
+            if kind_of_last == "history":
+                row: dict = {}
+                for item in record.history.item:
+                    key, *field = [item.key] if item.key else list(item.nested_key)
+                    value = json.loads(item.value_json)
+                    if field:
+                        row.setdefault(key, {})[field[0]] = value
+                    else:
+                        row[key] = value
+                rows.append(row)
+    assert kind_of_last == "exit", f"{path} ends before its exit record: is the run finished and W&B torn down?"
+    return rows

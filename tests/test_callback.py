@@ -132,13 +132,15 @@ def test_bad_arguments_fail_at_once(kwargs, message):
 
 def test_without_tensorboard_images_are_png_files_with_one_warning(tmp_path):
     logger = CSVLogger(tmp_path, name="csv")
-    with pytest.warns(UserWarning, match="no TensorBoardLogger among the loggers \\(CSVLogger\\)") as caught:
+    folder = Path(logger.log_dir) / "receptive_field"
+    with pytest.warns(UserWarning, match=f"CSVLogger cannot hold images, so they are written as {folder}/") as caught:
         trainer, _ = fit(tmp_path, [ReceptiveFieldMonitor(layers=["conv2"])], logger=logger, max_epochs=1)
-    assert sum("TensorBoardLogger" in str(w.message) for w in caught) == 1
-    folder = Path(trainer.log_dir) / "receptive_field"
+    assert sum("cannot hold images" in str(w.message) for w in caught) == 1
     assert sorted(p.name for p in (folder / "00_conv2").iterdir()) == ["step_00000000.png", "step_00000003.png"]
-    assert (folder / "table" / "step_00000000.md").read_text().startswith("| layer |")
-    assert "receptive_field/00_conv2/erf_size" in (folder.parent / "scalars.csv").read_text()
+    assert (folder / "table.md").read_text().startswith("| layer |")
+    assert Image.open(folder / "summary" / "step_00000000.png").size == (600, 450)
+    metrics = (Path(trainer.log_dir) / "metrics.csv").read_text()
+    assert "receptive_field/00_conv2/erf_size" in metrics
 
 
 def test_a_failure_while_rendering_warns_and_training_goes_on(tmp_path, monkeypatch):
