@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+from tests.lightning_helpers import read_events
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -19,3 +21,36 @@ def test_ci_runs_the_readme_test_command():
 
 def test_the_screenshot_is_in_the_repository():
     assert (ROOT / "docs" / "tensorboard.png").stat().st_size > 10_000
+
+
+def runnable_blocks() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"<!-- test: run -->\n```python\n(.*?)```", text, re.S)
+
+
+def test_the_readme_marks_its_runnable_snippets():
+    assert len(runnable_blocks()) == 2
+
+
+def test_the_trainer_snippet_runs_as_pasted(tmp_path, monkeypatch):
+    """The first snippet, shortened to a few batches and pointed at a temporary folder."""
+    code = runnable_blocks()[0]
+    shortened = code.replace("max_epochs=3,", "max_epochs=1, limit_train_batches=3, limit_val_batches=2,")
+    shortened = shortened.replace('"lightning_logs"', repr(str(tmp_path / "logs")))
+    shortened = shortened.replace(
+        "FashionMNISTDataModule(", f"FashionMNISTDataModule(data_dir={str(tmp_path / 'data')!r}, "
+    )
+    assert shortened.count("tmp") >= 2 and "limit_train_batches" in shortened
+    monkeypatch.chdir(ROOT)  # the snippet names ../shared relative to the repository, as the README says
+    exec(compile(shortened, "README.md", "exec"), {})
+    assert list((tmp_path / "logs" / "my_run" / "version_0").glob("events.out.tfevents.*"))
+
+
+def test_the_plain_loop_snippet_runs_as_pasted(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(runnable_blocks()[1], "README.md", "exec"), {})
+    events = read_events(tmp_path / "runs" / "plain_loop")
+    tags = events.Tags()["images"]
+    assert "receptive_field/summary" in tags
+    maps = [tag for tag in tags if tag != "receptive_field/summary"]
+    assert maps and all([i.step for i in events.Images(tag)] == [0, 1, 2] for tag in maps)
