@@ -28,7 +28,7 @@ from rf_callback.destinations import (
     TensorBoardDestination,
     WandbDestination,
 )
-from rf_callback.monitor import TAG, ProbeMonitor
+from rf_callback.monitor import DESCRIPTIONS, TAG, ProbeMonitor
 from rf_callback.probes import Probes, as_probes, probes_from_dataset
 from rf_callback.report import format_rows
 from rf_callback.saliency import LUO_THRESHOLD, Unit, check_channel, check_unit
@@ -309,7 +309,9 @@ def destinations_for(trainer: Trainer) -> list[Destination]:
     others: list[Logger] = []
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            destinations.append(TensorBoardDestination(logger.experiment, logger.log_metrics))
+            # descriptions go with the first point of each scalar, written as log_metrics would (no prefix)
+            descriptions = DESCRIPTIONS if not getattr(logger, "_prefix", "") else None
+            destinations.append(TensorBoardDestination(logger.experiment, logger.log_metrics, descriptions))
         elif isinstance(logger, WandbLogger):
             destinations.append(WandbDestination(logger.experiment, logger.log_metrics))
         elif isinstance(logger, MLFlowLogger):

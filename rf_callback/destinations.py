@@ -77,19 +77,44 @@ class Destination(Protocol):
 class TensorBoardDestination:
     """A TensorBoard ``SummaryWriter`` (torch's or tensorboardX's): tables as Markdown text."""
 
-    def __init__(self, writer: SummaryWriter, log_metrics: LogMetrics | None = None) -> None:
+    def __init__(
+        self,
+        writer: SummaryWriter,
+        log_metrics: LogMetrics | None = None,
+        descriptions: Mapping[str, str] | None = None,
+    ) -> None:
         self.writer = writer
         self._log_metrics = log_metrics
+        self._descriptions = dict(descriptions or {})
+        self._described: set[str] = set()
 
     def add_image(self, tag: str, image: Tensor, step: int) -> None:
         self.writer.add_image(tag, image, step, dataformats="CHW")
 
     def add_scalars(self, values: Mapping[str, float], step: int) -> None:
-        if self._log_metrics is not None:
-            self._log_metrics(values, step)
-            return
+        """Scalars; the first point of a tag whose last part has a description carries it (TensorBoard
+        shows the description of a tag's first event beside its chart)."""
+        rest = dict(values)
         for tag, value in values.items():
+            description = self._descriptions.get(tag.rpartition("/")[2])
+            if description is not None and tag not in self._described:
+                self._write_described(tag, float(value), description, step)
+                del rest[tag]
+        if self._log_metrics is not None:
+            self._log_metrics(rest, step)
+            return
+        for tag, value in rest.items():
             self.writer.add_scalar(tag, value, step)
+
+    def _write_described(self, tag: str, value: float, description: str, step: int) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        point = Summary.Value(tag=tag, simple_value=value)
+        point.metadata.display_name = tag
+        point.metadata.summary_description = description
+        point.metadata.plugin_data.plugin_name = "scalars"
+        self.writer._get_file_writer().add_summary(Summary(value=[point]), step)
+        self._described.add(tag)
 
     def add_table(self, tag: str, columns: Sequence[str], rows: Sequence[Sequence[str]], step: int) -> None:
         self.add_text(tag, markdown_table(columns, rows), step)

@@ -43,7 +43,7 @@ from rf_callback.saliency import (
     resolve_layers,
 )
 
-__all__ = ["STATISTICS", "TAG", "ProbeMonitor", "eager", "layer_tag"]
+__all__ = ["DESCRIPTIONS", "STATISTICS", "TAG", "ProbeMonitor", "eager", "layer_tag"]
 
 OnError = Callable[["Destination", Exception], None]
 
@@ -58,6 +58,9 @@ STATISTICS = {
     "dead_fraction": ("dead_fraction", "Share of probes whose unit has an all-zero map (logged only when nonzero)."),
 }
 """Scalar name -> (:meth:`ERFStats.mean` key, one-sentence description)."""
+
+DESCRIPTIONS = {name: description for name, (_, description) in STATISTICS.items()}
+"""Scalar name -> its description, shown by TensorBoard beside each chart."""
 
 
 @contextlib.contextmanager
@@ -247,7 +250,10 @@ def _channel_hint(model: nn.Module, shape: tuple[int, ...]) -> str:
 def as_destinations(value: Any) -> list[Destination]:
     """``value`` as a list of destinations; a ``SummaryWriter`` becomes a :class:`TensorBoardDestination`."""
     items = list(value) if isinstance(value, (list, tuple)) else [value]
-    return [TensorBoardDestination(item) if hasattr(item, "add_scalar") else item for item in items]
+    return [
+        TensorBoardDestination(item, descriptions=DESCRIPTIONS) if hasattr(item, "add_scalar") else item
+        for item in items
+    ]
 
 
 def _send(destinations: Any, write: Callable[[Destination], None], on_error: OnError | None) -> None:

@@ -71,6 +71,8 @@ def test_logs_table_maps_and_scalars_per_epoch(tmp_path):
             assert [s.step for s in logged] == [0, *val_steps]
             assert logged[-1].value == pytest.approx(float(expected[key][index]), rel=1e-5)
     assert not any(t.endswith("dead_fraction") for t in events.Tags()["scalars"])  # only when nonzero
+    description = events.SummaryMetadata(f"{tag('conv2')}/erf_size").summary_description
+    assert description.startswith("ERF size: side (input px) of a square")
 
 
 def test_default_probes_are_one_per_class_from_the_validation_set(tmp_path):
