@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -143,26 +144,55 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
             module.training = mode
 
 
+class _CropFailed(Exception):
+    """The model cannot run on crops of the probes (it checks its input size, cuts at fixed places...)."""
+
+
+_UNCROPPABLE: weakref.WeakKeyDictionary[nn.Module, set[frozenset[str]]] = weakref.WeakKeyDictionary()
+"""Per model, the layer sets whose crops failed once, so that they are not tried again (weak keys:
+the cache never keeps a model alive)."""
+
+
 def _capture(
-    model: nn.Module, modules: dict[str, nn.Module], layers: Sequence[str], probes: Tensor
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    layers: Sequence[str],
+    probes: Tensor,
+    pick: Callable[[str, Tensor], Tensor],
+    *,
+    cropped: bool = False,
 ) -> dict[str, Tensor]:
-    """Run ``model(probes)`` until every wanted layer output is seen; return them by layer name."""
+    """Run ``model(probes)`` until every wanted layer is seen; return ``pick(layer, output)`` by layer.
+
+    ``pick`` runs inside the forward hook, on the output as the layer returned it. The model may
+    later modify that tensor in place (``out += branch(x)``, ``out.relu_()``); what ``pick`` took
+    from it (an indexed copy, tied by autograd to the output's history at that moment) does not
+    change, so a layer's result never depends on how far the forward runs. ``pick``'s own errors
+    are raised as they are; with ``cropped``, an error of the model's forward (an input-size check,
+    a fixed reshape) is raised as :class:`_CropFailed`.
+    """
     wanted: dict[str, dict[int, str]] = {}
     for key in layers:
         name, _, call = key.partition("[")
         wanted.setdefault(name, {})[int(call.rstrip("]")) if call else 0] = key
     captured: dict[str, Tensor] = {}
     calls: dict[str, int] = {}
+    errors: list[Exception] = []
 
     def hook_for(name: str):
         def hook(_module, _args, output):
             index = calls.get(name, 0)
             calls[name] = index + 1
             key = wanted[name].get(index)
-            if key is not None:
-                captured[key] = output[0] if isinstance(output, (tuple, list)) else output
-                if len(captured) == len(layers):
-                    raise _Stop
+            if key is None:
+                return
+            try:
+                captured[key] = pick(key, output[0] if isinstance(output, (tuple, list)) else output)
+            except Exception as error:  # ours, not the model's: stop, and raise it below as it is
+                errors.append(error)
+                raise _Stop from None
+            if len(captured) == len(layers):
+                raise _Stop
 
         return hook
 
@@ -172,34 +202,43 @@ def _capture(
             handles.append(modules[name].register_forward_hook(hook_for(name)))
         with contextlib.suppress(_Stop):
             model(probes)
+    except Exception as error:
+        if not cropped:
+            raise
+        raise _CropFailed(f"{type(error).__name__}: {error}") from error
     finally:
         for handle in handles:
             handle.remove()
+    if errors:
+        raise errors[0]
     missing = [key for key in layers if key not in captured]
     if missing:
-        raise RuntimeError(f"receptive_maps: forward never produced the outputs of {missing}.")
+        message = f"receptive_maps: forward never produced the outputs of {missing}."
+        raise _CropFailed(message) if cropped else RuntimeError(message)
     return captured
 
 
-def _choose_units(
-    output: Tensor | None, shape: tuple[int, ...], unit: Unit, channel: int | None, name: str, count: int
-) -> Tensor:
-    """The (i, j) of each probe's unit; ``output`` is only needed for ``unit="max"``."""
+def _fixed_units(shape: tuple[int, ...], unit: Unit, name: str, count: int) -> Tensor | None:
+    """The (i, j) of each probe's unit, (count, 2); None for ``unit="max"``, chosen during the forward."""
     if len(shape) != 2:
         raise ValueError(f"receptive_maps: layer '{name}' has a {len(shape)}-D spatial output; maps need 2-D images.")
     h, w = shape
+    if unit == "max":
+        return None
     if unit == "center":
         return torch.tensor([[h // 2, w // 2]] * count)
-    if unit == "max":
-        assert output is not None
-        _check_output(output, channel, name)
-        activation = output[:, channel] if channel is not None else output.sum(1)
-        flat = activation.detach().flatten(1).argmax(1).cpu()
-        return torch.stack([flat // w, flat % w], dim=1)
     i, j = unit
     if not (0 <= i < h and 0 <= j < w):
         raise ValueError(f"receptive_maps(unit={unit}): layer '{name}' has an output of {h}x{w}.")
     return torch.tensor([[i, j]] * count)
+
+
+def _strongest(output: Tensor, channel: int | None) -> Tensor:
+    """Each probe's position of largest activation (one channel, or the channel sum), (N, 2)."""
+    output = output.detach()
+    activation = output[:, channel] if channel is not None else output.sum(1)
+    flat = activation.flatten(1).argmax(1).cpu()
+    return torch.stack([flat // output.shape[3], flat % output.shape[3]], dim=1)
 
 
 def _check_output(output: Tensor, channel: int | None, name: str) -> None:
@@ -209,9 +248,8 @@ def _check_output(output: Tensor, channel: int | None, name: str) -> None:
         raise ValueError(f"receptive_maps(channel={channel}): layer '{name}' has {output.shape[1]} channels.")
 
 
-def _unit_sum(output: Tensor, units: Tensor, channel: int | None, name: str) -> Tensor:
+def _unit_sum(output: Tensor, units: Tensor, channel: int | None) -> Tensor:
     """Sum over probes of each probe's unit (its channel sum, or one channel)."""
-    _check_output(output, channel, name)
     units = units.to(output.device)
     picked = output[torch.arange(output.shape[0], device=output.device), :, units[:, 0], units[:, 1]]  # (N, C)
     return (picked[:, channel] if channel is not None else picked.sum(1)).sum()
@@ -262,7 +300,22 @@ def _hull(boxes: Sequence[tuple[int, int, int, int]]) -> tuple[int, int, int, in
     return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
 
 
-def _input_gradients(
+def _passes(
+    names: Sequence[str], fields: ReceptiveFieldTable, units: dict[str, Tensor], image: tuple[int, int]
+) -> list[tuple[list[str], _Crop | None]]:
+    """The layers grouped into passes (one forward each), on crops or, for ``None``, on whole images:
+    shift-equivariant layers on crops around their units' boxes, the others on whole images."""
+    boxes = {
+        name: _per_unit(units[name], lambda i, j, row=fields[name]: row.box(i, j, clip=False))
+        for name in names
+        if fields[name].equivariant and min(fields[name].stride) > 0
+    }
+    crop = _crop([(fields[name], boxes[name]) for name in boxes], image) if boxes else None
+    whole = [name for name in names if crop is None or name not in boxes]
+    return ([(whole, None)] if whole else []) + ([([name for name in names if name in boxes], crop)] if crop else [])
+
+
+def _pass_gradients(
     model: nn.Module,
     modules: dict[str, nn.Module],
     members: Sequence[str],
@@ -271,63 +324,45 @@ def _input_gradients(
     units: dict[str, Tensor],
     crop: _Crop | None,
     channel: int | None,
-    captured: tuple[Tensor, dict[str, Tensor]] | None = None,
-) -> dict[str, Tensor]:
-    """Input gradient of each member layer's units, each probe's gradient placed back in its image.
+    into: dict[str, Tensor],
+    reuse: tuple[Tensor, dict[str, Tensor]] | None = None,
+) -> None:
+    """Write the input gradient of each member layer's units into ``into[layer]`` (N, C, H, W).
 
-    One forward (on crops when ``crop`` is given), then one backward per layer through the shared
-    graph. ``captured`` reuses a forward already run on the whole image: ``(leaf input, outputs by
-    layer)``. With crops, returns an empty dict if the model cannot run on them (a fixed reshape, a
-    positional table...): the caller then uses whole images.
+    One forward (on crops when ``crop`` is given, each probe's gradient placed back in its image),
+    then one backward per layer through the shared graph. ``reuse`` is a forward already run on
+    whole images: ``(leaf input, unit sums by layer)``. With crops, raises :class:`_CropFailed` if
+    the model cannot run on them; the caller then uses whole images.
     """
     count = len(pixels)
-    if crop is None:
-        corners, (height, width) = [(0, 0)] * count, tuple(pixels.shape[2:])
-    else:
-        corners, (height, width) = crop.corners, crop.size
+    corners, (height, width) = (crop.corners, crop.size) if crop else ([(0, 0)] * count, tuple(pixels.shape[2:]))
     windows = [(slice(top, top + height), slice(left, left + width)) for top, left in corners]
     same = len(set(corners)) == 1
-    if captured is not None:
-        leaf, outputs = captured
+    if reuse is not None:
+        leaf, targets = reuse
     else:
         if same:
             leaf = pixels[:, :, windows[0][0], windows[0][1]].clone()
         else:
             leaf = torch.stack([pixels[n, :, rows, cols] for n, (rows, cols) in enumerate(windows)])
         leaf.requires_grad_(True)
-        try:
-            outputs = _capture(model, modules, members, leaf)
-        except RuntimeError:
-            if crop is None:
-                raise
-            return {}
-    offsets = torch.tensor(corners)
-    targets = []
-    for name in members:
-        output = outputs[name]
-        local = units[name] - offsets // torch.tensor(fields[name].stride) if crop is not None else units[name]
-        if crop is not None and (
-            output.dim() != 4 or (local < 0).any() or (local >= torch.tensor(output.shape[2:])).any()
-        ):
-            return {}
-        targets.append(_unit_sum(output, local, channel, name))
-    gradients = [
-        torch.autograd.grad(target, leaf, retain_graph=index < len(members) - 1)[0]
-        for index, target in enumerate(targets)
-    ]
-    results = {}
-    for name, gradient in zip(members, gradients):
-        if crop is None:
-            results[name] = gradient.detach()
-            continue
-        result = torch.zeros_like(pixels)
+        offsets = torch.tensor(corners)
+
+        def unit_sum(name: str, output: Tensor) -> Tensor:
+            _check_output(output, channel, name)
+            local = units[name] - offsets // torch.tensor(fields[name].stride) if crop else units[name]
+            if crop and ((local < 0).any() or (local >= torch.tensor(output.shape[2:])).any()):
+                raise _CropFailed(f"layer '{name}' gives {tuple(output.shape[2:])} positions on {crop.size} crops")
+            return _unit_sum(output, local, channel)
+
+        targets = _capture(model, modules, members, leaf, unit_sum, cropped=crop is not None)
+    for index, name in enumerate(members):
+        (gradient,) = torch.autograd.grad(targets[name], leaf, retain_graph=index < len(members) - 1)
         if same:
-            result[:, :, windows[0][0], windows[0][1]] = gradient
+            into[name][:, :, windows[0][0], windows[0][1]] = gradient
         else:
             for n, (rows, cols) in enumerate(windows):
-                result[n, :, rows, cols] = gradient[n]
-        results[name] = result
-    return results
+                into[name][n, :, rows, cols] = gradient[n]
 
 
 def receptive_maps(
@@ -350,6 +385,14 @@ def receptive_maps(
     validation), on the model's device and dtype, with channels-last probes, and on DDP or
     ``torch.compile`` wrappers. Autocast is switched off inside, so maps are computed at the
     model's own precision.
+
+    Shift-equivariant layers run on crops of the probes around their units' boxes (exact, and
+    cheaper). A model that cannot run on crops (it checks its input size, as torchvision's
+    VisionTransformer does, or raises any other exception there) gets the same maps from whole
+    images; that is decided once per model and set of layers, silently, and not tried again.
+    Each layer's unit is read inside its forward hook, so a model that later changes that output
+    in place (``out += branch(x)``, ``out.relu_()``) does not change its map: no map depends on
+    which other layers are requested.
 
     Args:
         model: the network; ``model(probes)`` must run.
@@ -394,28 +437,38 @@ def receptive_maps(
         stack.enter_context(torch.autocast(device.type, enabled=False))
         stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
         stack.enter_context(_evaluating(model))
+        count = len(probes)
+        units = {name: _fixed_units(fields[name].output_shape, unit, name, count) for name in names}
         pixels = probes.detach().to(device=device, dtype=dtype).clone()
         modules = dict(model.named_modules())
-        # "max" needs every layer's activations on the whole image; the layers that cannot be cropped reuse them.
-        image = pixels.clone().requires_grad_(True) if unit == "max" else None
-        full: dict[str, Tensor] = _capture(model, modules, names, image) if image is not None else {}
-        units = {
-            name: _choose_units(full.get(name), fields[name].output_shape, unit, channel, name, len(probes))
-            for name in names
-        }
-        # Shift-equivariant layers run on crops around their units' boxes; the others on whole images.
-        image_size = (probes.shape[2], probes.shape[3])
-        croppable = [name for name in names if fields[name].equivariant and min(fields[name].stride) > 0]
-        analytic = {n: _per_unit(units[n], lambda i, j, row=fields[n]: row.box(i, j, clip=False)) for n in croppable}
-        crop = _crop([(fields[n], analytic[n]) for n in croppable], image_size) if croppable else None
-        gradients = _input_gradients(model, modules, croppable, fields, pixels, units, crop, channel) if crop else {}
-        rest = [name for name in names if name not in gradients]
-        if rest:
-            captured = (image, full) if image is not None else None
-            gradients.update(_input_gradients(model, modules, rest, fields, pixels, units, None, channel, captured))
+        signed = torch.zeros(count, len(names), *probes.shape[1:])  # (N, L, C, H, W), float32 on the CPU
+        into = {name: signed[:, index] for index, name in enumerate(names)}
+        reuse = None
+        if unit == "max":  # units come from the activations on whole images; the layers not cropped reuse that pass
+
+            def strongest(name: str, output: Tensor) -> Tensor:
+                _check_output(output, channel, name)
+                units[name] = _strongest(output, channel)
+                return _unit_sum(output, units[name], channel)
+
+            image = pixels.clone().requires_grad_(True)
+            reuse = (image, _capture(model, modules, names, image, strongest))
+        layer_set = frozenset(names)
+        whole: list[str] = []
+        for members, crop in _passes(names, fields, units, (probes.shape[2], probes.shape[3])):
+            if crop is None or layer_set in _UNCROPPABLE.get(model, ()):
+                whole += members
+                continue
+            try:
+                _pass_gradients(model, modules, members, fields, pixels, units, crop, channel, into)
+            except _CropFailed:  # the same maps from whole images; not tried again for this model and layer set
+                _UNCROPPABLE.setdefault(model, set()).add(layer_set)
+                whole += members
+        if whole:
+            whole.sort(key=names.index)
+            _pass_gradients(model, modules, whole, fields, pixels, units, None, channel, into, reuse)
 
     with torch.inference_mode(False):  # results are ordinary tensors, even for a caller in inference mode
-        signed = torch.stack([gradients[name].float() for name in names], dim=1).cpu()  # (N, L, C, H, W)
         units_tensor = torch.stack([units[name].cpu() for name in names], dim=1)
         maps = signed.abs().sum(2)
         boxes = torch.tensor([_per_unit(units[name], fields[name].box) for name in names]).transpose(0, 1)
