@@ -141,7 +141,8 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         for module, mode in modes:
-            module.training = mode
+            if module.training != mode:
+                module.training = mode
 
 
 class _CropFailed(Exception):
@@ -248,10 +249,14 @@ def _check_output(output: Tensor, channel: int | None, name: str) -> None:
         raise ValueError(f"receptive_maps(channel={channel}): layer '{name}' has {output.shape[1]} channels.")
 
 
-def _unit_sum(output: Tensor, units: Tensor, channel: int | None) -> Tensor:
-    """Sum over probes of each probe's unit (its channel sum, or one channel)."""
-    units = units.to(output.device)
-    picked = output[torch.arange(output.shape[0], device=output.device), :, units[:, 0], units[:, 1]]  # (N, C)
+def _unit_sum(output: Tensor, units: Sequence[tuple[int, int]], channel: int | None) -> Tensor:
+    """Sum over probes of each probe's unit ``(i, j)`` (its channel sum, or one channel)."""
+    if len(set(units)) == 1:
+        i, j = units[0]
+        picked = output[:, :, i, j]  # (N, C)
+    else:
+        rows, cols = (torch.tensor(axis, device=output.device) for axis in zip(*units))
+        picked = output[torch.arange(len(units), device=output.device), :, rows, cols]
     return (picked[:, channel] if channel is not None else picked.sum(1)).sum()
 
 
@@ -266,25 +271,48 @@ def _per_unit(units: Tensor, function: Callable[[int, int], tuple]) -> list[tupl
     return results
 
 
+_PASS_OVERHEAD = 256
+"""What one more forward and backward cost beyond their pixels, counted in pixels of the probes
+(one pixel through the network once): on CPUs, the fixed per-operation cost of a small CNN's
+pass is what 200 to 500 of its pixels cost."""
+
+
 @dataclass(frozen=True)
-class _Crop:
-    corners: list[tuple[int, int]]  # top-left corner of each probe's crop
-    size: tuple[int, int]
+class _Layout:
+    """Where one pass puts the probes' pixels: layer ``name``'s tile, of ``(h, w)`` at ``(y, x)`` in
+    the pass's input, holds ``image[n, :, top:top + h, left:left + w]`` for each probe's ``(top, left)``.
 
-
-def _crop(members: Sequence[tuple[LayerRF, list[tuple]]], image: tuple[int, int]) -> _Crop | None:
-    """One crop per probe from which every member layer's unit can be computed exactly; None: use the image.
-
-    ``members`` pairs each shift-equivariant layer (``row.equivariant``: zero padding, no global
-    mixing; strides > 0) with its units' analytic boxes (padding included, one per probe). A unit's
-    gradient lives inside its box: running the network on a crop that holds that box, starts on a
-    multiple of the effective stride and meets the image border wherever the box runs past it gives
-    the unit exactly, and backward then costs the crop's area instead of the image's.
+    Attributes:
+        size: ``(H, W)`` of the pass's input.
+        tiles: per layer, ``((h, w), (y, x), [(top, left) per probe])``.
+        together: the tiles are the units' boxes and do not overlap, so one backward of the sum
+            of all units gives each layer's gradient on its own tile.
     """
-    hulls = [_hull(boxes) for boxes in zip(*(boxes for _, boxes in members))]  # per probe
+
+    size: tuple[int, int]
+    tiles: dict[str, tuple[tuple[int, int], tuple[int, int], list[tuple[int, int]]]]
+    together: bool = False
+
+    @property
+    def area(self) -> int:
+        return self.size[0] * self.size[1]
+
+
+def _crop(
+    names: Sequence[str], fields: ReceptiveFieldTable, boxes: dict[str, list[tuple]], image: tuple[int, int]
+) -> _Layout | None:
+    """One crop per probe from which every named layer's unit can be computed exactly; None: use the image.
+
+    ``boxes`` holds each shift-equivariant layer's (``row.equivariant``: zero padding, no global
+    mixing; strides > 0) analytic boxes, padding included, one per probe. A unit's gradient lives
+    inside its box: running the network on a crop that holds that box, starts on a multiple of the
+    effective stride and meets the image border wherever the box runs past it gives the unit
+    exactly, and backward then costs the crop's area instead of the image's.
+    """
+    hulls = [_hull(probe_boxes) for probe_boxes in zip(*(boxes[name] for name in names))]  # per probe
     corners, size = [], []
     for axis, length in enumerate(image):
-        stride = math.lcm(*(row.stride[axis] for row, _ in members))
+        stride = math.lcm(*(fields[name].stride[axis] for name in names))
         lows = [min(max(hull[axis], 0), length - 1) // stride * stride for hull in hulls]
         highs = [min(hull[axis + 2], length) for hull in hulls]
         extent = max(max(high - low for low, high in zip(lows, highs)), 1)
@@ -293,26 +321,139 @@ def _crop(members: Sequence[tuple[LayerRF, list[tuple]]], image: tuple[int, int]
         size.append(extent)
     if tuple(size) == image:
         return None
-    return _Crop(list(zip(*corners)), (size[0], size[1]))
+    crop = (size[0], size[1])
+    return _Layout(crop, {name: (crop, (0, 0), list(zip(*corners))) for name in names})
 
 
 def _hull(boxes: Sequence[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
     return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
 
 
+def _mosaic(names: Sequence[str], fields: ReceptiveFieldTable, boxes: dict[str, list[tuple]]) -> _Layout:
+    """The boxes of units that lie inside the image, side by side on one canvas per probe.
+
+    Such a unit reads only the pixels of its box (its field meets no padding), wherever they sit,
+    as long as they move by a multiple of its effective stride. So the tiles of several layers can
+    share one input; their boxes do not overlap, so one backward of the sum of their units gives
+    every layer's gradient on its own tile. Shelf packing, tallest first, at the width of least area.
+    """
+    sizes = {name: (boxes[name][0][2] - boxes[name][0][0], boxes[name][0][3] - boxes[name][0][1]) for name in names}
+    order = sorted(names, key=lambda name: sizes[name], reverse=True)
+    widths = [sizes[name][1] + fields[name].stride[1] - 1 for name in order]  # with room to align
+    best: _Layout | None = None
+    for limit in sorted({sum(widths[: k + 1]) for k in range(len(order))}):
+        places, y0, x, bottom, right = {}, 0, 0, 0, 0
+        for name in order:
+            (h, w), (top, left, _, _), stride = sizes[name], boxes[name][0], fields[name].stride
+            here = x + (left - x) % stride[1]  # the first column at or after x that keeps the unit on its grid
+            if x and here + w > limit:  # a new shelf
+                y0, x = bottom, 0
+                here = left % stride[1]
+            places[name] = (y0 + (top - y0) % stride[0], here)
+            x = here + w
+            bottom, right = max(bottom, places[name][0] + h), max(right, x)
+        if best is None or bottom * right < best.area:
+            tiles = {name: (sizes[name], places[name], [box[:2] for box in boxes[name]]) for name in names}
+            best = _Layout((bottom, right), tiles, together=True)
+    assert best is not None
+    return best
+
+
+def _cost(passes: Sequence[tuple[list[str], _Layout | None]], image: tuple[int, int]) -> int:
+    """A plan's cost in pixels of the probes: per pass, its overhead, one forward and its backward passes."""
+    total = 0
+    for members, layout in passes:
+        area = image[0] * image[1] if layout is None else layout.area
+        total += _PASS_OVERHEAD + area * (2 if layout is not None and layout.together else 1 + len(members))
+    return total
+
+
+def _grouped(
+    names: Sequence[str],
+    fields: ReceptiveFieldTable,
+    boxes: dict[str, list[tuple]],
+    image: tuple[int, int],
+    whole: Sequence[str],
+) -> list[tuple[list[str], _Layout | None]]:
+    """Crop passes for ``names``, ``whole`` on whole images: each layer runs on its own crop unless
+    joining a pass with a larger one costs less. Forward and backward each cost about a pass's
+    area, so a pass of its own costs a layer ``overhead + 2a``; joining a pass of area ``A``
+    (with it) adds its backward, ``A``. Layers go from the largest crop down, each joining the
+    smallest pass opened so far or opening the next."""
+    full = image[0] * image[1]
+    own = {name: _crop([name], fields, boxes, image) for name in names}
+    passes: list[tuple[list[str], _Layout | None]] = []
+    first = [*whole, *(name for name in names if own[name] is None)]
+    if first:
+        passes.append((first, None))
+    for name in sorted((name for name in names if own[name] is not None), key=lambda name: -own[name].area):
+        alone = own[name].area
+        if passes:
+            members, layout = passes[-1]
+            merged = layout and _crop([*members, name], fields, boxes, image)
+            if (full if merged is None else merged.area) <= 2 * alone + _PASS_OVERHEAD:
+                passes[-1] = ([*members, name], merged)
+                continue
+        passes.append(([name], own[name]))
+    whole_pass = [name for members, layout in passes if layout is None for name in members]
+    return ([(whole_pass, None)] if whole_pass else []) + [(m, layout) for m, layout in passes if layout is not None]
+
+
+_LAST_PLAN: list[tuple[weakref.ref, tuple, list]] = []
+"""The last plan made, with a weak reference to its table: a callback asks for the same one every epoch."""
+
+
 def _passes(
     names: Sequence[str], fields: ReceptiveFieldTable, units: dict[str, Tensor], image: tuple[int, int]
-) -> list[tuple[list[str], _Crop | None]]:
-    """The layers grouped into passes (one forward each), on crops or, for ``None``, on whole images:
-    shift-equivariant layers on crops around their units' boxes, the others on whole images."""
+) -> list[tuple[list[str], _Layout | None]]:
+    """The layers grouped into passes (one forward each) on crops, mosaics, or (``None``) whole images.
+
+    Shift-equivariant layers run on crops around their units' boxes (:func:`_grouped`). Units
+    whose boxes lie inside the image can instead share a mosaic of their boxes with one backward
+    for all (:func:`_mosaic`): the smallest ``k`` of them do, for the ``k`` of least cost.
+    """
+    key = (tuple(names), image, tuple(tuple(map(tuple, units[name].tolist())) for name in names))
+    if _LAST_PLAN and _LAST_PLAN[0][0]() is fields and _LAST_PLAN[0][1] == key:
+        return _LAST_PLAN[0][2]
+    plan = _plan(names, fields, units, image)
+    _LAST_PLAN[:] = [(weakref.ref(fields), key, plan)]
+    return plan
+
+
+def _plan(
+    names: Sequence[str], fields: ReceptiveFieldTable, units: dict[str, Tensor], image: tuple[int, int]
+) -> list[tuple[list[str], _Layout | None]]:
     boxes = {
         name: _per_unit(units[name], lambda i, j, row=fields[name]: row.box(i, j, clip=False))
         for name in names
         if fields[name].equivariant and min(fields[name].stride) > 0
     }
-    crop = _crop([(fields[name], boxes[name]) for name in boxes], image) if boxes else None
-    whole = [name for name in names if crop is None or name not in boxes]
-    return ([(whole, None)] if whole else []) + ([([name for name in names if name in boxes], crop)] if crop else [])
+    whole = [name for name in names if name not in boxes]
+    best = _grouped(list(boxes), fields, boxes, image, whole)
+    height, width = image
+    inside = [  # units whose fields meet no padding
+        name for name in boxes if all(b[0] >= 0 and b[1] >= 0 and b[2] <= height and b[3] <= width for b in boxes[name])
+    ]
+    inside.sort(key=lambda name: fields[name].size[0] * fields[name].size[1])
+    for k in range(2, min(len(inside), 16) + 1):
+        tiled = inside[:k]
+        plan = _grouped([n for n in boxes if n not in tiled], fields, boxes, image, whole)
+        plan.append((tiled, _mosaic(tiled, fields, boxes)))
+        if _cost(plan, image) < _cost(best, image):
+            best = plan
+    order = {name: index for index, name in enumerate(names)}
+    return [(sorted(members, key=order.__getitem__), layout) for members, layout in best]
+
+
+def _move(target: Tensor, to: Sequence[tuple[int, int]], source: Tensor, at: Sequence[tuple[int, int]], size) -> None:
+    """``target[n, :, y:y + h, x:x + w] = source[n, :, top:top + h, left:left + w]`` for each probe's corners."""
+    h, w = size
+    if len(set(to)) == 1 and len(set(at)) == 1:
+        (y, x), (top, left) = to[0], at[0]
+        target[:, :, y : y + h, x : x + w] = source[:, :, top : top + h, left : left + w]
+        return
+    for n, ((y, x), (top, left)) in enumerate(zip(to, at)):
+        target[n, :, y : y + h, x : x + w] = source[n, :, top : top + h, left : left + w]
 
 
 def _pass_gradients(
@@ -322,47 +463,60 @@ def _pass_gradients(
     fields: ReceptiveFieldTable,
     pixels: Tensor,
     units: dict[str, Tensor],
-    crop: _Crop | None,
+    layout: _Layout | None,
     channel: int | None,
     into: dict[str, Tensor],
     reuse: tuple[Tensor, dict[str, Tensor]] | None = None,
 ) -> None:
     """Write the input gradient of each member layer's units into ``into[layer]`` (N, C, H, W).
 
-    One forward (on crops when ``crop`` is given, each probe's gradient placed back in its image),
-    then one backward per layer through the shared graph. ``reuse`` is a forward already run on
-    whole images: ``(leaf input, unit sums by layer)``. With crops, raises :class:`_CropFailed` if
-    the model cannot run on them; the caller then uses whole images.
+    One forward on the pass's input (whole images, or the probes' pixels laid out by ``layout``),
+    then one backward per layer through the shared graph, or a single one for a mosaic. ``reuse``
+    is a forward already run on whole images: ``(leaf input, unit sums by layer)``. With a layout,
+    raises :class:`_CropFailed` if the model cannot run on it; the caller then uses whole images.
     """
     count = len(pixels)
-    corners, (height, width) = (crop.corners, crop.size) if crop else ([(0, 0)] * count, tuple(pixels.shape[2:]))
-    windows = [(slice(top, top + height), slice(left, left + width)) for top, left in corners]
-    same = len(set(corners)) == 1
     if reuse is not None:
         leaf, targets = reuse
     else:
-        if same:
-            leaf = pixels[:, :, windows[0][0], windows[0][1]].clone()
+        if layout is None:
+            leaf = pixels.clone()
         else:
-            leaf = torch.stack([pixels[n, :, rows, cols] for n, (rows, cols) in enumerate(windows)])
+            leaf = pixels.new_zeros(*pixels.shape[:2], *layout.size)
+            for size, place, corners in {(s, p, tuple(c)) for s, p, c in layout.tiles.values()}:
+                _move(leaf, [place] * count, pixels, corners, size)
         leaf.requires_grad_(True)
-        offsets = torch.tensor(corners)
+
+        local = {name: list(map(tuple, units[name].tolist())) for name in members}  # each probe's unit, in the pass
+        if layout is not None:
+            for name in members:
+                _, (y, x), corners = layout.tiles[name]
+                stride = fields[name].stride
+                shifts = [((y - top) // stride[0], (x - left) // stride[1]) for top, left in corners]
+                local[name] = [(i + di, j + dj) for (i, j), (di, dj) in zip(local[name], shifts)]
 
         def unit_sum(name: str, output: Tensor) -> Tensor:
             _check_output(output, channel, name)
-            local = units[name] - offsets // torch.tensor(fields[name].stride) if crop else units[name]
-            if crop and ((local < 0).any() or (local >= torch.tensor(output.shape[2:])).any()):
-                raise _CropFailed(f"layer '{name}' gives {tuple(output.shape[2:])} positions on {crop.size} crops")
-            return _unit_sum(output, local, channel)
+            h, w = output.shape[2:]
+            if layout is not None and not all(0 <= i < h and 0 <= j < w for i, j in local[name]):
+                raise _CropFailed(f"layer '{name}' gives {h}x{w} positions on {layout.size}")
+            return _unit_sum(output, local[name], channel)
 
-        targets = _capture(model, modules, members, leaf, unit_sum, cropped=crop is not None)
-    for index, name in enumerate(members):
-        (gradient,) = torch.autograd.grad(targets[name], leaf, retain_graph=index < len(members) - 1)
-        if same:
-            into[name][:, :, windows[0][0], windows[0][1]] = gradient
+        targets = _capture(model, modules, members, leaf, unit_sum, cropped=layout is not None)
+    if layout is not None and layout.together:
+        (gradient,) = torch.autograd.grad(torch.stack([targets[name] for name in members]).sum(), leaf)
+        gradients = dict.fromkeys(members, gradient)
+    else:
+        gradients = {
+            name: torch.autograd.grad(targets[name], leaf, retain_graph=index < len(members) - 1)[0]
+            for index, name in enumerate(members)
+        }
+    for name in members:
+        if layout is None:
+            into[name][:] = gradients[name]
         else:
-            for n, (rows, cols) in enumerate(windows):
-                into[name][n, :, rows, cols] = gradient[n]
+            size, place, corners = layout.tiles[name]
+            _move(into[name], corners, gradients[name], [place] * count, size)
 
 
 def receptive_maps(
@@ -449,18 +603,18 @@ def receptive_maps(
             def strongest(name: str, output: Tensor) -> Tensor:
                 _check_output(output, channel, name)
                 units[name] = _strongest(output, channel)
-                return _unit_sum(output, units[name], channel)
+                return _unit_sum(output, list(map(tuple, units[name].tolist())), channel)
 
             image = pixels.clone().requires_grad_(True)
             reuse = (image, _capture(model, modules, names, image, strongest))
         layer_set = frozenset(names)
         whole: list[str] = []
-        for members, crop in _passes(names, fields, units, (probes.shape[2], probes.shape[3])):
-            if crop is None or layer_set in _UNCROPPABLE.get(model, ()):
+        for members, layout in _passes(names, fields, units, (probes.shape[2], probes.shape[3])):
+            if layout is None or layer_set in _UNCROPPABLE.get(model, ()):
                 whole += members
                 continue
             try:
-                _pass_gradients(model, modules, members, fields, pixels, units, crop, channel, into)
+                _pass_gradients(model, modules, members, fields, pixels, units, layout, channel, into)
             except _CropFailed:  # the same maps from whole images; not tried again for this model and layer set
                 _UNCROPPABLE.setdefault(model, set()).add(layer_set)
                 whole += members

@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from torch import nn
 from torchvision.models import VisionTransformer
 
-from rf_callback.saliency import erf_stats, receptive_maps
+from rf_callback.fields import receptive_fields
+from rf_callback.models import SmallCNN
+from rf_callback.saliency import _passes, erf_stats, receptive_maps
 from tests.nets import build, model_examples, specs, well_defined
 
 
@@ -363,7 +365,9 @@ class InPlaceNet(nn.Module):
         return self.blocks(self.stem(x))
 
 
-in_place_blocks = st.tuples(st.sampled_from(["conv", "add_", "relu_", "mul_"]), st.sampled_from([1, 3]), st.integers(1, 2))
+in_place_blocks = st.tuples(
+    st.sampled_from(["conv", "add_", "relu_", "mul_"]), st.sampled_from([1, 3]), st.integers(1, 2)
+)
 
 
 @model_examples
@@ -437,7 +441,8 @@ def test_models_that_check_their_input_size_get_maps_from_whole_images(probes, e
     torch.testing.assert_close(first.gradients, second.gradients)
     for index, name in enumerate(first.layers):
         for n in range(len(probes)):
-            expected = captum_gradient(model, getattr(model, name), probes[n : n + 1], tuple(first.units[n, index].tolist()))
+            unit = tuple(first.units[n, index].tolist())
+            expected = captum_gradient(model, getattr(model, name), probes[n : n + 1], unit)
             torch.testing.assert_close(first.gradients[n, index], expected, rtol=1e-5, atol=1e-6)
 
 
@@ -472,3 +477,32 @@ def test_remembering_a_failed_crop_keeps_no_model_alive(probes):
     del model
     gc.collect()
     assert reference() is None
+
+
+class WholeImagesOnly(nn.Module):
+    """``inner`` behind an input-size check: every map of it comes from whole images."""
+
+    def __init__(self, inner: nn.Module, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.inner, self.size = inner, size
+
+    def forward(self, x):
+        assert x.shape[-2:] == self.size
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("unit", ["center", "max", (2, 5)])
+def test_crops_and_mosaics_give_the_maps_of_whole_images(unit):
+    """SmallCNN's six centre units share one mosaic of their boxes (one backward for all); units at
+    the border ('max' on an untrained net) get crops of their own."""
+    torch.manual_seed(0)
+    net = SmallCNN().eval()
+    probes = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    layers = [f"features.{name}" for name in ("conv1", "conv2", "pool1", "conv3", "conv4", "pool2")]
+    result = receptive_maps(net, probes, layers, unit=unit)
+    if unit == "center":
+        plan = _passes(layers, receptive_fields(net, (1, 28, 28)), dict(zip(layers, result.units.unbind(1))), (28, 28))
+        assert [layout is not None and layout.together for _, layout in plan] == [True]
+    expected = receptive_maps(WholeImagesOnly(net, (28, 28)), probes, [f"inner.{name}" for name in layers], unit=unit)
+    assert torch.equal(result.units, expected.units)
+    torch.testing.assert_close(result.gradients, expected.gradients, rtol=1e-5, atol=1e-6)
