@@ -4,7 +4,9 @@ The theoretical receptive field (:func:`~rf_callback.receptive_fields`) says whe
 look; the gradient of the unit with respect to the input says where it does (Luo, Li, Urtasun
 and Zemel, "Understanding the Effective Receptive Field in Deep Convolutional Neural Networks",
 NIPS 2016). :func:`receptive_maps` computes these maps for a batch of probe images and many
-layers with one forward pass and one backward pass per layer, leaving no trace on the model.
+layers at once, leaving no trace on the model: a few forward passes, each on whole images or on
+only the pixels its layers' units can see (crops, or their boxes tiled side by side), and at most
+one backward pass per layer.
 """
 
 from __future__ import annotations
