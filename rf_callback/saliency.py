@@ -273,10 +273,13 @@ def _per_unit(units: Tensor, function: Callable[[int, int], tuple]) -> list[tupl
     return results
 
 
-_PASS_OVERHEAD = 256
+_PASS_OVERHEAD = 1024
 """What one more forward and backward cost beyond their pixels, counted in pixels of the probes
-(one pixel through the network once): on CPUs, the fixed per-operation cost of a small CNN's
-pass is what 200 to 500 of its pixels cost."""
+(one pixel through the network once). Measured on a CPU core with 10 probes, the fixed per-op
+cost of a pass is what about 200 pixels cost in resnet18 and resnet50 at 224x224 and 500 in
+SmallCNN at 28x28; the cost model ignores depth, which makes a shallow layer's backward in a
+deeper pass look dearer than it is, so this leans towards fewer passes. Real networks' crops are
+far larger, so only small inputs feel it."""
 
 
 @dataclass(frozen=True)
@@ -361,12 +364,14 @@ def _mosaic(names: Sequence[str], fields: ReceptiveFieldTable, boxes: dict[str, 
     return best
 
 
-def _cost(passes: Sequence[tuple[list[str], _Layout | None]], image: tuple[int, int]) -> int:
-    """A plan's cost in pixels of the probes: per pass, its overhead, one forward and its backward passes."""
+def _cost(passes: Sequence[tuple[list[str], _Layout | None]], image: tuple[int, int], paid: bool) -> int:
+    """A plan's cost in pixels of the probes: per pass, its overhead, one forward and its backward
+    passes; ``paid``: the forward on whole images has run already."""
     total = 0
     for members, layout in passes:
         area = image[0] * image[1] if layout is None else layout.area
-        total += _PASS_OVERHEAD + area * (2 if layout is not None and layout.together else 1 + len(members))
+        backward = area if layout is not None and layout.together else area * len(members)
+        total += backward + (0 if paid and layout is None else _PASS_OVERHEAD + area)
     return total
 
 
@@ -376,17 +381,19 @@ def _grouped(
     boxes: dict[str, list[tuple]],
     image: tuple[int, int],
     whole: Sequence[str],
+    paid: bool,
 ) -> list[tuple[list[str], _Layout | None]]:
     """Crop passes for ``names``, ``whole`` on whole images: each layer runs on its own crop unless
     joining a pass with a larger one costs less. Forward and backward each cost about a pass's
     area, so a pass of its own costs a layer ``overhead + 2a``; joining a pass of area ``A``
     (with it) adds its backward, ``A``. Layers go from the largest crop down, each joining the
-    smallest pass opened so far or opening the next."""
+    smallest pass opened so far or opening the next. ``paid``: the forward on whole images has
+    run already, so a layer can join that pass for its backward alone."""
     full = image[0] * image[1]
     own = {name: _crop([name], fields, boxes, image) for name in names}
     passes: list[tuple[list[str], _Layout | None]] = []
     first = [*whole, *(name for name in names if own[name] is None)]
-    if first:
+    if first or paid:
         passes.append((first, None))
     for name in sorted((name for name in names if own[name] is not None), key=lambda name: -own[name].area):
         alone = own[name].area
@@ -406,24 +413,29 @@ _LAST_PLAN: list[tuple[weakref.ref, tuple, list]] = []
 
 
 def _passes(
-    names: Sequence[str], fields: ReceptiveFieldTable, units: dict[str, Tensor], image: tuple[int, int]
+    names: Sequence[str],
+    fields: ReceptiveFieldTable,
+    units: dict[str, Tensor],
+    image: tuple[int, int],
+    paid: bool = False,
 ) -> list[tuple[list[str], _Layout | None]]:
     """The layers grouped into passes (one forward each) on crops, mosaics, or (``None``) whole images.
 
     Shift-equivariant layers run on crops around their units' boxes (:func:`_grouped`). Units
     whose boxes lie inside the image can instead share a mosaic of their boxes with one backward
     for all (:func:`_mosaic`): the smallest ``k`` of them do, for the ``k`` of least cost.
+    ``paid``: a forward on whole images has run already (for ``unit="max"``).
     """
-    key = (tuple(names), image, tuple(tuple(map(tuple, units[name].tolist())) for name in names))
+    key = (tuple(names), image, paid, tuple(tuple(map(tuple, units[name].tolist())) for name in names))
     if _LAST_PLAN and _LAST_PLAN[0][0]() is fields and _LAST_PLAN[0][1] == key:
         return _LAST_PLAN[0][2]
-    plan = _plan(names, fields, units, image)
+    plan = _plan(names, fields, units, image, paid)
     _LAST_PLAN[:] = [(weakref.ref(fields), key, plan)]
     return plan
 
 
 def _plan(
-    names: Sequence[str], fields: ReceptiveFieldTable, units: dict[str, Tensor], image: tuple[int, int]
+    names: Sequence[str], fields: ReceptiveFieldTable, units: dict[str, Tensor], image: tuple[int, int], paid: bool
 ) -> list[tuple[list[str], _Layout | None]]:
     boxes = {
         name: _per_unit(units[name], lambda i, j, row=fields[name]: row.box(i, j, clip=False))
@@ -431,7 +443,7 @@ def _plan(
         if fields[name].equivariant and min(fields[name].stride) > 0
     }
     whole = [name for name in names if name not in boxes]
-    best = _grouped(list(boxes), fields, boxes, image, whole)
+    best = _grouped(list(boxes), fields, boxes, image, whole, paid)
     height, width = image
     inside = [  # units whose fields meet no padding
         name for name in boxes if all(b[0] >= 0 and b[1] >= 0 and b[2] <= height and b[3] <= width for b in boxes[name])
@@ -439,9 +451,9 @@ def _plan(
     inside.sort(key=lambda name: fields[name].size[0] * fields[name].size[1])
     for k in range(2, min(len(inside), 16) + 1):
         tiled = inside[:k]
-        plan = _grouped([n for n in boxes if n not in tiled], fields, boxes, image, whole)
+        plan = _grouped([n for n in boxes if n not in tiled], fields, boxes, image, whole, paid)
         plan.append((tiled, _mosaic(tiled, fields, boxes)))
-        if _cost(plan, image) < _cost(best, image):
+        if _cost(plan, image, paid) < _cost(best, image, paid):
             best = plan
     order = {name: index for index, name in enumerate(names)}
     return [(sorted(members, key=order.__getitem__), layout) for members, layout in best]
@@ -611,7 +623,7 @@ def receptive_maps(
             reuse = (image, _capture(model, modules, names, image, strongest))
         layer_set = frozenset(names)
         whole: list[str] = []
-        for members, layout in _passes(names, fields, units, (probes.shape[2], probes.shape[3])):
+        for members, layout in _passes(names, fields, units, (probes.shape[2], probes.shape[3]), reuse is not None):
             if layout is None or layer_set in _UNCROPPABLE.get(model, ()):
                 whole += members
                 continue

@@ -1,9 +1,11 @@
 """receptive_maps: parity with captum, support equals the analytic box, and no side effects."""
 
+import contextlib
 import gc
 import random
 import warnings
 import weakref
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -100,9 +102,20 @@ def test_max_picks_each_probes_strongest_unit(model, probes):
     assert torch.equal(result.units[:, 0], expected)
 
 
+def planned(crops: bool):
+    """With ``crops``, no per-pass overhead: every crop and mosaic that is valid is planned, even on tiny images."""
+    return mock.patch("rf_callback.saliency._PASS_OVERHEAD", 0) if crops else contextlib.nullcontext()
+
+
 @model_examples
-@given(spec=specs, height=st.integers(6, 16), width=st.integers(6, 16), unit=st.sampled_from(["center", "max"]))
-def test_random_networks_match_captum(spec, height, width, unit):
+@given(
+    spec=specs,
+    height=st.integers(6, 16),
+    width=st.integers(6, 16),
+    unit=st.sampled_from(["center", "max"]),
+    crops=st.booleans(),
+)
+def test_random_networks_match_captum(spec, height, width, unit, crops):
     """Covers the crop path (shift-equivariant layers) and the full-image path alike.
 
     In float64: max pooling routes the gradient to the larger of two near-equal inputs, and
@@ -112,7 +125,8 @@ def test_random_networks_match_captum(spec, height, width, unit):
     probes = torch.rand(2, 1, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     if not well_defined(net, probes):
         reject()
-    result = receptive_maps(net, probes, unit=unit)
+    with planned(crops):
+        result = receptive_maps(net, probes, unit=unit)
     modules = dict(net.named_modules())
     for n in range(2):
         for index, name in enumerate(result.layers):
@@ -122,13 +136,14 @@ def test_random_networks_match_captum(spec, height, width, unit):
 
 
 @model_examples
-@given(spec=specs, height=st.integers(5, 16), width=st.integers(5, 16))
-def test_support_of_each_map_is_the_analytic_box(spec, height, width):
+@given(spec=specs, height=st.integers(5, 16), width=st.integers(5, 16), crops=st.booleans())
+def test_support_of_each_map_is_the_analytic_box(spec, height, width, crops):
     twin = build(spec, twin=True)
     probes = torch.rand(2, 1, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     if not well_defined(twin, probes):
         reject()
-    result = receptive_maps(twin, probes, [f"blocks.{k}" for k in range(len(spec))], unit="max")
+    with planned(crops):
+        result = receptive_maps(twin, probes, [f"blocks.{k}" for k in range(len(spec))], unit="max")
     for n in range(2):
         for index in range(len(spec)):
             rows, cols = result.maps[n, index].nonzero(as_tuple=True)
@@ -376,16 +391,18 @@ in_place_blocks = st.tuples(
     twin=st.booleans(),
     unit=st.sampled_from(["center", "max"]),
     size=st.integers(8, 16),
+    crops=st.booleans(),
     data=st.data(),
 )
-def test_each_map_is_independent_of_the_other_layers_requested(blocks, twin, unit, size, data):
+def test_each_map_is_independent_of_the_other_layers_requested(blocks, twin, unit, size, crops, data):
     """Random subsets of layers, in nets that change layer outputs in place (``+=``, ``relu_``, ``mul_``)."""
     torch.manual_seed(0)
     net = InPlaceNet(blocks, twin).eval()
     probes = torch.rand(2, 1, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     names = [name for name, _ in net.named_modules() if name.startswith("blocks.")]
     subset = data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=len(names), unique=True))
-    together = receptive_maps(net, probes, subset, unit=unit)
+    with planned(crops):
+        together = receptive_maps(net, probes, subset, unit=unit)
     for index, name in enumerate(subset):
         alone = receptive_maps(net, probes, [name], unit=unit)
         assert torch.equal(together.units[:, index], alone.units[:, 0])
