@@ -554,8 +554,9 @@ def receptive_maps(
     ``torch.compile`` wrappers. Autocast is switched off inside, so maps are computed at the
     model's own precision.
 
-    Shift-equivariant layers run on crops of the probes around their units' boxes (exact, and
-    cheaper). A model that cannot run on crops (it checks its input size, as torchvision's
+    Shift-equivariant layers run on crops of the probes around their units' boxes, and units whose
+    fields meet no padding on their boxes tiled side by side, with one backward for all (exact,
+    and cheaper). A model that cannot run on crops (it checks its input size, as torchvision's
     VisionTransformer does, or raises any other exception there) gets the same maps from whole
     images; that is decided once per model and set of layers, silently, and not tried again.
     Each layer's unit is read inside its forward hook, so a model that later changes that output
