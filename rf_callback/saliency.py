@@ -4,13 +4,16 @@ The theoretical receptive field (:func:`~rf_callback.receptive_fields`) says whe
 look; the gradient of the unit with respect to the input says where it does (Luo, Li, Urtasun
 and Zemel, "Understanding the Effective Receptive Field in Deep Convolutional Neural Networks",
 NIPS 2016). :func:`receptive_maps` computes these maps for a batch of probe images and many
-layers with one forward pass and one backward pass per layer, leaving no trace on the model.
+layers at once, leaving no trace on the model: a few forward passes, each on whole images or on
+only the pixels its layers' units can see (crops, or their boxes tiled side by side), and at most
+one backward pass per layer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -308,26 +311,55 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         for module, mode in modes:
-            module.training = mode
+            if module.training != mode:
+                module.training = mode
+
+
+class _CropFailed(Exception):
+    """The model cannot run on crops of the probes (it checks its input size, cuts at fixed places...)."""
+
+
+_UNCROPPABLE: weakref.WeakKeyDictionary[nn.Module, set[frozenset[str]]] = weakref.WeakKeyDictionary()
+"""Per model, the layer sets whose crops failed once, so that they are not tried again (weak keys:
+the cache never keeps a model alive)."""
 
 
 def _capture(
-    model: nn.Module, modules: dict[str, nn.Module], layers: Sequence[str], probes: Tensor
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    layers: Sequence[str],
+    probes: Tensor,
+    pick: Callable[[str, Tensor], Tensor],
+    *,
+    cropped: bool = False,
 ) -> dict[str, Tensor]:
-    """Run ``model(probes)`` until every wanted layer output is seen; return them by layer name."""
+    """Run ``model(probes)`` until every wanted layer is seen; return ``pick(layer, output)`` by layer.
+
+    ``pick`` runs inside the forward hook, on the output as the layer returned it. The model may
+    later modify that tensor in place (``out += branch(x)``, ``out.relu_()``); what ``pick`` took
+    from it (an indexed copy, tied by autograd to the output's history at that moment) does not
+    change, so a layer's result never depends on how far the forward runs. ``pick``'s own errors
+    are raised as they are; with ``cropped``, an error of the model's forward (an input-size check,
+    a fixed reshape) is raised as :class:`_CropFailed`.
+    """
     wanted: dict[str, dict[int, list[tuple[str, int]]]] = {}
     for key in layers:
         parsed = LayerKey.parse(key)
         wanted.setdefault(parsed.module, {}).setdefault(parsed.call or 0, []).append((key, parsed.output or 0))
     captured: dict[str, Tensor] = {}
     calls: dict[str, int] = {}
+    errors: list[Exception] = []
 
     def hook_for(name: str):
         def hook(_module, _args, output):
             index = calls.get(name, 0)
             calls[name] = index + 1
             for key, position in wanted[name].get(index, ()):
-                captured[key] = _input_dependent(output)[position]
+                try:
+                    captured[key] = pick(key, _input_dependent(output)[position])
+                except Exception as error:  # ours, not the model's: stop, and raise it below as it is
+                    errors.append(error)
+                    raise _Stop from None
             if len(captured) == len(layers):
                 raise _Stop
 
@@ -339,12 +371,19 @@ def _capture(
             handles.append(modules[name].register_forward_hook(hook_for(name)))
         with contextlib.suppress(_Stop):
             model(probes)
+    except Exception as error:
+        if not cropped:
+            raise
+        raise _CropFailed(f"{type(error).__name__}: {error}") from error
     finally:
         for handle in handles:
             handle.remove()
+    if errors:
+        raise errors[0]
     missing = [key for key in layers if key not in captured]
     if missing:
-        raise RuntimeError(f"receptive_maps: forward never produced the outputs of {missing}.")
+        message = f"receptive_maps: forward never produced the outputs of {missing}."
+        raise _CropFailed(message) if cropped else RuntimeError(message)
     return captured
 
 
@@ -359,25 +398,27 @@ def _input_dependent(output: object) -> list[Tensor]:
     return []
 
 
-def _choose_units(
-    output: Tensor | None, shape: tuple[int, ...], unit: Unit, channel: int | None, name: str, count: int
-) -> Tensor:
-    """The (i, j) of each probe's unit; ``output`` is only needed for ``unit="max"``."""
+def _fixed_units(shape: tuple[int, ...], unit: Unit, name: str, count: int) -> Tensor | None:
+    """The (i, j) of each probe's unit, (count, 2); None for ``unit="max"``, chosen during the forward."""
     if len(shape) != 2:
         raise ValueError(f"receptive_maps: layer '{name}' has a {len(shape)}-D spatial output; maps need 2-D images.")
     h, w = shape
+    if unit == "max":
+        return None
     if unit == "center":
         return torch.tensor([[h // 2, w // 2]] * count)
-    if unit == "max":
-        assert output is not None
-        _check_output(output, channel, name)
-        activation = output[:, channel] if channel is not None else output.sum(1)
-        flat = activation.detach().flatten(1).argmax(1).cpu()
-        return torch.stack([flat // w, flat % w], dim=1)
     i, j = unit
     if not (0 <= i < h and 0 <= j < w):
         raise ValueError(f"receptive_maps(unit={unit}): layer '{name}' has an output of {h}x{w}.")
     return torch.tensor([[i, j]] * count)
+
+
+def _strongest(output: Tensor, channel: int | None) -> Tensor:
+    """Each probe's position of largest activation (one channel, or the channel sum), (N, 2)."""
+    output = output.detach()
+    activation = output[:, channel] if channel is not None else output.sum(1)
+    flat = activation.flatten(1).argmax(1).cpu()
+    return torch.stack([flat // output.shape[3], flat % output.shape[3]], dim=1)
 
 
 def _check_output(output: Tensor, channel: int | None, name: str) -> None:
@@ -387,11 +428,14 @@ def _check_output(output: Tensor, channel: int | None, name: str) -> None:
         raise ValueError(f"receptive_maps(channel={channel}): layer '{name}' has {output.shape[1]} channels.")
 
 
-def _unit_sum(output: Tensor, units: Tensor, channel: int | None, name: str) -> Tensor:
-    """Sum over probes of each probe's unit (its channel sum, or one channel)."""
-    _check_output(output, channel, name)
-    units = units.to(output.device)
-    picked = output[torch.arange(output.shape[0], device=output.device), :, units[:, 0], units[:, 1]]  # (N, C)
+def _unit_sum(output: Tensor, units: Sequence[tuple[int, int]], channel: int | None) -> Tensor:
+    """Sum over probes of each probe's unit ``(i, j)`` (its channel sum, or one channel)."""
+    if len(set(units)) == 1:
+        i, j = units[0]
+        picked = output[:, :, i, j]  # (N, C)
+    else:
+        rows, cols = (torch.tensor(axis, device=output.device) for axis in zip(*units))
+        picked = output[torch.arange(len(units), device=output.device), :, rows, cols]
     return (picked[:, channel] if channel is not None else picked.sum(1)).sum()
 
 
@@ -406,25 +450,51 @@ def _per_unit(units: Tensor, function: Callable[[int, int], tuple]) -> list[tupl
     return results
 
 
+_PASS_OVERHEAD = 1024
+"""What one more forward and backward cost beyond their pixels, counted in pixels of the probes
+(one pixel through the network once). Measured on a CPU core with 10 probes, the fixed per-op
+cost of a pass is what about 200 pixels cost in resnet18 and resnet50 at 224x224 and 500 in
+SmallCNN at 28x28; the cost model ignores depth, which makes a shallow layer's backward in a
+deeper pass look dearer than it is, so this leans towards fewer passes. Real networks' crops are
+far larger, so only small inputs feel it."""
+
+
 @dataclass(frozen=True)
-class _Crop:
-    corners: list[tuple[int, int]]  # top-left corner of each probe's crop
-    size: tuple[int, int]
+class _Layout:
+    """Where one pass puts the probes' pixels: layer ``name``'s tile, of ``(h, w)`` at ``(y, x)`` in
+    the pass's input, holds ``image[n, :, top:top + h, left:left + w]`` for each probe's ``(top, left)``.
 
-
-def _crop(members: Sequence[tuple[LayerRF, list[tuple]]], image: tuple[int, int]) -> _Crop | None:
-    """One crop per probe from which every member layer's unit can be computed exactly; None: use the image.
-
-    ``members`` pairs each shift-equivariant layer (``row.equivariant``: zero padding, no global
-    mixing; strides > 0) with its units' analytic boxes (padding included, one per probe). A unit's
-    gradient lives inside its box: running the network on a crop that holds that box, starts on a
-    multiple of the effective stride and meets the image border wherever the box runs past it gives
-    the unit exactly, and backward then costs the crop's area instead of the image's.
+    Attributes:
+        size: ``(H, W)`` of the pass's input.
+        tiles: per layer, ``((h, w), (y, x), [(top, left) per probe])``.
+        together: the tiles are the units' boxes and do not overlap, so one backward of the sum
+            of all units gives each layer's gradient on its own tile.
     """
-    hulls = [_hull(boxes) for boxes in zip(*(boxes for _, boxes in members))]  # per probe
+
+    size: tuple[int, int]
+    tiles: dict[str, tuple[tuple[int, int], tuple[int, int], list[tuple[int, int]]]]
+    together: bool = False
+
+    @property
+    def area(self) -> int:
+        return self.size[0] * self.size[1]
+
+
+def _crop(
+    names: Sequence[str], fields: ReceptiveFieldTable, boxes: dict[str, list[tuple]], image: tuple[int, int]
+) -> _Layout | None:
+    """One crop per probe from which every named layer's unit can be computed exactly; None: use the image.
+
+    ``boxes`` holds each shift-equivariant layer's (``row.equivariant``: zero padding, no global
+    mixing; strides > 0) analytic boxes, padding included, one per probe. A unit's gradient lives
+    inside its box: running the network on a crop that holds that box, starts on a multiple of the
+    effective stride and meets the image border wherever the box runs past it gives the unit
+    exactly, and backward then costs the crop's area instead of the image's.
+    """
+    hulls = [_hull(probe_boxes) for probe_boxes in zip(*(boxes[name] for name in names))]  # per probe
     corners, size = [], []
     for axis, length in enumerate(image):
-        stride = math.lcm(*(row.stride[axis] for row, _ in members))
+        stride = math.lcm(*(fields[name].stride[axis] for name in names))
         lows = [min(max(hull[axis], 0), length - 1) // stride * stride for hull in hulls]
         highs = [min(hull[axis + 2], length) for hull in hulls]
         extent = max(max(high - low for low, high in zip(lows, highs)), 1)
@@ -433,79 +503,211 @@ def _crop(members: Sequence[tuple[LayerRF, list[tuple]]], image: tuple[int, int]
         size.append(extent)
     if tuple(size) == image:
         return None
-    return _Crop(list(zip(*corners)), (size[0], size[1]))
+    crop = (size[0], size[1])
+    return _Layout(crop, {name: (crop, (0, 0), list(zip(*corners))) for name in names})
 
 
 def _hull(boxes: Sequence[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
     return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
 
 
-def _input_gradients(
+def _mosaic(names: Sequence[str], fields: ReceptiveFieldTable, boxes: dict[str, list[tuple]]) -> _Layout:
+    """The boxes of units that lie inside the image, side by side on one canvas per probe.
+
+    Such a unit reads only the pixels of its box (its field meets no padding), wherever they sit,
+    as long as they move by a multiple of its effective stride. So the tiles of several layers can
+    share one input; their boxes do not overlap, so one backward of the sum of their units gives
+    every layer's gradient on its own tile. Shelf packing, tallest first, at the width of least area.
+    """
+    sizes = {name: (boxes[name][0][2] - boxes[name][0][0], boxes[name][0][3] - boxes[name][0][1]) for name in names}
+    order = sorted(names, key=lambda name: sizes[name], reverse=True)
+    widths = [sizes[name][1] + fields[name].stride[1] - 1 for name in order]  # with room to align
+    best: _Layout | None = None
+    for limit in sorted({sum(widths[: k + 1]) for k in range(len(order))}):
+        places, y0, x, bottom, right = {}, 0, 0, 0, 0
+        for name in order:
+            (h, w), (top, left, _, _), stride = sizes[name], boxes[name][0], fields[name].stride
+            here = x + (left - x) % stride[1]  # the first column at or after x that keeps the unit on its grid
+            if x and here + w > limit:  # a new shelf
+                y0, x = bottom, 0
+                here = left % stride[1]
+            places[name] = (y0 + (top - y0) % stride[0], here)
+            x = here + w
+            bottom, right = max(bottom, places[name][0] + h), max(right, x)
+        if best is None or bottom * right < best.area:
+            tiles = {name: (sizes[name], places[name], [box[:2] for box in boxes[name]]) for name in names}
+            best = _Layout((bottom, right), tiles, together=True)
+    assert best is not None
+    return best
+
+
+def _cost(passes: Sequence[tuple[list[str], _Layout | None]], image: tuple[int, int], paid: bool) -> int:
+    """A plan's cost in pixels of the probes: per pass, its overhead, one forward and its backward
+    passes; ``paid``: the forward on whole images has run already."""
+    total = 0
+    for members, layout in passes:
+        area = image[0] * image[1] if layout is None else layout.area
+        backward = area if layout is not None and layout.together else area * len(members)
+        total += backward + (0 if paid and layout is None else _PASS_OVERHEAD + area)
+    return total
+
+
+def _grouped(
+    names: Sequence[str],
+    fields: ReceptiveFieldTable,
+    boxes: dict[str, list[tuple]],
+    image: tuple[int, int],
+    whole: Sequence[str],
+    paid: bool,
+) -> list[tuple[list[str], _Layout | None]]:
+    """Crop passes for ``names``, ``whole`` on whole images: each layer runs on its own crop unless
+    joining a pass with a larger one costs less. Forward and backward each cost about a pass's
+    area, so a pass of its own costs a layer ``overhead + 2a``; joining a pass of area ``A``
+    (with it) adds its backward, ``A``. Layers go from the largest crop down, each joining the
+    smallest pass opened so far or opening the next. ``paid``: the forward on whole images has
+    run already, so a layer can join that pass for its backward alone."""
+    full = image[0] * image[1]
+    own = {name: _crop([name], fields, boxes, image) for name in names}
+    passes: list[tuple[list[str], _Layout | None]] = []
+    first = [*whole, *(name for name in names if own[name] is None)]
+    if first or paid:
+        passes.append((first, None))
+    for name in sorted((name for name in names if own[name] is not None), key=lambda name: -own[name].area):
+        alone = own[name].area
+        if passes:
+            members, layout = passes[-1]
+            merged = layout and _crop([*members, name], fields, boxes, image)
+            if (full if merged is None else merged.area) <= 2 * alone + _PASS_OVERHEAD:
+                passes[-1] = ([*members, name], merged)
+                continue
+        passes.append(([name], own[name]))
+    whole_pass = [name for members, layout in passes if layout is None for name in members]
+    return ([(whole_pass, None)] if whole_pass else []) + [(m, layout) for m, layout in passes if layout is not None]
+
+
+_LAST_PLAN: list[tuple[weakref.ref, tuple, list]] = []
+"""The last plan made, with a weak reference to its table: a callback asks for the same one every epoch."""
+
+
+def _passes(
+    names: Sequence[str],
+    fields: ReceptiveFieldTable,
+    units: dict[str, Tensor],
+    image: tuple[int, int],
+    paid: bool = False,
+) -> list[tuple[list[str], _Layout | None]]:
+    """The layers grouped into passes (one forward each) on crops, mosaics, or (``None``) whole images.
+
+    Shift-equivariant layers run on crops around their units' boxes (:func:`_grouped`). Units
+    whose boxes lie inside the image can instead share a mosaic of their boxes with one backward
+    for all (:func:`_mosaic`): the smallest ``k`` of them do, for the ``k`` of least cost.
+    ``paid``: a forward on whole images has run already (for ``unit="max"``).
+    """
+    key = (tuple(names), image, paid, tuple(tuple(map(tuple, units[name].tolist())) for name in names))
+    if _LAST_PLAN and _LAST_PLAN[0][0]() is fields and _LAST_PLAN[0][1] == key:
+        return _LAST_PLAN[0][2]
+    plan = _plan(names, fields, units, image, paid)
+    _LAST_PLAN[:] = [(weakref.ref(fields), key, plan)]
+    return plan
+
+
+def _plan(
+    names: Sequence[str], fields: ReceptiveFieldTable, units: dict[str, Tensor], image: tuple[int, int], paid: bool
+) -> list[tuple[list[str], _Layout | None]]:
+    boxes = {
+        name: _per_unit(units[name], lambda i, j, row=fields[name]: row.box(i, j, clip=False))
+        for name in names
+        if fields[name].equivariant and min(fields[name].stride) > 0
+    }
+    whole = [name for name in names if name not in boxes]
+    best = _grouped(list(boxes), fields, boxes, image, whole, paid)
+    height, width = image
+    inside = [  # units whose fields meet no padding
+        name for name in boxes if all(b[0] >= 0 and b[1] >= 0 and b[2] <= height and b[3] <= width for b in boxes[name])
+    ]
+    inside.sort(key=lambda name: fields[name].size[0] * fields[name].size[1])
+    for k in range(2, min(len(inside), 16) + 1):
+        tiled = inside[:k]
+        plan = _grouped([n for n in boxes if n not in tiled], fields, boxes, image, whole, paid)
+        plan.append((tiled, _mosaic(tiled, fields, boxes)))
+        if _cost(plan, image, paid) < _cost(best, image, paid):
+            best = plan
+    order = {name: index for index, name in enumerate(names)}
+    return [(sorted(members, key=order.__getitem__), layout) for members, layout in best]
+
+
+def _move(target: Tensor, to: Sequence[tuple[int, int]], source: Tensor, at: Sequence[tuple[int, int]], size) -> None:
+    """``target[n, :, y:y + h, x:x + w] = source[n, :, top:top + h, left:left + w]`` for each probe's corners."""
+    h, w = size
+    if len(set(to)) == 1 and len(set(at)) == 1:
+        (y, x), (top, left) = to[0], at[0]
+        target[:, :, y : y + h, x : x + w] = source[:, :, top : top + h, left : left + w]
+        return
+    for n, ((y, x), (top, left)) in enumerate(zip(to, at)):
+        target[n, :, y : y + h, x : x + w] = source[n, :, top : top + h, left : left + w]
+
+
+def _pass_gradients(
     model: nn.Module,
     modules: dict[str, nn.Module],
     members: Sequence[str],
     fields: ReceptiveFieldTable,
     pixels: Tensor,
     units: dict[str, Tensor],
-    crop: _Crop | None,
+    layout: _Layout | None,
     channel: int | None,
-    captured: tuple[Tensor, dict[str, Tensor]] | None = None,
-) -> dict[str, Tensor]:
-    """Input gradient of each member layer's units, each probe's gradient placed back in its image.
+    into: dict[str, Tensor],
+    reuse: tuple[Tensor, dict[str, Tensor]] | None = None,
+) -> None:
+    """Write the input gradient of each member layer's units into ``into[layer]`` (N, C, H, W).
 
-    One forward (on crops when ``crop`` is given), then one backward per layer through the shared
-    graph. ``captured`` reuses a forward already run on the whole image: ``(leaf input, outputs by
-    layer)``. With crops, returns an empty dict if the model cannot run on them (a fixed reshape, a
-    positional table...): the caller then uses whole images.
+    One forward on the pass's input (whole images, or the probes' pixels laid out by ``layout``),
+    then one backward per layer through the shared graph, or a single one for a mosaic. ``reuse``
+    is a forward already run on whole images: ``(leaf input, unit sums by layer)``. With a layout,
+    raises :class:`_CropFailed` if the model cannot run on it; the caller then uses whole images.
     """
     count = len(pixels)
-    if crop is None:
-        corners, (height, width) = [(0, 0)] * count, tuple(pixels.shape[2:])
+    if reuse is not None:
+        leaf, targets = reuse
     else:
-        corners, (height, width) = crop.corners, crop.size
-    windows = [(slice(top, top + height), slice(left, left + width)) for top, left in corners]
-    same = len(set(corners)) == 1
-    if captured is not None:
-        leaf, outputs = captured
-    else:
-        if same:
-            leaf = pixels[:, :, windows[0][0], windows[0][1]].clone()
+        if layout is None:
+            leaf = pixels.clone()
         else:
-            leaf = torch.stack([pixels[n, :, rows, cols] for n, (rows, cols) in enumerate(windows)])
+            leaf = pixels.new_zeros(*pixels.shape[:2], *layout.size)
+            for size, place, corners in {(s, p, tuple(c)) for s, p, c in layout.tiles.values()}:
+                _move(leaf, [place] * count, pixels, corners, size)
         leaf.requires_grad_(True)
-        try:
-            outputs = _capture(model, modules, members, leaf)
-        except RuntimeError:
-            if crop is None:
-                raise
-            return {}
-    offsets = torch.tensor(corners)
-    targets = []
+
+        local = {name: list(map(tuple, units[name].tolist())) for name in members}  # each probe's unit, in the pass
+        if layout is not None:
+            for name in members:
+                _, (y, x), corners = layout.tiles[name]
+                stride = fields[name].stride
+                shifts = [((y - top) // stride[0], (x - left) // stride[1]) for top, left in corners]
+                local[name] = [(i + di, j + dj) for (i, j), (di, dj) in zip(local[name], shifts)]
+
+        def unit_sum(name: str, output: Tensor) -> Tensor:
+            _check_output(output, channel, name)
+            h, w = output.shape[2:]
+            if layout is not None and not all(0 <= i < h and 0 <= j < w for i, j in local[name]):
+                raise _CropFailed(f"layer '{name}' gives {h}x{w} positions on {layout.size}")
+            return _unit_sum(output, local[name], channel)
+
+        targets = _capture(model, modules, members, leaf, unit_sum, cropped=layout is not None)
+    if layout is not None and layout.together:
+        (gradient,) = torch.autograd.grad(torch.stack([targets[name] for name in members]).sum(), leaf)
+        gradients = dict.fromkeys(members, gradient)
+    else:
+        gradients = {
+            name: torch.autograd.grad(targets[name], leaf, retain_graph=index < len(members) - 1)[0]
+            for index, name in enumerate(members)
+        }
     for name in members:
-        output = outputs[name]
-        local = units[name] - offsets // torch.tensor(fields[name].stride) if crop is not None else units[name]
-        if crop is not None and (
-            output.dim() != 4 or (local < 0).any() or (local >= torch.tensor(output.shape[2:])).any()
-        ):
-            return {}
-        targets.append(_unit_sum(output, local, channel, name))
-    gradients = [
-        torch.autograd.grad(target, leaf, retain_graph=index < len(members) - 1)[0]
-        for index, target in enumerate(targets)
-    ]
-    results = {}
-    for name, gradient in zip(members, gradients):
-        if crop is None:
-            results[name] = gradient.detach()
-            continue
-        result = torch.zeros_like(pixels)
-        if same:
-            result[:, :, windows[0][0], windows[0][1]] = gradient
+        if layout is None:
+            into[name][:] = gradients[name]
         else:
-            for n, (rows, cols) in enumerate(windows):
-                result[n, :, rows, cols] = gradient[n]
-        results[name] = result
-    return results
+            size, place, corners = layout.tiles[name]
+            _move(into[name], corners, gradients[name], [place] * count, size)
 
 
 def receptive_maps(
@@ -528,6 +730,15 @@ def receptive_maps(
     validation), on the model's device and dtype, with channels-last probes, and on DDP or
     ``torch.compile`` wrappers. Autocast is switched off inside, so maps are computed at the
     model's own precision.
+
+    Shift-equivariant layers run on crops of the probes around their units' boxes, and units whose
+    fields meet no padding on their boxes tiled side by side, with one backward for all (exact,
+    and cheaper). A model that cannot run on crops (it checks its input size, as torchvision's
+    VisionTransformer does, or raises any other exception there) gets the same maps from whole
+    images; that is decided once per model and set of layers, silently, and not tried again.
+    Each layer's unit is read inside its forward hook, so a model that later changes that output
+    in place (``out += branch(x)``, ``out.relu_()``) does not change its map: no map depends on
+    which other layers are requested.
 
     Args:
         model: the network; ``model(probes)`` must run.
@@ -574,28 +785,38 @@ def receptive_maps(
         stack.enter_context(torch.autocast(device.type, enabled=False))
         stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
         stack.enter_context(_evaluating(model))
+        count = len(probes)
+        units = {name: _fixed_units(fields[name].output_shape, unit, name, count) for name in names}
         pixels = probes.detach().to(device=device, dtype=dtype).clone()
         modules = dict(model.named_modules())
-        # "max" needs every layer's activations on the whole image; the layers that cannot be cropped reuse them.
-        image = pixels.clone().requires_grad_(True) if unit == "max" else None
-        full: dict[str, Tensor] = _capture(model, modules, names, image) if image is not None else {}
-        units = {
-            name: _choose_units(full.get(name), fields[name].output_shape, unit, channel, name, len(probes))
-            for name in names
-        }
-        # Shift-equivariant layers run on crops around their units' boxes; the others on whole images.
-        image_size = (probes.shape[2], probes.shape[3])
-        croppable = [name for name in names if fields[name].equivariant and min(fields[name].stride) > 0]
-        analytic = {n: _per_unit(units[n], lambda i, j, row=fields[n]: row.box(i, j, clip=False)) for n in croppable}
-        crop = _crop([(fields[n], analytic[n]) for n in croppable], image_size) if croppable else None
-        gradients = _input_gradients(model, modules, croppable, fields, pixels, units, crop, channel) if crop else {}
-        rest = [name for name in names if name not in gradients]
-        if rest:
-            captured = (image, full) if image is not None else None
-            gradients.update(_input_gradients(model, modules, rest, fields, pixels, units, None, channel, captured))
+        signed = torch.zeros(count, len(names), *probes.shape[1:])  # (N, L, C, H, W), float32 on the CPU
+        into = {name: signed[:, index] for index, name in enumerate(names)}
+        reuse = None
+        if unit == "max":  # units come from the activations on whole images; the layers not cropped reuse that pass
+
+            def strongest(name: str, output: Tensor) -> Tensor:
+                _check_output(output, channel, name)
+                units[name] = _strongest(output, channel)
+                return _unit_sum(output, list(map(tuple, units[name].tolist())), channel)
+
+            image = pixels.clone().requires_grad_(True)
+            reuse = (image, _capture(model, modules, names, image, strongest))
+        layer_set = frozenset(names)
+        whole: list[str] = []
+        for members, layout in _passes(names, fields, units, (probes.shape[2], probes.shape[3]), reuse is not None):
+            if layout is None or layer_set in _UNCROPPABLE.get(model, ()):
+                whole += members
+                continue
+            try:
+                _pass_gradients(model, modules, members, fields, pixels, units, layout, channel, into)
+            except _CropFailed:  # the same maps from whole images; not tried again for this model and layer set
+                _UNCROPPABLE.setdefault(model, set()).add(layer_set)
+                whole += members
+        if whole:
+            whole.sort(key=names.index)
+            _pass_gradients(model, modules, whole, fields, pixels, units, None, channel, into, reuse)
 
     with torch.inference_mode(False):  # results are ordinary tensors, even for a caller in inference mode
-        signed = torch.stack([gradients[name].float() for name in names], dim=1).cpu()  # (N, L, C, H, W)
         units_tensor = torch.stack([units[name].cpu() for name in names], dim=1)
         maps = signed.abs().sum(2)
         boxes = torch.tensor([_per_unit(units[name], fields[name].box) for name in names]).transpose(0, 1)

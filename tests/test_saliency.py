@@ -1,6 +1,11 @@
 """receptive_maps: parity with captum, support equals the analytic box, and no side effects."""
 
+import contextlib
+import gc
 import random
+import warnings
+import weakref
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -10,8 +15,11 @@ from captum.attr import NeuronGradient
 from hypothesis import given, reject
 from hypothesis import strategies as st
 from torch import nn
+from torchvision.models import VisionTransformer
 
-from rf_callback.saliency import erf_stats, receptive_maps
+from rf_callback.fields import receptive_fields
+from rf_callback.demos.cnns import SmallCNN
+from rf_callback.saliency import _passes, erf_stats, receptive_maps
 from tests.nets import build, model_examples, specs, well_defined
 
 
@@ -95,9 +103,20 @@ def test_max_picks_each_probes_strongest_unit(model, probes):
     assert torch.equal(result.units[:, 0], expected)
 
 
+def planned(crops: bool):
+    """With ``crops``, no per-pass overhead: every crop and mosaic that is valid is planned, even on tiny images."""
+    return mock.patch("rf_callback.saliency._PASS_OVERHEAD", 0) if crops else contextlib.nullcontext()
+
+
 @model_examples
-@given(spec=specs, height=st.integers(6, 16), width=st.integers(6, 16), unit=st.sampled_from(["center", "max"]))
-def test_random_networks_match_captum(spec, height, width, unit):
+@given(
+    spec=specs,
+    height=st.integers(6, 16),
+    width=st.integers(6, 16),
+    unit=st.sampled_from(["center", "max"]),
+    crops=st.booleans(),
+)
+def test_random_networks_match_captum(spec, height, width, unit, crops):
     """Covers the crop path (shift-equivariant layers) and the full-image path alike.
 
     In float64: max pooling routes the gradient to the larger of two near-equal inputs, and
@@ -107,7 +126,8 @@ def test_random_networks_match_captum(spec, height, width, unit):
     probes = torch.rand(2, 1, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     if not well_defined(net, probes):
         reject()
-    result = receptive_maps(net, probes, "all", unit=unit)
+    with planned(crops):
+        result = receptive_maps(net, probes, "all", unit=unit)
     modules = dict(net.named_modules())
     for n in range(2):
         for index, name in enumerate(result.layers):
@@ -117,13 +137,14 @@ def test_random_networks_match_captum(spec, height, width, unit):
 
 
 @model_examples
-@given(spec=specs, height=st.integers(5, 16), width=st.integers(5, 16))
-def test_support_of_each_map_is_the_analytic_box(spec, height, width):
+@given(spec=specs, height=st.integers(5, 16), width=st.integers(5, 16), crops=st.booleans())
+def test_support_of_each_map_is_the_analytic_box(spec, height, width, crops):
     twin = build(spec, twin=True)
     probes = torch.rand(2, 1, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     if not well_defined(twin, probes):
         reject()
-    result = receptive_maps(twin, probes, [f"blocks.{k}" for k in range(len(spec))], unit="max")
+    with planned(crops):
+        result = receptive_maps(twin, probes, [f"blocks.{k}" for k in range(len(spec))], unit="max")
     for n in range(2):
         for index in range(len(spec)):
             rows, cols = result.maps[n, index].nonzero(as_tuple=True)
@@ -286,3 +307,220 @@ def test_bad_arguments_are_named(model, probes, kwargs, message):
 def test_probes_must_be_images(model):
     with pytest.raises(ValueError, match=r"probes must be \(N, C, H, W\), got shape \(1, 20, 20\)"):
         receptive_maps(model, torch.rand(1, 20, 20))
+
+
+# --------------------------------------------------------------------------------------------
+# Layers whose output the model changes in place later on
+# --------------------------------------------------------------------------------------------
+
+
+class MobileOneBlock(nn.Module):
+    """A re-parameterizable block written as MobileOne writes it: the 1x1 branch is added to in place."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.scale = nn.Conv2d(channels, channels, 1)
+        self.kxk = nn.Conv2d(channels, channels, 5, padding=2)
+
+    def forward(self, x):
+        out = self.scale(x)
+        out += self.kxk(x)
+        return out
+
+
+def test_a_layer_output_changed_in_place_later_keeps_its_own_map():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), MobileOneBlock(2), nn.Conv2d(2, 2, 1)).eval()
+    probes = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    image = probes.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(net[1].scale(net[0](image))[:, :, 8, 8].sum(), image)
+
+    alone = receptive_maps(net, probes, ["1.scale"])
+    together = receptive_maps(net, probes, ["1.scale", "2"])  # the forward now runs past the in-place add
+
+    for result in (alone, together):
+        torch.testing.assert_close(result.gradients[:, 0], expected)
+        rows, cols = result.maps[0, 0].nonzero(as_tuple=True)
+        assert (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1) == tuple(result.boxes[0, 0].tolist())
+
+
+class InPlace(nn.Module):
+    """A convolution whose output the block then changes in place: ``+=`` a wider branch, ``relu_`` or ``mul_``."""
+
+    def __init__(self, kind: str, kernel: int, stride: int, twin: bool) -> None:
+        super().__init__()
+        self.kind = kind
+        self.conv = nn.Conv2d(2, 2, kernel, stride, kernel // 2)
+        self.branch = nn.Conv2d(2, 2, kernel + 2, stride, kernel // 2 + 1) if kind == "add_" else None
+        if twin:  # positive constant weights: the gradient is nonzero exactly on the analytic box
+            for parameter in self.parameters():
+                nn.init.constant_(parameter, 0.5 if parameter.dim() > 1 else 0.0)
+
+    def forward(self, x):
+        out = self.conv(x)
+        if self.kind == "add_":
+            out += self.branch(x)
+        elif self.kind == "relu_":
+            out.relu_()
+        elif self.kind == "mul_":
+            out.mul_(0.5)
+        return out
+
+
+class InPlaceNet(nn.Module):
+    def __init__(self, blocks: list[tuple[str, int, int]], twin: bool) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 2, 1)
+        if twin:
+            nn.init.constant_(self.stem.weight, 0.5)
+            nn.init.zeros_(self.stem.bias)
+        self.blocks = nn.Sequential(*(InPlace(kind, kernel, stride, twin) for kind, kernel, stride in blocks))
+        self.double()
+
+    def forward(self, x):
+        return self.blocks(self.stem(x))
+
+
+in_place_blocks = st.tuples(
+    st.sampled_from(["conv", "add_", "relu_", "mul_"]), st.sampled_from([1, 3]), st.integers(1, 2)
+)
+
+
+@model_examples
+@given(
+    blocks=st.lists(in_place_blocks, min_size=1, max_size=4),
+    twin=st.booleans(),
+    unit=st.sampled_from(["center", "max"]),
+    size=st.integers(8, 16),
+    crops=st.booleans(),
+    data=st.data(),
+)
+def test_each_map_is_independent_of_the_other_layers_requested(blocks, twin, unit, size, crops, data):
+    """Random subsets of layers, in nets that change layer outputs in place (``+=``, ``relu_``, ``mul_``)."""
+    torch.manual_seed(0)
+    net = InPlaceNet(blocks, twin).eval()
+    probes = torch.rand(2, 1, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    names = [name for name, _ in net.named_modules() if name.startswith("blocks.")]
+    subset = data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=len(names), unique=True))
+    with planned(crops):
+        together = receptive_maps(net, probes, subset, unit=unit)
+    for index, name in enumerate(subset):
+        alone = receptive_maps(net, probes, [name], unit=unit)
+        assert torch.equal(together.units[:, index], alone.units[:, 0])
+        torch.testing.assert_close(together.gradients[:, index], alone.gradients[:, 0])
+        for n in range(len(probes)):
+            rows, cols = together.maps[n, index].nonzero(as_tuple=True)
+            top, left, bottom, right = together.boxes[n, index].tolist()
+            if rows.numel():
+                support = (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1)
+                if twin:
+                    assert support == (top, left, bottom, right)
+                else:
+                    assert top <= support[0] and left <= support[1] and support[2] <= bottom and support[3] <= right
+
+
+# --------------------------------------------------------------------------------------------
+# Models that cannot run on crops
+# --------------------------------------------------------------------------------------------
+
+
+class SizeChecked(nn.Module):
+    """Refuses any input but 20x20, with ``assert`` (as torchvision's VisionTransformer) or an exception type."""
+
+    def __init__(self, error: type[BaseException] | None) -> None:
+        super().__init__()
+        self.error = error
+        self.checks = True
+        self.sizes: list[tuple[int, int]] = []  # the input size of every real forward
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        if x.device.type != "meta":
+            self.sizes.append(tuple(x.shape[-2:]))
+        if self.checks and self.error is None:
+            assert x.shape[-2:] == (20, 20), f"expected 20x20 images, got {tuple(x.shape[-2:])}"
+        elif self.checks and x.shape[-2:] != (20, 20):
+            raise self.error(f"expected 20x20 images, got {tuple(x.shape[-2:])}")
+        return self.conv2(F.relu(self.conv1(x)))
+
+
+@pytest.mark.parametrize("error", [None, ValueError, TypeError], ids=["assert", "ValueError", "TypeError"])
+def test_models_that_check_their_input_size_get_maps_from_whole_images(probes, error):
+    torch.manual_seed(0)
+    model = SizeChecked(error)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the maps are the same, only slower
+        first = receptive_maps(model, probes)
+        assert len(model.sizes) == 2 and model.sizes[1] == (20, 20)  # one cropped forward failed, no other was tried
+        model.sizes.clear()
+        second = receptive_maps(model, probes)
+        assert model.sizes == [(20, 20)]  # nor is any tried again for this model and these layers
+    torch.testing.assert_close(first.gradients, second.gradients)
+    for index, name in enumerate(first.layers):
+        for n in range(len(probes)):
+            unit = tuple(first.units[n, index].tolist())
+            expected = captum_gradient(model, getattr(model, name), probes[n : n + 1], unit)
+            torch.testing.assert_close(first.gradients[n, index], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_torchvision_vision_transformer_gets_maps_of_its_patch_embedding():
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8)
+    probes = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = receptive_maps(vit, probes, ["conv_proj"])
+    vit.eval()
+    for n in range(2):
+        expected = captum_gradient(vit, vit.conv_proj, probes[n : n + 1], (2, 2))
+        torch.testing.assert_close(result.gradients[n, 0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_interrupt_in_the_cropped_forward_is_not_taken_for_a_failed_crop(probes):
+    model = SizeChecked(KeyboardInterrupt).train()
+    with pytest.raises(KeyboardInterrupt):
+        receptive_maps(model, probes)
+    assert all(not m._forward_hooks for m in model.modules()) and model.training
+    model.checks = False
+    model.sizes.clear()
+    receptive_maps(model, probes)
+    assert (20, 20) not in model.sizes  # crops are still tried: the interrupt was not remembered as a failure
+
+
+def test_remembering_a_failed_crop_keeps_no_model_alive(probes):
+    model = SizeChecked(ValueError)
+    receptive_maps(model, probes)
+    reference = weakref.ref(model)
+    del model
+    gc.collect()
+    assert reference() is None
+
+
+class WholeImagesOnly(nn.Module):
+    """``inner`` behind an input-size check: every map of it comes from whole images."""
+
+    def __init__(self, inner: nn.Module, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.inner, self.size = inner, size
+
+    def forward(self, x):
+        assert x.shape[-2:] == self.size
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("unit", ["center", "max", (2, 5)])
+def test_crops_and_mosaics_give_the_maps_of_whole_images(unit):
+    """SmallCNN's six centre units share one mosaic of their boxes (one backward for all); units at
+    the border ('max' on an untrained net) get crops of their own."""
+    torch.manual_seed(0)
+    net = SmallCNN().eval()
+    probes = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    layers = [f"features.{name}" for name in ("conv1", "conv2", "pool1", "conv3", "conv4", "pool2")]
+    result = receptive_maps(net, probes, layers, unit=unit)
+    if unit == "center":
+        plan = _passes(layers, receptive_fields(net, (1, 28, 28)), dict(zip(layers, result.units.unbind(1))), (28, 28))
+        assert [layout is not None and layout.together for _, layout in plan] == [True]
+    expected = receptive_maps(WholeImagesOnly(net, (28, 28)), probes, [f"inner.{name}" for name in layers], unit=unit)
+    assert torch.equal(result.units, expected.units)
+    torch.testing.assert_close(result.gradients, expected.gradients, rtol=1e-5, atol=1e-6)
