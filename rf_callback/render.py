@@ -12,6 +12,7 @@ garment as on a dark one. All probes go through one resize, one colour lookup an
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
@@ -28,7 +29,17 @@ if TYPE_CHECKING:
     from PIL.Image import Image
     from PIL.ImageFont import FreeTypeFont, ImageFont
 
-__all__ = ["colorize", "figure_image", "layer_grid", "pil_image", "plot_maps", "save_png", "summary_figure"]
+__all__ = [
+    "colorize",
+    "figure_image",
+    "layer_grid",
+    "layer_image",
+    "mean_image",
+    "pil_image",
+    "plot_maps",
+    "save_png",
+    "summary_figure",
+]
 
 BOX_COLOR = (0, 255, 255)  # cyan: the analytic receptive field, and ticks at the centre of the unit's field
 BACKGROUND = 40  # grey of the text strips
@@ -73,6 +84,16 @@ def colorize(values: Tensor, cmap: str = "inferno") -> Tensor:
     return _palette(cmap)[index].permute(2, 0, 1).contiguous()
 
 
+def _screen(shape: Sequence[int], tile: int) -> tuple[int, ...]:
+    """``shape`` scaled by one integer factor (up or down), its longest side closest to ``tile`` without passing it."""
+    side = max(shape)
+    if side <= tile:
+        factor = tile // side
+        return tuple(n * factor for n in shape)
+    factor = math.ceil(side / tile)
+    return tuple(math.ceil(n / factor) for n in shape)
+
+
 def tile_size(height: int, width: int, tile: int = 128) -> tuple[int, int]:
     """The ``(h, w)`` at which :func:`layer_grid` draws a ``height x width`` probe.
 
@@ -84,12 +105,115 @@ def tile_size(height: int, width: int, tile: int = 128) -> tuple[int, int]:
         >>> tile_size(28, 28), tile_size(224, 224), tile_size(299, 299), tile_size(32, 64)
         ((112, 112), (112, 112), (100, 100), (64, 128))
     """
-    side = max(height, width)
-    if side <= tile:
-        factor = tile // side
-        return height * factor, width * factor
-    factor = math.ceil(side / tile)
-    return math.ceil(height / factor), math.ceil(width / factor)
+    h, w = _screen((height, width), tile)
+    return h, w
+
+
+WHOLE = {1: "whole signal", 2: "whole image", 3: "whole volume"}
+"""The caption of a probe whose unit sees all of its input (no box drawn)."""
+NOT_ANALYTIC = "no analytic RF"
+"""The caption of a probe at a layer without an analytic receptive field (no box drawn)."""
+
+Notes = list[str | None]
+"""Per probe: ``None`` to draw the box and ticks, or the note written instead (``"whole image"``...)."""
+
+
+def layer_image(
+    images: Tensor | None,
+    maps: Tensor,
+    boxes: Tensor,
+    centers: Tensor,
+    *,
+    labels: Sequence[str] | None = None,
+    tile: int = 128,
+    nrow: int | None = None,
+    analytic: bool = True,
+    cmap: str = "inferno",
+) -> Tensor:
+    """One layer's picture for inputs with 1, 2 or 3 spatial axes: what the monitor logs, uint8 ``(3, H, W)``.
+
+    Images are drawn by :func:`layer_grid`. A 1-D signal becomes a strip: the probe (its channels
+    averaged) as a grey line, the saliency on top as a filled curve whose height runs from 0 to the
+    map's peak, the receptive field shaded in cyan with a tick at the unit's centre. A volume becomes the
+    three slices through the unit's centre as orthogonal views: axial (``H x W`` at the centre's
+    depth), coronal (``D x W``) below it, sagittal (``H x D``, turned so that rows match) to its right,
+    each with the box's section and ticks, the heat scaled to the volume's peak; the caption gives
+    the slices' indices.
+
+    Args:
+        images: the probes ``(N, C, *spatial)``, or ``None`` to draw the maps alone (a mean map).
+        maps: the saliency ``(N, *spatial)``, nonnegative.
+        boxes: ``(N, 2d)`` boxes, half-open ``(lows..., highs...)``, in input pixels.
+        centers: ``(N, d)`` centres of the units' fields, in input pixels.
+        labels: a caption under each probe, or ``None``.
+        tile: the longest side of a probe on screen, at most (a volume's longest axis; signals get three times it).
+        nrow: probes per row (default: at most 5 images, 2 signals or 2 volumes).
+        analytic: whether ``boxes`` are analytic receptive fields; ``False`` (a layer the tracer cannot
+            follow, whose box is the whole input): no box, and the captions say so.
+        cmap: a matplotlib colour map name.
+
+    Raises:
+        ValueError: if the shapes disagree, or the maps have not 1, 2 or 3 spatial axes.
+
+    Example::
+        >>> signals = layer_image(torch.rand(4, 1, 100), torch.rand(4, 100), torch.tensor([[40, 60]]).expand(4, 2),
+        ...                       torch.full((4, 1), 49.5))
+        >>> volumes = layer_image(torch.rand(2, 1, 8, 32, 32), torch.rand(2, 8, 32, 32),
+        ...                       torch.tensor([[2, 8, 8, 6, 24, 24]]).expand(2, 6), torch.full((2, 3), 4.0))
+        >>> signals.dtype, tuple(signals.shape), tuple(volumes.shape)
+        (torch.uint8, (3, 153, 606), (3, 200, 330))
+    """
+    count, spatial = _check(images, maps, boxes, centers, labels, None, tile, "layer_image")
+    notes = _notes(boxes, spatial, analytic, None)
+    return _GRIDS[len(spatial)](images, maps, boxes, centers, labels, tile, nrow, notes, cmap)
+
+
+def mean_image(
+    mean: Tensor,
+    box: Tensor | None,
+    center: Tensor,
+    *,
+    probes: int,
+    analytic: bool = True,
+    tile: int = 128,
+    cmap: str = "inferno",
+) -> Tensor:
+    """The probes' mean map of one layer (Luo et al.'s averaged ERF) drawn alone, as uint8 ``(3, H, W)``.
+
+    Drawn as :func:`layer_image` draws one probe, on a dark ground instead of a probe.
+
+    Args:
+        mean: the mean map ``(*spatial)``, nonnegative; coloured from 0 to its peak.
+        box: the units' box ``(2d,)`` when every probe's unit has the same, else ``None``: no box, and the
+            caption says the units differ.
+        center: the centre ``(d,)`` the ticks mark and a volume's slices go through.
+        probes: how many maps were averaged (for the caption).
+        analytic, tile, cmap: as for :func:`layer_image`.
+
+    Example::
+        >>> mean_image(torch.rand(28, 28), torch.tensor([8, 8, 20, 20]), torch.tensor([13.5, 13.5]), probes=10).shape
+        torch.Size([3, 150, 116])
+    """
+    spatial = tuple(mean.shape)
+    whole = torch.tensor([*(0,) * len(spatial), *spatial])
+    boxes = (whole if box is None else torch.as_tensor(box)).reshape(1, -1)
+    labels = [f"mean of {probes} probe{'s' if probes != 1 else ''}"]
+    _check(None, mean[None], boxes, center.reshape(1, -1), labels, None, tile, "mean_image")
+    notes = ["units differ"] if box is None and analytic else _notes(boxes, spatial, analytic, None)
+    return _GRIDS[len(spatial)](None, mean[None], boxes, center.reshape(1, -1), labels, tile, 1, notes, cmap)
+
+
+def _notes(boxes: Tensor, spatial: Sequence[int], analytic: bool, whole_image: Sequence[bool] | Tensor | None) -> Notes:
+    """Per probe, ``None`` (draw the box) or why not: no analytic field, or a field that covers the whole input."""
+    if not analytic:
+        return [NOT_ANALYTIC] * len(boxes)
+    dims = len(spatial)
+    if whole_image is None:
+        boxes = boxes.detach().cpu().long()
+        whole = ((boxes[:, :dims] <= 0) & (boxes[:, dims:] >= torch.tensor(spatial))).all(1)
+    else:
+        whole = torch.as_tensor(whole_image, dtype=torch.bool).reshape(len(boxes)).cpu()
+    return [WHOLE[dims] if flag else None for flag in whole.tolist()]
 
 
 def layer_grid(
@@ -102,6 +226,7 @@ def layer_grid(
     tile: int = 128,
     nrow: int | None = None,
     whole_image: Sequence[bool] | Tensor | None = None,
+    analytic: bool = True,
     cmap: str = "inferno",
 ) -> Tensor:
     """One layer's picture: every probe with its saliency, the unit's analytic box and centre, and a colour scale.
@@ -112,10 +237,11 @@ def layer_grid(
     ticks on its sides at the centre of the unit's field; neither covers the heat. Where the field
     covers the whole image (a global unit, or a field larger than the image) box and ticks would say
     nothing: they are left out and the probe's caption says "whole image". Below the probes, one strip
-    holds the colour scale and the legend.
+    holds the colour scale and the legend. :func:`layer_image` draws inputs of any dimension.
 
     Args:
-        images: the probes ``(N, C, H, W)`` as the model sees them (any range; channels are averaged).
+        images: the probes ``(N, C, H, W)`` as the model sees them (any range; channels are averaged),
+            or ``None`` to draw the maps alone.
         maps: the saliency ``(N, H, W)``, nonnegative.
         boxes: ``(N, 4)`` analytic boxes ``(top, left, bottom, right)``, half-open, in input pixels.
         centers: ``(N, 2)`` centres ``(y, x)`` of the units' fields, in input pixels.
@@ -124,6 +250,7 @@ def layer_grid(
         nrow: probes per row (default: at most 5, in rows of equal length where possible).
         whole_image: per probe, whether its unit sees the whole image. Default: where its box is the whole
             image.
+        analytic: ``False`` for a layer without an analytic receptive field: no box, "no analytic RF".
         cmap: a matplotlib colour map name.
 
     Returns:
@@ -139,21 +266,54 @@ def layer_grid(
         >>> grid.dtype, grid.shape  # 2 rows of 5 tiles of 112 px with captions, the legend below
         (torch.uint8, torch.Size([3, 279, 572]))
     """
-    count, height, width = _check(images, maps, boxes, centers, labels, whole_image, tile)
-    h, w = tile_size(height, width, tile)
-    boxes = boxes.detach().cpu().long()
-    if whole_image is None:
-        whole = (boxes[:, 0] <= 0) & (boxes[:, 1] <= 0) & (boxes[:, 2] >= height) & (boxes[:, 3] >= width)
-    else:
-        whole = torch.as_tensor(whole_image, dtype=torch.bool).reshape(count).cpu()
+    count, spatial = _check(images, maps, boxes, centers, labels, whole_image, tile, "layer_grid", dims=2)
+    notes = _notes(boxes, spatial, analytic, whole_image)
+    return _image_grid(images, maps, boxes, centers, labels, tile, nrow, notes, cmap)
 
-    # One resize, one colour lookup, one blend for all probes, at the smaller of input and tile size:
-    # large probes are reduced first, small ones blended first and then enlarged by repeating pixels.
-    planes = torch.stack((images.detach().cpu().float().mean(1), maps.detach().cpu().float()), 1)
-    planes = torch.nan_to_num_(planes, nan=0.0, posinf=0.0, neginf=0.0)
+
+def _image_grid(
+    images: Tensor | None,
+    maps: Tensor,
+    boxes: Tensor,
+    centers: Tensor,
+    labels: Sequence[str] | None,
+    tile: int,
+    nrow: int | None,
+    notes: Notes,
+    cmap: str,
+) -> Tensor:
+    count, height, width = maps.shape
+    size = tile_size(height, width, tile)
+    grey = _grey(images, maps.shape).mean(1)
+    panels = _panels(grey, maps.detach().cpu().float(), size, cmap, scaled=False)
+    _draw_boxes(panels, boxes, centers, notes, (height, width), max(size))
+    return _assemble(panels, labels, notes, nrow if nrow is not None else math.ceil(count / math.ceil(count / 5)), cmap)
+
+
+def _grey(images: Tensor | None, shape: Sequence[int]) -> Tensor:
+    """The probes as float32 on the CPU ``(N, C, *spatial)``; zeros (one dark grey) when there are none."""
+    if images is None:
+        return torch.zeros(shape[0], 1, *shape[1:])
+    return images.detach().cpu().float()
+
+
+def _panels(grey: Tensor, heat: Tensor, size: Sequence[int], cmap: str, scaled: bool) -> Tensor:
+    """Probes ``grey`` ``(N, H, W)`` with ``heat`` on top, at ``size`` on screen, uint8 ``(N, 3, h, w)``.
+
+    ``scaled``: both are in [0, 1] already (scaled by a whole volume's range); otherwise each is scaled
+    by its own range after the resize. One resize, one colour lookup and one blend for all probes, at
+    the smaller of input and screen size: large probes are reduced first, small ones blended first and
+    then enlarged by repeating pixels.
+    """
+    height, width = grey.shape[1:]
+    h, w = size
+    planes = torch.nan_to_num_(torch.stack((grey, heat), 1), nan=0.0, posinf=0.0, neginf=0.0)
     if h < height:
         planes = F.interpolate(planes, size=(h, w), mode="area")
-    grey, heat = _each_unit_range(planes[:, 0]), _each_unit_range(planes[:, 1].clamp_min(0))
+    if scaled:
+        grey, heat = planes[:, 0].clamp(0, 1), planes[:, 1].clamp(0, 1)
+    else:
+        grey, heat = _each_unit_range(planes[:, 0]), _each_unit_range(planes[:, 1].clamp_min(0))
     low, high = GREY_RANGE
     base = (low + (high - low) * grey)[:, None]
     colour = _palette(cmap).float()[(heat * 255).round_().long()].permute(0, 3, 1, 2)
@@ -162,13 +322,24 @@ def layer_grid(
     if h > height:
         factor = h // height
         panels = panels.repeat_interleave(factor, 2).repeat_interleave(factor, 3)
+    return panels
 
-    # The box just outside the field (inside at the image's edge), ticks outward from it at the unit's
-    # centre: neither hides the heat. A few slices per probe.
+
+def _draw_boxes(
+    panels: Tensor, boxes: Tensor, centers: Tensor, notes: Notes, shape: tuple[int, int], side: int
+) -> None:
+    """Paint each probe's box just outside its field (inside at the image's edge) and ticks outward from it
+    at the unit's centre: neither hides the heat. A few slices per probe; probes with a note get none.
+    ``side``: the longest side of a whole probe on screen, which sets the thickness of lines and ticks."""
+    h, w = panels.shape[2:]
+    height, width = shape
     fy, fx = h / height, w / width
-    line, tick = max(1, round(max(h, w) / 64)), max(3, round(max(h, w) / 24))
+    line, tick = max(1, round(side / 64)), max(3, round(side / 24))
     paint = torch.tensor(BOX_COLOR, dtype=torch.uint8).view(3, 1, 1)
-    for n in (~whole).nonzero()[:, 0].tolist():
+    boxes, centers = boxes.detach().cpu().long(), centers.detach().cpu()
+    for n, note in enumerate(notes):
+        if note is not None:
+            continue
         top, left, bottom, right = boxes[n].tolist()
         y, x = centers[n].tolist()
         screen = (math.floor(top * fy), math.floor(left * fx), math.ceil(bottom * fy), math.ceil(right * fx))
@@ -176,20 +347,174 @@ def layer_grid(
         for y0, y1, x0, x1 in _marks(screen, center, (h, w), line, tick):
             panels[n, :, y0:y1, x0:x1] = paint
 
+
+def _assemble(panels: Tensor, labels: Sequence[str] | None, notes: Notes, nrow: int, cmap: str, kind: int = 2) -> Tensor:
+    """Panels ``(N, 3, h, w)`` with their captions (label lines, note) in rows of ``nrow``, the legend below."""
+    count, width = len(panels), panels.shape[3]
     captions = [
-        tuple(text for text in ("" if labels is None else str(labels[n]), "whole image" if whole[n] else "") if text)
+        (
+            *((text, False) for text in ("" if labels is None else str(labels[n])).split("\n") if text),
+            *(((notes[n], True),) if notes[n] else ()),
+        )
         for n in range(count)
     ]
     lines = max(map(len, captions))
     if lines:
-        panels = torch.cat([panels, torch.stack([_caption(c, w, lines) for c in captions])], 2)
-    if nrow is None:
-        nrow = math.ceil(count / math.ceil(count / 5))
+        panels = torch.cat([panels, torch.stack([_caption(c, width, lines) for c in captions])], 2)
     grid = make_grid(panels, nrow=nrow, padding=PADDING, pad_value=GAP)
     if count == 1:  # make_grid returns a single image as it is
         grid = F.pad(grid, (PADDING,) * 4, value=GAP)
-    legend = _legend(grid.shape[2], cmap, drawn=not bool(whole.all()))
+    legend = _legend(grid.shape[2], cmap, drawn=any(note is None for note in notes), kind=kind)
     return torch.cat([grid, legend], 1)
+
+
+SIGNAL_COLOR = 200.0
+"""Grey of a 1-D probe's line."""
+SHADE = 0.25
+"""Opacity of the cyan shading of a 1-D receptive field."""
+FILL = 0.55
+"""Opacity of the filled saliency curve of a 1-D map (the probe's line shows through)."""
+CURVE = 200
+"""The colour map's entry (of 256) that draws a 1-D map's curve: its height, not its colour, tells the value."""
+
+
+def _envelope(values: Tensor, width: int, joined: bool = True) -> tuple[Tensor, Tensor]:
+    """Per screen column, the lowest and highest of ``values`` ``(N, L)`` it must show, ``(N, width)`` each.
+
+    Columns cover whole blocks of samples (or a sample covers whole blocks of columns); with ``joined``
+    each column also reaches the last sample of the column before it, so that a line is unbroken.
+    """
+    count, length = values.shape
+    if width >= length:
+        low = high = last = values[:, torch.arange(width) // (width // length)]
+    else:
+        factor = math.ceil(length / width)
+        padded = F.pad(values[:, None], (0, width * factor - length), mode="replicate")[:, 0].view(count, width, factor)
+        low, high, last = padded.amin(2), padded.amax(2), padded[..., -1]
+    if not joined:
+        return low, high
+    before = torch.cat([last[:, :1], last[:, :-1]], 1)
+    return torch.minimum(low, before), torch.maximum(high, before)
+
+
+def _line(low: Tensor, high: Tensor, height: int, margin: int) -> Tensor:
+    """The pixels ``(N, height, width)`` of a line through values in [0, 1] spanning ``[low, high]`` per column."""
+    rows = torch.arange(height, dtype=torch.float32).view(1, height, 1)
+    span = height - 1 - 2 * margin
+    top, bottom = margin + (1 - high[:, None]) * span, margin + (1 - low[:, None]) * span
+    return (rows >= top - 0.75) & (rows <= bottom + 0.75)
+
+
+def _signal_grid(
+    images: Tensor | None,
+    maps: Tensor,
+    boxes: Tensor,
+    centers: Tensor,
+    labels: Sequence[str] | None,
+    tile: int,
+    nrow: int | None,
+    notes: Notes,
+    cmap: str,
+) -> Tensor:
+    """1-D probes as strips: the signal's line, the saliency curve on top (filled), the field shaded."""
+    count, length = maps.shape
+    (width,) = _screen((length,), 3 * tile)
+    height, margin = max(32, tile // 2), 3
+    line, tick = max(1, round(height / 32)), max(3, round(height / 8))
+    panels = torch.full((count, 3, height, width), float(BACKGROUND) / 2)
+
+    # The receptive field: cyan shading with its bounds, and a tick at the unit's centre (drawn last).
+    columns = torch.arange(width)
+    boxes, centers = boxes.detach().cpu().long(), centers.detach().cpu().float()
+    drawn = torch.tensor([note is None for note in notes])
+    scale = width / length
+    low, high = (boxes[:, 0] * scale).floor().long(), (boxes[:, 1] * scale).ceil().long()
+    inside = drawn[:, None] & (columns >= low[:, None]) & (columns < high[:, None])
+    edge = inside & ((columns < low[:, None] + line) | (columns >= high[:, None] - line))
+    cyan = torch.tensor(BOX_COLOR, dtype=torch.float32).view(1, 3, 1, 1)
+    panels = torch.where(inside[:, None, None], torch.lerp(panels, cyan, SHADE), panels)
+    panels = torch.where(edge[:, None, None], cyan, panels)
+
+    if images is not None:  # the probe, channels averaged, scaled by its own range (a constant in the middle)
+        signal = torch.nan_to_num(images.detach().cpu().float().mean(1), nan=0.0, posinf=0.0, neginf=0.0)
+        least, most = signal.amin(1, keepdim=True), signal.amax(1, keepdim=True)
+        signal = torch.where(most > least, (signal - least) / (most - least).clamp_min(1e-30), 0.5)
+        trace = _line(*_envelope(signal, width), height, margin)
+        panels = torch.where(trace[:, None], SIGNAL_COLOR, panels)
+
+    heat = torch.nan_to_num(maps.detach().cpu().float(), nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0)
+    peak = heat.amax(1, keepdim=True)
+    heat = torch.where(peak > 0, heat / peak.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    colour = _palette(cmap)[CURVE].float().view(1, 3, 1, 1)
+    rows = torch.arange(height, dtype=torch.float32).view(1, height, 1)
+    level = _envelope(heat, width, joined=False)[1]  # each column's own highest value
+    surface = margin + (1 - level[:, None]) * (height - 1 - 2 * margin)
+    filled = (rows >= surface) & (rows <= height - 1 - margin) & (level[:, None] > 0)
+    panels = torch.where(filled[:, None], torch.lerp(panels, colour, FILL), panels)
+    bottom, top = _envelope(heat, width)
+    curve = _line(bottom, top, height, margin) & (top[:, None] > 0)
+    panels = torch.where(curve[:, None], colour, panels)
+
+    position = ((centers[:, 0] + 0.5) * scale).floor().long().clamp(0, width - line)
+    ticks = drawn[:, None] & (columns >= position[:, None]) & (columns < position[:, None] + line)
+    cap = torch.arange(height).view(1, height, 1) < tick
+    panels = torch.where((ticks[:, None] & cap)[:, None], cyan, panels)
+    panels = panels.round_().to(torch.uint8)
+    return _assemble(panels, labels, notes, nrow if nrow is not None else min(count, 2), cmap, kind=1)
+
+
+def _volume_grid(
+    images: Tensor | None,
+    maps: Tensor,
+    boxes: Tensor,
+    centers: Tensor,
+    labels: Sequence[str] | None,
+    tile: int,
+    nrow: int | None,
+    notes: Notes,
+    cmap: str,
+) -> Tensor:
+    """Volumes as the three slices through each unit's centre (orthogonal views), with the box's section on each."""
+    count, depth, height, width = maps.shape
+    screen = _screen((depth, height, width), tile)
+    grey = torch.nan_to_num(_grey(images, maps.shape).mean(1), nan=0.0, posinf=0.0, neginf=0.0)
+    grey = _each_unit_range(grey.flatten(1)[:, None]).view(maps.shape)  # by each volume's range
+    heat = torch.nan_to_num(maps.detach().cpu().float(), nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0)
+    peak = heat.flatten(1).amax(1).view(count, 1, 1, 1)
+    heat = torch.where(peak > 0, heat / peak.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    boxes, centers = boxes.detach().cpu().long(), centers.detach().cpu().float()
+    index = [((centers[:, a] + 0.5).floor().long().clamp(0, n - 1)) for a, n in enumerate((depth, height, width))]
+    probes = torch.arange(count)
+
+    def cut(volume: Tensor, axis: int) -> Tensor:  # each probe's slice across ``axis`` at its centre, (N, a, b)
+        where: list[Any] = [slice(None)] * 3
+        where[axis] = index[axis]
+        return volume[(probes, *where)]
+
+    # Orthogonal views, axes shared where they meet: the axial slice (y down, x across), the coronal one
+    # below it (z down, x across), the sagittal one to its right, turned (y down, z across).
+    views = {}
+    for axis, kept in ((0, (1, 2)), (1, (0, 2)), (2, (1, 0))):
+        planes = [cut(volume, axis) for volume in (grey, heat)]
+        if axis == 2:
+            planes = [plane.transpose(1, 2) for plane in planes]
+        size, shape = tuple(screen[a] for a in kept), tuple(maps.shape[1 + a] for a in kept)
+        panel = _panels(*planes, size, cmap, scaled=True)
+        section = boxes[:, [kept[0], kept[1], kept[0] + 3, kept[1] + 3]]
+        _draw_boxes(panel, section, centers[:, list(kept)], notes, shape, max(screen))
+        views[axis] = panel
+    corner = views[0].new_full((count, 3, screen[0], screen[0]), GAP)
+    gap_right = views[0].new_full((count, 3, screen[1], PADDING), GAP)
+    gap_below = views[0].new_full((count, 3, PADDING, screen[2] + PADDING + screen[0]), GAP)
+    top = torch.cat([views[0], gap_right, views[2]], 3)
+    bottom = torch.cat([views[1], gap_right.new_full((count, 3, screen[0], PADDING), GAP), corner], 3)
+    panels = torch.cat([top, gap_below, bottom], 2)
+    slices = [f"z {z}, y {y}, x {x}" for z, y, x in zip(*(i.tolist() for i in index))]
+    captions = [f"{labels[n]}\n{slices[n]}" if labels is not None else slices[n] for n in range(count)]
+    return _assemble(panels, captions, notes, nrow if nrow is not None else min(count, 2), cmap, kind=3)
+
+
+_GRIDS = {1: _signal_grid, 2: _image_grid, 3: _volume_grid}
 
 
 def _marks(
@@ -224,34 +549,52 @@ def _marks(
     ]
 
 
+_LAYOUTS = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
+
+
 def _check(
-    images: Tensor,
+    images: Tensor | None,
     maps: Tensor,
     boxes: Tensor,
     centers: Tensor,
     labels: Sequence[str] | None,
     whole_image: Sequence[bool] | Tensor | None,
     tile: int,
-) -> tuple[int, int, int]:
-    """``(N, H, W)`` of a :func:`layer_grid` call, or a ValueError naming the argument that disagrees."""
-    if images.dim() != 4 or len(images) == 0:
-        raise ValueError(f"layer_grid: images must be (N, C, H, W) with N >= 1, got {tuple(images.shape)}.")
-    count, _, height, width = images.shape
-    expected = {"maps": (count, height, width), "boxes": (count, 4), "centers": (count, 2)}
-    for name, tensor in (("maps", maps), ("boxes", boxes), ("centers", centers)):
-        if tuple(tensor.shape) != expected[name]:
+    name: str,
+    dims: int | None = None,
+) -> tuple[int, tuple[int, ...]]:
+    """``N`` and the spatial shape of a drawing call, or a ValueError naming the argument that disagrees.
+
+    ``dims``: the number of spatial axes the caller draws (default: the maps', 1 to 3).
+    """
+    if images is not None:
+        wanted = dims if dims is not None else images.dim() - 2
+        if wanted not in _LAYOUTS or images.dim() != wanted + 2 or len(images) == 0:
+            layout = _LAYOUTS.get(wanted, "(N, C, L), (N, C, H, W) or (N, C, D, H, W)")
+            raise ValueError(f"{name}: images must be {layout} with N >= 1, got {tuple(images.shape)}.")
+        count, spatial = len(images), tuple(images.shape[2:])
+    else:
+        wanted = dims if dims is not None else maps.dim() - 1
+        if wanted not in _LAYOUTS or maps.dim() != wanted + 1 or len(maps) == 0:
+            raise ValueError(f"{name}: maps must be (N, *spatial) with 1 to 3 spatial axes, got {tuple(maps.shape)}.")
+        count, spatial = len(maps), tuple(maps.shape[1:])
+    d = len(spatial)
+    expected = {"maps": (count, *spatial), "boxes": (count, 2 * d), "centers": (count, d)}
+    for key, tensor in (("maps", maps), ("boxes", boxes), ("centers", centers)):
+        if tuple(tensor.shape) != expected[key]:
+            found = "" if images is None else f" for images {tuple(images.shape)}"
             raise ValueError(
-                f"layer_grid: {name} must be {expected[name]} for images {tuple(images.shape)}, got"
+                f"{name}: {key} must be {expected[key]}{found}, got"
                 f" {tuple(tensor.shape)}. HINT: pass one layer, e.g. maps.maps[:, k], maps.boxes[:, k]."
             )
-    for name, values in (("labels", labels), ("whole_image", whole_image)):
+    for key, values in (("labels", labels), ("whole_image", whole_image)):
         if values is not None and len(values) != count:
-            raise ValueError(f"layer_grid: {name} needs one entry per probe ({count}), got {len(values)}.")
+            raise ValueError(f"{name}: {key} needs one entry per probe ({count}), got {len(values)}.")
     if isinstance(labels, str):
-        raise ValueError("layer_grid: labels must be a sequence of strings, one per probe, not one string.")
+        raise ValueError(f"{name}: labels must be a sequence of strings, one per probe, not one string.")
     if not isinstance(tile, int) or tile < 8:
-        raise ValueError(f"layer_grid(tile={tile!r}): an int >= 8 (pixels on the longest side of a probe).")
-    return count, height, width
+        raise ValueError(f"{name}(tile={tile!r}): an int >= 8 (pixels on the longest side of a probe).")
+    return count, spatial
 
 
 @lru_cache(maxsize=4)
@@ -271,46 +614,76 @@ def _fit(text: str, font: FreeTypeFont | ImageFont, width: int) -> str:
 
 
 @lru_cache(maxsize=256)
-def _caption(lines: tuple[str, ...], width: int, count: int) -> Tensor:
-    """The strip under one probe: ``count`` lines of text, centred; "whole image" in the note colour."""
+def _caption(lines: tuple[tuple[str, bool], ...], width: int, count: int) -> Tensor:
+    """The strip under one probe: ``count`` lines of ``(text, is_note)``, centred; notes in the note colour."""
     from PIL import Image, ImageDraw
 
     font, step = _font(FONT_SIZE), LINE_HEIGHT
     strip = Image.new("RGB", (width, count * step), (BACKGROUND,) * 3)
     draw = ImageDraw.Draw(strip)
-    for k, text in enumerate(lines):
+    for k, (text, is_note) in enumerate(lines):
         text = _fit(text, font, width - 2)
         x = (width - font.getlength(text)) / 2
-        draw.text((x, k * step + 1), text, fill=NOTE_COLOR if text == "whole image" else TEXT_COLOR, font=font)
+        draw.text((x, k * step + 1), text, fill=NOTE_COLOR if is_note else TEXT_COLOR, font=font)
     return torch.from_numpy(np.asarray(strip).copy()).permute(2, 0, 1)
 
 
 @lru_cache(maxsize=32)
-def _legend(width: int, cmap: str, drawn: bool) -> Tensor:
-    """The strip under the grid: the colour scale from 0 to each map's peak, and what box and ticks mean."""
+def _legend(width: int, cmap: str, drawn: bool, kind: int = 2) -> Tensor:
+    """The strip under the grid: the colour scale from 0 to each map's peak, and what the marks mean.
+
+    ``kind``: the spatial axes drawn: 2 (a box with ticks), 1 (a grey probe line, the map's curve and a
+    shaded interval: no colour scale) or 3 (as 2, the heat scaled to each volume's peak). On a narrow
+    grid the words get shorter, the last item's first, so that the strip stays one line.
+    """
     from PIL import Image, ImageDraw
 
     font, height = _font(FONT_SIZE), LINE_HEIGHT + 4
+    bar = min(96, max(16, width // 5))
+    if kind == 1:  # icon width, gap before, words from longest to shortest
+        items = [
+            ("probe", 16, 0, ("probe",)),
+            ("curve", 16, 14, ("|d unit / d input|, 0 to its peak", "|d unit / d input|", "saliency")),
+        ]
+        field = ("receptive field, tick at its centre", "receptive field", "RF")
+    else:
+        peak = ("volume's peak |d unit / d input|",) if kind == 3 else ()
+        items = [("scale", int(font.getlength("0")) + 8 + bar, 0, (*peak, "peak |d unit / d input|", "peak"))]
+        field = ("receptive field, ticks at its centre", "receptive field", "RF")
+    if drawn:
+        items.append(("field", 20, 18, field))
+    for choice in itertools.product(*(range(len(texts)) for *_, texts in items)):  # the last item shortens first
+        words = [texts[k] for (*_, texts), k in zip(items, choice)]
+        if PADDING + 2 + sum(icon + gap + font.getlength(text) for (_, icon, gap, _), text in zip(items, words)) <= width:
+            break
+
     strip = Image.new("RGB", (width, height), (BACKGROUND,) * 3)
     draw = ImageDraw.Draw(strip)
     x, middle = PADDING + 2, height // 2
-    draw.text((x, middle), "0", fill=TEXT_COLOR, font=font, anchor="lm")
-    x += int(font.getlength("0")) + 4
-    bar = min(96, max(16, width // 5))
-    ramp = _palette(cmap)[torch.linspace(0, 255, bar).round().long()].numpy()
-    strip.paste(Image.fromarray(np.ascontiguousarray(np.broadcast_to(ramp, (8, bar, 3)))), (x, middle - 4))
-    x += bar + 4
-    text = "peak |d unit / d input|"
-    draw.text((x, middle), text, fill=TEXT_COLOR, font=font, anchor="lm")
-    if drawn:
-        x += int(font.getlength(text)) + 18
-        draw.rectangle((x, middle - 5, x + 10, middle + 5), outline=BOX_COLOR, width=2)
-        for tick in ((x + 5, middle - 9, x + 5, middle - 6), (x + 5, middle + 6, x + 5, middle + 9)):
-            draw.line(tick, fill=BOX_COLOR, width=2)
-        for tick in ((x - 4, middle, x - 1, middle), (x + 11, middle, x + 14, middle)):
-            draw.line(tick, fill=BOX_COLOR, width=2)
-        text = "receptive field, ticks at its centre"
-        draw.text((x + 20, middle), text, fill=TEXT_COLOR, font=font, anchor="lm")
+    for (name, icon, gap, _), text in zip(items, words):
+        x += gap
+        if name == "probe":
+            draw.line((x, middle, x + 12, middle), fill=(int(SIGNAL_COLOR),) * 3, width=2)
+        elif name == "curve":
+            colour = tuple(_palette(cmap)[CURVE].tolist())
+            draw.polygon([(x, middle + 5), (x + 4, middle - 5), (x + 8, middle + 2), (x + 12, middle + 5)], fill=colour)
+        elif name == "scale":
+            draw.text((x, middle), "0", fill=TEXT_COLOR, font=font, anchor="lm")
+            ramp = _palette(cmap)[torch.linspace(0, 255, bar).round().long()].numpy()
+            at = x + int(font.getlength("0")) + 4
+            strip.paste(Image.fromarray(np.ascontiguousarray(np.broadcast_to(ramp, (8, bar, 3)))), (at, middle - 4))
+        elif kind == 1:  # the shaded interval, a tick at its centre
+            shade = tuple(round(BACKGROUND / 2 + (c - BACKGROUND / 2) * SHADE) for c in BOX_COLOR)
+            draw.rectangle((x, middle - 5, x + 10, middle + 5), fill=shade, outline=BOX_COLOR, width=1)
+            draw.line((x + 5, middle - 9, x + 5, middle - 6), fill=BOX_COLOR, width=2)
+        else:  # the box, ticks on its sides
+            draw.rectangle((x, middle - 5, x + 10, middle + 5), outline=BOX_COLOR, width=2)
+            for tick in ((x + 5, middle - 9, x + 5, middle - 6), (x + 5, middle + 6, x + 5, middle + 9)):
+                draw.line(tick, fill=BOX_COLOR, width=2)
+            for tick in ((x - 4, middle, x - 1, middle), (x + 11, middle, x + 14, middle)):
+                draw.line(tick, fill=BOX_COLOR, width=2)
+        draw.text((x + icon, middle), text, fill=TEXT_COLOR, font=font, anchor="lm")
+        x += icon + int(font.getlength(text))
     return torch.from_numpy(np.asarray(strip).copy()).permute(2, 0, 1)
 
 
@@ -387,24 +760,27 @@ def plot_maps(
     layer_names: Sequence[str] | None = None,
     *,
     whole_image: Tensor | None = None,
+    analytic: Sequence[bool] | None = None,
     tile: int = 128,
     nrow: int | None = None,
     cmap: str = "inferno",
     dpi: int = 100,
 ) -> Figure:
-    """The callback's pictures in a matplotlib figure, one :func:`layer_grid` per layer, for notebooks.
+    """The callback's pictures in a matplotlib figure, one :func:`layer_image` per layer, for notebooks.
 
-    Each layer's grid is shown pixel for pixel (at ``dpi``) under its name.
+    Each layer's picture is shown pixel for pixel (at ``dpi``) under its name. Images, 1-D signals and
+    volumes alike: the probes' shape says which.
 
     Args:
-        images: the probes ``(N, C, H, W)``.
-        maps: saliency ``(N, L, H, W)`` for L layers, or ``(N, H, W)`` for one.
-        boxes: ``(N, L, 4)`` or ``(N, 4)``, as :attr:`ReceptiveMaps.boxes`.
-        centers: ``(N, L, 2)`` or ``(N, 2)``, as :attr:`ReceptiveMaps.centers`.
+        images: the probes ``(N, C, *spatial)``.
+        maps: saliency ``(N, L, *spatial)`` for L layers, or ``(N, *spatial)`` for one.
+        boxes: ``(N, L, 2d)`` or ``(N, 2d)``, as :attr:`ReceptiveMaps.boxes`.
+        centers: ``(N, L, d)`` or ``(N, d)``, as :attr:`ReceptiveMaps.centers`.
         labels: a caption under each probe (class names), or ``None``.
         layer_names: a title per layer (default: ``layer 0``, ``layer 1``, ...).
-        whole_image: ``(N, L)`` or ``(N,)`` flags, see :func:`layer_grid`.
-        tile, nrow, cmap: as for :func:`layer_grid`.
+        whole_image: ``(N, L)`` or ``(N,)`` flags, see :func:`layer_grid` (images only).
+        analytic: per layer, whether its boxes are analytic (:attr:`ReceptiveMaps.analytic`; default: all).
+        tile, nrow, cmap: as for :func:`layer_image`.
         dpi: the figure's resolution; at 100 one image pixel is one screen pixel in a notebook.
 
     Returns:
@@ -422,30 +798,33 @@ def plot_maps(
     """
     from matplotlib.figure import Figure
 
-    if maps.dim() == 3:
+    dims = images.dim() - 2
+    if maps.dim() == dims + 1:
         maps, boxes, centers = maps[:, None], boxes[:, None], centers[:, None]
         whole_image = None if whole_image is None else torch.as_tensor(whole_image).reshape(-1, 1)
-    if maps.dim() != 4 or boxes.dim() != 3 or centers.dim() != 3:
+    if maps.dim() != dims + 2 or boxes.dim() != 3 or centers.dim() != 3:
         raise ValueError(
-            f"plot_maps: maps (N, L, H, W), boxes (N, L, 4) and centers (N, L, 2), got {tuple(maps.shape)},"
-            f" {tuple(boxes.shape)} and {tuple(centers.shape)}."
+            f"plot_maps: maps (N, L, *spatial), boxes (N, L, 2d) and centers (N, L, d) for images"
+            f" {tuple(images.shape)}, got {tuple(maps.shape)}, {tuple(boxes.shape)} and {tuple(centers.shape)}."
         )
     count = maps.shape[1]
     names = list(layer_names) if layer_names is not None else [f"layer {k}" for k in range(count)]
     if len(names) != count:
         raise ValueError(f"plot_maps: layer_names needs one name per layer ({count}), got {len(names)}: {names}.")
+    flags = list(analytic) if analytic is not None else [True] * count
+    if len(flags) != count:
+        raise ValueError(f"plot_maps: analytic needs one flag per layer ({count}), got {len(flags)}.")
     grids = [
         layer_grid(
-            images,
-            maps[:, k],
-            boxes[:, k],
-            centers[:, k],
-            labels=labels,
-            tile=tile,
-            nrow=nrow,
-            whole_image=None if whole_image is None else torch.as_tensor(whole_image)[:, k],
+            images, maps[:, k], boxes[:, k], centers[:, k], labels=labels, tile=tile, nrow=nrow,
+            whole_image=None if whole_image is None else torch.as_tensor(whole_image)[:, k], analytic=flags[k],
             cmap=cmap,
-        )
+        )  # fmt: skip
+        if dims == 2
+        else layer_image(
+            images, maps[:, k], boxes[:, k], centers[:, k], labels=labels, tile=tile, nrow=nrow, analytic=flags[k],
+            cmap=cmap,
+        )  # fmt: skip
         for k in range(count)
     ]
     title = 0.3  # inches above each grid

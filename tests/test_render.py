@@ -1,4 +1,5 @@
-"""layer_grid and plot_maps: sizes for a screen, the box where the field is, heat that reads, captions."""
+"""layer_grid, layer_image and plot_maps: sizes for a screen, the box where the field is, heat that reads, captions;
+1-D strips and 3-D orthogonal slices."""
 
 import pytest
 import torch
@@ -7,11 +8,14 @@ from hypothesis import strategies as st
 
 from rf_callback.render import (
     BOX_COLOR,
+    CURVE,
     GREY_RANGE,
     LINE_HEIGHT,
     PADDING,
     _palette,
     layer_grid,
+    layer_image,
+    mean_image,
     plot_maps,
     tile_size,
 )
@@ -210,3 +214,86 @@ def test_receptive_maps_plot_draws_the_chosen_layers_and_probes():
     assert [axes.get_title(loc="left") for axes in two.axes] == ["0", "3"]
     with pytest.raises(KeyError, match=r"no maps for \['9'\]"):
         maps.plot(probes, "9")
+
+
+# ---- 1-D signals and 3-D volumes ---------------------------------------------------------------------------
+def signal_panel(box, length=64, heat=None, signal=None, tile=32, **kwargs):
+    """The single strip (3, h, w) of a one-probe 1-D picture, without its caption."""
+    signal = torch.zeros(1, 1, length) if signal is None else signal
+    heat = torch.zeros(1, length) if heat is None else heat
+    center = torch.tensor([[(box[0] + box[1] - 1) / 2]])
+    grid = layer_image(signal, heat, torch.tensor([box]), center, tile=tile, **kwargs)
+    return grid, grid[:, PADDING : PADDING + max(32, tile // 2), PADDING : PADDING + 3 * tile // length * length]
+
+
+def test_a_signal_is_a_strip_with_its_field_shaded_and_the_curve_on_top():
+    heat = torch.zeros(1, 64)
+    heat[0, 40] = 1.0  # the peak
+    heat[0, 44] = 0.5
+    signal = torch.linspace(0, 1, 64).view(1, 1, 64)  # a ramp: its line climbs from bottom left to top right
+    _, panel = signal_panel((32, 48), heat=heat, signal=signal)
+    assert panel.shape == (3, 32, 64)  # 3 * 32 px at one column per sample; strips at least 32 px high
+    tinted = (panel[2] > panel[0] + 20).any(0)  # cyan shading lifts blue and green over red
+    assert tinted.nonzero().flatten().tolist() == list(range(32, 48))
+    curve = torch.tensor(_palette("inferno")[CURVE]).view(3, 1)
+    column = (panel[:, :, 40] == curve).all(0).nonzero().flatten()
+    half = (panel[:, :, 44] == curve).all(0).nonzero().flatten()
+    assert column.min() <= 4 and 14 <= half.min() <= 17  # the peak reaches the top, half of it half-way
+    _, bare = signal_panel((32, 48), signal=signal)
+    assert torch.equal(panel[:, 10, 44], bare[:, 10, 44]) and not torch.equal(panel[:, 24, 44], bare[:, 24, 44])
+    grey = (panel == 200).all(0)
+    assert grey[:, 0].nonzero().max() > 24 and grey[:, 63].nonzero().min() < 8  # the ramp, low to high
+
+
+def test_whole_signals_and_layers_without_a_field_draw_no_interval_and_say_why():
+    plain, _ = signal_panel((32, 48))
+    whole, panel = signal_panel((0, 64))
+    assert not cyan(panel).any() and whole.shape[1] == plain.shape[1] + LINE_HEIGHT  # "whole signal"
+    flagged, panel = signal_panel((32, 48), analytic=False)
+    assert not cyan(flagged).any() and flagged.shape[1] == plain.shape[1] + LINE_HEIGHT  # "no analytic RF"
+
+
+def test_a_volume_is_three_orthogonal_slices_each_with_its_section_of_the_box():
+    volume = torch.rand(1, 1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    heat = torch.zeros(1, 4, 8, 8)
+    heat[0, 2, 3, 5] = 1.0
+    box, center = (1, 2, 4, 3, 5, 7), (2.0, 3.0, 5.0)  # depth 1..3, rows 2..5, columns 4..7
+    grid = layer_image(volume, heat, torch.tensor([box]), torch.tensor([center]), tile=32)
+    # At 4x: axial 32x32 top left, sagittal (rows x depth) 32x16 on its right, coronal (depth x columns) below.
+    axial = grid[:, PADDING : PADDING + 32, PADDING : PADDING + 32]
+    sagittal = grid[:, PADDING : PADDING + 32, 2 * PADDING + 32 : 2 * PADDING + 48]
+    coronal = grid[:, 2 * PADDING + 32 : 2 * PADDING + 48, PADDING : PADDING + 32]
+    for view, section, middle in [
+        (axial, (2, 4, 5, 7), (3.0, 5.0)),
+        (sagittal, (2, 1, 5, 3), (3.0, 2.0)),
+        (coronal, (1, 4, 3, 7), (2.0, 5.0)),
+    ]:
+        size = tuple(view.shape[1:])
+        slice_ = torch.zeros(1, 1, size[0] // 4, size[1] // 4)
+        alone = layer_grid(slice_, torch.zeros(1, *slice_.shape[2:]), torch.tensor([section]), torch.tensor([middle]), tile=32)
+        expected = alone[:, PADDING : PADDING + size[0], PADDING : PADDING + size[1]]
+        assert torch.equal(cyan(view), cyan(expected))  # the same box and ticks a 2-D slice would get
+    top = _palette("inferno")[255]
+    assert torch.equal(axial[:, 3 * 4 + 1, 5 * 4 + 1], top) and torch.equal(sagittal[:, 13, 9], top)
+    assert torch.equal(coronal[:, 9, 21], top)  # the peak voxel (2, 3, 5) in all three slices through it
+
+
+def test_mean_image_draws_the_map_alone_with_the_box_or_says_the_units_differ():
+    mean = torch.zeros(28, 28)
+    mean[14, 14] = 1.0
+    boxed = mean_image(mean, torch.tensor([8, 8, 20, 20]), torch.tensor([13.5, 13.5]), probes=10)
+    loose = mean_image(mean, None, torch.tensor([14.0, 14.0]), probes=10)
+    assert cyan(boxed).any() and not cyan(loose).any()
+    assert loose.shape[1] == boxed.shape[1] + LINE_HEIGHT  # "units differ" under "mean of 10 probes"
+    for signal in (mean_image(torch.rand(50), None, torch.tensor([25.0]), probes=3),
+                   mean_image(torch.rand(4, 8, 8), torch.tensor([0, 2, 2, 4, 6, 6]), torch.full((3,), 3.0), probes=3)):
+        assert signal.dtype == torch.uint8 and signal.shape[0] == 3
+
+
+def test_layer_image_draws_images_as_layer_grid_does_and_refuses_other_shapes():
+    args = (torch.rand(3, 1, 28, 28), torch.rand(3, 28, 28), torch.tensor([[8, 8, 20, 20]] * 3), torch.full((3, 2), 13.5))
+    assert torch.equal(layer_image(*args, labels=["a", "b", "c"]), layer_grid(*args, labels=["a", "b", "c"]))
+    with pytest.raises(ValueError, match=r"images must be \(N, C, L\), \(N, C, H, W\) or \(N, C, D, H, W\)"):
+        layer_image(torch.rand(1, 1, 2, 2, 2, 2), torch.rand(1, 2, 2, 2, 2), torch.zeros(1, 8), torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"boxes must be \(2, 2\)"):
+        layer_image(torch.rand(2, 1, 30), torch.rand(2, 30), torch.zeros(2, 4), torch.zeros(2, 1))
