@@ -26,6 +26,7 @@ from rf_callback.report import format_rows
 from rf_callback.tracing import PadInterceptor, Traced, Tracer, Unsupported, axis_length, flat_tensors
 
 __all__ = [
+    "OUTPUT_ROW",
     "LayerKey",
     "LayerRF",
     "ReceptiveFieldTable",
@@ -35,6 +36,8 @@ __all__ = [
     "unwrap_model",
 ]
 
+OUTPUT_ROW = "(output)"
+"""Name of the row of the model's own output when the top-level ``forward`` computes it (no module returns it)."""
 
 # --------------------------------------------------------------------------------------------
 # Layer keys: the one place that writes and reads them
@@ -48,7 +51,8 @@ class LayerKey:
     """A row name of :class:`ReceptiveFieldTable`: ``module``, ``module[call]``, ``module:output``, ``module[call]:output``.
 
     ``call`` is the call index of a module called several times in one forward, ``output`` the index
-    among the input-dependent tensors a module returns (``None`` when there is one).
+    among the input-dependent tensors a module returns (``None`` when there is one). The row of the
+    model's own output, :data:`OUTPUT_ROW`, names the model itself: :attr:`module_name` is ``""``.
 
     Example::
         >>> LayerKey.parse("layer1.0.relu[2]:1")
@@ -67,6 +71,16 @@ class LayerKey:
         assert match is not None  # the pattern matches every string
         call, output = match["call"], match["output"]
         return cls(match["module"], None if call is None else int(call), None if output is None else int(output))
+
+    @property
+    def module_name(self) -> str:
+        """The name of the module whose forward returns this output in ``model.named_modules()``.
+
+        Example::
+            >>> LayerKey.parse("layer1.0.relu[2]").module_name, LayerKey.parse("(output)").module_name
+            ('layer1.0.relu', '')
+        """
+        return "" if self.module == OUTPUT_ROW else self.module
 
     def __str__(self) -> str:
         call = "" if self.call is None else f"[{self.call}]"

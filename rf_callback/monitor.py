@@ -39,6 +39,7 @@ from rf_callback.saliency import (
     Unit,
     check_channel,
     check_unit,
+    check_unit_fits,
     receptive_maps,
     resolve_layers,
 )
@@ -137,11 +138,7 @@ class ProbeMonitor:
     def _check_units_and_channels(self) -> None:
         for layer in self.layers:
             row = self.table[layer]
-            if isinstance(self.unit, tuple) and not all(0 <= i < n for i, n in zip(self.unit, row.output_shape)):
-                raise ValueError(
-                    f"unit={self.unit}: layer '{layer}' has an output of {'x'.join(map(str, row.output_shape))}"
-                    f" positions. HINT: choose 'center', 'max', or a position inside every monitored layer."
-                )
+            check_unit_fits(self.unit, row)
             channels = row.tensor_shape[1]
             if self.channel is not None and self.channel >= channels:
                 raise ValueError(

@@ -3,10 +3,10 @@
 The theoretical receptive field (:func:`~rf_callback.receptive_fields`) says where a unit can
 look; the gradient of the unit with respect to the input says where it does (Luo, Li, Urtasun
 and Zemel, "Understanding the Effective Receptive Field in Deep Convolutional Neural Networks",
-NIPS 2016). :func:`receptive_maps` computes these maps for a batch of probe images and many
-layers at once, leaving no trace on the model: a few forward passes, each on whole images or on
-only the pixels its layers' units can see (crops, or their boxes tiled side by side), and at most
-one backward pass per layer.
+NIPS 2016). :func:`receptive_maps` computes these maps for a batch of probes (images, 1-D signals
+or 3-D volumes) and many layers at once, leaving no trace on the model: a few forward passes, each
+on whole inputs or on only the pixels its layers' units can see (crops, or, for images, their boxes
+tiled side by side), and at most one backward pass per layer.
 """
 
 from __future__ import annotations
@@ -33,16 +33,22 @@ __all__ = [
     "all_layers",
     "check_channel",
     "check_unit",
+    "check_unit_fits",
     "default_layers",
     "erf_stats",
+    "mass_areas",
     "receptive_maps",
 ]
 
-Unit = Literal["center", "max"] | tuple[int, int]
-"""Which output unit of a layer: the middle one, each probe's most active one, or a position (i, j)."""
+Unit = Literal["center", "max", "max_logit"] | tuple[int, ...]
+"""Which output unit of a layer: the middle one, each probe's most active one (channel sum), each
+probe's largest single value (a class logit of a dense prediction), or a position, one index per axis."""
 
 LUO_THRESHOLD = 0.0455
 """1 - 95.45%: Luo et al. count the pixels above this fraction of the peak (a Gaussian's 2-sigma mass)."""
+
+MASS_SHARES = (0.2, 0.5, 0.99)
+"""Shares of the probes' mean map's mass whose area :func:`mass_areas` reports (the mean ERF's spread)."""
 
 SPATIAL_LAYERS = (
     nn.modules.conv._ConvNd,
@@ -56,19 +62,27 @@ SPATIAL_LAYERS = (
 
 @dataclass(frozen=True)
 class ERFStats:
-    """Effective-receptive-field statistics, each a float tensor of shape (N, L) (probe, layer).
+    """Effective-receptive-field statistics of maps over ``d`` axes (1, 2 or 3), per probe and layer.
+
+    Each per-probe statistic is a float tensor of shape (N, L); sizes are in input pixels (samples
+    for 1-D inputs, voxels for 3-D ones). For ``d = 2`` a "cube" is a square and "volume" an area.
 
     Attributes:
         count: pixels whose saliency exceeds ``threshold`` times the map's peak (Luo et al.).
-        size: ``sqrt(count)``, the side of a square of that area, in pixels.
-        mass_side: side of the smallest square centred on the unit's RF centre that holds at least
+        size: ``count ** (1 / d)``, the side of a d-cube of that volume (``sqrt(count)`` for images).
+        mass_side: side of the smallest d-cube centred on the unit's RF centre that holds at least
             ``mass`` of the map's total saliency.
-        rf_side: ``sqrt`` of the area of the unit's analytic box clipped to the image.
+        rf_side: ``volume ** (1 / d)`` of the unit's analytic box clipped to the input (the whole
+            input for a layer without an analytic field).
         size_fraction: ``size / rf_side``.
-        mass_fraction: ``mass_side / rf_side`` (may exceed 1 near the border, where squares are cut).
+        mass_fraction: ``mass_side / rf_side`` (may exceed 1 near the border, where cubes are cut).
+        extent: (N, L, d): per axis, the length of the interval that bounds the pixels above the threshold.
         dead: True where the map is all zero (a dead unit); every statistic is 0 there.
+        mean_areas: (L, S): for the probes' mean map, the fraction of the input that holds each of
+            ``shares`` of its mass, pixels taken from the largest down (:func:`mass_areas`).
         threshold: the fraction of the peak used for ``count``.
         mass: the fraction of the total used for ``mass_side``.
+        shares: the shares of ``mean_areas``.
     """
 
     count: Tensor
@@ -80,35 +94,62 @@ class ERFStats:
     dead: Tensor
     threshold: float
     mass: float
+    extent: Tensor
+    mean_areas: Tensor
+    shares: tuple[float, ...] = MASS_SHARES
 
     def mean(self) -> dict[str, Tensor]:
         """Each statistic averaged over the probes whose unit is alive, shape (L,); 0 where all are dead.
 
         Keys: ``count``, ``size``, ``mass_side``, ``rf_side``, ``size_fraction``, ``mass_fraction`` (the
-        attributes above) and ``dead_fraction`` (the share of probes whose map is all zero).
+        attributes above), ``extent`` (shape (L, d)), ``dead_fraction`` (the share of probes whose map is
+        all zero) and ``mean_area_<p>`` for each share ``p`` percent of :attr:`shares` (already per layer).
         """
         alive = (~self.dead).to(self.size.dtype)
         counted = alive.sum(0)
         result = {}
-        for name in ("count", "size", "mass_side", "rf_side", "size_fraction", "mass_fraction"):
-            total = (getattr(self, name) * alive).sum(0)
-            result[name] = torch.where(counted > 0, total / counted.clamp(min=1), torch.zeros_like(total))
+        for name in ("count", "size", "mass_side", "rf_side", "size_fraction", "mass_fraction", "extent"):
+            values = getattr(self, name)
+            weights = alive if values.dim() == 2 else alive[..., None]
+            total = (values * weights).sum(0)
+            alive_layers = counted if values.dim() == 2 else counted[..., None]
+            result[name] = torch.where(alive_layers > 0, total / alive_layers.clamp(min=1), torch.zeros_like(total))
         result["dead_fraction"] = self.dead.to(self.size.dtype).mean(0)
+        for index, share in enumerate(self.shares):
+            result[mean_area_key(share)] = self.mean_areas[:, index]
         return result
+
+
+def mean_area_key(share: float) -> str:
+    """The :meth:`ERFStats.mean` key of a mass share: ``mean_area_50`` for 0.5.
+
+    Example::
+        >>> [mean_area_key(share) for share in MASS_SHARES]
+        ['mean_area_20', 'mean_area_50', 'mean_area_99']
+    """
+    return f"mean_area_{100 * share:g}".replace(".", "_")
 
 
 @dataclass(frozen=True)
 class ReceptiveMaps:
-    """Gradient receptive maps of N probes at L layers.
+    """Gradient receptive maps of N probes at L layers, over the probes' ``d`` spatial axes.
+
+    For images (``d = 2``) ``*spatial`` is ``(H, W)`` and boxes are ``(top, left, bottom, right)``; for
+    1-D signals ``(L,)`` and ``(start, stop)``; for volumes ``(D, H, W)`` and ``(front, top, left,
+    back, bottom, right)``.
 
     Attributes:
         layers: the layer names (keys of the receptive-field table), in order.
-        maps: ``|d unit / d input|`` summed over input channels, float32 (N, L, H, W).
-        gradients: the signed gradient, float32 (N, L, C, H, W).
-        units: the chosen unit ``(i, j)`` in each layer's output, int64 (N, L, 2).
-        boxes: that unit's analytic box ``(top, left, bottom, right)`` clipped to the image, int64 (N, L, 4).
-        centers: the centre ``(y, x)`` of that box's unclipped receptive field, float32 (N, L, 2).
+        maps: ``|d unit / d input|`` summed over input channels, float32 (N, L, *spatial).
+        gradients: the signed gradient, float32 (N, L, C, *spatial).
+        units: the chosen unit, one index per axis of each layer's output, int64 (N, L, d).
+        boxes: that unit's box, half-open ``(lows..., highs...)`` clipped to the input, int64 (N, L, 2d);
+            the whole input for a layer without an analytic field (see ``analytic``).
+        centers: the centre of that unit's unclipped receptive field, float32 (N, L, d); without an
+            analytic field, the unit's position scaled to the input (``(i + 0.5) * H / h - 0.5``).
         erf: the statistics of each map (:class:`ERFStats`).
+        analytic: per layer, whether it has an analytic receptive field (``LayerRF.supported``); a
+            layer the tracer cannot follow (after an upsampling, say) still gets maps, from whole inputs.
     """
 
     layers: tuple[str, ...]
@@ -118,6 +159,17 @@ class ReceptiveMaps:
     boxes: Tensor
     centers: Tensor
     erf: ERFStats
+    analytic: tuple[bool, ...]
+
+    @property
+    def mean_maps(self) -> Tensor:
+        """The probes' mean map per layer, scaled to its peak (Luo et al.'s averaged ERF), (L, *spatial).
+
+        A layer whose maps are all zero gives zeros.
+        """
+        mean = self.maps.mean(0)
+        peak = mean.flatten(1).amax(1).view(-1, *(1,) * (mean.dim() - 1))
+        return torch.where(peak > 0, mean / peak.clamp(min=torch.finfo(mean.dtype).tiny), torch.zeros_like(mean))
 
     def plot(
         self,
@@ -131,7 +183,7 @@ class ReceptiveMaps:
         """The picture the callback logs, as a matplotlib figure: one grid of probes per layer.
 
         Args:
-            probes: the images the maps were computed for ``(N, C, H, W)``.
+            probes: the inputs the maps were computed for ``(N, C, *spatial)``.
             layers: one layer key or several (default: all of them).
             select: which probes to show (default: all).
             labels: a caption per probe.
@@ -158,20 +210,22 @@ class ReceptiveMaps:
             self.centers[rows][:, columns],
             labels=captions,
             layer_names=names,
+            analytic=[self.analytic[k] for k in columns],
             tile=tile,
         )
 
     def summary(self) -> str:
         """Per layer, the ERF statistics averaged over the probes, as an aligned table (``print(maps.summary())``).
 
-        Columns: ``ERF size`` (side of a square with the area of the pixels above the threshold, input
-        px), ``ERF/RF`` (that over the side of the analytic box), ``mass side`` (the square around the
-        unit's centre holding ``mass`` of the saliency), ``mass/RF``, ``dead`` (probes with an all-zero map).
+        Columns: ``ERF size`` (side of a d-cube with the volume of the pixels above the threshold, input
+        px), ``ERF/RF`` (that over the side of the analytic box), ``mass side`` (the cube around the
+        unit's centre holding ``mass`` of the saliency), ``mass/RF``, ``dead`` (probes with an all-zero
+        map). ``RF`` is the whole input for a layer without an analytic field, marked ``*``.
         """
         means = self.erf.mean()
         rows = [
             [
-                layer,
+                layer if self.analytic[k] else f"{layer} *",
                 f"{means['size'][k]:.1f}",
                 f"{means['size_fraction'][k]:.2f}",
                 f"{means['mass_side'][k]:.1f}",
@@ -180,29 +234,58 @@ class ReceptiveMaps:
             ]
             for k, layer in enumerate(self.layers)
         ]
-        return format_table(["layer", "ERF size", "ERF/RF", "mass side", "mass/RF", "dead"], rows)
+        table = format_table(["layer", "ERF size", "ERF/RF", "mass side", "mass/RF", "dead"], rows)
+        if not all(self.analytic):
+            table += "\n* no analytic receptive field: RF is the whole input"
+        return table
 
 
 def check_unit(unit: object) -> Unit:
     """``unit`` in its one canonical form, or a ``ValueError`` that lists the choices.
 
-    ``"centre"`` is accepted for ``"center"``; a list ``[i, j]`` becomes a tuple.
+    ``"centre"`` is accepted for ``"center"``; a list ``[i, j]`` becomes a tuple. A position has one
+    index per spatial axis: ``(i,)`` for sequences, ``(i, j)`` for images, ``(k, i, j)`` for volumes.
 
     Example::
-        >>> check_unit("centre"), check_unit([3, 4])
-        ('center', (3, 4))
+        >>> check_unit("centre"), check_unit([3, 4]), check_unit((7,))
+        ('center', (3, 4), (7,))
     """
     if unit == "centre":
         return "center"
-    if unit in ("center", "max"):
+    if unit in ("center", "max", "max_logit"):
         return unit  # type: ignore[return-value]
     if (
         isinstance(unit, (list, tuple))
-        and len(unit) == 2
+        and 1 <= len(unit) <= 3
         and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in unit)
     ):
-        return (unit[0], unit[1])
-    raise ValueError(f"unit={unit!r}: choose 'center' (or 'centre'), 'max' or a unit position (i, j) with ints >= 0.")
+        return tuple(unit)
+    raise ValueError(
+        f"unit={unit!r}: choose 'center' (or 'centre'), 'max', 'max_logit' or a unit position, one int >= 0 per"
+        " axis: (i, j) for images, (i,) for sequences, (k, i, j) for volumes."
+    )
+
+
+def check_unit_fits(unit: Unit, row: LayerRF) -> None:
+    """A ``ValueError`` unless ``unit`` (checked by :func:`check_unit`) names a position of ``row``'s output.
+
+    Example::
+        >>> from torch import nn
+        >>> row = receptive_fields(nn.Sequential(nn.Conv2d(1, 1, 3)), (1, 8, 8))["0"]
+        >>> check_unit_fits((5, 5), row)  # inside the 6x6 output
+        >>> check_unit_fits((6, 0), row)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: unit=(6, 0): layer '0' has an output of 6x6 positions (2 indices per unit)...
+    """
+    if not isinstance(unit, tuple):
+        return
+    shape = row.output_shape
+    if len(unit) != len(shape) or not all(0 <= i < n for i, n in zip(unit, shape)):
+        raise ValueError(
+            f"unit={unit}: layer '{row.name}' has an output of {'x'.join(map(str, shape))} positions"
+            f" ({len(shape)} ind{'ex' if len(shape) == 1 else 'ices'} per unit). HINT: choose 'center', 'max',"
+            " 'max_logit', or a position inside every monitored layer."
+        )
 
 
 def check_channel(channel: object) -> int | None:
@@ -218,8 +301,14 @@ def check_channel(channel: object) -> int | None:
 
 
 def _mappable(row: LayerRF) -> bool:
-    """Whether a row can have a receptive map: a supported row whose output is an image ``(N, C, h, w)``."""
-    return row.supported and len(row.output_shape) == 2 and tuple(row.tensor_shape[2:]) == row.output_shape
+    """Whether a row can have a receptive map: its output is laid out as the input, ``(N, C, *spatial)``.
+
+    Rows without an analytic field (after an upsampling, say) qualify too: gradients need no geometry.
+    """
+    return len(row.tensor_shape) == len(row.input_shape) + 2 and tuple(row.tensor_shape[2:]) == row.output_shape
+
+
+_SHAPES = {1: "a sequence (N, C, l)", 2: "an image (N, C, h, w)", 3: "a volume (N, C, d, h, w)"}
 
 
 def default_layers(table: ReceptiveFieldTable) -> list[str]:
@@ -229,7 +318,8 @@ def default_layers(table: ReceptiveFieldTable) -> list[str]:
     ``features.1`` of a ConvNeXt) wins over the layers inside it and over the first layer of the
     next stage that still runs at its resolution. Containers holding more than one change of
     resolution (a whole ``features`` block) and rows with a single output position (heads) are
-    left out. torchvision's ResNets give ``relu, layer1, layer2, layer3, layer4``.
+    left out, and so are rows without an analytic field (name them, or pass ``"all"``). torchvision's
+    ResNets give ``relu, layer1, layer2, layer3, layer4``.
 
     Example::
         >>> from torch import nn
@@ -238,7 +328,7 @@ def default_layers(table: ReceptiveFieldTable) -> list[str]:
         >>> default_layers(receptive_fields(net, (1, 32, 32)))  # the last at 32x32, at 16x16, at 8x8
         ['1', '3', '4']
     """
-    rows = {key: row for key, row in table.items() if _mappable(row)}
+    rows = {key: row for key, row in table.items() if row.supported and _mappable(row)}
     inside: dict[str, set[tuple[int, ...]]] = {}  # module -> resolutions of the rows of modules inside it
     for key, row in rows.items():
         parts = LayerKey.parse(key).module.split(".")
@@ -258,7 +348,7 @@ def default_layers(table: ReceptiveFieldTable) -> list[str]:
 
 
 def all_layers(table: ReceptiveFieldTable) -> list[str]:
-    """Every row that can have a receptive map (supported, with a 2-D output), in call order."""
+    """Every row that can have a receptive map (an output laid out as the input), in call order."""
     return [key for key, row in table.items() if _mappable(row)]
 
 
@@ -270,15 +360,18 @@ class _Stop(BaseException):
 def resolve_layers(table: ReceptiveFieldTable, layers: str | Sequence[str] | None) -> list[str]:
     """The layer keys to map: ``None`` for :func:`default_layers`, ``"all"`` for :func:`all_layers`, or names.
 
+    A named row without an analytic receptive field is accepted when its output is laid out as the
+    input: its maps come from whole inputs (``ReceptiveMaps.analytic``).
+
     Raises:
-        ValueError: for an unknown name (close matches and the valid names listed), a row without a
-            receptive field, or one without a 2-D spatial output.
+        ValueError: for an unknown name (close matches and the valid names listed), or a row whose
+            output is not laid out as the input (``(N, C, h, w)`` for images).
     """
     if layers is None or layers == "all":
         chosen = default_layers(table) if layers is None else all_layers(table)
         if not chosen:
             raise ValueError(
-                "no layer with a 2-D receptive field that varies across the image: nothing to map. Rows:"
+                "no layer with a receptive field that varies across the input: nothing to map. Rows:"
                 f" {', '.join(table) or 'none'}. HINT: check the input shape, or pass layers=[...]."
             )
         return chosen
@@ -291,13 +384,11 @@ def resolve_layers(table: ReceptiveFieldTable, layers: str | Sequence[str] | Non
             row = table[name]
         except KeyError as error:
             raise ValueError(f"layers={names!r}: {error.args[0]} Layers that have maps: {valid}.") from None
-        if not row.supported:
-            raise ValueError(f"layers={names!r}: '{name}' has no receptive field: {row.unsupported.reason}.")
         if not _mappable(row):
             raise ValueError(
                 f"layers={names!r}: '{name}' ({row.module_type}) gives an output of shape"
-                f" {tuple(row.tensor_shape)} for one input, not an image (N, C, h, w), so it has no 2-D receptive map."
-                f" Layers that have maps: {valid}."
+                f" {tuple(row.tensor_shape)} for one input, not {_SHAPES.get(len(row.input_shape), 'laid out as the input')},"
+                f" so it has no receptive map. Layers that have maps: {valid}."
             )
     return list(dict.fromkeys(names))
 
@@ -344,8 +435,8 @@ def _capture(
     """
     wanted: dict[str, dict[int, list[tuple[str, int]]]] = {}
     for key in layers:
-        parsed = LayerKey.parse(key)
-        wanted.setdefault(parsed.module, {}).setdefault(parsed.call or 0, []).append((key, parsed.output or 0))
+        parsed = LayerKey.parse(key)  # the model's own output row hooks the model itself
+        wanted.setdefault(parsed.module_name, {}).setdefault(parsed.call or 0, []).append((key, parsed.output or 0))
     captured: dict[str, Tensor] = {}
     calls: dict[str, int] = {}
     errors: list[Exception] = []
@@ -398,50 +489,70 @@ def _input_dependent(output: object) -> list[Tensor]:
     return []
 
 
-def _fixed_units(shape: tuple[int, ...], unit: Unit, name: str, count: int) -> Tensor | None:
-    """The (i, j) of each probe's unit, (count, 2); None for ``unit="max"``, chosen during the forward."""
-    if len(shape) != 2:
-        raise ValueError(f"receptive_maps: layer '{name}' has a {len(shape)}-D spatial output; maps need 2-D images.")
-    h, w = shape
-    if unit == "max":
+def _fixed_units(shape: tuple[int, ...], unit: Unit, count: int) -> Tensor | None:
+    """Each probe's unit, one index per axis, (count, d); None for ``"max"`` units, chosen during the forward."""
+    if unit in ("max", "max_logit"):
         return None
-    if unit == "center":
-        return torch.tensor([[h // 2, w // 2]] * count)
-    i, j = unit
-    if not (0 <= i < h and 0 <= j < w):
-        raise ValueError(f"receptive_maps(unit={unit}): layer '{name}' has an output of {h}x{w}.")
-    return torch.tensor([[i, j]] * count)
+    position = tuple(n // 2 for n in shape) if unit == "center" else unit
+    return torch.tensor([position] * count, dtype=torch.long).view(count, len(shape))
 
 
-def _strongest(output: Tensor, channel: int | None) -> Tensor:
-    """Each probe's position of largest activation (one channel, or the channel sum), (N, 2)."""
+Pick = int | list[int] | None
+"""Which channel of a unit: None sums over channels, an int takes one, a list one per probe (``"max_logit"``)."""
+
+
+def _strongest(output: Tensor, channel: int | None, single: bool) -> tuple[Tensor, list[int] | None]:
+    """Each probe's position of largest activation, (N, d), and for ``single`` its channel.
+
+    ``single`` (``"max_logit"``): the largest single value over positions and channels (of ``channel``
+    only, when given); otherwise the largest channel sum (or ``channel``'s value).
+    """
     output = output.detach()
-    activation = output[:, channel] if channel is not None else output.sum(1)
-    flat = activation.flatten(1).argmax(1).cpu()
-    return torch.stack([flat // output.shape[3], flat % output.shape[3]], dim=1)
+    positions = output.shape[2:]
+    if channel is not None:
+        activation = output[:, channel]
+    elif single:
+        flat = output.flatten(2).flatten(1).argmax(1).cpu()  # over (channel, position)
+        size = math.prod(positions)
+        return _unravel(flat % size, positions), (flat // size).tolist()
+    else:
+        activation = output.sum(1)
+    return _unravel(activation.flatten(1).argmax(1).cpu(), positions), None
 
 
-def _check_output(output: Tensor, channel: int | None, name: str) -> None:
-    if output.dim() != 4:
-        raise ValueError(f"receptive_maps: layer '{name}' gives a {output.dim()}-D output; maps need (N, C, h, w).")
+def _unravel(flat: Tensor, shape: Sequence[int]) -> Tensor:
+    """Flat indices (N,) as positions (N, d) in ``shape``."""
+    coordinates = []
+    for length in reversed(shape):
+        coordinates.append(flat % length)
+        flat = flat // length
+    return torch.stack(coordinates[::-1], dim=1)
+
+
+def _check_output(output: Tensor, channel: int | None, name: str, dims: int) -> None:
+    if output.dim() != dims + 2:
+        raise ValueError(
+            f"receptive_maps: layer '{name}' gives a {output.dim()}-D output; maps need {_SHAPES.get(dims, dims)}."
+        )
     if channel is not None and not 0 <= channel < output.shape[1]:
         raise ValueError(f"receptive_maps(channel={channel}): layer '{name}' has {output.shape[1]} channels.")
 
 
-def _unit_sum(output: Tensor, units: Sequence[tuple[int, int]], channel: int | None) -> Tensor:
-    """Sum over probes of each probe's unit ``(i, j)`` (its channel sum, or one channel)."""
+def _unit_sum(output: Tensor, units: Sequence[tuple[int, ...]], channel: Pick) -> Tensor:
+    """Sum over probes of each probe's unit (its channel sum, one channel, or each probe's own channel)."""
     if len(set(units)) == 1:
-        i, j = units[0]
-        picked = output[:, :, i, j]  # (N, C)
+        picked = output[(slice(None), slice(None), *units[0])]  # (N, C)
     else:
-        rows, cols = (torch.tensor(axis, device=output.device) for axis in zip(*units))
-        picked = output[torch.arange(len(units), device=output.device), :, rows, cols]
+        coordinates = (torch.tensor(axis, device=output.device) for axis in zip(*units))
+        picked = output[(torch.arange(len(units), device=output.device), slice(None), *coordinates)]
+    if isinstance(channel, list):
+        return picked[torch.arange(len(channel), device=output.device), channel].sum()
     return (picked[:, channel] if channel is not None else picked.sum(1)).sum()
 
 
-def _per_unit(units: Tensor, function: Callable[[int, int], tuple]) -> list[tuple]:
-    """``function(i, j)`` for each probe's unit, computed once per distinct unit."""
-    cache: dict[tuple[int, int], tuple] = {}
+def _per_unit(units: Tensor, function: Callable[..., tuple]) -> list[tuple]:
+    """``function(*unit)`` for each probe's unit, computed once per distinct unit."""
+    cache: dict[tuple[int, ...], tuple] = {}
     results = []
     for unit in map(tuple, units.tolist()):
         if unit not in cache:
@@ -461,58 +572,63 @@ far larger, so only small inputs feel it."""
 
 @dataclass(frozen=True)
 class _Layout:
-    """Where one pass puts the probes' pixels: layer ``name``'s tile, of ``(h, w)`` at ``(y, x)`` in
-    the pass's input, holds ``image[n, :, top:top + h, left:left + w]`` for each probe's ``(top, left)``.
+    """Where one pass puts the probes' pixels: layer ``name``'s tile, of ``size`` at ``place`` in the
+    pass's input, holds ``input[n, :, corner[0]:corner[0] + size[0], ...]`` for each probe's ``corner``.
+
+    Positions have one coordinate per spatial axis: ``(h, w)`` and ``(y, x)`` for images.
 
     Attributes:
-        size: ``(H, W)`` of the pass's input.
-        tiles: per layer, ``((h, w), (y, x), [(top, left) per probe])``.
+        size: the spatial size of the pass's input.
+        tiles: per layer, ``(size, place, [corner per probe])``.
         together: the tiles are the units' boxes and do not overlap, so one backward of the sum
             of all units gives each layer's gradient on its own tile.
     """
 
-    size: tuple[int, int]
-    tiles: dict[str, tuple[tuple[int, int], tuple[int, int], list[tuple[int, int]]]]
+    size: tuple[int, ...]
+    tiles: dict[str, tuple[tuple[int, ...], tuple[int, ...], list[tuple[int, ...]]]]
     together: bool = False
 
     @property
     def area(self) -> int:
-        return self.size[0] * self.size[1]
+        return math.prod(self.size)
 
 
 def _crop(
-    names: Sequence[str], fields: ReceptiveFieldTable, boxes: dict[str, list[tuple]], image: tuple[int, int]
+    names: Sequence[str], fields: ReceptiveFieldTable, boxes: dict[str, list[tuple]], image: tuple[int, ...]
 ) -> _Layout | None:
-    """One crop per probe from which every named layer's unit can be computed exactly; None: use the image.
+    """One crop per probe from which every named layer's unit can be computed exactly; None: use the input.
 
     ``boxes`` holds each shift-equivariant layer's (``row.equivariant``: zero padding, no global
     mixing; strides > 0) analytic boxes, padding included, one per probe. A unit's gradient lives
     inside its box: running the network on a crop that holds that box, starts on a multiple of the
-    effective stride and meets the image border wherever the box runs past it gives the unit
-    exactly, and backward then costs the crop's area instead of the image's.
+    effective stride and meets the input's border wherever the box runs past it gives the unit
+    exactly, and backward then costs the crop's area instead of the input's. Any number of axes.
     """
+    dims = len(image)
     hulls = [_hull(probe_boxes) for probe_boxes in zip(*(boxes[name] for name in names))]  # per probe
     corners, size = [], []
     for axis, length in enumerate(image):
         stride = math.lcm(*(fields[name].stride[axis] for name in names))
         lows = [min(max(hull[axis], 0), length - 1) // stride * stride for hull in hulls]
-        highs = [min(hull[axis + 2], length) for hull in hulls]
+        highs = [min(hull[axis + dims], length) for hull in hulls]
         extent = max(max(high - low for low, high in zip(lows, highs)), 1)
         extent = min(extent + (length - extent) % stride, length)  # so that length - extent is a multiple of stride
         corners.append([min(low, length - extent) for low in lows])
         size.append(extent)
-    if tuple(size) == image:
+    if tuple(size) == tuple(image):
         return None
-    crop = (size[0], size[1])
-    return _Layout(crop, {name: (crop, (0, 0), list(zip(*corners))) for name in names})
+    crop = tuple(size)
+    return _Layout(crop, {name: (crop, (0,) * dims, list(zip(*corners))) for name in names})
 
 
-def _hull(boxes: Sequence[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
-    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+def _hull(boxes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+    """The smallest box ``(lows..., highs...)`` holding all of ``boxes``."""
+    dims = len(boxes[0]) // 2
+    return (*(min(b[a] for b in boxes) for a in range(dims)), *(max(b[a] for b in boxes) for a in range(dims, 2 * dims)))
 
 
 def _mosaic(names: Sequence[str], fields: ReceptiveFieldTable, boxes: dict[str, list[tuple]]) -> _Layout:
-    """The boxes of units that lie inside the image, side by side on one canvas per probe.
+    """The boxes of units that lie inside the image, side by side on one canvas per probe (images only).
 
     Such a unit reads only the pixels of its box (its field meets no padding), wherever they sit,
     as long as they move by a multiple of its effective stride. So the tiles of several layers can
@@ -541,12 +657,12 @@ def _mosaic(names: Sequence[str], fields: ReceptiveFieldTable, boxes: dict[str, 
     return best
 
 
-def _cost(passes: Sequence[tuple[list[str], _Layout | None]], image: tuple[int, int], paid: bool) -> int:
+def _cost(passes: Sequence[tuple[list[str], _Layout | None]], image: tuple[int, ...], paid: bool) -> int:
     """A plan's cost in pixels of the probes: per pass, its overhead, one forward and its backward
-    passes; ``paid``: the forward on whole images has run already."""
+    passes; ``paid``: the forward on whole inputs has run already."""
     total = 0
     for members, layout in passes:
-        area = image[0] * image[1] if layout is None else layout.area
+        area = math.prod(image) if layout is None else layout.area
         backward = area if layout is not None and layout.together else area * len(members)
         total += backward + (0 if paid and layout is None else _PASS_OVERHEAD + area)
     return total
@@ -556,17 +672,17 @@ def _grouped(
     names: Sequence[str],
     fields: ReceptiveFieldTable,
     boxes: dict[str, list[tuple]],
-    image: tuple[int, int],
+    image: tuple[int, ...],
     whole: Sequence[str],
     paid: bool,
 ) -> list[tuple[list[str], _Layout | None]]:
-    """Crop passes for ``names``, ``whole`` on whole images: each layer runs on its own crop unless
+    """Crop passes for ``names``, ``whole`` on whole inputs: each layer runs on its own crop unless
     joining a pass with a larger one costs less. Forward and backward each cost about a pass's
     area, so a pass of its own costs a layer ``overhead + 2a``; joining a pass of area ``A``
     (with it) adds its backward, ``A``. Layers go from the largest crop down, each joining the
-    smallest pass opened so far or opening the next. ``paid``: the forward on whole images has
+    smallest pass opened so far or opening the next. ``paid``: the forward on whole inputs has
     run already, so a layer can join that pass for its backward alone."""
-    full = image[0] * image[1]
+    full = math.prod(image)
     own = {name: _crop([name], fields, boxes, image) for name in names}
     passes: list[tuple[list[str], _Layout | None]] = []
     first = [*whole, *(name for name in names if own[name] is None)]
@@ -593,15 +709,16 @@ def _passes(
     names: Sequence[str],
     fields: ReceptiveFieldTable,
     units: dict[str, Tensor],
-    image: tuple[int, int],
+    image: tuple[int, ...],
     paid: bool = False,
 ) -> list[tuple[list[str], _Layout | None]]:
-    """The layers grouped into passes (one forward each) on crops, mosaics, or (``None``) whole images.
+    """The layers grouped into passes (one forward each) on crops, mosaics, or (``None``) whole inputs.
 
-    Shift-equivariant layers run on crops around their units' boxes (:func:`_grouped`). Units
-    whose boxes lie inside the image can instead share a mosaic of their boxes with one backward
-    for all (:func:`_mosaic`): the smallest ``k`` of them do, for the ``k`` of least cost.
-    ``paid``: a forward on whole images has run already (for ``unit="max"``).
+    Shift-equivariant layers run on crops around their units' boxes (:func:`_grouped`). On images,
+    units whose boxes lie inside the image can instead share a mosaic of their boxes with one
+    backward for all (:func:`_mosaic`): the smallest ``k`` of them do, for the ``k`` of least cost.
+    Layers without an analytic field run on whole inputs. ``paid``: a forward on whole inputs has
+    run already (for ``unit="max"``).
     """
     key = (tuple(names), image, paid, tuple(tuple(map(tuple, units[name].tolist())) for name in names))
     if _LAST_PLAN and _LAST_PLAN[0][0]() is fields and _LAST_PLAN[0][1] == key:
@@ -612,19 +729,23 @@ def _passes(
 
 
 def _plan(
-    names: Sequence[str], fields: ReceptiveFieldTable, units: dict[str, Tensor], image: tuple[int, int], paid: bool
+    names: Sequence[str], fields: ReceptiveFieldTable, units: dict[str, Tensor], image: tuple[int, ...], paid: bool
 ) -> list[tuple[list[str], _Layout | None]]:
     boxes = {
-        name: _per_unit(units[name], lambda i, j, row=fields[name]: row.box(i, j, clip=False))
+        name: _per_unit(units[name], lambda *unit, row=fields[name]: row.box(*unit, clip=False))
         for name in names
-        if fields[name].equivariant and min(fields[name].stride) > 0
+        if fields[name].supported and fields[name].equivariant and min(fields[name].stride) > 0
     }
     whole = [name for name in names if name not in boxes]
     best = _grouped(list(boxes), fields, boxes, image, whole, paid)
-    height, width = image
-    inside = [  # units whose fields meet no padding
-        name for name in boxes if all(b[0] >= 0 and b[1] >= 0 and b[2] <= height and b[3] <= width for b in boxes[name])
-    ]
+    inside = []  # units whose fields meet no padding (images only: the mosaic packs rectangles)
+    if len(image) == 2:
+        height, width = image
+        inside = [
+            name
+            for name in boxes
+            if all(b[0] >= 0 and b[1] >= 0 and b[2] <= height and b[3] <= width for b in boxes[name])
+        ]
     inside.sort(key=lambda name: fields[name].size[0] * fields[name].size[1])
     for k in range(2, min(len(inside), 16) + 1):
         tiled = inside[:k]
@@ -636,15 +757,24 @@ def _plan(
     return [(sorted(members, key=order.__getitem__), layout) for members, layout in best]
 
 
-def _move(target: Tensor, to: Sequence[tuple[int, int]], source: Tensor, at: Sequence[tuple[int, int]], size) -> None:
-    """``target[n, :, y:y + h, x:x + w] = source[n, :, top:top + h, left:left + w]`` for each probe's corners."""
-    h, w = size
+def _move(
+    target: Tensor,
+    to: Sequence[tuple[int, ...]],
+    source: Tensor,
+    at: Sequence[tuple[int, ...]],
+    size: Sequence[int],
+) -> None:
+    """``target[n, :, y:y + h, x:x + w] = source[n, :, top:top + h, left:left + w]`` for each probe's corners
+    (any number of spatial axes)."""
+
+    def window(corner: tuple[int, ...]) -> tuple[slice, ...]:
+        return tuple(slice(low, low + length) for low, length in zip(corner, size))
+
     if len(set(to)) == 1 and len(set(at)) == 1:
-        (y, x), (top, left) = to[0], at[0]
-        target[:, :, y : y + h, x : x + w] = source[:, :, top : top + h, left : left + w]
+        target[(slice(None), slice(None), *window(to[0]))] = source[(slice(None), slice(None), *window(at[0]))]
         return
-    for n, ((y, x), (top, left)) in enumerate(zip(to, at)):
-        target[n, :, y : y + h, x : x + w] = source[n, :, top : top + h, left : left + w]
+    for n, (place, corner) in enumerate(zip(to, at)):
+        target[(n, slice(None), *window(place))] = source[(n, slice(None), *window(corner))]
 
 
 def _pass_gradients(
@@ -655,18 +785,19 @@ def _pass_gradients(
     pixels: Tensor,
     units: dict[str, Tensor],
     layout: _Layout | None,
-    channel: int | None,
+    picks: dict[str, Pick],
     into: dict[str, Tensor],
     reuse: tuple[Tensor, dict[str, Tensor]] | None = None,
 ) -> None:
-    """Write the input gradient of each member layer's units into ``into[layer]`` (N, C, H, W).
+    """Write the input gradient of each member layer's units into ``into[layer]`` (N, C, *spatial).
 
-    One forward on the pass's input (whole images, or the probes' pixels laid out by ``layout``),
+    One forward on the pass's input (whole inputs, or the probes' pixels laid out by ``layout``),
     then one backward per layer through the shared graph, or a single one for a mosaic. ``reuse``
-    is a forward already run on whole images: ``(leaf input, unit sums by layer)``. With a layout,
-    raises :class:`_CropFailed` if the model cannot run on it; the caller then uses whole images.
+    is a forward already run on whole inputs: ``(leaf input, unit sums by layer)``. ``picks``: each
+    layer's channel choice. With a layout, raises :class:`_CropFailed` if the model cannot run on it;
+    the caller then uses whole inputs.
     """
-    count = len(pixels)
+    count, dims = len(pixels), pixels.dim() - 2
     if reuse is not None:
         leaf, targets = reuse
     else:
@@ -681,17 +812,18 @@ def _pass_gradients(
         local = {name: list(map(tuple, units[name].tolist())) for name in members}  # each probe's unit, in the pass
         if layout is not None:
             for name in members:
-                _, (y, x), corners = layout.tiles[name]
+                _, place, corners = layout.tiles[name]
                 stride = fields[name].stride
-                shifts = [((y - top) // stride[0], (x - left) // stride[1]) for top, left in corners]
-                local[name] = [(i + di, j + dj) for (i, j), (di, dj) in zip(local[name], shifts)]
+                shifts = [tuple((p - c) // s for p, c, s in zip(place, corner, stride)) for corner in corners]
+                local[name] = [tuple(i + di for i, di in zip(unit, shift)) for unit, shift in zip(local[name], shifts)]
 
         def unit_sum(name: str, output: Tensor) -> Tensor:
-            _check_output(output, channel, name)
-            h, w = output.shape[2:]
-            if layout is not None and not all(0 <= i < h and 0 <= j < w for i, j in local[name]):
-                raise _CropFailed(f"layer '{name}' gives {h}x{w} positions on {layout.size}")
-            return _unit_sum(output, local[name], channel)
+            pick = picks[name]
+            _check_output(output, pick if isinstance(pick, int) else None, name, dims)
+            positions = output.shape[2:]
+            if layout is not None and not all(0 <= i < n for unit in local[name] for i, n in zip(unit, positions)):
+                raise _CropFailed(f"layer '{name}' gives {tuple(positions)} positions on {layout.size}")
+            return _unit_sum(output, local[name], pick)
 
         targets = _capture(model, modules, members, leaf, unit_sum, cropped=layout is not None)
     if layout is not None and layout.together:
@@ -723,6 +855,9 @@ def receptive_maps(
 ) -> ReceptiveMaps:
     """Gradient receptive maps of one unit per (probe, layer), with ERF statistics.
 
+    Probes are images ``(N, C, H, W)``, 1-D signals ``(N, C, L)`` or volumes ``(N, C, D, H, W)``;
+    maps, units and boxes have one axis, index or pair of bounds per spatial axis.
+
     The model is evaluated in eval mode (BatchNorm uses its running statistics, dropout is off),
     whatever its mode; every module's mode, its parameters and their ``.grad``, its hooks, the
     random state, grad mode, inference mode and autocast are left as found, and the probes are
@@ -731,26 +866,32 @@ def receptive_maps(
     ``torch.compile`` wrappers. Autocast is switched off inside, so maps are computed at the
     model's own precision.
 
-    Shift-equivariant layers run on crops of the probes around their units' boxes, and units whose
-    fields meet no padding on their boxes tiled side by side, with one backward for all (exact,
-    and cheaper). A model that cannot run on crops (it checks its input size, as torchvision's
-    VisionTransformer does, or raises any other exception there) gets the same maps from whole
-    images; that is decided once per model and set of layers, silently, and not tried again.
+    Shift-equivariant layers run on crops of the probes around their units' boxes (any number of
+    axes), and, on images, units whose fields meet no padding on their boxes tiled side by side,
+    with one backward for all (exact, and cheaper). A model that cannot run on crops (it checks
+    its input size, as torchvision's VisionTransformer does, or raises any other exception there)
+    gets the same maps from whole inputs; that is decided once per model and set of layers,
+    silently, and not tried again. Layers without an analytic receptive field (after an
+    upsampling the tracer cannot follow, say; the model's own dense output) get maps from whole
+    inputs, with the whole input as their box (``ReceptiveMaps.analytic`` is False there).
     Each layer's unit is read inside its forward hook, so a model that later changes that output
     in place (``out += branch(x)``, ``out.relu_()``) does not change its map: no map depends on
     which other layers are requested.
 
     Args:
         model: the network; ``model(probes)`` must run.
-        probes: images (N, C, H, W).
+        probes: inputs (N, C, *spatial) with 1, 2 or 3 spatial axes.
         layers: layer keys from :func:`receptive_fields`; ``None`` (default): one per resolution stage
-            (:func:`default_layers`); ``"all"``: every layer with a 2-D output.
+            (:func:`default_layers`); ``"all"``: every layer whose output is laid out as the input.
         unit: ``"center"`` (the middle output position, as in Luo et al.), ``"max"`` (each probe's
-            position of largest activation, summed over channels unless ``channel`` is given), or
-            an explicit ``(i, j)``.
-        channel: None sums the unit over channels; an int takes that channel only.
+            position of largest activation, summed over channels unless ``channel`` is given),
+            ``"max_logit"`` (each probe's largest single value, over positions and channels, and that
+            channel alone: the most confident class logit of a dense prediction), or an explicit
+            position, one index per axis (``(i, j)`` for images).
+        channel: None sums the unit over channels; an int takes that channel only (with
+            ``"max_logit"``, the largest value of that channel).
         threshold: fraction of a map's peak above which a pixel counts for ``erf.count``.
-        mass: fraction of the total saliency that ``erf.mass_side``'s square must hold.
+        mass: fraction of the total saliency that ``erf.mass_side``'s cube must hold.
         fields: the table from :func:`receptive_fields` for this input shape, if already computed.
 
     Returns:
@@ -762,9 +903,16 @@ def receptive_maps(
         >>> result = receptive_maps(net, torch.rand(2, 1, 16, 16), layers=["0", "2"])
         >>> result.layers, tuple(result.maps.shape), result.boxes[0, 1].tolist()
         (('0', '2'), (2, 2, 16, 16), [6, 6, 11, 11])
+        >>> signal = nn.Sequential(nn.Conv1d(1, 4, 5, dilation=2), nn.Conv1d(4, 4, 3))
+        >>> result = receptive_maps(signal, torch.rand(2, 1, 64), layers=["1"])
+        >>> tuple(result.maps.shape), result.boxes[0, 0].tolist()  # (start, stop) of the centre unit's field
+        ((2, 1, 64), [27, 38])
     """
-    if probes.dim() != 4:
-        raise ValueError(f"receptive_maps: probes must be (N, C, H, W), got shape {tuple(probes.shape)}.")
+    if not 3 <= probes.dim() <= 5:
+        raise ValueError(
+            f"receptive_maps: probes must be (N, C, H, W), or (N, C, L) or (N, C, D, H, W), got shape"
+            f" {tuple(probes.shape)}."
+        )
     if not 0 < threshold < 1 or not 0 < mass <= 1:
         raise ValueError(f"receptive_maps: need 0 < threshold < 1 and 0 < mass <= 1, got {threshold} and {mass}.")
     model = unwrap_model(model)
@@ -775,6 +923,9 @@ def receptive_maps(
         )
     unit, channel = check_unit(unit), check_channel(channel)
     names = resolve_layers(fields, layers)
+    for name in names:
+        check_unit_fits(unit, fields[name])
+    spatial = tuple(probes.shape[2:])
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else probes.device
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else probes.dtype
@@ -786,72 +937,118 @@ def receptive_maps(
         stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
         stack.enter_context(_evaluating(model))
         count = len(probes)
-        units = {name: _fixed_units(fields[name].output_shape, unit, name, count) for name in names}
+        units = {name: _fixed_units(fields[name].output_shape, unit, count) for name in names}
+        picks: dict[str, Pick] = dict.fromkeys(names, channel)
         pixels = probes.detach().to(device=device, dtype=dtype).clone()
         modules = dict(model.named_modules())
-        signed = torch.zeros(count, len(names), *probes.shape[1:])  # (N, L, C, H, W), float32 on the CPU
+        signed = torch.zeros(count, len(names), *probes.shape[1:])  # (N, L, C, *spatial), float32 on the CPU
         into = {name: signed[:, index] for index, name in enumerate(names)}
         reuse = None
-        if unit == "max":  # units come from the activations on whole images; the layers not cropped reuse that pass
+        if unit in ("max", "max_logit"):  # units come from the activations on whole inputs; layers not cropped reuse that pass
 
             def strongest(name: str, output: Tensor) -> Tensor:
-                _check_output(output, channel, name)
-                units[name] = _strongest(output, channel)
-                return _unit_sum(output, list(map(tuple, units[name].tolist())), channel)
+                _check_output(output, channel, name, len(spatial))
+                units[name], chosen = _strongest(output, channel, unit == "max_logit")
+                if chosen is not None:
+                    picks[name] = chosen
+                return _unit_sum(output, list(map(tuple, units[name].tolist())), picks[name])
 
             image = pixels.clone().requires_grad_(True)
             reuse = (image, _capture(model, modules, names, image, strongest))
         layer_set = frozenset(names)
         whole: list[str] = []
-        for members, layout in _passes(names, fields, units, (probes.shape[2], probes.shape[3]), reuse is not None):
+        for members, layout in _passes(names, fields, units, spatial, reuse is not None):
             if layout is None or layer_set in _UNCROPPABLE.get(model, ()):
                 whole += members
                 continue
             try:
-                _pass_gradients(model, modules, members, fields, pixels, units, layout, channel, into)
-            except _CropFailed:  # the same maps from whole images; not tried again for this model and layer set
+                _pass_gradients(model, modules, members, fields, pixels, units, layout, picks, into)
+            except _CropFailed:  # the same maps from whole inputs; not tried again for this model and layer set
                 _UNCROPPABLE.setdefault(model, set()).add(layer_set)
                 whole += members
         if whole:
             whole.sort(key=names.index)
-            _pass_gradients(model, modules, whole, fields, pixels, units, None, channel, into, reuse)
+            _pass_gradients(model, modules, whole, fields, pixels, units, None, picks, into, reuse)
 
     with torch.inference_mode(False):  # results are ordinary tensors, even for a caller in inference mode
         units_tensor = torch.stack([units[name].cpu() for name in names], dim=1)
         maps = signed.abs().sum(2)
-        boxes = torch.tensor([_per_unit(units[name], fields[name].box) for name in names]).transpose(0, 1)
-        centers = torch.tensor([_per_unit(units[name], fields[name].center) for name in names]).transpose(0, 1)
-        return ReceptiveMaps(
-            tuple(names), maps, signed, units_tensor, boxes, centers, erf_stats(maps, boxes, centers, threshold, mass)
-        )
+        analytic = tuple(fields[name].supported for name in names)
+        boxes = torch.tensor(
+            [_per_unit(units[name], _box_of(fields[name])) for name in names], dtype=torch.long
+        ).transpose(0, 1)
+        centers = torch.tensor(
+            [_per_unit(units[name], _center_of(fields[name])) for name in names], dtype=torch.float32
+        ).transpose(0, 1)
+        stats = erf_stats(maps, boxes, centers, threshold, mass)
+        return ReceptiveMaps(tuple(names), maps, signed, units_tensor, boxes, centers, stats, analytic)
+
+
+def _box_of(row: LayerRF) -> Callable[..., tuple[int, ...]]:
+    """A unit's box: the exact one, or the whole input for a row without an analytic field."""
+    if row.supported:
+        return row.box
+    whole = (*(0 for _ in row.input_shape), *row.input_shape)
+    return lambda *unit: whole
+
+
+def _center_of(row: LayerRF) -> Callable[..., tuple[float, ...]]:
+    """A unit's centre: its field's, or its position scaled to the input for a row without an analytic field."""
+    if row.supported:
+        return row.center
+    scales = [n / m for n, m in zip(row.input_shape, row.output_shape)]
+    return lambda *unit: tuple((i + 0.5) * scale - 0.5 for i, scale in zip(unit, scales))
 
 
 def erf_stats(
-    maps: Tensor, boxes: Tensor, centers: Tensor, threshold: float = LUO_THRESHOLD, mass: float = 0.95
+    maps: Tensor,
+    boxes: Tensor,
+    centers: Tensor,
+    threshold: float = LUO_THRESHOLD,
+    mass: float = 0.95,
+    shares: Sequence[float] = MASS_SHARES,
 ) -> ERFStats:
-    """ERF statistics of saliency maps (N, L, H, W), with the analytic boxes (N, L, 4) and centres (N, L, 2).
+    """ERF statistics of saliency maps (N, L, *spatial), with the boxes (N, L, 2d) and centres (N, L, d).
 
     Example::
         >>> maps = torch.zeros(1, 2, 9, 9)
         >>> maps[0, 0, 3:6, 3:6] = 1.0  # a 3x3 plateau; the second map is dead
         >>> stats = erf_stats(maps, torch.tensor([[[0, 0, 9, 9]] * 2]), torch.tensor([[[4.0, 4.0]] * 2]))
-        >>> stats.count.tolist(), stats.mass_side.tolist(), stats.dead.tolist()
-        ([[9.0, 0.0]], [[3.0, 0.0]], [[False, True]])
+        >>> stats.count.tolist(), stats.mass_side.tolist(), stats.dead.tolist(), stats.extent[0, 0].tolist()
+        ([[9.0, 0.0]], [[3.0, 0.0]], [[False, True]], [3.0, 3.0])
     """
     maps = maps.float()
-    h, w = maps.shape[2:]
+    count_probes, layers, *spatial = maps.shape
+    dims = len(spatial)
+    expand = (1,) * dims
     peak = maps.flatten(2).amax(2)
     dead = ~(peak > 0)
-    count = (maps > threshold * peak[..., None, None]).flatten(2).sum(2).float()
+    limit = threshold * peak.view(count_probes, layers, *expand)
+    count = (maps > limit).flatten(2).sum(2).float()
     count = torch.where(dead, torch.zeros_like(count), count)
-    size = count.sqrt()
+    size = _side(count, dims)
 
-    # A square of side s centred on the unit's RF centre holds the pixels whose Chebyshev distance d
+    # Per axis, the interval that bounds the pixels above the threshold (empty for a dead map).
+    extents = []
+    for axis, length in enumerate(spatial):
+        others = tuple(2 + other for other in range(dims) if other != axis)
+        along = (maps.amax(dim=others) if others else maps) > limit.flatten(2)  # (N, L, length): a pixel above it
+        index = torch.arange(length)
+        first = torch.where(along, index, length).amin(2)
+        last = torch.where(along, index, -1).amax(2)
+        extents.append((last - first + 1).clamp(min=0).float())
+    extent = torch.stack(extents, dim=2)
+
+    # A cube of side s centred on the unit's RF centre holds the pixels whose Chebyshev distance d
     # from it is at most (s - 1) / 2. Centres sit on whole or half pixels, so s = 2d + 1 is a whole
     # number: bucket the saliency by it and find the first side whose cumulative mass is enough.
-    ys = torch.arange(h, dtype=torch.float32).view(1, 1, h, 1)
-    xs = torch.arange(w, dtype=torch.float32).view(1, 1, 1, w)
-    distance = torch.maximum((ys - centers[..., 0, None, None]).abs(), (xs - centers[..., 1, None, None]).abs())
+    distance = None
+    for axis, length in enumerate(spatial):
+        shape = [1, 1, *expand]
+        shape[2 + axis] = length
+        coordinates = torch.arange(length, dtype=torch.float32).view(shape)
+        offset = (coordinates - centers[..., axis].float().view(count_probes, layers, *expand)).abs()
+        distance = offset if distance is None else torch.maximum(distance, offset)
     side = (2 * distance).round().long().flatten(2)  # side - 1
     buckets = maps.new_zeros(*side.shape[:2], int(side.max()) + 1).scatter_add_(2, side, maps.flatten(2))
     cumulative = buckets.cumsum(2)
@@ -860,8 +1057,8 @@ def erf_stats(
     mass_side = (first + 1).float()
     mass_side = torch.where(dead, torch.zeros_like(mass_side), mass_side)
 
-    area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).clamp(min=0).float()
-    rf_side = area.sqrt()
+    volume = (boxes[..., dims:] - boxes[..., :dims]).clamp(min=0).prod(-1).float()
+    rf_side = _side(volume, dims)
     safe = rf_side.clamp(min=1)
     zero = torch.zeros_like(size)
     return ERFStats(
@@ -874,4 +1071,42 @@ def erf_stats(
         dead=dead,
         threshold=threshold,
         mass=mass,
+        extent=extent,
+        mean_areas=mass_areas(maps.mean(0), shares),
+        shares=tuple(shares),
     )
+
+
+def _side(volume: Tensor, dims: int) -> Tensor:
+    """The side of a ``dims``-cube of each ``volume`` (in float64 first, so that 27 voxels give 3.0 exactly)."""
+    if dims == 2:
+        return volume.sqrt()
+    return volume.double().pow(1.0 / dims).float()
+
+
+def mass_areas(maps: Tensor, shares: Sequence[float] = MASS_SHARES) -> Tensor:
+    """For each map (L, *spatial), the fraction of its pixels, largest first, that holds each share of its mass.
+
+    A compact map (a peak) needs few pixels, a flat one many: for a uniform map, a share ``p`` of the
+    mass needs a share ``p`` of the pixels. An all-zero map gives 0.
+
+    Returns:
+        float32 (L, len(shares)), each in (0, 1].
+
+    Example::
+        >>> maps = torch.zeros(2, 10)
+        >>> maps[0, 3] = 1.0  # all the mass in one pixel out of ten
+        >>> maps[1] = 1.0  # uniform
+        >>> mass_areas(maps, (0.2, 0.5, 0.99)).tolist()
+        [[0.10000000149011612, 0.10000000149011612, 0.10000000149011612], [0.20000000298023224, 0.5, 1.0]]
+    """
+    flat = maps.float().flatten(1)
+    fractions = torch.zeros(len(flat), len(shares))
+    for row, values in enumerate(flat):  # only the nonzero pixels are sorted: shallow layers' maps are small
+        values = values[values > 0].sort(descending=True).values
+        if len(values):
+            cumulative = values.cumsum(0)
+            total = cumulative[-1]
+            wanted = torch.tensor(shares, dtype=cumulative.dtype) * total - 1e-6 * total
+            fractions[row] = (torch.searchsorted(cumulative, wanted) + 1).clamp(max=len(values)).float() / flat.shape[1]
+    return fractions

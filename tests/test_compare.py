@@ -286,7 +286,7 @@ def bad_inputs(runs, tmp_path):
         ("layer", [first, "--layers", "conv9"], "'conv9' no such layer in epoch=0-step=4 (TinyCNN). Layers it has:"),
         ("layer elsewhere", [runs["tiny"][1], runs["wide"], "--layers", "conv3"], "'conv3' no such layer in epoch=1"),
         ("unit", [first, "--unit", "middle"], "--unit middle: choose center, max or a unit position i,j"),
-        ("unit outside", [first, "--unit", "40,0"], "receptive_maps(unit=(40, 0)): layer 'conv1' has an output of"),
+        ("unit outside", [first, "--unit", "40,0"], "unit=(40, 0): layer 'conv1' has an output of"),
         ("out is a file", [first, "--out", tmp_path / "taken"], "taken' is a file; the comparison needs a folder"),
         ("out in a file", [first, "--out", tmp_path / "taken" / "out"], "cannot write the comparison to"),
     ]

@@ -258,10 +258,10 @@ class StepCounting(TinyCNN):
         (StepCounting, {"layers": "conv9"}, r"'conv9'.*Layers that have maps: conv1, bn, pool, conv2"),
         (StepCounting, {"probes": [0, 1000]}, r"probes=\[0, 1000\]\): .*\[1000\] outside the dataset of 32 items"),
         (StepCounting, {"probes": torch.rand(2, 3, 12, 12)}, r"first convolution takes 1 channels, the probes have 3"),
-        (NoConvolution, {}, r"no layer with a 2-D receptive field.*nothing to map"),
-        (Signal1D, {"probes": torch.rand(2, 1, 32)}, r"'conv' \(Conv1d\) .*not an image|nothing to map"),
+        (NoConvolution, {}, r"no layer with a receptive field that varies across the input.*nothing to map"),
+        (Signal1D, {"probes": torch.rand(2, 1, 32), "unit": (3, 3)}, r"unit=\(3, 3\): layer 'conv' has an output of 30"),
     ],
-    ids=["unit", "channel", "linear", "one-name", "index", "channels", "no-conv", "conv1d"],
+    ids=["unit", "channel", "linear", "one-name", "index", "channels", "no-conv", "conv1d-unit"],
 )
 def test_bad_configurations_fail_before_the_first_step(tmp_path, model, kwargs, message):
     StepCounting.steps = 0

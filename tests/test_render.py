@@ -297,3 +297,22 @@ def test_layer_image_draws_images_as_layer_grid_does_and_refuses_other_shapes():
         layer_image(torch.rand(1, 1, 2, 2, 2, 2), torch.rand(1, 2, 2, 2, 2), torch.zeros(1, 8), torch.zeros(1, 4))
     with pytest.raises(ValueError, match=r"boxes must be \(2, 2\)"):
         layer_image(torch.rand(2, 1, 30), torch.rand(2, 30), torch.zeros(2, 4), torch.zeros(2, 1))
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 40), (2, 1, 4, 12, 12)], ids=["1-D", "3-D"])
+def test_plot_maps_and_receptive_maps_plot_take_any_dimension(shape):
+    from torch import nn
+
+    from rf_callback import receptive_maps
+
+    conv = nn.Conv1d if len(shape) == 3 else nn.Conv3d
+    net = nn.Sequential(conv(1, 2, 3, padding=1), nn.ReLU(), conv(2, 2, 3, stride=2))
+    probes = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+    maps = receptive_maps(net, probes, ["0", "2"])
+    figure = maps.plot(probes, labels=["a", "b"])
+    assert [axes.get_title(loc="left") for axes in figure.axes] == ["0", "2"]
+    for k, axes in enumerate(figure.axes):
+        expected = layer_image(probes, maps.maps[:, k], maps.boxes[:, k], maps.centers[:, k], labels=["a", "b"])
+        assert (axes.images[0].get_array() == expected.permute(1, 2, 0).numpy()).all()
+    single = plot_maps(probes, maps.maps[:, 0], maps.boxes[:, 0], maps.centers[:, 0])
+    assert len(single.axes) == 1

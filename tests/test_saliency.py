@@ -3,6 +3,7 @@
 import contextlib
 import gc
 import random
+import re
 import warnings
 import weakref
 from unittest import mock
@@ -304,9 +305,11 @@ def test_bad_arguments_are_named(model, probes, kwargs, message):
         receptive_maps(model, probes, **kwargs)
 
 
-def test_probes_must_be_images(model):
-    with pytest.raises(ValueError, match=r"probes must be \(N, C, H, W\), got shape \(1, 20, 20\)"):
-        receptive_maps(model, torch.rand(1, 20, 20))
+@pytest.mark.parametrize("shape", [(20, 20), (1, 1, 1, 4, 4, 4)])
+def test_probes_must_have_one_to_three_spatial_axes(model, shape):
+    expected = rf"probes must be \(N, C, H, W\), or \(N, C, L\) or \(N, C, D, H, W\), got shape {re.escape(str(shape))}"
+    with pytest.raises(ValueError, match=expected):
+        receptive_maps(model, torch.rand(shape))
 
 
 # --------------------------------------------------------------------------------------------
