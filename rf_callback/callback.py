@@ -45,8 +45,9 @@ class ReceptiveFieldMonitor(Callback):
     When fitting starts it checks everything (probes, layers, unit, channel, loggers) and logs the
     receptive-field table. Before the first step (the untrained baseline), after every
     ``every_n_epochs``-th training epoch and after the last one, it logs for each monitored layer one
-    image (every probe with its saliency heatmap, the analytic box of the chosen unit and its centre)
-    and the ERF statistics as scalars. They land on the step of that epoch's validation metrics when
+    image (every probe with its saliency heatmap, the analytic box of the chosen unit and its centre),
+    one of the probes' mean map, and the ERF statistics as scalars. Models of images, 1-D signals
+    (``Conv1d``) and 3-D volumes (``Conv3d``) alike. They land on the step of that epoch's validation metrics when
     a validation ran in the epoch, else at its end.
 
     It leaves training alone: maps are computed in eval mode on a clone of the probes, with input
@@ -56,12 +57,15 @@ class ReceptiveFieldMonitor(Callback):
 
     Args:
         layers: layer keys of :func:`~rf_callback.receptive_fields` (module names, ``name[k]`` for the
-            ``k``-th call); ``None``: one layer per resolution stage; ``"all"``: every image-shaped layer.
+            ``k``-th call); ``None``: one layer per resolution stage; ``"all"``: every layer whose output is
+            laid out as the input (``(N, C, h, w)`` for images), a dense prediction after upsampling included.
         probes: ``None`` (default): the first validation image of each class, at most ``num_probes``;
-            validation-dataset indices; or a tensor ``(N, C, H, W)`` as the model takes it.
+            validation-dataset indices; or a tensor ``(N, C, H, W)`` (``(N, C, L)``, ``(N, C, D, H, W)``) as the
+            model takes it.
         num_probes: how many default probes at most.
         every_n_epochs: log maps after every n-th training epoch (and after the last one).
-        unit: ``"center"`` (or ``"centre"``), ``"max"`` or an explicit ``(i, j)``.
+        unit: ``"center"`` (or ``"centre"``), ``"max"``, ``"max_logit"`` (each probe's largest single value:
+            the most confident logit of a dense prediction) or an explicit position, one index per axis.
         channel: ``None`` sums the unit over channels; an int follows one channel.
         threshold: fraction of a map's peak for the ERF pixel count (Luo et al.'s 1 - 95.45%).
         mass: fraction of the saliency the ERF mass square must hold.
@@ -111,7 +115,7 @@ class ReceptiveFieldMonitor(Callback):
                 f" of shape {tuple(probes.shape)}" if hasattr(probes, "shape") else ""
             )
             raise MisconfigurationException(
-                f"{name}(probes=...): got {found}. HINT: give a torch.Tensor (N, C, H, W), validation-dataset indices"
+                f"{name}(probes=...): got {found}. HINT: give a torch.Tensor (N, C, H, W) (or (N, C, L), (N, C, D, H, W)), validation-dataset indices"
                 " (a list of ints), or None."
             )
         for option, value in (("num_probes", num_probes), ("every_n_epochs", every_n_epochs)):

@@ -22,7 +22,7 @@ from rf_callback.checkpoints import brief
 from rf_callback.compare import Comparison
 from rf_callback.errors import CompareError
 from rf_callback.monitor import STATISTICS, TAG, layer_tag
-from rf_callback.render import layer_grid
+from rf_callback.render import layer_image
 from rf_callback.report import pair
 
 if TYPE_CHECKING:
@@ -106,13 +106,14 @@ def _grids(comparison: Comparison) -> list[list[Tensor]]:
     nrow = min(len(probes), 5)
     return [
         [
-            layer_grid(
+            layer_image(
                 probes,
                 result.maps[:, index],
                 result.boxes[:, index],
                 result.centers[:, index],
                 tile=PROBE_PIXELS,
                 nrow=nrow,
+                analytic=result.analytic[index],
             )
             for index in range(len(comparison.layers))
         ]

@@ -31,15 +31,17 @@ from rf_callback.destinations import Destination, TensorBoardDestination
 from rf_callback.errors import TraceError
 from rf_callback.fields import ReceptiveFieldTable, receptive_fields, unwrap_model
 from rf_callback.probes import Probes, as_probes
-from rf_callback.render import figure_image, layer_grid, summary_figure
+from rf_callback.render import figure_image, layer_image, mean_image, summary_figure
 from rf_callback.report import COLUMNS, table_rows, unsupported_notes
 from rf_callback.saliency import (
     LUO_THRESHOLD,
+    MASS_SHARES,
     ReceptiveMaps,
     Unit,
     check_channel,
     check_unit,
     check_unit_fits,
+    mean_area_key,
     receptive_maps,
     resolve_layers,
 )
@@ -49,7 +51,7 @@ __all__ = ["DESCRIPTIONS", "STATISTICS", "TAG", "ProbeMonitor", "eager", "layer_
 OnError = Callable[["Destination", Exception], None]
 
 TAG = "receptive_field"
-"""Every tag starts with this: images ``receptive_field/<k>_<layer>``, scalars ``.../<statistic>``."""
+"""Every tag starts with this: images ``receptive_field/<k>_<layer>`` (and ``.../mean``), scalars ``.../<statistic>``."""
 
 STATISTICS = {
     "erf_size": ("size", "ERF size: side (input px) of a square with the area of the pixels above 4.55% of the peak."),
@@ -57,8 +59,16 @@ STATISTICS = {
     "erf_mass_side": ("mass_side", "Side (input px) of the square around the unit's centre holding 95% of the map."),
     "erf_mass_fraction": ("mass_fraction", "ERF mass side divided by the side of the analytic receptive field."),
     "dead_fraction": ("dead_fraction", "Share of probes whose unit has an all-zero map (logged only when nonzero)."),
+    **{
+        f"erf_{mean_area_key(share)}": (
+            mean_area_key(share),
+            f"Share of the input (0-1) whose largest values hold {100 * share:g}% of the probes' mean map: small is compact.",
+        )
+        for share in MASS_SHARES
+    },
 }
-"""Scalar name -> (:meth:`ERFStats.mean` key, one-sentence description)."""
+"""Scalar name -> (:meth:`ERFStats.mean` key, one-sentence description). For 1-D and 3-D inputs a
+"square" is an interval or a cube, its side the d-th root of the volume."""
 
 DESCRIPTIONS = {name: description for name, (_, description) in STATISTICS.items()}
 """Scalar name -> its description, shown by TensorBoard beside each chart."""
@@ -77,11 +87,18 @@ class ProbeMonitor:
     Everything that can be wrong is checked here, at construction: the probes, the layers (one per
     resolution stage by default), the unit and the channel against every layer's output.
 
+    Each logging pass writes, per layer, one image of every probe's map (``receptive_field/<k>_<layer>``),
+    one of the probes' mean map (``.../mean``, Luo et al.'s averaged ERF) and the ERF statistics.
+    Images, 1-D signals and 3-D volumes alike (see :func:`~rf_callback.render.layer_image`).
+
     Args:
         model: the network; ``model(probes)`` must run.
-        probes: a tensor ``(N, C, H, W)`` or :class:`~rf_callback.probes.Probes` (with captions).
-        layers: ``None`` (one layer per resolution stage), ``"all"``, or layer keys of the table.
-        unit: ``"center"``, ``"max"`` or an output position ``(i, j)`` (checked against every layer).
+        probes: a tensor ``(N, C, H, W)`` (``(N, C, L)`` or ``(N, C, D, H, W)`` for 1-D or 3-D models) or
+            :class:`~rf_callback.probes.Probes` (with captions).
+        layers: ``None`` (one layer per resolution stage), ``"all"``, or layer keys of the table; a layer
+            without an analytic field (after an upsampling: a dense prediction) gets maps, with no box.
+        unit: ``"center"``, ``"max"``, ``"max_logit"`` or an output position, one index per axis
+            (checked against every layer).
         channel: ``None`` sums the unit over channels; an int follows one channel.
         threshold: fraction of a map's peak for the ERF pixel count (Luo et al.'s 1 - 95.45%).
         mass: fraction of the saliency the ERF mass square must hold.
@@ -161,14 +178,24 @@ class ProbeMonitor:
             )
 
     def images(self, result: ReceptiveMaps) -> dict[str, Tensor]:
-        """One uint8 image ``(3, H, W)`` per layer tag: every probe with its heatmap, box, centre and caption."""
+        """Two uint8 images ``(3, H, W)`` per layer: under its tag every probe with its heatmap, box, centre
+        and caption; under ``<tag>/mean`` the probes' mean map, with the box when every unit has the same."""
         images, labels = self.probes.images, self.probes.labels
-        return {
-            self.tags[layer]: layer_grid(
-                images, result.maps[:, k], result.boxes[:, k], result.centers[:, k], labels=labels, tile=self.tile
-            )
-            for k, layer in enumerate(result.layers)
-        }
+        drawn = {}
+        means = result.mean_maps
+        for k, layer in enumerate(result.layers):
+            tag, analytic = self.tags[layer], result.analytic[k]
+            drawn[tag] = layer_image(
+                images, result.maps[:, k], result.boxes[:, k], result.centers[:, k],
+                labels=labels, tile=self.tile, analytic=analytic,
+            )  # fmt: skip
+            same = bool((result.units[:, k] == result.units[0, k]).all())
+            center = result.centers[0, k] if same else _peak(means[k])
+            drawn[f"{tag}/mean"] = mean_image(
+                means[k], result.boxes[0, k] if same else None, center,
+                probes=len(images), analytic=analytic, tile=self.tile,
+            )  # fmt: skip
+        return drawn
 
     def scalars(self, result: ReceptiveMaps) -> dict[str, float]:
         """The ERF statistics, averaged over the probes, by tag (``dead_fraction`` only where nonzero)."""
@@ -231,6 +258,16 @@ def layer_tag(index: int, layer: str) -> str:
         'receptive_field/00_layer1.0.relu[2]'
     """
     return f"{TAG}/{index:02d}_{layer}"
+
+
+def _peak(values: Tensor) -> Tensor:
+    """The position of the largest value of ``values`` (any shape), as float coordinates ``(d,)``."""
+    flat = int(values.argmax())
+    coordinates = []
+    for length in reversed(values.shape):
+        coordinates.append(flat % length)
+        flat //= length
+    return torch.tensor(coordinates[::-1], dtype=torch.float32)
 
 
 def _channel_hint(model: nn.Module, shape: tuple[int, ...]) -> str:

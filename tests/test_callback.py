@@ -74,6 +74,16 @@ def test_logs_table_maps_and_scalars_per_epoch(tmp_path):
     description = events.SummaryMetadata(f"{tag('conv2')}/erf_size").summary_description
     assert description.startswith("ERF size: side (input px) of a square")
 
+    # The probes' mean map, one more image per layer, and the share of the input holding 20/50/99% of it.
+    for layer in LAYERS:
+        assert [image.step for image in events.Images(f"{tag(layer)}/mean")] == [0, *val_steps]
+    for share in (20, 50, 99):
+        logged = events.Scalars(f"{tag('conv2')}/erf_mean_area_{share}")
+        assert logged[-1].value == pytest.approx(float(expected[f"mean_area_{share}"][2]), rel=1e-5)
+        assert 0 < logged[-1].value <= 1
+        description = events.SummaryMetadata(f"{tag('conv2')}/erf_mean_area_{share}").summary_description
+        assert description.startswith(f"Share of the input (0-1) whose largest values hold {share}%")
+
 
 def test_default_probes_are_one_per_class_from_the_validation_set(tmp_path):
     monitor = ReceptiveFieldMonitor()
@@ -138,7 +148,8 @@ def test_without_tensorboard_images_are_png_files_with_one_warning(tmp_path):
     with pytest.warns(UserWarning, match=f"CSVLogger cannot hold images, so they are written as {folder}/") as caught:
         trainer, _ = fit(tmp_path, [ReceptiveFieldMonitor(layers=["conv2"])], logger=logger, max_epochs=1)
     assert sum("cannot hold images" in str(w.message) for w in caught) == 1
-    assert sorted(p.name for p in (folder / "00_conv2").iterdir()) == ["step_00000000.png", "step_00000003.png"]
+    assert sorted(p.name for p in (folder / "00_conv2").iterdir()) == ["mean", "step_00000000.png", "step_00000003.png"]
+    assert sorted(p.name for p in (folder / "00_conv2" / "mean").iterdir()) == ["step_00000000.png", "step_00000003.png"]
     assert (folder / "table.md").read_text().startswith("| layer |")
     assert Image.open(folder / "summary" / "step_00000000.png").size == (600, 450)
     metrics = (Path(trainer.log_dir) / "metrics.csv").read_text()
@@ -149,7 +160,7 @@ def test_a_failure_while_rendering_warns_and_training_goes_on(tmp_path, monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("renderer exploded")
 
-    monkeypatch.setattr(rf_callback.monitor, "layer_grid", broken)
+    monkeypatch.setattr(rf_callback.monitor, "layer_image", broken)
     with pytest.warns(
         UserWarning, match=r"could not log the receptive maps at step 0; training goes on(.|\n)*renderer exploded"
     ):

@@ -28,7 +28,7 @@ from rf_callback.destinations import (
     WandbDestination,
     mlflow_key,
 )
-from rf_callback.render import layer_grid
+from rf_callback.render import layer_grid, mean_image
 from tests.lightning_helpers import TinyCNN, loaders, read_events, read_wandb_history
 
 LAYERS = ["conv1", "pool", "conv2"]
@@ -39,6 +39,7 @@ VALIDATION_STEPS = [1, 3]
 STEPS = [0, *VALIDATION_STEPS]  # the baseline, then with each of two epochs of two batches
 PROBES = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
 GRID = tuple(layer_grid(PROBES, torch.rand(4, 16, 16), torch.zeros(4, 4), torch.zeros(4, 2)).shape[:0:-1])
+MEAN_GRID = tuple(mean_image(torch.rand(16, 16), torch.tensor([2, 2, 9, 9]), torch.zeros(2), probes=4).shape[:0:-1])
 COLUMNS = ["layer", "RF size"]
 ROWS = [["conv1", "3"], ["conv2", "8"]]
 WEIRD = "receptive_field/layer1.0.relu[1]:0"  # a module called twice with several outputs
@@ -247,8 +248,8 @@ def test_mlflow_logger_gets_maps_and_scalars_at_the_validation_steps(mlflow, tmp
         assert [m.step for m in client.get_metric_history(run_id, f"{tag}/erf_size")] == STEPS
     images = mlflow_images(client, run_id)
     assert images == {tag: [(step, GRID) for step in STEPS] for tag in TAGS} | {
-        "receptive_field/summary": [(0, (600, 450))]
-    }
+        f"{tag}/mean": [(step, MEAN_GRID) for step in STEPS] for tag in TAGS
+    } | {"receptive_field/summary": [(0, (600, 450))]}
     assert "| conv2 | Conv2d |" in Path(client.download_artifacts(run_id, "receptive_field/table.md")).read_text()
 
 
@@ -280,7 +281,12 @@ def test_every_logger_at_once_gets_all_it_can_hold(wandb, mlflow, tmp_path):
         assert [row["step"] for row in rows if tag in row] == STEPS
         assert images[tag] == [(step, GRID) for step in STEPS]
         folder = png / tag.split("/")[1]
-        assert sorted(p.name for p in folder.iterdir()) == [f"step_{step:08d}.png" for step in STEPS]
+        assert sorted(p.name for p in folder.iterdir()) == ["mean", *(f"step_{step:08d}.png" for step in STEPS)]
+        mean = f"{tag}/mean"  # the probes' mean map, everywhere at the same steps
+        assert [(i.step, i.width, i.height) for i in events.Images(mean)] == [(step, *MEAN_GRID) for step in STEPS]
+        assert [row["step"] for row in rows if mean in row] == STEPS
+        assert images[mean] == [(step, MEAN_GRID) for step in STEPS]
+        assert sorted(p.name for p in (folder / "mean").iterdir()) == [f"step_{step:08d}.png" for step in STEPS]
 
         scalar = f"{tag}/erf_size"
         expected = [(s.step, pytest.approx(s.value)) for s in events.Scalars(scalar)]

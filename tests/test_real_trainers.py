@@ -6,6 +6,8 @@ steps, leave training bit-identical, and refuse bad configurations before the fi
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -14,11 +16,13 @@ from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from rf_callback import ReceptiveFieldMonitor
 from tests.lightning_helpers import TinyCNN, loaders, read_events, tiny_dataset
+from tests.test_saliency_dims import TinyUNet
 
 
 def run(tmp_path, model, callbacks=(), train=None, val=None, **options):
@@ -268,6 +272,87 @@ def test_bad_configurations_fail_before_the_first_step(tmp_path, model, kwargs, 
     with pytest.raises(MisconfigurationException, match=message) as raised:
         run(tmp_path, model, [ReceptiveFieldMonitor(**kwargs)])
     assert StepCounting.steps == 0 and len(str(raised.value)) < 1500
+
+
+# ---- 1-D, 3-D and dense models ----------------------------------------------------------------------------
+class Spatial(LightningModule):
+    """A tiny classifier of 1-D signals (``Conv1d``) or 3-D volumes (``Conv3d``), with a validation metric."""
+
+    def __init__(self, dims: int):
+        super().__init__()
+        conv = {1: nn.Conv1d, 3: nn.Conv3d}[dims]
+        self.conv1 = conv(1, 4, 3, padding=1)
+        self.conv2 = conv(4, 4, 3, stride=2, padding=2, dilation=2)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return self.head(x.flatten(2).mean(-1))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def spatial_loaders(shape):
+    generator = torch.Generator().manual_seed(0)
+    train = TensorDataset(torch.rand(64, *shape, generator=generator), torch.arange(64) % 2)
+    val = TensorDataset(torch.rand(32, *shape, generator=generator), torch.arange(32) % 2)
+    return DataLoader(train, batch_size=16), DataLoader(val, batch_size=16)
+
+
+@pytest.mark.parametrize(("dims", "shape"), [(1, (1, 48)), (3, (1, 6, 12, 12))], ids=["conv1d", "conv3d"])
+def test_1d_and_3d_models_get_maps_at_the_documented_steps(tmp_path, dims, shape):
+    monitor = ReceptiveFieldMonitor(layers=["conv1", "conv2"], unit="max")
+    train, val = spatial_loaders(shape)
+    trainer, _ = run(tmp_path, lambda: Spatial(dims), [monitor], train=train, val=val)
+    events = read_events(trainer.logger.log_dir)
+    assert monitor.probes.images.shape == (2, *shape)  # one per class, read from the validation set
+    for k, layer in enumerate(["conv1", "conv2"]):
+        tag = f"receptive_field/{k:02d}_{layer}"
+        assert image_steps(trainer, tag) == [0, 3, 7] and image_steps(trainer, f"{tag}/mean") == [0, 3, 7]
+        assert [s.step for s in events.Scalars(f"{tag}/erf_size")] == [0, 3, 7]
+    expected = monitor.monitor.compute().erf.mean()  # the last maps were drawn from the final model
+    for k, layer in enumerate(["conv1", "conv2"]):
+        for name, key in [("erf_size", "size"), ("erf_mean_area_50", "mean_area_50")]:
+            logged = events.Scalars(f"receptive_field/{k:02d}_{layer}/{name}")[-1].value
+            assert logged == pytest.approx(float(expected[key][k]), rel=1e-5)
+
+
+class Segmenter(LightningModule):
+    """A tiny U-Net (down with stride 2, up with ``nn.Upsample``, a skip concatenation) trained per pixel."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = TinyUNet(classes=3)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), (batch[0][:, 0] * 3).long().clamp(max=2))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("unit", ["center", "max_logit"])
+def test_a_segmentation_models_prediction_is_monitored_pixel_by_pixel(tmp_path, unit):
+    monitor = ReceptiveFieldMonitor(layers=["net.down", "net.head"], unit=unit, probes=torch.rand(3, 1, 12, 12))
+    trainer, _ = run(tmp_path, Segmenter, [monitor], limit_val_batches=0)
+    assert image_steps(trainer, "receptive_field/01_net.head") == [0, 4, 8]
+    assert image_steps(trainer, "receptive_field/01_net.head/mean") == [0, 4, 8]
+    result = monitor.monitor.compute()
+    assert result.analytic == (True, monitor.monitor.table["net.head"].supported)
+    picture = read_events(trainer.logger.log_dir).Images("receptive_field/01_net.head")[-1]
+    pixels = np.asarray(Image.open(io.BytesIO(picture.encoded_image_string)).convert("RGB"))
+    boxes_drawn = (pixels == (0, 255, 255)).all(2).any()
+    assert boxes_drawn == result.analytic[1]  # no box where the tracer has no field: the maps cover the image
 
 
 def test_layers_may_be_one_name(tmp_path):
