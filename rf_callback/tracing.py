@@ -10,6 +10,7 @@ reported as unsupported, never guessed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -154,17 +155,105 @@ def _to_meta(value: Any) -> Any:
 
 _BOOLEAN_RESULTS = {"eq", "ne", "lt", "le", "gt", "ge", "isnan", "isinf", "isfinite", "signbit", "isneginf", "isposinf"}
 
+# Elementwise operations that PyTorch does not tag as pointwise (nor their in-place twins).
+_UNTAGGED_ELEMENTWISE = {
+    aten.hardswish,
+    aten.hardswish_,
+    aten.where,
+    aten.masked_fill,
+    aten.masked_fill_,
+    aten.prelu,
+    aten._prelu_kernel,
+    aten.rrelu_with_noise,
+    aten.rrelu_with_noise_,
+}
+
+
+@functools.cache
+def elementwise(func: Any) -> bool:
+    """Whether ``func`` computes each output element from the same element of its (broadcast) inputs.
+
+    PyTorch's ``pointwise`` tag is the guide, but it is missing on some in-place twins
+    (``gelu_``, ``mish_``, ``threshold_``, ``abs_``) and on a few ops altogether (``hardswish``,
+    ``where.ScalarOther``, ``masked_fill.Tensor``, ``prelu``): an op is elementwise when it, or its
+    in-place / out-of-place twin of the same overload, is tagged, or when it is listed above.
+    """
+    if torch.Tag.pointwise in func.tags or func.overloadpacket in _UNTAGGED_ELEMENTWISE:
+        return True
+    name = func.overloadpacket.__name__
+    if name.endswith("__"):  # a dunder (__and__...), not an in-place twin
+        return False
+    twin = getattr(aten, name[:-1] if name.endswith("_") else name + "_", None)
+    overload = getattr(twin, func._overloadname, None) if twin is not None else None
+    return overload is not None and (
+        torch.Tag.pointwise in overload.tags or overload.overloadpacket in _UNTAGGED_ELEMENTWISE
+    )
+
+
+@functools.cache
+def _writes_first(func: Any) -> bool:
+    """Whether ``func`` writes into its first argument and returns it (``relu_``, ``add_``...)."""
+    arguments, returns = func._schema.arguments, func._schema.returns
+    if not arguments or len(returns) != 1:
+        return False
+    argument, result = arguments[0].alias_info, returns[0].alias_info
+    return argument is not None and result is not None and argument.is_write and argument.before_set == result.before_set
+
+
+def _dense_strides(shape: Sequence[int], order: Sequence[int]) -> tuple[int, ...]:
+    """The strides of a dense tensor of ``shape`` whose dimensions run ``order``, outermost first."""
+    strides = [0] * len(shape)
+    step = 1
+    for d in reversed(order):
+        strides[d] = step
+        step *= max(shape[d], 1)
+    return tuple(strides)
+
+
+_CHANNELS_LAST = (0, 2, 3, 1)
+
+
+def _standard_format(tensor: torch.Tensor) -> torch.memory_format | None:
+    """``contiguous_format`` or ``channels_last`` when ``tensor`` has exactly those strides, else None.
+
+    ``is_contiguous()`` alone is not enough: it ignores the strides of length-1 dimensions, which
+    the real kernels read when they choose the layout of their output. (``channels_last_3d`` is left
+    out: there the meta kernels turn some ambiguous layouts contiguous.)
+    """
+    strides = tensor.stride()
+    if strides == _dense_strides(tensor.shape, range(tensor.dim())):
+        return torch.contiguous_format
+    if tensor.dim() == 4 and strides == _dense_strides(tensor.shape, _CHANNELS_LAST):
+        return torch.channels_last
+    return None
+
+
+def _like(tensor: torch.Tensor, memory_format: torch.memory_format = torch.preserve_format) -> torch.Tensor:
+    """An empty meta tensor like ``tensor``, with its very strides or those of ``memory_format``."""
+    if memory_format == torch.preserve_format:
+        return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta", memory_format=memory_format)
+
 
 def _shortcut(func: Any, args: tuple, kwargs: dict) -> Any:
     """The meta output of common operations without running their (Python) meta kernels, or None.
 
-    Meta tensors hold no data, so an in-place elementwise op returns its input, and an elementwise op
-    on same-shaped floating tensors returns a tensor like its first input. Eval-mode BatchNorm returns
-    a tensor like its input and two per-channel statistics.
+    Only where the answer, strides included, is certainly the real kernel's (a property test holds
+    it to that), for a first input with exactly contiguous or channels-last strides:
+
+    * an in-place elementwise op returns its input (meta tensors hold no data);
+    * ``clone`` keeps the strides of a dense input, or takes those of the ``memory_format`` asked for;
+    * another elementwise op on tensors of one shape, strides and dtype returns a tensor with those
+      strides;
+    * eval-mode BatchNorm returns a tensor like its input and two per-channel statistics;
+    * a plain convolution of contiguous tensors returns a contiguous tensor.
     """
     first = args[0] if args else None
     if not isinstance(first, torch.Tensor) or first.device.type != "meta" or not first.is_floating_point():
         return None
+    layout = _standard_format(first)
+    if layout is None:
+        return None  # the kernel decides the layout of the output of a strided input
     if func is aten.convolution.default and not args[6]:  # torch's meta kernel spends ~0.3 ms on checks
         weight, count = args[1], first.dim() - 2
         stride, padding, dilation = (list(v) * count if len(v) == 1 else list(v) for v in (args[3], args[4], args[5]))
@@ -174,26 +263,26 @@ def _shortcut(func: Any, args: tuple, kwargs: dict) -> Any:
             (n + 2 * p - d * (k - 1) - 1) // s + 1
             for n, k, s, p, d in zip(first.shape[2:], weight.shape[2:], stride, padding, dilation)
         ]
-        usual = first.is_contiguous() and weight.is_contiguous() and weight.shape[1] * args[8] == first.shape[1]
-        if usual and first.dim() == weight.dim() and min(spatial) > 0:
+        usual = layout == _standard_format(weight) == torch.contiguous_format
+        if usual and weight.shape[1] * args[8] == first.shape[1] and first.dim() == weight.dim() and min(spatial) > 0:
             return torch.empty((first.shape[0], weight.shape[0], *spatial), dtype=first.dtype, device="meta")
         return None
     if func in _EVAL_BATCH_NORMS and not (func is aten.native_batch_norm.default and args[5]):
         channels = (first.shape[1],) if first.dim() > 1 else (0,)
         stats = torch.empty(channels, dtype=first.dtype, device="meta")
-        return torch.empty_like(first), stats, torch.empty_like(stats)
-    if torch.Tag.pointwise not in func.tags or "dtype" in kwargs or "out" in kwargs:
+        return _like(first), stats, torch.empty_like(stats)
+    if not elementwise(func) or "dtype" in kwargs or "out" in kwargs:
         return None
-    if not (first.is_contiguous() or first.is_contiguous(memory_format=torch.channels_last)):
-        return None  # the kernel decides the layout of the output of a strided input
     others = [a for a in (*args[1:], *kwargs.values()) if isinstance(a, torch.Tensor)]
     if any(t.shape != first.shape or t.stride() != first.stride() or t.dtype != first.dtype for t in others):
         return None
-    if torch.Tag.inplace in func.tags:
+    if _writes_first(func):
         return first
     if func.overloadpacket.__name__ in _BOOLEAN_RESULTS or len(func._schema.returns) != 1:
         return None
-    return torch.empty_like(first)
+    if func is aten.clone.default:
+        return _like(first, kwargs.get("memory_format") or torch.preserve_format)
+    return _like(first)
 
 
 def _bind(func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -295,7 +384,7 @@ class Tracer(TorchDispatchMode):
         handler = _HANDLERS.get(func) or _HANDLERS.get(func.overloadpacket)
         if handler is not None:
             return handler(self, func, bound, out)
-        if torch.Tag.pointwise in func.tags:
+        if elementwise(func):
             return self.pointwise(func, bound, out)
         if torch.Tag.reduction in func.tags:
             return _reduction(self, func, bound, out)
@@ -719,25 +808,6 @@ def _constant(tracer, func, bound, out):
 )
 def _fresh(tracer, func, bound, out):
     return None  # a new tensor of the same shape: its values do not depend on the input
-
-
-@_register(
-    aten.where.self,
-    aten.where.ScalarOther,
-    aten.where.ScalarSelf,
-    aten.masked_fill.Scalar,
-    aten.masked_fill.Tensor,
-    aten.masked_fill_.Scalar,
-    aten.masked_fill_.Tensor,
-    aten._prelu_kernel.default,
-    aten.prelu.default,
-    aten.hardswish.default,
-    aten.hardswish_.default,
-    aten.rrelu_with_noise.default,
-    aten.rrelu_with_noise_.default,
-)
-def _pointwise(tracer, func, bound, out):
-    return tracer.pointwise(func, bound, out)
 
 
 @_register(aten.glu.default, aten.channel_shuffle.default, aten.native_channel_shuffle.default)
