@@ -21,9 +21,10 @@ from torch import nn
 
 from rf_callback.algebra import Field, MisalignedBranchesError
 from rf_callback.errors import TraceError, UnsupportedLayerError
-from rf_callback.tracing import PadInterceptor, Traced, Tracer, Unsupported, axis_length, flat_tensors
+from rf_callback.tracing import PadInterceptor, Traced, Tracer, Unsupported, axis_length, flat_tensors, refusal
 
 __all__ = [
+    "OUTPUT_ROW",
     "LayerRF",
     "ReceptiveFieldTable",
     "TraceError",
@@ -32,6 +33,9 @@ __all__ = [
     "unwrap_model",
 ]
 
+
+OUTPUT_ROW = "(output)"
+"""Name of the row of the model's own output when the top-level ``forward`` computes it (no module returns it)."""
 
 # --------------------------------------------------------------------------------------------
 # Public result types
@@ -48,7 +52,9 @@ class LayerRF:
         name: the module's name in ``model.named_modules()``; ``name[k]`` for the ``k``-th call of
             a module called several times in one forward; ``name:i`` for the ``i``-th of several
             input-dependent tensors a module returns (a bare name when it returns one).
-        module_type: the module's class name.
+            ``"(output)"`` (:data:`OUTPUT_ROW`) is the model's output when its top-level ``forward``
+            computes it after the last module (a final resize, a flatten...).
+        module_type: the module's class name (the model's own for ``"(output)"``).
         input_shape: spatial shape of the model input, e.g. ``(28, 28)``.
         output_shape: spatial shape of this output; 1 on an axis the layer reduced or flattened away.
         field: the geometry (:class:`~rf_callback.algebra.Field`): ``field.rfs[a]`` is Distill's
@@ -246,12 +252,17 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
         model: any ``nn.Module`` whose ``forward`` takes one tensor (DDP and ``torch.compile``
             wrappers are unwrapped).
         input_shape: ``(C, H, W)`` without the batch; ``(C, L)`` for 1-D models.
-        strict: raise :class:`UnsupportedLayerError` at the first operation without a receptive field
-            (upsampling, transposed convolution, misaligned branches...). With ``False`` the table
-            still lists such layers and those after them, flagged (``row.supported`` is False).
+        strict: raise :class:`UnsupportedLayerError` at the first row that depends on an operation
+            without a receptive field (upsampling, transposed convolution, misaligned branches...),
+            naming that operation. Such an operation is harmless, and refused nowhere, where every
+            unit of its inputs already sees the same interval along the axes it touches (global
+            pooling, attention, a squeeze-excitation gate upstream). With ``False`` the table still
+            lists the rows that depend on it, flagged (``row.supported`` is False).
 
     Returns:
-        A :class:`ReceptiveFieldTable` from module name to :class:`LayerRF`.
+        A :class:`ReceptiveFieldTable` from module name to :class:`LayerRF`, in call order, ending
+        with a row ``"(output)"`` for the model's output when the top-level ``forward`` computes it
+        after the last module (so that, with ``strict=False``, an operation refused there is flagged).
 
     Raises:
         UnsupportedLayerError: in strict mode, naming the module, its type and the operation.
@@ -268,7 +279,7 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
     model = unwrap_model(model)
     shape = _check_input_shape(input_shape)
     spatial = shape[1:]
-    tracer = Tracer(spatial, strict)
+    tracer = Tracer(spatial, type(model).__name__)
     calls: dict[str, list[list[tuple[torch.Tensor, Any]]]] = {}  # name -> per call: traced outputs
     order: list[tuple[str, int, str]] = []  # (name, call index, module type) in call order
     running: list[tuple[str, int]] = []
@@ -288,7 +299,7 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
     def after(_module, _args, output):
         tracer.stack.pop()
         name, index = running.pop()
-        calls[name][index] = [(t, tracer.get(t)) for t in flat_tensors(output) if tracer.get(t) is not None]
+        calls[name][index] = _traced_outputs(tracer, output, strict)
 
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     try:
@@ -312,7 +323,7 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
                 Field.of_input(spatial), identity + tuple(((a, n),) for a, n in enumerate(spatial))
             )
             try:
-                model(sample)
+                output = model(sample)
             except (UnsupportedLayerError, MisalignedBranchesError):
                 raise
             except Exception as error:
@@ -327,7 +338,27 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
             handle.remove()
         for module, mode in modes.items():
             module.training = mode
+    # The model's outputs that no module returned (computed in the top-level forward) get rows too.
+    returned = {(id(t), id(info)) for outputs in calls.values() for call in outputs for t, info in call}
+    final = _traced_outputs(tracer, output, strict)
+    if any((id(t), id(info)) not in returned for t, info in final):
+        calls[OUTPUT_ROW] = [final]
+        order.append((OUTPUT_ROW, 0, type(model).__name__))
     return _build_table(calls, order, shape)
+
+
+def _traced_outputs(tracer: Tracer, output: Any, strict: bool) -> list[tuple[torch.Tensor, Traced | Unsupported]]:
+    """The input-dependent tensors of a module's (or the model's) output with what the tracer knows of them.
+
+    Raises:
+        UnsupportedLayerError: with ``strict``, when one of them has no exact receptive field: the
+            error names the operation that could not be followed, where it ran.
+    """
+    found = [(t, tracer.get(t)) for t in flat_tensors(output) if tracer.get(t) is not None]
+    error = next((refusal(info) for _, info in found if refusal(info) is not None), None)
+    if strict and error is not None:
+        raise error
+    return found
 
 
 def _build_table(calls, order, shape) -> ReceptiveFieldTable:
@@ -339,9 +370,9 @@ def _build_table(calls, order, shape) -> ReceptiveFieldTable:
         for k, (output, info) in enumerate(outputs):
             key = f"{name}[{index}]" if name in reused else name
             key = f"{key}:{k}" if len(outputs) > 1 else key
-            if isinstance(info, Unsupported):
+            if refusal(info) is not None:
                 output_shape = tuple(output.shape[2:]) if output.dim() == len(shape) + 1 else (1,) * len(spatial)
-                rows.append(LayerRF(key, module_type, spatial, output_shape, unsupported=info.error))
+                rows.append(LayerRF(key, module_type, spatial, output_shape, unsupported=refusal(info)))
             else:
                 output_shape = tuple(axis_length(info.layout, axis) for axis in range(len(spatial)))
                 rows.append(LayerRF(key, module_type, spatial, output_shape, info.field, info.equivariant))

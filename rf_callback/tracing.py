@@ -40,16 +40,29 @@ class Traced:
     multiple of the stride (convolutions, pooling, padding, elementwise ops, ``[::k]`` slices):
     then a unit can be computed from a crop of the input around its box. Global mixing, slices
     that cut at fixed positions, adaptive pooling and position-dependent constants end it.
+
+    ``lost`` is set when an operand upstream could not be followed (``error`` says where). Then
+    ``field`` is a lower bound: what the tensor sees through the operands that were followed. Every
+    unit sees at most the whole image, so the bound is exact, and ``lost`` cleared, as soon as it
+    reaches the whole image at every unit (after attention or global pooling, say).
     """
 
     field: Field
     layout: Layout
     equivariant: bool = True
+    lost: UnsupportedLayerError | None = None
 
 
 @dataclass(frozen=True)
 class Unsupported:
+    """A tensor computed by an operation that could not be followed, from tensors that depend on the input."""
+
     error: UnsupportedLayerError
+
+
+def refusal(info: Traced | Unsupported | None) -> UnsupportedLayerError | None:
+    """Why ``info`` has no exact receptive field, or None when it has one."""
+    return info.error if isinstance(info, Unsupported) else info.lost if info is not None else None
 
 
 class _Reject(Exception):
@@ -137,6 +150,49 @@ def _normalize_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
 
 
+def _forget_mixed_axes(info: Traced) -> Traced:
+    """``info`` with the axes along which every unit sees the same interval made plain.
+
+    That is an axis of stride 0 (mixed by attention, global pooling, a squeeze-excitation gate) or
+    of a single position. Where such an axis lies in the tensor no longer matters, so any view, pad,
+    resize or window of it is followed as of a non-spatial dimension; the axis is then absent from
+    the layout (length 1).
+    """
+    field = info.field
+    mixed = {a for a, rf in enumerate(field.rfs) if rf.jump == 0 or field.length(a) == 1}
+    if not any(axis in mixed for dim in info.layout for axis, _ in dim):
+        return info
+    layout = []
+    for dim in info.layout:
+        factors: list[Factor] = []
+        for axis, length in dim:
+            if axis not in mixed and axis is not None:
+                factors.append((axis, length))
+            elif factors and factors[-1][0] is None:  # plain, merged with its plain neighbour
+                factors[-1] = (None, factors[-1][1] * length)
+            elif length > 1:
+                factors.append((None, length))
+        layout.append(tuple(factors))
+    return replace(info, layout=tuple(layout))
+
+
+def _sees_everything(field: Field, image: Sequence[int]) -> bool:
+    """Whether every unit of ``field`` sees the whole image."""
+    if any(rf.jump != 0 and field.length(a) > 1 for a, rf in enumerate(field.rfs)):
+        return False
+    return field.box((0,) * len(image)) == tuple((0, n) for n in image)
+
+
+def _reason(refused: Exception) -> str:
+    if isinstance(refused, MisalignedBranchesError):
+        jumps = ", ".join(str(rf.jump) for rf in refused.branches)
+        return (
+            f"the branches merged here move at different effective strides ({jumps}), so no single receptive"
+            " field describes the result; resample them to one stride before merging"
+        )
+    return str(refused)
+
+
 # --------------------------------------------------------------------------------------------
 # The tracer
 # --------------------------------------------------------------------------------------------
@@ -197,7 +253,9 @@ def _writes_first(func: Any) -> bool:
     if not arguments or len(returns) != 1:
         return False
     argument, result = arguments[0].alias_info, returns[0].alias_info
-    return argument is not None and result is not None and argument.is_write and argument.before_set == result.before_set
+    if argument is None or result is None:
+        return False
+    return argument.is_write and argument.before_set == result.before_set
 
 
 def _dense_strides(shape: Sequence[int], order: Sequence[int]) -> tuple[int, ...]:
@@ -311,17 +369,17 @@ def flat_tensors(value: Any) -> list[torch.Tensor]:
 
 
 class Tracer(TorchDispatchMode):
-    def __init__(self, input_spatial: tuple[int, ...], strict: bool) -> None:
+    def __init__(self, input_spatial: tuple[int, ...], model_type: str = "forward") -> None:
         super().__init__()
         self.image = input_spatial
-        self.strict = strict
+        self.model_type = model_type
         self.info: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
         self.stack: list[tuple[str, str]] = []  # (module name, module type) being run
         self.transparent = 0
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def where(self) -> tuple[str, str]:
-        return self.stack[-1] if self.stack else ("", "forward")
+        return self.stack[-1] if self.stack else ("", self.model_type)
 
     def error(self, operation: str, reason: str) -> UnsupportedLayerError:
         name, kind = self.where()
@@ -347,30 +405,14 @@ class Tracer(TorchDispatchMode):
             out = func(*_to_meta(args), **{key: _to_meta(value) for key, value in kwargs.items()})
         if self.transparent:
             return out
-        inputs = [self.info[t] for t in flat_tensors((args, kwargs)) if t in self.info]
+        tensors = [t for t in flat_tensors((args, kwargs)) if t in self.info]
         outputs = flat_tensors(out)
-        if not inputs:
+        if not tensors:
             for tensor in outputs:  # an in-place write of constants (x.zero_()) forgets the input
                 self.info.pop(tensor, None)
             return out
-        unsupported = next((info for info in inputs if isinstance(info, Unsupported)), None)
-        name = str(func)
-        if unsupported is not None:
-            results: Any = unsupported
-        else:
-            try:
-                results = self.handle(func, _bind(func, args, kwargs), inputs, out)
-            except _Reject as reject:
-                results = Unsupported(self.error(name, str(reject)))
-            except MisalignedBranchesError as misaligned:
-                jumps = ", ".join(str(rf.jump) for rf in misaligned.branches)
-                reason = (
-                    f"the branches merged here move at different effective strides ({jumps}), so no single receptive"
-                    " field describes the result; resample them to one stride before merging"
-                )
-                results = Unsupported(self.error(name, reason))
-            if isinstance(results, Unsupported) and self.strict:
-                raise results.error
+        bound = _bind(func, args, kwargs)
+        results = self.follow(str(func), tensors, lambda infos: self.handle(func, bound, infos, out))
         if not isinstance(results, tuple):
             results = (results,) * len(outputs)
         for tensor, info in zip(outputs, results):
@@ -379,6 +421,64 @@ class Tracer(TorchDispatchMode):
             else:
                 self.info[tensor] = info
         return out
+
+    def follow(self, operation: str, tensors: Sequence[torch.Tensor], step: Any) -> Any:
+        """The info of an operation's output(s): ``step(infos of the followed inputs)``, with the refusal rules.
+
+        * An input that could not be followed (:class:`Unsupported`) counts as a constant, and the
+          result as a lower bound (``lost``), exact once it sees the whole image (:class:`Traced`).
+        * An operation that cannot be followed (``step`` raises ``_Reject`` or
+          ``MisalignedBranchesError``) is harmless along an axis where every unit of every input sees
+          the same interval (stride 0: after attention, global pooling, a squeeze-excitation gate):
+          that axis is forgotten (its factors become plain) and ``step`` tried again. Only when that
+          fails too is the result :class:`Unsupported`.
+        """
+        tensors = list({id(t): t for t in tensors}.values())
+        infos = [(t, self.info[t]) for t in tensors]
+        lost = next((refusal(info) for _, info in infos if refusal(info) is not None), None)
+        hidden = [(t, info) for t, info in infos if isinstance(info, Unsupported)]
+        if len(hidden) == len(infos):
+            return Unsupported(lost)
+        for tensor, _ in hidden:
+            del self.info[tensor]
+        try:
+            results = self._attempt(operation, [t for t in tensors if t in self.info], step)
+        finally:
+            for tensor, info in hidden:
+                self.info[tensor] = info
+        if lost is None:
+            return results
+        if isinstance(results, tuple):
+            return tuple(self._bound(result, lost) for result in results)
+        return self._bound(results, lost)
+
+    def _attempt(self, operation: str, tensors: list[torch.Tensor], step: Any) -> Any:
+        """``step`` on the followed ``tensors``; again with their mixed axes forgotten if it refuses."""
+        infos = [self.info[t] for t in tensors]
+        try:
+            return step(infos)
+        except (_Reject, MisalignedBranchesError) as refused:
+            error = self.error(operation, _reason(refused))
+        forgotten = [_forget_mixed_axes(info) for info in infos]
+        if all(new is old for new, old in zip(forgotten, infos)):
+            return Unsupported(error)
+        try:
+            for tensor, info in zip(tensors, forgotten):
+                self.info[tensor] = info
+            return step(forgotten)
+        except (_Reject, MisalignedBranchesError):
+            return Unsupported(error)
+        finally:
+            for tensor, info in zip(tensors, infos):
+                self.info[tensor] = info
+
+    def _bound(self, result: Any, lost: UnsupportedLayerError) -> Any:
+        """``result`` computed with some inputs unknown: a lower bound, exact if it already sees everything."""
+        if not isinstance(result, Traced):
+            return Unsupported(lost) if result is None or isinstance(result, Unsupported) else result
+        if _sees_everything(result.field, self.image):
+            return replace(result, equivariant=False, lost=None)
+        return replace(result, equivariant=False, lost=lost)
 
     def handle(self, func, bound: dict[str, Any], inputs: list, out: Any) -> Any:
         handler = _HANDLERS.get(func) or _HANDLERS.get(func.overloadpacket)
@@ -483,15 +583,35 @@ class Tracer(TorchDispatchMode):
         for i in range(count):
             dim = info.layout[len(info.layout) - count + i]
             size = result.shape[result.dim() - count + i]
-            if _spatial(dim):
-                if len(dim) != 1:
-                    raise _Reject("it slides a window over a dimension that mixes a spatial axis with others")
+            if not _spatial(dim):
+                layout.append(_plain(size))
+            elif kernel[i] == stride[i] == 1 and padding[i] == 0:
+                layout.append(dim)  # a 1x1 window is the identity, whatever the dimension holds
+            elif len(dim) == 1:
                 axis = dim[0][0]
                 field = field.window(axis, kernel[i], stride[i], padding[i], size, dilation[i])
                 layout.append(((axis, size),))
             else:
-                layout.append(_plain(size))
+                field, inner = _window_within_rows(field, dim, size, kernel[i], stride[i], padding[i], dilation[i])
+                layout.append(dim[:-1] + inner)
         return Traced(field, tuple(layout), info.equivariant)
+
+
+def _window_within_rows(
+    field: Field, dim: tuple[Factor, ...], size: int, kernel: int, stride: int, padding: int, dilation: int
+) -> tuple[Field, tuple[Factor, ...]]:
+    """A 1-D window over a dimension holding several factors (tokens: ``h * w``), or ``_Reject``.
+
+    Windows that never cross a row of the last factor (no padding, no overlap, a stride that divides
+    the row) slide along that factor only: a pool of ``k`` consecutive tokens with stride ``k`` is a
+    ``1 x k`` pool of the image when ``k`` divides its width.
+    """
+    axis, length = dim[-1]
+    if padding or length % stride or dilation * (kernel - 1) + 1 > stride or size * stride != _dim_size(dim):
+        raise _Reject("it slides a window over a dimension that mixes a spatial axis with others")
+    if axis is not None:
+        field = field.window(axis, kernel, stride, 0, length // stride, dilation)
+    return field, ((axis, length // stride),) if axis is not None else _plain(length // stride)
 
 
 def _first_output(out: Any) -> torch.Tensor:
@@ -942,15 +1062,8 @@ class PadInterceptor(TorchFunctionMode):
             out = func(*args, **kwargs)
         finally:
             self.tracer.transparent -= 1
-        info = self.tracer.get(source)
-        if isinstance(info, Traced):
-            try:
-                self.tracer.info[out] = _pad(self.tracer, source, list(bound["pad"]), out, mode)
-            except _Reject as reject:
-                error = self.tracer.error(f"F.pad(mode={mode!r})", str(reject))
-                if self.tracer.strict:
-                    raise error from None
-                self.tracer.info[out] = Unsupported(error)
-        elif info is not None:
-            self.tracer.info[out] = info
+        if source in self.tracer.info:
+            pad = list(bound["pad"])
+            step = lambda infos: _pad(self.tracer, source, pad, out, mode)  # noqa: E731
+            self.tracer.info[out] = self.tracer.follow(f"F.pad(mode={mode!r})", [source], step)
         return out

@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from rf_callback import receptive_fields
+from rf_callback import UnsupportedLayerError, receptive_fields
+from rf_callback.fields import OUTPUT_ROW
 from rf_callback.tracing import _shortcut, elementwise
 
 aten = torch.ops.aten
@@ -146,3 +147,274 @@ def test_a_channels_last_copy_traces_like_the_real_thing():
     assert model(torch.zeros(1, 3, 8, 8)).shape == (1, 4, 8, 8)
     table = receptive_fields(model, (3, 8, 8))
     assert table["conv"].size == (3, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient truth for the models below: float64, random weights, no ReLU (no dead gradients).
+# --------------------------------------------------------------------------------------------
+
+
+def assert_boxes_are_gradient_supports(
+    model: nn.Module, shape: tuple[int, ...], names: list[str], strict: bool = True
+) -> None:
+    """The box of a unit is the bounding box of the nonzero gradient of the sum of its channels.
+
+    Rows laid out as (N, C, H, W) are checked unit by unit; a global row in another layout (tokens,
+    windows, an attention map), whose units all see one box, through the sum of its whole output.
+    """
+    model = model.double().eval()
+    table = receptive_fields(model, shape, strict=strict)
+    modules = dict(model.named_modules())
+    outputs = {}
+    hooks = [modules[n].register_forward_hook(lambda m, a, out, n=n: outputs.__setitem__(n, out)) for n in names]
+    image = torch.randn(1, *shape, dtype=torch.float64, requires_grad=True)
+    model(image)
+    for hook in hooks:
+        hook.remove()
+    for name in names:
+        row, output = table[name], outputs[name]
+        if tuple(output.shape[2:]) == row.output_shape and output.dim() == 4:
+            h, w = row.output_shape
+            corners = {(0, 0), (h - 1, w - 1), (h // 2, w // 2), (0, w - 1)}
+            units = [((0, slice(None), i, j), (i, j)) for i, j in corners]
+        else:
+            assert row.is_global, name  # only global rows may leave the (N, C, H, W) layout
+            units = [((), (0,) * len(row.output_shape))]
+        for index, unit in units:
+            (grad,) = torch.autograd.grad(output[index].sum(), image, retain_graph=True)
+            rows, cols = grad[0].abs().sum(0).nonzero(as_tuple=True)
+            found = (rows.min().item(), cols.min().item(), rows.max().item() + 1, cols.max().item() + 1)
+            assert row.box(*unit) == found, (name, unit)
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 15, item 3: what cannot be followed is harmless once every unit sees the whole image.
+# --------------------------------------------------------------------------------------------
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.fc = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+
+
+class WindowsAfterGate(nn.Module):
+    """maxvit: a squeeze-excitation gate, then a window partition (a view that splits H and W) and back."""
+
+    def __init__(self, window: int = 4):
+        super().__init__()
+        self.window = window
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.se = SqueezeExcite(4)
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.se(self.conv(x))
+        n, c, h, w = x.shape
+        s = self.window
+        windows = x.view(n, c, h // s, s, w // s, s).permute(0, 2, 4, 3, 5, 1).reshape(-1, s * s, c)
+        windows = self.mix(windows)
+        x = windows.view(n, h // s, w // s, s, s, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, h, w)
+        return self.head(x)
+
+
+class Attention(nn.Module):
+    """Single-head attention over the positions of a feature map; optional relative-position logits."""
+
+    def __init__(self, channels: int, relative: nn.Module | None = None, inline_relative: bool = False):
+        super().__init__()
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.relative = relative
+        self.table = nn.Parameter(torch.randn(11, channels)) if inline_relative else None
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        q, k, v = self.qkv(x).flatten(2).transpose(1, 2).chunk(3, dim=2)  # (N, HW, C) each
+        scores = q @ k.transpose(1, 2)
+        if self.relative is not None:
+            scores = scores + self.relative(q.reshape(n, h, w, c))
+        if self.table is not None:
+            scores = scores + relative_logits(q.reshape(n, h, w, c), self.table)
+        return (scores.softmax(-1) @ v).transpose(1, 2).reshape(n, c, h, w)
+
+
+def relative_logits(q: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """botnet's relative-position logits along the width: a pad of a flattened (positions x offsets) map."""
+    n, h, w, _ = q.shape
+    x = (q @ table.transpose(0, 1)).reshape(-1, w, 2 * w - 1)
+    x = F.pad(F.pad(x, [0, 1]).flatten(1), [0, w - 1]).reshape(-1, w + 1, 2 * w - 1)
+    x = x[:, :w, w - 1 :].reshape(n, h, 1, w, w).expand(-1, -1, h, -1, -1)
+    return x.permute(0, 1, 3, 2, 4).reshape(n, h * w, h * w)
+
+
+class RelativeLogits(nn.Module):
+    def __init__(self, channels: int, width: int = 6):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(2 * width - 1, channels))
+
+    def forward(self, q):
+        return relative_logits(q, self.table)
+
+
+class ConvOverAttention(nn.Module):
+    """efficientformerv2's talking heads: convolutions over the (queries x keys) attention map."""
+
+    def __init__(self, kernel: int):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.qk = nn.Conv2d(4, 8, 1)
+        self.talk = nn.Conv2d(1, 1, kernel, padding=kernel // 2)
+
+    def forward(self, x):
+        x = self.conv(x)
+        q, k = self.qk(x).flatten(2).chunk(2, dim=1)  # (N, C, HW)
+        attention = (q.transpose(1, 2) @ k).unsqueeze(1)  # (N, 1, HW, HW)
+        return self.talk(attention).squeeze(1) @ x.flatten(2).transpose(1, 2)
+
+
+class TokenPool(nn.Module):
+    """nextvit: an AvgPool1d over the flattened positions (tokens) of a feature map."""
+
+    def __init__(self, kernel: int, gate: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.se = SqueezeExcite(4) if gate else nn.Identity()
+        self.pool = nn.AvgPool1d(kernel)
+        self.head = nn.Conv1d(4, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.pool(self.se(self.conv(x)).flatten(2)))
+
+
+def test_a_window_view_after_a_gate_is_global():
+    model = WindowsAfterGate()
+    table = receptive_fields(model, (2, 8, 8))
+    assert not table["conv"].is_global and table["se"].is_global
+    assert all(table[name].is_global for name in ("mix", "head"))
+    assert_boxes_are_gradient_supports(model, (2, 8, 8), ["conv", "se", "mix", "head"])
+
+
+def test_a_window_view_of_local_features_is_still_refused():
+    model = WindowsAfterGate()
+    model.se = nn.Identity()
+    with pytest.raises(UnsupportedLayerError, match=r"aten\.view\.default in the top-level forward .*splits"):
+        receptive_fields(model, (2, 8, 8))
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_a_convolution_over_an_attention_map(kernel):
+    """1x1: the identity on any dimension, followed exactly. 3x3: the map is already global."""
+    model = ConvOverAttention(kernel)
+    table = receptive_fields(model, (2, 6, 6))
+    assert table["talk"].is_global and table["(output)"].is_global
+    assert_boxes_are_gradient_supports(model, (2, 6, 6), ["conv", "talk"])
+
+
+def test_a_1x1_convolution_over_tokens_keeps_their_fields():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Flatten(2), nn.Unflatten(1, (1, 4)), nn.Conv2d(1, 1, 1))
+    table = receptive_fields(model, (2, 6, 6))
+    assert table["3"].size == (3, 3) and table["3"].box(0, 0) == (0, 0, 2, 2)
+
+
+def test_relative_position_logits_inside_attention_are_global():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), Attention(4, inline_relative=True))
+    table = receptive_fields(model, (2, 6, 6))
+    assert table["1"].is_global
+    assert_boxes_are_gradient_supports(model, (2, 6, 6), ["0", "1"])
+
+
+def test_relative_position_logits_of_their_own_are_refused_only_there():
+    """botnet's PosEmbedRel returns logits whose (local) geometry is lost: that row alone is flagged."""
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), Attention(4, relative=RelativeLogits(4)))
+    with pytest.raises(UnsupportedLayerError, match=r"F\.pad\(mode='constant'\) in '1\.relative' \(RelativeLogits\)"):
+        receptive_fields(model, (2, 6, 6))
+    table = receptive_fields(model, (2, 6, 6), strict=False)
+    assert [row.name for row in table.unsupported] == ["1.relative"]
+    assert table["1"].is_global
+    assert_boxes_are_gradient_supports(model, (2, 6, 6), ["0", "1"], strict=False)
+
+
+def test_a_pool_over_tokens_within_rows_is_a_pool_along_the_width():
+    model = TokenPool(kernel=2, gate=False)
+    table = receptive_fields(model, (2, 6, 6))
+    assert (table["pool"].size, table["pool"].stride, table["pool"].output_shape) == ((3, 4), (1, 2), (6, 3))
+    assert table["pool"].box(2, 1) == (1, 1, 4, 5)
+
+
+def test_a_pool_over_tokens_across_rows_is_global_after_a_gate():
+    with pytest.raises(UnsupportedLayerError, match=r"avg_pool2d.* in 'pool' \(AvgPool1d\)"):
+        receptive_fields(TokenPool(kernel=4, gate=False), (2, 6, 6))
+    model = TokenPool(kernel=4, gate=True)
+    table = receptive_fields(model, (2, 6, 6))
+    assert table["pool"].is_global and table["head"].is_global
+    assert_boxes_are_gradient_supports(model, (2, 6, 6), ["se", "pool", "head"])
+
+
+def test_an_upsampled_global_pool_is_global():
+    """deeplabv3's ASPP pooling branch: pool to 1x1, resize back, concatenate with local branches."""
+
+    class Pyramid(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.local = nn.Conv2d(2, 2, 3, padding=1)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x):
+            pooled = F.interpolate(self.pool(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            return torch.cat([self.local(x), pooled], dim=1)
+
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), Pyramid())
+    table = receptive_fields(model, (2, 8, 8))
+    assert table["1"].is_global
+    assert_boxes_are_gradient_supports(model, (2, 8, 8), ["0", "1"])
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 15, item 4: strict=False flags whatever strict=True refuses, the top-level forward too.
+# --------------------------------------------------------------------------------------------
+
+
+class ConvThen(nn.Module):
+    """A convolution, then ``then(x, y)`` in the model's own forward (``x`` the input, ``y`` the conv's output)."""
+
+    def __init__(self, then, stride: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, stride=stride, padding=1)
+        self.then = then
+
+    def forward(self, x):
+        return self.then(x, self.conv(x))
+
+
+def resize_back(x, y):
+    """fcn_resnet50's last step: F.interpolate back to the input size, in the top-level forward."""
+    return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def unused_resize(x, y):
+    F.interpolate(y, scale_factor=2.0)  # computed, never used: no receptive field depends on it
+    return y
+
+
+def test_strict_and_lenient_agree_on_the_top_level_forward():
+    with pytest.raises(UnsupportedLayerError, match=r"upsample_bilinear2d.* in the top-level forward \(ConvThen\)"):
+        receptive_fields(ConvThen(resize_back, stride=2), (2, 8, 8))
+    table = receptive_fields(ConvThen(resize_back, stride=2), (2, 8, 8), strict=False)
+    assert list(table) == ["conv", OUTPUT_ROW]
+    assert [row.name for row in table.unsupported] == [OUTPUT_ROW]
+    assert table[OUTPUT_ROW].module_type == "ConvThen" and table[OUTPUT_ROW].output_shape == (8, 8)
+
+
+def test_an_output_computed_in_forward_has_its_own_row():
+    row = receptive_fields(ConvThen(lambda x, y: y[:, :, ::2, ::2]), (2, 8, 8))[OUTPUT_ROW]
+    assert (row.size, row.stride, row.output_shape) == ((3, 3), (2, 2), (4, 4))
+    assert OUTPUT_ROW not in receptive_fields(nn.Sequential(nn.Conv2d(2, 3, 3)), (2, 8, 8))
+
+
+def test_an_operation_whose_result_is_unused_refuses_nothing():
+    assert list(receptive_fields(ConvThen(unused_resize), (2, 8, 8))) == ["conv"]
+    assert not receptive_fields(ConvThen(unused_resize), (2, 8, 8), strict=False).unsupported
