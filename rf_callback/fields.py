@@ -21,7 +21,7 @@ from torch import nn
 
 from rf_callback.algebra import Field, MisalignedBranchesError
 from rf_callback.errors import TraceError, UnsupportedLayerError
-from rf_callback.tracing import PadInterceptor, Traced, Tracer, Unsupported, axis_length, flat_tensors, refusal
+from rf_callback.tracing import FunctionInterceptor, Traced, Tracer, Unsupported, axis_length, flat_tensors, refusal
 
 __all__ = [
     "OUTPUT_ROW",
@@ -302,6 +302,7 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
         calls[name][index] = _traced_outputs(tracer, output, strict)
 
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    failure: Exception | None = None
     try:
         for name, module in model.named_modules():
             if name:
@@ -314,7 +315,7 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
             torch.inference_mode(False),
             torch.no_grad(),
             _no_autocast(),
-            PadInterceptor(tracer),
+            FunctionInterceptor(tracer),
             tracer,
         ):
             sample = torch.empty((1, *shape), dtype=dtype, device="meta")
@@ -327,17 +328,14 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
             except (UnsupportedLayerError, MisalignedBranchesError):
                 raise
             except Exception as error:
-                raise TraceError(
-                    f"Could not run {type(model).__name__}.forward on the meta device to trace receptive fields:"
-                    f" {type(error).__name__}: {str(error).rstrip('.')}. HINT: forward must take one tensor of shape"
-                    f" (N, {', '.join(map(str, shape))}) and must not read tensor values (no .item(), no"
-                    " data-dependent control flow)."
-                ) from error
+                failure = error
     finally:
         for handle in handles:
             handle.remove()
         for module, mode in modes.items():
             module.training = mode
+    if failure is not None:
+        raise _trace_error(model, shape, dtype, failure) from failure
     # The model's outputs that no module returned (computed in the top-level forward) get rows too.
     returned = {(id(t), id(info)) for outputs in calls.values() for call in outputs for t, info in call}
     final = _traced_outputs(tracer, output, strict)
@@ -345,6 +343,40 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
         calls[OUTPUT_ROW] = [final]
         order.append((OUTPUT_ROW, 0, type(model).__name__))
     return _build_table(calls, order, shape)
+
+
+def _trace_error(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, error: Exception) -> TraceError:
+    """Why ``model`` could not be traced: its own forward fails at this size, or it reads values on the meta device."""
+    real = _real_forward_error(model, shape, dtype)
+    name, batch = type(model).__name__, f"(1, {', '.join(map(str, shape))})"
+    if real is not None:
+        return TraceError(
+            f"{name}.forward fails on a real input of shape {batch} too, so this size cannot be traced:"
+            f" {type(real).__name__}: {str(real).rstrip('.')}. HINT: pass an input_shape that the model accepts"
+            " (the size it was built for, or a multiple of its total stride)."
+        )
+    return TraceError(
+        f"Could not run {name}.forward on the meta device to trace receptive fields (it runs on a real input of"
+        f" shape {batch}): {type(error).__name__}: {str(error).rstrip('.')}. HINT: forward must take one tensor"
+        " and must not read tensor values (no .item(), no data-dependent control flow)."
+    )
+
+
+def _real_forward_error(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> Exception | None:
+    """The error of one real eval-mode forward of zeros, or None; modes and random state are left as found."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    modes = {module: module.training for module in model.modules()}
+    devices = [device] if device.type == "cuda" else []
+    try:
+        model.eval()
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), _no_autocast():
+            model(torch.zeros((1, *shape), dtype=dtype, device=device))
+    except Exception as error:
+        return error
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    return None
 
 
 def _traced_outputs(tracer: Tracer, output: Any, strict: bool) -> list[tuple[torch.Tensor, Traced | Unsupported]]:

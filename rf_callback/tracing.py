@@ -622,16 +622,22 @@ def _first_output(out: Any) -> torch.Tensor:
 # Operation handlers: each returns the info of the output(s), or raises _Reject.
 # --------------------------------------------------------------------------------------------
 
+def _registry(table: dict[Any, Any]) -> Any:
+    """A decorator factory: ``@register(key, ...)`` files the decorated handler under each key of ``table``."""
+
+    def register(*keys):
+        def decorate(handler):
+            for key in keys:
+                table[key] = handler
+            return handler
+
+        return decorate
+
+    return register
+
+
 _HANDLERS: dict[Any, Any] = {}
-
-
-def _register(*ops):
-    def decorate(handler):
-        for op in ops:
-            _HANDLERS[op] = handler
-        return handler
-
-    return decorate
+_register = _registry(_HANDLERS)
 
 
 @_register(aten.convolution.default)
@@ -1042,28 +1048,87 @@ def _matmul(tracer, func, bound, out):
 
 
 # --------------------------------------------------------------------------------------------
-# F.pad with mode='circular' decomposes into copies; it is caught before that.
+# Functions caught before they decompose: F.pad (mode='circular' becomes copies) and the
+# recurrent layers (their kernels refuse meta inputs with real weights).
 # --------------------------------------------------------------------------------------------
 
+_FUNCTIONS: dict[Any, Any] = {}
+_intercept = _registry(_FUNCTIONS)
 
-class PadInterceptor(TorchFunctionMode):
+
+class FunctionInterceptor(TorchFunctionMode):
+    """Catches the functions registered with ``_intercept`` before they reach ATen.
+
+    A handler ``(tracer, func, args, kwargs) -> (out, operation, inputs, step)`` makes the meta
+    output unseen by the tracer; ``step`` then says what the output sees, through
+    :meth:`Tracer.follow` and its refusal rules.
+    """
+
     def __init__(self, tracer: Tracer) -> None:
         super().__init__()
         self.tracer = tracer
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not torch.nn.functional.pad and func is not torch._C._nn.pad:
+        handler = _FUNCTIONS.get(func)
+        if handler is None:
             return func(*args, **kwargs)
-        bound = dict(zip(("input", "pad", "mode", "value"), args), **kwargs)
-        source, mode = bound["input"], bound.get("mode", "constant")
         self.tracer.transparent += 1
         try:
-            out = func(*args, **kwargs)
+            out, operation, inputs, step = handler(self.tracer, func, args, kwargs)
         finally:
             self.tracer.transparent -= 1
-        if source in self.tracer.info:
-            pad = list(bound["pad"])
-            step = lambda infos: _pad(self.tracer, source, pad, out, mode)  # noqa: E731
-            self.tracer.info[out] = self.tracer.follow(f"F.pad(mode={mode!r})", [source], step)
+        traced = [t for t in inputs if t in self.tracer.info]
+        if traced:
+            outputs = flat_tensors(out)
+            results = self.tracer.follow(operation, traced, step)
+            results = results if isinstance(results, tuple) else (results,) * len(outputs)
+            for tensor, info in zip(outputs, results):
+                self.tracer.info[tensor] = info
         return out
+
+
+@_intercept(torch.nn.functional.pad, torch._C._nn.pad)
+def _functional_pad(tracer: Tracer, func, args, kwargs):
+    bound = dict(zip(("input", "pad", "mode", "value"), args), **kwargs)
+    source, mode, pad = bound["input"], bound.get("mode", "constant"), list(bound["pad"])
+    out = func(*args, **kwargs)
+    return out, f"F.pad(mode={mode!r})", [source], lambda infos: _pad(tracer, source, pad, out, mode)
+
+
+@_intercept(torch._VF.lstm, torch._VF.gru, torch._VF.rnn_tanh, torch._VF.rnn_relu)
+def _recurrent(tracer: Tracer, func, args, kwargs):
+    """``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``: run on meta weights; a bidirectional layer mixes its sequence.
+
+    Every output step of a bidirectional layer, and the final states of any layer, read the whole
+    sequence: global along the scanned axis. A one-directional layer's step ``t`` reads steps
+    ``0 .. t``, a field that grows along the sequence: refused, unless the sequence is already mixed.
+    """
+    name = f"torch._VF.{func.__name__}"
+    packed = not isinstance(args[3], bool)  # (data, batch_sizes, hx, params, ...) vs (input, hx, params, bias, ...)
+    source, states = args[0], flat_tensors(args[2] if packed else args[1])
+    bidirectional, batch_first = args[-1] if packed else args[-2], False if packed else args[-1]
+    if packed:
+        out = func(*_to_meta(args), **kwargs)
+    else:  # the shapes alone: the meta kernels would run every step of the sequence in Python
+        features = (2 if bidirectional else 1) * states[0].shape[-1]
+        sequence = torch.empty((*source.shape[:-1], features), dtype=source.dtype, device="meta")
+        out = (sequence, *(torch.empty(state.shape, dtype=state.dtype, device="meta") for state in states))
+
+    def step(infos):
+        if packed:
+            raise _Reject("it runs over a packed sequence, whose steps have different batch sizes")
+        if any(state in tracer.info for state in states):
+            raise _Reject("its initial state depends on the input")
+        time, batch = (1, 0) if batch_first else (0, 1)
+        info = tracer.traced(source)
+        if not bidirectional and _spatial(info.layout[time]):
+            raise _Reject("a one-directional recurrent layer's step t sees steps 0 .. t: no single receptive field")
+        sequence = tracer.mix(info, [time, 2] if bidirectional else [2])
+        final = tracer.mix(info, [time, 2])
+        results = [replace(sequence, layout=info.layout[:2] + (_plain(out[0].shape[2]),))]
+        for state in out[1:]:
+            results.append(replace(final, layout=(_plain(state.shape[0]), info.layout[batch], _plain(state.shape[2]))))
+        return tuple(results)
+
+    return out, name, [source, *states], step

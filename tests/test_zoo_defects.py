@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from rf_callback import UnsupportedLayerError, receptive_fields
+from rf_callback import TraceError, UnsupportedLayerError, receptive_fields
 from rf_callback.fields import OUTPUT_ROW
 from rf_callback.tracing import _shortcut, elementwise
 
@@ -418,3 +418,60 @@ def test_an_output_computed_in_forward_has_its_own_row():
 def test_an_operation_whose_result_is_unused_refuses_nothing():
     assert list(receptive_fields(ConvThen(unused_resize), (2, 8, 8))) == ["conv"]
     assert not receptive_fields(ConvThen(unused_resize), (2, 8, 8), strict=False).unsupported
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 15, item 6: recurrent layers, and hints that blame the right thing.
+# --------------------------------------------------------------------------------------------
+
+
+class Sequencer(nn.Module):
+    """timm's sequencer2d: recurrent layers scanning the rows and the columns of a feature map."""
+
+    def __init__(self, recurrent=nn.LSTM, bidirectional: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.rows = recurrent(4, 3, batch_first=True, bidirectional=bidirectional)
+        self.columns = recurrent(4, 3, batch_first=False, bidirectional=bidirectional)
+        self.head = nn.Conv2d(6 if bidirectional else 3, 2, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        n, c, h, w = x.shape
+        along_w = self.rows(x.permute(0, 2, 3, 1).reshape(n * h, w, c))[0].reshape(n, h, w, -1)
+        along_h = self.columns(x.permute(2, 0, 3, 1).reshape(h, n * w, c))[0].reshape(h, n, w, -1)
+        return self.head((along_w + along_h.permute(1, 0, 2, 3)).permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("recurrent", [nn.LSTM, nn.GRU, nn.RNN])
+def test_bidirectional_recurrent_layers_see_their_whole_sequence(recurrent):
+    model = Sequencer(recurrent)
+    table = receptive_fields(model, (2, 5, 6))
+    sequence, final = table["rows:0"], table["rows:1"]  # the outputs at every step, the last hidden state
+    assert (sequence.output_shape, sequence.stride) == ((5, 6), (1, 0))  # tokens (n * h, w): global along w
+    assert (final.output_shape, final.stride, final.size) == ((5, 1), (1, 0), (3, 8))
+    assert table["head"].is_global
+    assert_boxes_are_gradient_supports(model, (2, 5, 6), ["conv", "head"])
+
+
+def test_one_directional_recurrent_layers_are_refused_by_name():
+    with pytest.raises(UnsupportedLayerError, match=r"torch\._VF\.lstm in 'rows' \(LSTM\): a one-directional"):
+        receptive_fields(Sequencer(bidirectional=False), (2, 5, 6))
+
+
+def test_a_size_the_model_cannot_run_at_is_blamed_on_the_model():
+    """Branches that disagree in size at odd inputs: the model's own error, not a hint about .item()."""
+
+    class TwoPaths(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.padded = nn.Conv2d(1, 1, 3, stride=2, padding=1)
+            self.valid = nn.Conv2d(1, 1, 2, stride=2)
+
+        def forward(self, x):
+            return self.padded(x) + self.valid(x)
+
+    assert receptive_fields(TwoPaths(), (1, 8, 8))["valid"].size == (2, 2)
+    blame = r"TwoPaths\.forward fails on a real input of shape \(1, 1, 7, 7\) too.*RuntimeError: The size of"
+    with pytest.raises(TraceError, match=blame):
+        receptive_fields(TwoPaths(), (1, 7, 7))
