@@ -11,6 +11,7 @@ reported as unsupported, never guessed.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -18,7 +19,6 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from rf_callback.algebra import Field, MisalignedBranchesError, PadMode, merge
 from rf_callback.errors import UnsupportedLayerError
@@ -293,54 +293,193 @@ def _like(tensor: torch.Tensor, memory_format: torch.memory_format = torch.prese
     return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta", memory_format=memory_format)
 
 
+def _registry(table: dict[Any, Any]) -> Any:
+    """A decorator factory: ``@register(key, ...)`` files the decorated handler under each key of ``table``."""
+
+    def register(*keys):
+        def decorate(handler):
+            for key in keys:
+                table[key] = handler
+            return handler
+
+        return decorate
+
+    return register
+
+
+def _broadcasts(shape: Sequence[int], to: Sequence[int]) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``to`` without growing it."""
+    return len(shape) <= len(to) and all(n in (1, m) for n, m in zip(reversed(shape), reversed(to)))
+
+
+def _floating(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def _floating_meta(value: Any) -> bool:
+    return _floating(value) and value.device.type == "meta"
+
+
+_FORMATS = {True: (torch.contiguous_format, torch.channels_last), False: (torch.contiguous_format,)}
+_SHORTCUTS: dict[Any, Any] = {}
+_shortcut_for = _registry(_SHORTCUTS)
+
+
 def _shortcut(func: Any, args: tuple, kwargs: dict) -> Any:
     """The meta output of common operations without running their (Python) meta kernels, or None.
 
-    Only where the answer, strides included, is certainly the real kernel's (a property test holds
-    it to that), for a first input with exactly contiguous or channels-last strides:
+    Only where the answer, strides included, is certainly the real meta kernel's (property tests
+    hold it to that), for inputs with exactly contiguous or channels-last strides:
 
     * an in-place elementwise op returns its input (meta tensors hold no data);
     * ``clone`` keeps the strides of a dense input, or takes those of the ``memory_format`` asked for;
-    * another elementwise op on tensors of one shape, strides and dtype returns a tensor with those
-      strides;
-    * eval-mode BatchNorm returns a tensor like its input and two per-channel statistics;
-    * a plain convolution of contiguous tensors returns a contiguous tensor.
+    * another elementwise op returns a tensor like its first input when the others have its shape
+      and strides, or broadcast to it from a standard layout, all of one dtype;
+    * the operations registered with ``_shortcut_for`` (convolution, eval-mode BatchNorm, LayerNorm,
+      matrix products, concatenation, reductions over some dimensions, ``_unsafe_view``) answer
+      what their kernels would.
     """
+    special = _SHORTCUTS.get(func)
+    if special is not None:
+        return special(func, args, kwargs)
     first = args[0] if args else None
-    if not isinstance(first, torch.Tensor) or first.device.type != "meta" or not first.is_floating_point():
+    if not elementwise(func) or "dtype" in kwargs or "out" in kwargs or not _floating_meta(first):
         return None
-    layout = _standard_format(first)
-    if layout is None:
-        return None  # the kernel decides the layout of the output of a strided input
-    if func is aten.convolution.default and not args[6]:  # torch's meta kernel spends ~0.3 ms on checks
-        weight, count = args[1], first.dim() - 2
-        stride, padding, dilation = (list(v) * count if len(v) == 1 else list(v) for v in (args[3], args[4], args[5]))
-        if not len(stride) == len(padding) == len(dilation) == count:
+    if func is aten.clone.default and kwargs.get("memory_format") == torch.contiguous_format:
+        return _like(first, torch.contiguous_format)  # x.contiguous(), whatever x's strides
+    operands = [first, *(a for a in (*args[1:], *kwargs.values()) if isinstance(a, torch.Tensor))]
+    full = first if _writes_first(func) else max(operands, key=lambda t: (t.dim(), t.numel()))
+    # Every operand has a say in the output's layout: all must share the full one's (contiguous unless it is first).
+    layout = _standard_format(full)
+    if any(t.dtype != first.dtype for t in operands) or layout not in _FORMATS[full is first]:
+        return None  # a kernel decides the layout of the output of a strided input or mixed dtypes
+    for other in operands:
+        if other.shape == full.shape:
+            if other.stride() != full.stride():
+                return None
+        elif not _broadcasts(other.shape, full.shape) or _standard_format(other) is not layout:
             return None
-        spatial = [
-            (n + 2 * p - d * (k - 1) - 1) // s + 1
-            for n, k, s, p, d in zip(first.shape[2:], weight.shape[2:], stride, padding, dilation)
-        ]
-        usual = layout == _standard_format(weight) == torch.contiguous_format
-        if usual and weight.shape[1] * args[8] == first.shape[1] and first.dim() == weight.dim() and min(spatial) > 0:
-            return torch.empty((first.shape[0], weight.shape[0], *spatial), dtype=first.dtype, device="meta")
-        return None
-    if func in _EVAL_BATCH_NORMS and not (func is aten.native_batch_norm.default and args[5]):
-        channels = (first.shape[1],) if first.dim() > 1 else (0,)
-        stats = torch.empty(channels, dtype=first.dtype, device="meta")
-        return _like(first), stats, torch.empty_like(stats)
-    if not elementwise(func) or "dtype" in kwargs or "out" in kwargs:
-        return None
-    others = [a for a in (*args[1:], *kwargs.values()) if isinstance(a, torch.Tensor)]
-    if any(t.shape != first.shape or t.stride() != first.stride() or t.dtype != first.dtype for t in others):
-        return None
     if _writes_first(func):
         return first
     if func.overloadpacket.__name__ in _BOOLEAN_RESULTS or len(func._schema.returns) != 1:
         return None
     if func is aten.clone.default:
         return _like(first, kwargs.get("memory_format") or torch.preserve_format)
-    return _like(first)
+    return _like(full)
+
+
+@_shortcut_for(aten.convolution.default)
+def _convolved(func: Any, args: tuple, kwargs: dict) -> Any:
+    """A plain convolution of contiguous tensors: a contiguous tensor (the meta kernel spends ~0.3 ms on checks)."""
+    first, weight = args[0], args[1]
+    if not _floating_meta(first) or args[6] or first.dim() != weight.dim():
+        return None
+    count = first.dim() - 2
+    stride, padding, dilation = (list(v) * count if len(v) == 1 else list(v) for v in (args[3], args[4], args[5]))
+    if not len(stride) == len(padding) == len(dilation) == count:
+        return None
+    spatial = [
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, k, s, p, d in zip(first.shape[2:], weight.shape[2:], stride, padding, dilation)
+    ]
+    usual = _standard_format(first) == _standard_format(weight) == torch.contiguous_format
+    if usual and weight.shape[1] * args[8] == first.shape[1] and min(spatial) > 0:
+        return torch.empty((first.shape[0], weight.shape[0], *spatial), dtype=first.dtype, device="meta")
+    return None
+
+
+@_shortcut_for(*_EVAL_BATCH_NORMS)
+def _normalized(func: Any, args: tuple, kwargs: dict) -> Any:
+    """Eval-mode BatchNorm: a tensor like its input, and two per-channel statistics."""
+    first = args[0]
+    if not _floating_meta(first) or _standard_format(first) is None or (len(args) > 5 and args[5] is True):
+        return None
+    channels = (first.shape[1],) if first.dim() > 1 else (0,)
+    stats = torch.empty(channels, dtype=first.dtype, device="meta")
+    return _like(first), stats, torch.empty_like(stats)
+
+
+@_shortcut_for(aten.cat.default)
+def _concatenated(func: Any, args: tuple, kwargs: dict) -> Any:
+    """Contiguous tensors of one dtype, concatenated: a contiguous tensor."""
+    tensors = args[0]
+    first = tensors[0] if tensors else None
+    if not _floating_meta(first) or first.dim() == 0:
+        return None
+    d = _normalize_dim(args[1] if len(args) > 1 else kwargs.get("dim", 0), first.dim())
+    for tensor in tensors:
+        if tensor.dtype != first.dtype or _standard_format(tensor) is not torch.contiguous_format:
+            return None
+        others = [n != m for i, (n, m) in enumerate(zip(tensor.shape, first.shape)) if i != d]
+        if tensor.dim() != first.dim() or any(others):
+            return None
+    shape = list(first.shape)
+    shape[d] = sum(tensor.shape[d] for tensor in tensors)
+    return torch.empty(shape, dtype=first.dtype, device="meta")
+
+
+@_shortcut_for(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default)
+def _reduced(func: Any, args: tuple, kwargs: dict) -> Any:
+    """A reduction over some dimensions of a tensor in a standard layout: a contiguous tensor."""
+    first = args[0]
+    dims = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if not dims or "dtype" in kwargs or "out" in kwargs or not _floating_meta(first) or first.dim() == 0:
+        return None
+    if _standard_format(first) is None:
+        return None
+    dims = {_normalize_dim(d, first.dim()) for d in dims}
+    shape = [1 if d in dims else n for d, n in enumerate(first.shape) if keepdim or d not in dims]
+    return torch.empty(shape, dtype=first.dtype, device="meta")
+
+
+@_shortcut_for(aten.mm.default, aten.bmm.default, aten.addmm.default)
+def _multiplied(func: Any, args: tuple, kwargs: dict) -> Any:
+    """A matrix product (plus a bias that broadcasts to it) of one dtype: a contiguous tensor, whatever the strides."""
+    left, right = (args[1], args[2]) if func is aten.addmm.default else (args[0], args[1])
+    rank = 3 if func is aten.bmm.default else 2
+    if not (_floating(left) and _floating(right)) or left.dim() != rank or right.dim() != rank:
+        return None
+    if left.dtype != right.dtype or left.shape[-1] != right.shape[-2] or left.shape[:-2] != right.shape[:-2]:
+        return None
+    shape = (*left.shape[:-1], right.shape[-1])
+    if func is aten.addmm.default:
+        bias = args[0]
+        if not _floating(bias) or bias.dtype != left.dtype or bias.dim() > 2:
+            return None
+        if not _broadcasts(bias.shape, shape):
+            return None
+    return torch.empty(shape, dtype=left.dtype, device="meta")
+
+
+@_shortcut_for(aten.native_layer_norm.default)
+def _layer_normalized(func: Any, args: tuple, kwargs: dict) -> Any:
+    """LayerNorm of a contiguous float32/64 tensor: a tensor like it, and its per-row mean and 1 / std."""
+    first, normalized = args[0], tuple(args[1])
+    if not _floating_meta(first) or first.dtype not in (torch.float32, torch.float64) or not normalized:
+        return None
+    if _standard_format(first) is not torch.contiguous_format or tuple(first.shape[-len(normalized) :]) != normalized:
+        return None
+    if any(t is not None and (t.shape != normalized or t.dtype != first.dtype) for t in args[2:4]):
+        return None
+    stats = (*first.shape[: first.dim() - len(normalized)], *(1,) * len(normalized))
+    return _like(first), *(torch.empty(stats, dtype=first.dtype, device="meta") for _ in range(2))
+
+
+@_shortcut_for(aten._unsafe_view.default)
+def _viewed(func: Any, args: tuple, kwargs: dict) -> Any:
+    """A contiguous tensor seen in another shape (``reshape`` inside ``matmul``): a contiguous tensor."""
+    first, shape = args[0], list(args[1])
+    if not _floating_meta(first) or _standard_format(first) is not torch.contiguous_format or shape.count(-1) > 1:
+        return None
+    if -1 in shape:
+        rest = math.prod(n for n in shape if n != -1)
+        if rest <= 0 or first.numel() % rest:
+            return None
+        shape[shape.index(-1)] = first.numel() // rest
+    if math.prod(shape) != first.numel() or min(shape, default=0) < 0:
+        return None
+    return torch.empty(shape, dtype=first.dtype, device="meta")
 
 
 def _bind(func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -368,12 +507,44 @@ def flat_tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
+class TensorInfos:
+    """What the tracer knows of each tensor, by identity.
+
+    A plain dict keyed by ``id``, which is several times faster than a weak-key dictionary on the
+    hot path; it holds its tensors (meta tensors, with no storage), so no ``id`` is reused while
+    the trace runs.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[int, tuple[torch.Tensor, Traced | Unsupported]] = {}
+
+    def __contains__(self, tensor: torch.Tensor) -> bool:
+        return id(tensor) in self._items
+
+    def __getitem__(self, tensor: torch.Tensor) -> Traced | Unsupported:
+        return self._items[id(tensor)][1]
+
+    def __setitem__(self, tensor: torch.Tensor, info: Traced | Unsupported) -> None:
+        self._items[id(tensor)] = (tensor, info)
+
+    def __delitem__(self, tensor: torch.Tensor) -> None:
+        del self._items[id(tensor)]
+
+    def get(self, tensor: torch.Tensor) -> Traced | Unsupported | None:
+        item = self._items.get(id(tensor))
+        return None if item is None else item[1]
+
+    def pop(self, tensor: torch.Tensor, default: Any = None) -> Any:
+        item = self._items.pop(id(tensor), None)
+        return default if item is None else item[1]
+
+
 class Tracer(TorchDispatchMode):
     def __init__(self, input_spatial: tuple[int, ...], model_type: str = "forward") -> None:
         super().__init__()
         self.image = input_spatial
         self.model_type = model_type
-        self.info: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+        self.info = TensorInfos()
         self.stack: list[tuple[str, str]] = []  # (module name, module type) being run
         self.transparent = 0
 
@@ -621,20 +792,6 @@ def _first_output(out: Any) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Operation handlers: each returns the info of the output(s), or raises _Reject.
 # --------------------------------------------------------------------------------------------
-
-def _registry(table: dict[Any, Any]) -> Any:
-    """A decorator factory: ``@register(key, ...)`` files the decorated handler under each key of ``table``."""
-
-    def register(*keys):
-        def decorate(handler):
-            for key in keys:
-                table[key] = handler
-            return handler
-
-        return decorate
-
-    return register
-
 
 _HANDLERS: dict[Any, Any] = {}
 _register = _registry(_HANDLERS)

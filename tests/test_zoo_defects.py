@@ -41,9 +41,9 @@ def dense(shape, order) -> torch.Tensor:
 @st.composite
 def meta_tensors(draw, ndim: int | None = None) -> torch.Tensor:
     """A meta tensor with small (often length-1) dimensions: contiguous, channels-last, permuted, expanded, sliced."""
-    ndim = ndim or draw(st.integers(2, 5))
+    ndim = ndim or draw(st.sampled_from([2, 3, 4, 4, 4, 5]))  # 4: where channels-last is a standard layout
     shape = draw(st.lists(st.integers(1, 3), min_size=ndim, max_size=ndim))
-    kind = draw(st.sampled_from(["contiguous", "channels_last", "permuted", "expanded", "sliced"]))
+    kind = draw(st.sampled_from(["contiguous", "channels_last", "channels_last", "permuted", "expanded", "sliced"]))
     order = list(range(ndim))
     if kind == "channels_last" and ndim >= 3:
         order = [0, *range(2, ndim), 1]
@@ -88,12 +88,39 @@ def test_clone_shortcut_honours_the_memory_format(tensor, data):
         same_outputs(shortcut, aten.clone.default(like(tensor), **kwargs))
 
 
-@given(tensor=meta_tensors(), func=st.sampled_from(BINARY))
-def test_binary_shortcuts_keep_the_real_strides(tensor, func):
-    other = like(tensor)
-    shortcut = _shortcut(func, (tensor, other), {})
+@given(tensor=meta_tensors(), func=st.sampled_from(BINARY), data=st.data())
+def test_binary_shortcuts_keep_the_real_strides(tensor, func, data):
+    """The other operand: the same layout, or broadcast (length 1 on some dimensions) in any layout."""
+    if data.draw(st.booleans()):
+        other = like(tensor)
+    else:
+        ones = data.draw(st.lists(st.booleans(), min_size=tensor.dim(), max_size=tensor.dim()))
+        shape = [1 if one else n for one, n in zip(ones, tensor.shape)][data.draw(st.integers(0, tensor.dim() - 1)) :]
+        other = dense(shape, data.draw(st.permutations(range(len(shape)))))
+    operands = (tensor, other) if func._schema.is_mutable or data.draw(st.booleans()) else (other, tensor)
+    shortcut = _shortcut(func, operands, {})
     if shortcut is not None:
-        same_outputs(shortcut, func(like(tensor), like(other)))
+        same_outputs(shortcut, func(*(like(t) for t in operands)))
+
+
+@given(tensor=meta_tensors(), data=st.data())
+def test_reduction_and_concatenation_shortcuts_keep_the_real_strides(tensor, data):
+    dims = data.draw(st.lists(st.integers(0, tensor.dim() - 1), min_size=1, max_size=tensor.dim(), unique=True))
+    func, keepdim = data.draw(st.sampled_from([aten.mean.dim, aten.sum.dim_IntList, aten.amax.default])), data.draw(
+        st.booleans()
+    )
+    shortcut = _shortcut(func, (tensor, dims, keepdim), {})
+    if shortcut is not None:
+        same_outputs(shortcut, func(like(tensor), dims, keepdim))
+    d = data.draw(st.integers(0, tensor.dim() - 1))
+    longer = list(tensor.shape)
+    longer[d] += 1
+    orders = [sorted(range(tensor.dim()), key=lambda k: -tensor.stride()[k]), range(tensor.dim())]  # like the first
+    orders += [[0, 2, 3, 1]] if tensor.dim() == 4 else []
+    tensors = [tensor, dense(longer, data.draw(st.sampled_from(orders)))]
+    shortcut = _shortcut(aten.cat.default, (tensors, d), {})
+    if shortcut is not None:
+        same_outputs(shortcut, aten.cat.default([like(t) for t in tensors], d))
 
 
 @given(
@@ -475,3 +502,34 @@ def test_a_size_the_model_cannot_run_at_is_blamed_on_the_model():
     blame = r"TwoPaths\.forward fails on a real input of shape \(1, 1, 7, 7\) too.*RuntimeError: The size of"
     with pytest.raises(TraceError, match=blame):
         receptive_fields(TwoPaths(), (1, 7, 7))
+
+
+@given(data=st.data())
+def test_matrix_product_and_layer_norm_shortcuts_keep_the_real_strides(data):
+    m, k, n, b = (data.draw(st.integers(1, 3)) for _ in range(4))
+    batched = data.draw(st.booleans())
+    left_shape, right_shape = ((b, m, k), (b, k, n)) if batched else ((m, k), (k, n))
+    left, right = (dense(shape, data.draw(st.permutations(range(len(shape))))) for shape in (left_shape, right_shape))
+    func = aten.bmm.default if batched else data.draw(st.sampled_from([aten.mm.default, aten.addmm.default]))
+    args = (left, right)
+    if func is aten.addmm.default:
+        args = (torch.empty(data.draw(st.sampled_from([(n,), (m, n), (1, n)])), device="meta"), left, right)
+    shortcut = _shortcut(func, args, {})
+    if shortcut is not None:
+        same_outputs(shortcut, func(*(like(t) for t in args)))
+    tensor = data.draw(meta_tensors())
+    normalized = list(tensor.shape[-data.draw(st.integers(1, tensor.dim())) :])
+    shortcut = _shortcut(aten.native_layer_norm.default, (tensor, normalized, None, None, 1e-5), {})
+    if shortcut is not None:
+        same_outputs(shortcut, aten.native_layer_norm.default(like(tensor), normalized, None, None, 1e-5))
+
+
+@given(tensor=meta_tensors(), data=st.data())
+def test_view_and_contiguous_copy_shortcuts_keep_the_real_strides(tensor, data):
+    shape = [tensor.numel()] if data.draw(st.booleans()) else [-1, *tensor.shape[1:]]
+    shortcut = _shortcut(aten._unsafe_view.default, (tensor, shape), {})
+    if shortcut is not None:
+        same_outputs(shortcut, aten._unsafe_view.default(like(tensor), shape))
+    shortcut = _shortcut(aten.clone.default, (tensor,), {"memory_format": torch.contiguous_format})
+    if shortcut is not None:
+        same_outputs(shortcut, aten.clone.default(like(tensor), memory_format=torch.contiguous_format))
