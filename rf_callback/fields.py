@@ -308,7 +308,8 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
             if name:
                 handles.append(module.register_forward_pre_hook(before(name, type(module).__name__)))
                 handles.append(module.register_forward_hook(after))
-        model.eval()
+        if any(modes.values()):
+            model.eval()
         # Outside inference mode and autocast, so that composite operations decompose as usual.
         with (
             _gc_paused(),  # the trace allocates many small tuples; the cyclic collector would double its time
@@ -333,7 +334,8 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
         for handle in handles:
             handle.remove()
         for module, mode in modes.items():
-            module.training = mode
+            if module.training != mode:  # Module.__setattr__ is slow: set only what eval() changed
+                module.training = mode
     if failure is not None:
         raise _trace_error(model, shape, dtype, failure) from failure
     # The model's outputs that no module returned (computed in the top-level forward) get rows too.

@@ -89,20 +89,21 @@ def _plain(size: int) -> tuple[Factor, ...]:
     return ((None, size),) if size > 1 else ()
 
 
+@functools.lru_cache(maxsize=4096)
+def _axes(layout: Layout) -> dict[int, tuple[int, int]]:
+    """Where each spatial axis of ``layout`` lives: axis -> (dimension, length)."""
+    return {axis: (d, length) for d, dim in enumerate(layout) for axis, length in dim if axis is not None}
+
+
 def axis_length(layout: Layout, axis: int) -> int:
-    for dim in layout:
-        for factor_axis, length in dim:
-            if factor_axis == axis:
-                return length
-    return 1
+    place = _axes(layout).get(axis)
+    return 1 if place is None else place[1]
 
 
 def _home(layout: Layout, axis: int) -> int | None:
-    """The dimension holding ``axis``, or None when the axis has length 1 there."""
-    for d, dim in enumerate(layout):
-        if any(factor_axis == axis for factor_axis, _ in dim):
-            return d
-    return None
+    """The dimension holding ``axis``, or None when the axis is absent (length 1 there)."""
+    place = _axes(layout).get(axis)
+    return None if place is None else place[0]
 
 
 def _aligned(info: Traced, ndim: int) -> Traced:
@@ -278,10 +279,14 @@ def _standard_format(tensor: torch.Tensor) -> torch.memory_format | None:
     the real kernels read when they choose the layout of their output. (``channels_last_3d`` is left
     out: there the meta kernels turn some ambiguous layouts contiguous.)
     """
-    strides = tensor.stride()
-    if strides == _dense_strides(tensor.shape, range(tensor.dim())):
+    return _format_of(tensor.shape, tensor.stride())
+
+
+@functools.lru_cache(maxsize=4096)
+def _format_of(shape: torch.Size, strides: tuple[int, ...]) -> torch.memory_format | None:
+    if strides == _dense_strides(shape, range(len(shape))):
         return torch.contiguous_format
-    if tensor.dim() == 4 and strides == _dense_strides(tensor.shape, _CHANNELS_LAST):
+    if len(shape) == 4 and strides == _dense_strides(shape, _CHANNELS_LAST):
         return torch.channels_last
     return None
 
@@ -482,17 +487,16 @@ def _viewed(func: Any, args: tuple, kwargs: dict) -> Any:
     return torch.empty(shape, dtype=first.dtype, device="meta")
 
 
+@functools.cache
+def _parameters(func: Any) -> tuple[tuple[str, Any], ...]:
+    """``func``'s argument names with their defaults (None where there is none)."""
+    return tuple((a.name, a.default_value if a.has_default_value() else None) for a in func._schema.arguments)
+
+
 def _bind(func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
-    bound = {}
-    for i, argument in enumerate(func._schema.arguments):
-        if i < len(args):
-            bound[argument.name] = args[i]
-        elif argument.name in kwargs:
-            bound[argument.name] = kwargs[argument.name]
-        elif argument.has_default_value():
-            bound[argument.name] = argument.default_value
-        else:
-            bound[argument.name] = None
+    bound = dict(zip((name for name, _ in _parameters(func)), args))
+    for name, default in _parameters(func)[len(args) :]:
+        bound[name] = kwargs.get(name, default)
     return bound
 
 
@@ -500,11 +504,17 @@ def flat_tensors(value: Any) -> list[torch.Tensor]:
     """The tensors in ``value``, through tuples, lists and dicts."""
     if isinstance(value, torch.Tensor):
         return [value]
-    if isinstance(value, (tuple, list)):
-        return [tensor for item in value for tensor in flat_tensors(item)]
-    if isinstance(value, dict):
-        return [tensor for item in value.values() for tensor in flat_tensors(item)]
-    return []
+    found: list[torch.Tensor] = []
+    _collect(value, found)
+    return found
+
+
+def _collect(value: Any, found: list[torch.Tensor]) -> None:
+    for item in value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ():
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+        elif isinstance(item, (tuple, list, dict)):
+            _collect(item, found)
 
 
 class TensorInfos:
@@ -583,7 +593,7 @@ class Tracer(TorchDispatchMode):
                 self.info.pop(tensor, None)
             return out
         bound = _bind(func, args, kwargs)
-        results = self.follow(str(func), tensors, lambda infos: self.handle(func, bound, infos, out))
+        results = self.follow(func, tensors, lambda infos: self.handle(func, bound, infos, out))
         if not isinstance(results, tuple):
             results = (results,) * len(outputs)
         for tensor, info in zip(outputs, results):
@@ -593,7 +603,7 @@ class Tracer(TorchDispatchMode):
                 self.info[tensor] = info
         return out
 
-    def follow(self, operation: str, tensors: Sequence[torch.Tensor], step: Any) -> Any:
+    def follow(self, operation: Any, tensors: Sequence[torch.Tensor], step: Any) -> Any:
         """The info of an operation's output(s): ``step(infos of the followed inputs)``, with the refusal rules.
 
         * An input that could not be followed (:class:`Unsupported`) counts as a constant, and the
@@ -604,32 +614,33 @@ class Tracer(TorchDispatchMode):
           that axis is forgotten (its factors become plain) and ``step`` tried again. Only when that
           fails too is the result :class:`Unsupported`.
         """
-        tensors = list({id(t): t for t in tensors}.values())
-        infos = [(t, self.info[t]) for t in tensors]
-        lost = next((refusal(info) for _, info in infos if refusal(info) is not None), None)
-        hidden = [(t, info) for t, info in infos if isinstance(info, Unsupported)]
+        if len(tensors) > 1:
+            tensors = list({id(t): t for t in tensors}.values())
+        infos = [self.info[t] for t in tensors]
+        if all(type(info) is Traced and info.lost is None for info in infos):
+            return self._attempt(operation, tensors, infos, step)  # the usual case: everything followed so far
+        lost = next(refusal(info) for info in infos if refusal(info) is not None)
+        hidden = [(t, info) for t, info in zip(tensors, infos) if isinstance(info, Unsupported)]
         if len(hidden) == len(infos):
             return Unsupported(lost)
         for tensor, _ in hidden:
             del self.info[tensor]
         try:
-            results = self._attempt(operation, [t for t in tensors if t in self.info], step)
+            followed = [(t, info) for t, info in zip(tensors, infos) if isinstance(info, Traced)]
+            results = self._attempt(operation, [t for t, _ in followed], [info for _, info in followed], step)
         finally:
             for tensor, info in hidden:
                 self.info[tensor] = info
-        if lost is None:
-            return results
         if isinstance(results, tuple):
             return tuple(self._bound(result, lost) for result in results)
         return self._bound(results, lost)
 
-    def _attempt(self, operation: str, tensors: list[torch.Tensor], step: Any) -> Any:
+    def _attempt(self, operation: Any, tensors: list[torch.Tensor], infos: list[Traced], step: Any) -> Any:
         """``step`` on the followed ``tensors``; again with their mixed axes forgotten if it refuses."""
-        infos = [self.info[t] for t in tensors]
         try:
             return step(infos)
         except (_Reject, MisalignedBranchesError) as refused:
-            error = self.error(operation, _reason(refused))
+            error = self.error(str(operation), _reason(refused))
         forgotten = [_forget_mixed_axes(info) for info in infos]
         if all(new is old for new, old in zip(forgotten, infos)):
             return Unsupported(error)
@@ -663,11 +674,11 @@ class Tracer(TorchDispatchMode):
             # No spatial position is left to tell apart: whatever the operation does, each output
             # depends on the union of what the inputs see (classifier heads, argmax, indexing...).
             shape = _first_output(out).shape
-            return self.combine([replace(i, layout=()) for i in inputs], tuple(_plain(n) for n in shape), str(func))
+            return self.combine([replace(i, layout=()) for i in inputs], tuple(_plain(n) for n in shape), func)
         raise _Reject("it is not a known spatial operation; only operations whose geometry is known are followed")
 
     # ---- shared rules --------------------------------------------------------------------------
-    def combine(self, operands: Sequence[Traced], layout: Layout, where: str) -> Traced:
+    def combine(self, operands: Sequence[Traced], layout: Layout, where: Any) -> Traced:
         """Geometry of an output with ``layout`` whose units see the union of what ``operands`` see there.
 
         Each operand's layout must already be aligned to the output's dimensions. An operand axis
@@ -687,7 +698,11 @@ class Tracer(TorchDispatchMode):
                 elif place != home:
                     field, equivariant = field.mix(axis).broadcast(axis, extent), False
             fields.append(field)
-        return Traced(merge(fields, where=f"{where} in {self.describe()}"), layout, equivariant)
+        try:
+            field = merge(fields)
+        except MisalignedBranchesError as misaligned:  # named only now: formatting it every time costs
+            raise MisalignedBranchesError(f"{where} in {self.describe()}", misaligned.branches) from None
+        return Traced(field, layout, equivariant)
 
     @staticmethod
     def varies_with_position(constants: Sequence[Sequence[int]], layout: Layout) -> bool:
@@ -724,8 +739,10 @@ class Tracer(TorchDispatchMode):
         if not tensors:
             return None
         shape = _first_output(out).shape
+        if len(every) == 1 and every[0].shape == shape:
+            return self.traced(every[0])  # relu, sigmoid, dropout...: the same units see the same
         infos = [_aligned(self.traced(t), len(shape)) for t in tensors]
-        result = self.combine(infos, self.broadcast(infos, shape), str(func))
+        result = self.combine(infos, self.broadcast(infos, shape), func)
         if self.varies_with_position([t.shape for t in every if t not in self.info], result.layout):
             result = replace(result, equivariant=False)  # a positional encoding, a fixed mask...
         return result
@@ -1060,7 +1077,7 @@ def _cat(tracer, func, bound, out):
         operands.append(replace(info, layout=tuple(layout)))
     layout = list(tracer.broadcast(operands, [1 if i == d else n for i, n in enumerate(out.shape)]))
     layout[d] = _plain(out.shape[d])
-    result = tracer.combine(operands, tuple(layout), str(func))
+    result = tracer.combine(operands, tuple(layout), func)
     if tracer.varies_with_position(constants, result.layout):
         result = replace(result, equivariant=False)  # coordinate channels (CoordConv) and the like
     return result
@@ -1201,7 +1218,7 @@ def _matmul(tracer, func, bound, out):
             dim = _plain(size)  # the same axis on both sides (attention scores): each unit sees them all
         seen.update(axis for axis, _ in dim if axis is not None)
         layout.append(dim)
-    return tracer.combine(operands, tuple(layout), str(func))
+    return tracer.combine(operands, tuple(layout), func)
 
 
 # --------------------------------------------------------------------------------------------
