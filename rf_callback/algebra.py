@@ -180,13 +180,15 @@ def _window(boxes: Boxes, kernel: int, stride: int, padding: int, length: int, d
 
 
 def _covers(big: Boxes, small: Boxes) -> bool:
+    if big == small:  # shared or equal boxes (most branches): one C-level comparison
+        return True
     return all(b is None or (a is not None and a[0] <= b[0] and b[1] <= a[1]) for a, b in zip(big, small))
 
 
 def _prune(branches: Iterable[tuple[Boxes, ...]]) -> tuple[tuple[Boxes, ...], ...]:
     kept: list[tuple[Boxes, ...]] = []
     for branch in branches:
-        if any(all(_covers(a, b) for a, b in zip(other, branch)) for other in kept):
+        if any(other == branch or all(_covers(a, b) for a, b in zip(other, branch)) for other in kept):
             continue
         kept = [other for other in kept if not all(_covers(a, b) for a, b in zip(branch, other))] + [branch]
     return tuple(kept)

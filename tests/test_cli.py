@@ -77,7 +77,7 @@ def test_bad_models_fail_with_one_line(capsys, model, message):
     [
         (["torchvision.models.resnet18", "--input-shape", "3"], "--input-shape 3: give C H W"),
         (["torchvision.models.resnet18", "--input-shape", "1", "3", "32", "32", "8"], "give C H W"),
-        (["torchvision.models.resnet18", "--input-shape", "1", "32", "32"], "Could not run ResNet.forward"),
+        (["torchvision.models.resnet18", "--input-shape", "1", "32", "32"], "ResNet.forward fails on a real input"),
         (["torchvision.models.resnet18", "--input-shape", "3", "32", "32", "--kwargs", "oops"], "write key=value"),
     ],
 )
