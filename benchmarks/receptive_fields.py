@@ -15,7 +15,7 @@ import torch
 import torchvision
 from timing import interleaved
 
-from rf_callback.fields import receptive_fields
+from rf_callback.table import receptive_fields
 
 MODELS = [
     "resnet50",

@@ -106,7 +106,7 @@ def build_model(path: str, kwargs: dict[str, Any] | None = None) -> Any:
 
 def _table(args: argparse.Namespace) -> int:
     from rf_callback.errors import TraceError
-    from rf_callback.fields import receptive_fields
+    from rf_callback.table import receptive_fields
     from rf_callback.report import format_rows
 
     if not 2 <= len(args.input_shape) <= 4:

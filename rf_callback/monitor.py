@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from rf_callback.destinations import Destination, TensorBoardDestination
 from rf_callback.errors import TraceError
-from rf_callback.fields import ReceptiveFieldTable, receptive_fields, unwrap_model
+from rf_callback.table import ReceptiveFieldTable, receptive_fields, unwrap_model
 from rf_callback.probes import Probes, as_probes
 from rf_callback.render import figure_image, layer_grid, summary_figure
 from rf_callback.report import COLUMNS, table_rows, unsupported_notes
@@ -160,7 +160,7 @@ class ProbeMonitor:
                 channel=self.channel,
                 threshold=self.threshold,
                 mass=self.mass,
-                fields=self.table,
+                table=self.table,
             )
 
     def images(self, result: ReceptiveMaps) -> dict[str, Tensor]:

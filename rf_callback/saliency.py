@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor, nn
 
-from rf_callback.fields import LayerKey, LayerRF, ReceptiveFieldTable, receptive_fields, unwrap_model
+from rf_callback.table import LayerKey, LayerRF, ReceptiveFieldTable, receptive_fields, unwrap_model
 from rf_callback.report import format_table
 
 if TYPE_CHECKING:
@@ -719,7 +719,7 @@ def receptive_maps(
     channel: int | None = None,
     threshold: float = LUO_THRESHOLD,
     mass: float = 0.95,
-    fields: ReceptiveFieldTable | None = None,
+    table: ReceptiveFieldTable | None = None,
 ) -> ReceptiveMaps:
     """Gradient receptive maps of one unit per (probe, layer), with ERF statistics.
 
@@ -751,7 +751,7 @@ def receptive_maps(
         channel: None sums the unit over channels; an int takes that channel only.
         threshold: fraction of a map's peak above which a pixel counts for ``erf.count``.
         mass: fraction of the total saliency that ``erf.mass_side``'s square must hold.
-        fields: the table from :func:`receptive_fields` for this input shape, if already computed.
+        table: the table from :func:`receptive_fields` for this input shape, if already computed.
 
     Returns:
         A :class:`ReceptiveMaps`.
@@ -768,7 +768,7 @@ def receptive_maps(
     if not 0 < threshold < 1 or not 0 < mass <= 1:
         raise ValueError(f"receptive_maps: need 0 < threshold < 1 and 0 < mass <= 1, got {threshold} and {mass}.")
     model = unwrap_model(model)
-    fields = fields if fields is not None else receptive_fields(model, tuple(probes.shape[1:]), strict=False)
+    fields = table if table is not None else receptive_fields(model, tuple(probes.shape[1:]), strict=False)
     if tuple(fields.input_shape) != tuple(probes.shape[1:]):
         raise ValueError(
             f"receptive_maps: fields were traced for {fields.input_shape}, probes are {tuple(probes.shape[1:])}."
