@@ -70,10 +70,10 @@ if TYPE_CHECKING:
         TraceError,
         UnsupportedLayerError,
     )
-    from rf_callback.table import LayerKey, LayerRF, ReceptiveFieldTable, receptive_fields, unwrap_model
     from rf_callback.monitor import ProbeMonitor
     from rf_callback.probes import Probes, probes_from_dataset
     from rf_callback.saliency import ERFStats, ReceptiveMaps, receptive_maps
+    from rf_callback.table import LayerKey, LayerRF, ReceptiveFieldTable, receptive_fields, unwrap_model
 
 
 def __getattr__(name: str) -> Any:

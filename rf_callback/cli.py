@@ -106,8 +106,8 @@ def build_model(path: str, kwargs: dict[str, Any] | None = None) -> Any:
 
 def _table(args: argparse.Namespace) -> int:
     from rf_callback.errors import TraceError
-    from rf_callback.table import receptive_fields
     from rf_callback.report import format_rows
+    from rf_callback.table import receptive_fields
 
     if not 2 <= len(args.input_shape) <= 4:
         raise CommandError(

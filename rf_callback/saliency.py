@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor, nn
 
-from rf_callback.table import LayerKey, LayerRF, ReceptiveFieldTable, receptive_fields, unwrap_model
 from rf_callback.report import format_table
+from rf_callback.table import LayerKey, LayerRF, ReceptiveFieldTable, receptive_fields, unwrap_model
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -32,6 +32,7 @@ __all__ = [
     "ReceptiveMaps",
     "all_layers",
     "check_channel",
+    "check_threshold_and_mass",
     "check_unit",
     "default_layers",
     "erf_stats",
@@ -203,6 +204,18 @@ def check_unit(unit: object) -> Unit:
     ):
         return (unit[0], unit[1])
     raise ValueError(f"unit={unit!r}: choose 'center' (or 'centre'), 'max' or a unit position (i, j) with ints >= 0.")
+
+
+def check_threshold_and_mass(threshold: float, mass: float) -> tuple[float, float]:
+    """The ERF thresholds if ``0 < threshold < 1`` and ``0 < mass <= 1``, else a ``ValueError``.
+
+    Example::
+        >>> check_threshold_and_mass(LUO_THRESHOLD, 0.95)
+        (0.0455, 0.95)
+    """
+    if not 0 < threshold < 1 or not 0 < mass <= 1:
+        raise ValueError(f"threshold={threshold}, mass={mass}: need 0 < threshold < 1 and 0 < mass <= 1.")
+    return threshold, mass
 
 
 def check_channel(channel: object) -> int | None:
@@ -765,8 +778,7 @@ def receptive_maps(
     """
     if probes.dim() != 4:
         raise ValueError(f"receptive_maps: probes must be (N, C, H, W), got shape {tuple(probes.shape)}.")
-    if not 0 < threshold < 1 or not 0 < mass <= 1:
-        raise ValueError(f"receptive_maps: need 0 < threshold < 1 and 0 < mass <= 1, got {threshold} and {mass}.")
+    check_threshold_and_mass(threshold, mass)
     model = unwrap_model(model)
     fields = table if table is not None else receptive_fields(model, tuple(probes.shape[1:]), strict=False)
     if tuple(fields.input_shape) != tuple(probes.shape[1:]):

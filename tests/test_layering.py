@@ -29,10 +29,11 @@ LEVEL = {
     "checkpoints": 8,
     "compare": 9,
     "export": 10,
-    "callback": 11,
-    "cli": 12,
-    "__main__": 13,
-    "__init__": 14,
+    "loggers": 11,
+    "callback": 12,
+    "cli": 13,
+    "__main__": 14,
+    "__init__": 15,
 }
 """Each core module may import only modules of a lower level."""
 
