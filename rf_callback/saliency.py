@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from rf_callback.report import format_table
-from rf_callback.table import LayerKey, LayerRF, ReceptiveFieldTable, receptive_fields, unwrap_model
+from rf_callback.table import LayerKey, LayerRF, ReceptiveFieldTable, evaluating, receptive_fields, unwrap_model
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -313,19 +313,6 @@ def resolve_layers(table: ReceptiveFieldTable, layers: str | Sequence[str] | Non
                 f" Layers that have maps: {valid}."
             )
     return list(dict.fromkeys(names))
-
-
-@contextlib.contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration; every module's own ``training`` flag restored afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for module, mode in modes:
-            if module.training != mode:
-                module.training = mode
 
 
 class _CropFailed(Exception):
@@ -796,7 +783,7 @@ def receptive_maps(
         stack.enter_context(torch.enable_grad())
         stack.enter_context(torch.autocast(device.type, enabled=False))
         stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
-        stack.enter_context(_evaluating(model))
+        stack.enter_context(evaluating(model))
         count = len(probes)
         units = {name: _fixed_units(fields[name].output_shape, unit, name, count) for name in names}
         pixels = probes.detach().to(device=device, dtype=dtype).clone()

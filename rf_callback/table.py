@@ -300,6 +300,29 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration; every module's own ``training`` flag restored afterwards.
+
+    Example::
+        >>> net = nn.Sequential(nn.Dropout(), nn.BatchNorm1d(2).eval())
+        >>> with evaluating(net):
+        ...     net.training
+        False
+        >>> net.training, net[1].training
+        (True, False)
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        if any(mode for _, mode in modes):
+            model.eval()
+        yield
+    finally:
+        for module, mode in modes:
+            if module.training != mode:  # Module.__setattr__ is slow: set only what eval() changed
+                module.training = mode
+
+
 def _no_autocast() -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     for device_type in ("cpu", "cuda"):
@@ -360,7 +383,6 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
     calls: dict[str, list[list[tuple[torch.Tensor, Any]]]] = {}  # name -> per call: traced outputs
     order: list[tuple[str, int, str]] = []  # (name, call index, module type) in call order
     running: list[tuple[str, int]] = []
-    modes = {module: module.training for module in model.modules()}
     handles = []
 
     def before(name: str, kind: str):
@@ -385,10 +407,9 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
             if name:
                 handles.append(module.register_forward_pre_hook(before(name, type(module).__name__)))
                 handles.append(module.register_forward_hook(after))
-        if any(modes.values()):
-            model.eval()
         # Outside inference mode and autocast, so that composite operations decompose as usual.
         with (
+            evaluating(model),
             _gc_paused(),  # the trace allocates many small tuples; the cyclic collector would double its time
             torch.inference_mode(False),
             torch.no_grad(),
@@ -410,9 +431,6 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
     finally:
         for handle in handles:
             handle.remove()
-        for module, mode in modes.items():
-            if module.training != mode:  # Module.__setattr__ is slow: set only what eval() changed
-                module.training = mode
     if failure is not None:
         raise _trace_error(model, shape, dtype, failure) from failure
     # The model's outputs that no module returned (computed in the top-level forward) get rows too.
@@ -444,17 +462,12 @@ def _trace_error(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, e
 def _real_forward_error(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> Exception | None:
     """The error of one real eval-mode forward of zeros, or None; modes and random state are left as found."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    modes = {module: module.training for module in model.modules()}
     devices = [device] if device.type == "cuda" else []
     try:
-        model.eval()
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), _no_autocast():
+        with evaluating(model), torch.random.fork_rng(devices=devices), torch.no_grad(), _no_autocast():
             model(torch.zeros((1, *shape), dtype=dtype, device=device))
     except Exception as error:
         return error
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
     return None
 
 
