@@ -1,4 +1,4 @@
-"""Command line: ``rf-callback table MODEL`` and ``rf-callback compare CKPT ...``.
+"""Command line: rf-callback table MODEL and rf-callback compare CKPT ...
 
 Parses arguments, calls the library and prints; bad input ends with one line on stderr and
 exit status 2.
@@ -202,7 +202,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rf-callback", description=__doc__.splitlines()[0].replace("``", ""))
+    parser = argparse.ArgumentParser(prog="rf-callback", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     table = commands.add_parser("table", help="print the receptive field of every layer of a model")

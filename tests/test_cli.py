@@ -14,7 +14,7 @@ def test_table_for_people(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["layer", "type", "output", "RF", "size", "stride", "padding"]
     assert lines[1].split() == ["features", "Sequential", "7x7", "212", "32", "90"]
-    assert "global" in next(line for line in lines if line.startswith("classifier "))
+    assert "whole image" in next(line for line in lines if line.startswith("classifier "))
 
 
 def test_table_as_json_for_programs():
