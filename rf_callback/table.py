@@ -279,9 +279,12 @@ class ReceptiveFieldTable(Mapping[str, LayerRF]):
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP / DataParallel (``.module``) or ``torch.compile`` (``._orig_mod``)."""
+    """The user's module inside DDP / DataParallel / Lightning Fabric (``.module``) or ``torch.compile``
+    (``._orig_mod``)."""
     while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
+            hasattr(model, "_forward_module") and isinstance(getattr(model, "module", None), nn.Module)
+        ):  # the last: Fabric's _FabricModule
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
