@@ -533,3 +533,24 @@ def test_view_and_contiguous_copy_shortcuts_keep_the_real_strides(tensor, data):
     shortcut = _shortcut(aten.clone.default, (tensor,), {"memory_format": torch.contiguous_format})
     if shortcut is not None:
         same_outputs(shortcut, aten.clone.default(like(tensor), memory_format=torch.contiguous_format))
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 15, item 5: speed. Shifted copies must not multiply the branches of a field.
+# --------------------------------------------------------------------------------------------
+
+
+class PatchMerging(nn.Module):
+    """swin: the four [::2] phases of a feature map side by side on channels (space-to-depth by slicing)."""
+
+    def forward(self, x):
+        return torch.cat([x[..., i::2, j::2] for i in (0, 1) for j in (0, 1)], dim=1)
+
+
+def test_shifted_copies_fold_into_one_branch_and_stay_exact():
+    model = nn.Sequential(
+        nn.Conv2d(2, 2, 3, padding=1), PatchMerging(), nn.Conv2d(8, 2, 1), PatchMerging(), PatchMerging()
+    )
+    table = receptive_fields(model, (2, 16, 16))
+    assert [len(table[name].field.branches) for name in ("1", "3", "4")] == [1, 1, 1]  # 4, 16, 64 unfolded
+    assert_boxes_are_gradient_supports(model, (2, 16, 16), ["1", "3", "4"])
