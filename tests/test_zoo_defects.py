@@ -428,7 +428,9 @@ def unused_resize(x, y):
 
 
 def test_strict_and_lenient_agree_on_the_top_level_forward():
-    with pytest.raises(UnsupportedLayerError, match=r"upsample_bilinear2d.* in the top-level forward \(ConvThen\)"):
+    # Once torch.compile is imported (other tests), bilinear resizing decomposes into indexing: named either way.
+    resize = r"aten\.(upsample_bilinear2d|_unsafe_index).* in the top-level forward \(ConvThen\)"
+    with pytest.raises(UnsupportedLayerError, match=resize):
         receptive_fields(ConvThen(resize_back, stride=2), (2, 8, 8))
     table = receptive_fields(ConvThen(resize_back, stride=2), (2, 8, 8), strict=False)
     assert list(table) == ["conv", OUTPUT_ROW]
