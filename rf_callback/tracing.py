@@ -517,6 +517,17 @@ def _collect(value: Any, found: list[torch.Tensor]) -> None:
             _collect(item, found)
 
 
+def _operands(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors among an ATen operation's arguments: tensors, or lists of them (``Tensor?[]``)."""
+    found = []
+    for value in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (tuple, list)) and value and type(value[0]) is not int:  # not sizes, strides
+            found += [item for item in value if isinstance(item, torch.Tensor)]
+    return found
+
+
 class TensorInfos:
     """What the tracer knows of each tensor, by identity.
 
@@ -586,7 +597,7 @@ class Tracer(TorchDispatchMode):
             out = func(*_to_meta(args), **{key: _to_meta(value) for key, value in kwargs.items()})
         if self.transparent:
             return out
-        tensors = [t for t in flat_tensors((args, kwargs)) if t in self.info]
+        tensors = [t for t in _operands(args, kwargs) if t in self.info]
         outputs = flat_tensors(out)
         if not tensors:
             for tensor in outputs:  # an in-place write of constants (x.zero_()) forgets the input
