@@ -486,6 +486,8 @@ def test_bidirectional_recurrent_layers_see_their_whole_sequence(recurrent):
 def test_one_directional_recurrent_layers_are_refused_by_name():
     with pytest.raises(UnsupportedLayerError, match=r"torch\._VF\.lstm in 'rows' \(LSTM\): a one-directional"):
         receptive_fields(Sequencer(bidirectional=False), (2, 5, 6))
+    table = receptive_fields(Sequencer(bidirectional=False), (2, 5, 6), strict=False)
+    assert not table["rows:0"].supported and table["rows:1"].stride == (1, 0)  # the last state sees every step
 
 
 def test_a_size_the_model_cannot_run_at_is_blamed_on_the_model():
