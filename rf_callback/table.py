@@ -369,7 +369,8 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
 
     Raises:
         UnsupportedLayerError: in strict mode, naming the module, its type and the operation.
-        TraceError: if ``forward`` cannot run on the meta device (it reads tensor values).
+        TraceError: if ``forward`` cannot run on the meta device (it reads tensor values), or cannot
+            run at this input size at all (the model's own error is shown).
 
     Example::
         >>> from torch import nn

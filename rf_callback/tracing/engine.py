@@ -30,7 +30,15 @@ from rf_callback.tracing.layout import (
     refusal,
 )
 from rf_callback.tracing.ops import _FUNCTIONS, _HANDLERS, _reduction
-from rf_callback.tracing.shortcuts import _bind, _first_output, _shortcut, _to_meta, elementwise, flat_tensors
+from rf_callback.tracing.shortcuts import (
+    _bind,
+    _first_output,
+    _operands,
+    _shortcut,
+    _to_meta,
+    elementwise,
+    flat_tensors,
+)
 
 aten = torch.ops.aten
 
@@ -104,7 +112,7 @@ class Tracer(TorchDispatchMode):
             out = func(*_to_meta(args), **{key: _to_meta(value) for key, value in kwargs.items()})
         if self.transparent:
             return out
-        tensors = [t for t in flat_tensors((args, kwargs)) if t in self.info]
+        tensors = [t for t in _operands(args, kwargs) if t in self.info]
         outputs = flat_tensors(out)
         if not tensors:
             for tensor in outputs:  # an in-place write of constants (x.zero_()) forgets the input

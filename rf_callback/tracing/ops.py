@@ -14,7 +14,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rf_callback.algebra import PadMode
-from rf_callback.tracing.layout import Traced, _aligned, _dim_size, _normalize_dim, _plain, _Reject, _reshape, _spatial
+from rf_callback.tracing.layout import (
+    Traced,
+    Unsupported,
+    _aligned,
+    _dim_size,
+    _normalize_dim,
+    _plain,
+    _Reject,
+    _reshape,
+    _spatial,
+)
 from rf_callback.tracing.shortcuts import _first_output, _registry, _to_meta, flat_tensors
 
 if TYPE_CHECKING:
@@ -481,11 +491,13 @@ def _recurrent(tracer: Tracer, func, args, kwargs):
             raise _Reject("its initial state depends on the input")
         time, batch = (1, 0) if batch_first else (0, 1)
         info = tracer.traced(source)
-        if not bidirectional and _spatial(info.layout[time]):
-            raise _Reject("a one-directional recurrent layer's step t sees steps 0 .. t: no single receptive field")
-        sequence = tracer.mix(info, [time, 2] if bidirectional else [2])
         final = tracer.mix(info, [time, 2])
-        results = [replace(sequence, layout=info.layout[:2] + (_plain(out[0].shape[2]),))]
+        if bidirectional or not _spatial(info.layout[time]):
+            sequence = tracer.mix(info, [time, 2] if bidirectional else [2])
+            results: list[Any] = [replace(sequence, layout=info.layout[:2] + (_plain(out[0].shape[2]),))]
+        else:  # the final states still read the whole sequence
+            reason = "a one-directional recurrent layer's step t sees steps 0 .. t: no single receptive field"
+            results = [Unsupported(tracer.error(name, reason))]
         for state in out[1:]:
             results.append(replace(final, layout=(_plain(state.shape[0]), info.layout[batch], _plain(state.shape[2]))))
         return tuple(results)

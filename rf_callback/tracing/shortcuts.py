@@ -341,5 +341,16 @@ def _collect(value: Any, found: list[torch.Tensor]) -> None:
             _collect(item, found)
 
 
+def _operands(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors among an ATen operation's arguments: tensors, or lists of them (``Tensor?[]``)."""
+    found = []
+    for value in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (tuple, list)) and value and type(value[0]) is not int:  # not sizes, strides
+            found += [item for item in value if isinstance(item, torch.Tensor)]
+    return found
+
+
 def _first_output(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else flat_tensors(out)[0]
