@@ -31,8 +31,9 @@ from timing import interleaved
 from torch.utils.data import DataLoader, TensorDataset
 
 from rf_callback import ReceptiveFieldMonitor
-from rf_callback.compare import compare_checkpoints, write_comparison
+from rf_callback.compare import compare_checkpoints
 from rf_callback.demos.cnns import SmallCNN
+from rf_callback.export import write_comparison
 
 
 def data() -> tuple[object, str]:

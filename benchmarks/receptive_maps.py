@@ -6,7 +6,7 @@ For each model, with the same probes and layers, timed in turn within each repea
   cost of one training step on them (parameter gradients included);
 * floor: one plain forward of the probes with forward hooks on the layers, then one
   ``torch.autograd.grad`` per layer, written out plainly below;
-* ours: ``receptive_maps(model, probes, layers, fields=table)``, boxes and ERF statistics included;
+* ours: ``receptive_maps(model, probes, layers, table=table)``, boxes and ERF statistics included;
 * naive: one captum ``NeuronGradient`` call per probe per layer (how it is usually done).
 
 Models: ``demo`` (SmallCNN on Fashion-MNIST probes, its 6 conv and pooling layers), ``resnet18``
@@ -31,8 +31,8 @@ from captum.attr import NeuronGradient
 from timing import interleaved
 
 from rf_callback.cli import import_object
-from rf_callback.fields import receptive_fields
 from rf_callback.saliency import default_layers, receptive_maps
+from rf_callback.table import receptive_fields
 
 STAGES = ["maxpool", "layer1", "layer2", "layer3", "layer4"]  # torchvision resnets: one layer per resolution stage
 
@@ -109,7 +109,7 @@ def measure(name: str, count: int, repeats: int, with_naive: bool) -> dict[str, 
     functions = {
         "plain": lambda: plain(model, probes),
         "floor": lambda: floor(model, probes, layers, modules),
-        "ours": lambda: receptive_maps(model, probes, layers, fields=table),
+        "ours": lambda: receptive_maps(model, probes, layers, table=table),
     }
     if with_naive:
         functions["naive"] = lambda: naive(model, probes, layers, modules)

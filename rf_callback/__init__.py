@@ -22,10 +22,10 @@ _EXPORTS = {
     "MisalignedBranchesError": "rf_callback.errors",
     "TraceError": "rf_callback.errors",
     "UnsupportedLayerError": "rf_callback.errors",
-    "LayerRF": "rf_callback.fields",
-    "ReceptiveFieldTable": "rf_callback.fields",
-    "receptive_fields": "rf_callback.fields",
-    "unwrap_model": "rf_callback.fields",
+    "LayerRF": "rf_callback.table",
+    "ReceptiveFieldTable": "rf_callback.table",
+    "receptive_fields": "rf_callback.table",
+    "unwrap_model": "rf_callback.table",
     "ERFStats": "rf_callback.saliency",
     "ReceptiveMaps": "rf_callback.saliency",
     "receptive_maps": "rf_callback.saliency",
@@ -33,7 +33,7 @@ _EXPORTS = {
     "ProbeMonitor": "rf_callback.monitor",
     "Probes": "rf_callback.probes",
     "probes_from_dataset": "rf_callback.probes",
-    "LayerKey": "rf_callback.fields",
+    "LayerKey": "rf_callback.table",
     "CompareError": "rf_callback.errors",
     "CheckpointError": "rf_callback.errors",
 }
@@ -70,10 +70,10 @@ if TYPE_CHECKING:
         TraceError,
         UnsupportedLayerError,
     )
-    from rf_callback.fields import LayerKey, LayerRF, ReceptiveFieldTable, receptive_fields, unwrap_model
     from rf_callback.monitor import ProbeMonitor
     from rf_callback.probes import Probes, probes_from_dataset
     from rf_callback.saliency import ERFStats, ReceptiveMaps, receptive_maps
+    from rf_callback.table import LayerKey, LayerRF, ReceptiveFieldTable, receptive_fields, unwrap_model
 
 
 def __getattr__(name: str) -> Any:

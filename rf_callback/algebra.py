@@ -180,13 +180,35 @@ def _window(boxes: Boxes, kernel: int, stride: int, padding: int, length: int, d
 
 
 def _covers(big: Boxes, small: Boxes) -> bool:
+    if big == small:  # shared or equal boxes (most branches): one C-level comparison
+        return True
     return all(b is None or (a is not None and a[0] <= b[0] and b[1] <= a[1]) for a, b in zip(big, small))
 
 
+def _fold(branches: list[tuple[Boxes, ...]]) -> tuple[Boxes, ...]:
+    """One branch equivalent to ``branches`` that see something at every position: per axis, the unions.
+
+    A unit's box is the hull of its branches' rectangles, taken axis by axis; when every branch has
+    a rectangle at every unit (no None), that is the union of their intervals on each axis, and
+    every later window, pad, slice or mix acts on each axis alike, so the fold stays exact.
+    """
+    return tuple(
+        tuple((min(box[0] for box in column), max(box[1] for box in column)) for column in zip(*axis))
+        for axis in zip(*branches)
+    )
+
+
 def _prune(branches: Iterable[tuple[Boxes, ...]]) -> tuple[tuple[Boxes, ...], ...]:
-    kept: list[tuple[Boxes, ...]] = []
+    """The branches that add something: covered ones dropped, those that see something everywhere folded."""
+    full: list[tuple[Boxes, ...]] = []
+    partial: list[tuple[Boxes, ...]] = []
     for branch in branches:
-        if any(all(_covers(a, b) for a, b in zip(other, branch)) for other in kept):
+        (full if all(None not in axis for axis in branch) else partial).append(branch)
+    if len(full) > 1:  # shifted copies (patch merging, space-to-depth) would multiply otherwise
+        full = [_fold(full)]
+    kept: list[tuple[Boxes, ...]] = []
+    for branch in full + partial:
+        if any(other == branch or all(_covers(a, b) for a, b in zip(other, branch)) for other in kept):
             continue
         kept = [other for other in kept if not all(_covers(a, b) for a, b in zip(branch, other))] + [branch]
     return tuple(kept)
@@ -201,7 +223,9 @@ class Field:
     or concatenations), for each axis, for each position, the half-open interval of input pixels
     that reach it through real positions only. Strides that drop border pixels, dilation holes at
     the border, reflect / replicate / circular padding and branches that see only padding at a
-    corner are all exact, because a unit's box is the hull of its branches' rectangles.
+    corner are all exact, because a unit's box is the hull of its branches' rectangles. Branches
+    that see something at every position are folded into one (their intervals united axis by axis,
+    which gives the same hulls), so that shifted copies do not multiply.
 
     Example::
         >>> field = Field.of_input((28,)).window(0, kernel=3, stride=2, padding=1, length=14)

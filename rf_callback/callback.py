@@ -8,32 +8,25 @@ from __future__ import annotations
 
 import contextlib
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from rf_callback.destinations import (
-    Destination,
-    MLflowDestination,
-    PngFolderDestination,
-    TensorBoardDestination,
-    WandbDestination,
-)
-from rf_callback.monitor import DESCRIPTIONS, TAG, ProbeMonitor
-from rf_callback.probes import Probes, as_probes, probes_from_dataset
+from rf_callback.destinations import Destination
+from rf_callback.loggers import destinations_for
+from rf_callback.monitor import ProbeMonitor
+from rf_callback.probes import Probes, probe_source, probes_from_dataset
 from rf_callback.report import format_rows
-from rf_callback.saliency import LUO_THRESHOLD, Unit, check_channel, check_unit
+from rf_callback.saliency import LUO_THRESHOLD, Unit, check_channel, check_threshold_and_mass, check_unit
 
-__all__ = ["ReceptiveFieldMonitor", "destinations_for"]
+__all__ = ["ReceptiveFieldMonitor"]
 
 STATE_FORMAT = "rf_callback.ReceptiveFieldMonitor/2"
 """Marks this callback's state in a checkpoint, whatever the (sub)class is called."""
@@ -98,38 +91,15 @@ class ReceptiveFieldMonitor(Callback):
         name = type(self).__name__
         try:
             self.unit, self.channel = check_unit(unit), check_channel(channel)
-            given = as_probes(probes) if isinstance(probes, Tensor) else None
+            self.threshold, self.mass = check_threshold_and_mass(threshold, mass)
+            self.probes, self.indices = probe_source(probes)  # given images, or dataset indices
         except (TypeError, ValueError) as error:
             raise MisconfigurationException(f"{name}: {error}") from None
-        if (
-            probes is not None
-            and given is None
-            and (
-                isinstance(probes, str)
-                or not isinstance(probes, Sequence)
-                or not probes
-                or not all(isinstance(i, int) and not isinstance(i, bool) for i in probes)
-            )
-        ):
-            found = f"a {type(probes).__name__}" + (
-                f" of shape {tuple(probes.shape)}" if hasattr(probes, "shape") else ""
-            )
-            raise MisconfigurationException(
-                f"{name}(probes=...): got {found}. HINT: give a torch.Tensor (N, C, H, W) (or (N, C, L), (N, C, D, H, W)), validation-dataset indices"
-                " (a list of ints), or None."
-            )
         for option, value in (("num_probes", num_probes), ("every_n_epochs", every_n_epochs)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise MisconfigurationException(f"{name}({option}={value!r}): must be an int >= 1.")
-        if not 0 < threshold < 1 or not 0 < mass <= 1:
-            raise MisconfigurationException(
-                f"{name}(threshold={threshold}, mass={mass}): need 0 < threshold < 1 and 0 < mass <= 1."
-            )
         self.layers = layers
-        self.indices = None if given is not None or probes is None else list(probes)
-        self.probes: Probes | None = given
         self.num_probes, self.every_n_epochs = num_probes, every_n_epochs
-        self.threshold, self.mass = threshold, mass
         self.log_baseline, self.strict = log_baseline, strict
         self.model_class: str | None = None
         self.monitor: ProbeMonitor | None = None
@@ -299,44 +269,6 @@ def _quiet(pl_module: LightningModule) -> Iterator[None]:
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
-
-
-def destinations_for(trainer: Trainer) -> list[Destination]:
-    """Where the Trainer's loggers can hold what the monitor logs: each logger gets all it can hold.
-
-    TensorBoard, Weights & Biases and MLflow loggers get images, scalars and tables in their own run;
-    scalars go through the logger's ``log_metrics``, so its prefix and step bookkeeping apply. The
-    other loggers (``CSVLogger``, custom ones) get the scalars, and the images and tables, which they
-    cannot hold, go as files to one folder under the first one's log directory, with one warning.
-    """
-    destinations: list[Destination] = []
-    others: list[Logger] = []
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            # descriptions go with the first point of each scalar, written as log_metrics would (no prefix)
-            descriptions = DESCRIPTIONS if not getattr(logger, "_prefix", "") else None
-            destinations.append(TensorBoardDestination(logger.experiment, logger.log_metrics, descriptions))
-        elif isinstance(logger, WandbLogger):
-            destinations.append(WandbDestination(logger.experiment, logger.log_metrics))
-        elif isinstance(logger, MLFlowLogger):
-            destinations.append(MLflowDestination(logger.experiment, logger.run_id, logger.log_metrics))
-        else:
-            others.append(logger)
-    if others:
-        folder = Path(getattr(others[0], "log_dir", None) or others[0].save_dir or trainer.default_root_dir)
-
-        def log_metrics(values: Mapping[str, float], step: int) -> None:
-            for logger in others:
-                logger.log_metrics(values, step)
-
-        destinations.append(PngFolderDestination(folder, log_metrics))
-        kinds = ", ".join(type(logger).__name__ for logger in others)
-        rank_zero_warn(
-            f"ReceptiveFieldMonitor: {kinds} cannot hold images, so they are written as"
-            f" {folder / TAG}/<k>_<layer>/step_<step>.png and the tables as {folder / TAG}/<table>.md; the scalars"
-            f" go to {kinds}. HINT: add a TensorBoardLogger, WandbLogger or MLFlowLogger to see the images there."
-        )
-    return destinations
 
 
 def _validation_dataset(trainer: Trainer) -> Any:

@@ -1,4 +1,4 @@
-"""Command line: ``rf-callback table MODEL`` and ``rf-callback compare CKPT ...``.
+"""Command line: rf-callback table MODEL and rf-callback compare CKPT ...
 
 Parses arguments, calls the library and prints; bad input ends with one line on stderr and
 exit status 2.
@@ -106,8 +106,8 @@ def build_model(path: str, kwargs: dict[str, Any] | None = None) -> Any:
 
 def _table(args: argparse.Namespace) -> int:
     from rf_callback.errors import TraceError
-    from rf_callback.fields import receptive_fields
     from rf_callback.report import format_rows
+    from rf_callback.table import receptive_fields
 
     if not 2 <= len(args.input_shape) <= 4:
         raise CommandError(
@@ -202,7 +202,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rf-callback", description=__doc__.splitlines()[0].replace("``", ""))
+    parser = argparse.ArgumentParser(prog="rf-callback", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     table = commands.add_parser("table", help="print the receptive field of every layer of a model")

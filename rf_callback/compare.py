@@ -24,10 +24,10 @@ from torch import Tensor
 
 from rf_callback.checkpoints import Checkpoint, checkpoint_labels, load_checkpoint, load_probes
 from rf_callback.errors import CompareError, TraceError
-from rf_callback.fields import ReceptiveFieldTable, receptive_fields
 from rf_callback.monitor import STATISTICS
 from rf_callback.report import format_table, pair
 from rf_callback.saliency import ReceptiveMaps, Unit, check_channel, check_unit, default_layers, receptive_maps
+from rf_callback.table import ReceptiveFieldTable, receptive_fields
 
 __all__ = ["Comparison", "compare_checkpoints"]
 
@@ -67,7 +67,7 @@ class Comparison:
         probe_origin: where the probes come from, in words.
         unit: the unit of each layer whose maps are taken.
         channel: the unit's channel (``None``: summed over channels).
-        fields: each checkpoint's receptive-field table.
+        tables: each checkpoint's receptive-field table.
         maps: each checkpoint's :class:`~rf_callback.ReceptiveMaps` at ``layers``.
     """
 
@@ -78,7 +78,7 @@ class Comparison:
     probe_origin: str
     unit: Unit
     channel: int | None
-    fields: tuple[ReceptiveFieldTable, ...]
+    tables: tuple[ReceptiveFieldTable, ...]
     maps: tuple[ReceptiveMaps, ...]
 
     @cached_property
@@ -92,7 +92,7 @@ class Comparison:
         rows = []
         first = self.means[0]
         for index, layer in enumerate(self.layers):
-            for checkpoint, table, mean in zip(self.checkpoints, self.fields, self.means):
+            for checkpoint, table, mean in zip(self.checkpoints, self.tables, self.means):
                 row = {
                     "layer": layer,
                     "checkpoint": checkpoint.label,
@@ -197,20 +197,20 @@ def compare_checkpoints(
         raise CompareError(str(error)) from None
     probe_images, origin = _probes(probes, loaded[0])
     traced: dict[tuple, ReceptiveFieldTable] = {}
-    tables = tuple(_fields(checkpoint, probe_images, traced) for checkpoint in loaded)
+    tables = tuple(_table(checkpoint, probe_images, traced) for checkpoint in loaded)
     shared, missing = _shared_layers(loaded, tables, layers)
     results = []
     for checkpoint, table in zip(loaded, tables):
         try:
             results.append(
-                receptive_maps(checkpoint.model, probe_images, shared, unit=unit, channel=channel, fields=table)
+                receptive_maps(checkpoint.model, probe_images, shared, unit=unit, channel=channel, table=table)
             )
         except ValueError as error:
             raise CompareError(f"{checkpoint.label} ({checkpoint.class_name}): {error}") from error
     return Comparison(loaded, tuple(shared), missing, probe_images, origin, unit, channel, tables, tuple(results))
 
 
-def _fields(checkpoint: Checkpoint, probes: Tensor, traced: dict[tuple, ReceptiveFieldTable]) -> ReceptiveFieldTable:
+def _table(checkpoint: Checkpoint, probes: Tensor, traced: dict[tuple, ReceptiveFieldTable]) -> ReceptiveFieldTable:
     """The model's receptive-field table, traced once per architecture.
 
     Checkpoints of one class with the same hyper-parameters and tensor shapes are one architecture: the

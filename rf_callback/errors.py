@@ -38,7 +38,7 @@ class UnsupportedLayerError(ValueError):
         where = f"'{module_name}' ({module_type})" if module_name else f"the top-level forward ({module_type})"
         super().__init__(
             f"Cannot compute receptive fields through {operation} in {where}: {reason}. HINT: pass"
-            " strict=False to get the table with this layer and the layers after it flagged as unsupported."
+            " strict=False to get the table with the layers that depend on it flagged as unsupported."
         )
 
 

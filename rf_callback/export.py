@@ -189,7 +189,7 @@ def _picture(comparison: Comparison, grids: Sequence[Sequence[Tensor]]) -> Image
     means = comparison.means
     row_labels = []
     for index, layer in enumerate(comparison.layers):
-        shapes = {(t[layer].size, t[layer].stride) for t in comparison.fields}
+        shapes = {(t[layer].size, t[layer].stride) for t in comparison.tables}
         size, stride = next(iter(shapes))
         row_labels.append([layer, f"RF {pair(size)}, stride {pair(stride)}" if len(shapes) == 1 else "RF differs"])
     label_w = int(max(font.getlength(text) for label in row_labels for text in label)) + 2 * gap
@@ -222,7 +222,7 @@ def _picture(comparison: Comparison, grids: Sequence[Sequence[Tensor]]) -> Image
         y = top + header_h + index * row_h
         for n, text in enumerate(label):
             draw.text((gap, y + n * line), text, fill=(0, 0, 0) if n == 0 else (80, 80, 80), font=font)
-        for k, (table, mean) in enumerate(zip(comparison.fields, means)):
+        for k, (table, mean) in enumerate(zip(comparison.tables, means)):
             layer = comparison.layers[index]
             caption = f"ERF {mean['size'][index]:.1f} px, {mean['size_fraction'][index]:.0%} of RF"
             caption += f" {pair(table[layer].size)}"

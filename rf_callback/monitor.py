@@ -29,7 +29,6 @@ from torch import Tensor, nn
 
 from rf_callback.destinations import Destination, TensorBoardDestination
 from rf_callback.errors import TraceError
-from rf_callback.fields import ReceptiveFieldTable, receptive_fields, unwrap_model
 from rf_callback.probes import Probes, as_probes
 from rf_callback.render import figure_image, layer_image, mean_image, summary_figure
 from rf_callback.report import COLUMNS, table_rows, unsupported_notes
@@ -39,12 +38,14 @@ from rf_callback.saliency import (
     ReceptiveMaps,
     Unit,
     check_channel,
+    check_threshold_and_mass,
     check_unit,
     check_unit_fits,
     mean_area_key,
     receptive_maps,
     resolve_layers,
 )
+from rf_callback.table import ReceptiveFieldTable, receptive_fields, unwrap_model
 
 __all__ = ["DESCRIPTIONS", "STATISTICS", "TAG", "ProbeMonitor", "eager", "layer_tag"]
 
@@ -130,9 +131,7 @@ class ProbeMonitor:
     ) -> None:
         self.unit = check_unit(unit)
         self.channel = check_channel(channel)
-        if not 0 < threshold < 1 or not 0 < mass <= 1:
-            raise ValueError(f"threshold={threshold}, mass={mass}: need 0 < threshold < 1 and 0 < mass <= 1.")
-        self.threshold, self.mass = threshold, mass
+        self.threshold, self.mass = check_threshold_and_mass(threshold, mass)
         if not isinstance(tile, int) or tile < 16:
             raise ValueError(f"tile={tile!r}: screen pixels per probe side, an int >= 16.")
         self.tile = tile
@@ -174,7 +173,7 @@ class ProbeMonitor:
                 channel=self.channel,
                 threshold=self.threshold,
                 mass=self.mass,
-                fields=self.table,
+                table=self.table,
             )
 
     def images(self, result: ReceptiveMaps) -> dict[str, Tensor]:

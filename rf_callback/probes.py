@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, Subset, TensorDataset
 
-__all__ = ["Probes", "probes_from_dataset"]
+__all__ = ["Probes", "as_probes", "probe_source", "probes_from_dataset"]
 
 SCAN_ITEMS = 20_000
 """At most this many items are read to find the classes of a dataset without a label array."""
@@ -62,6 +62,29 @@ class Probes:
                 raise ValueError(f"Probes: {len(self.images)} images but {len(value)} {name}.")
 
 
+def probe_source(value: Any) -> tuple[Probes | None, list[int] | None]:
+    """What a ``probes=`` argument asks for: given images, dataset indices, or neither (``None``).
+
+    Raises:
+        TypeError: for anything else (a string, an array, a list of non-ints), said in one short line.
+
+    Example::
+        >>> probe_source([3, 1])
+        (None, [3, 1])
+    """
+    if value is None:
+        return None, None
+    if isinstance(value, Tensor):
+        return as_probes(value), None
+    if (
+        isinstance(value, (list, tuple, range))
+        and len(value) > 0
+        and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+    ):
+        return None, list(value)
+    return as_probes(value), None  # raises, naming what was found
+
+
 def as_probes(value: Any) -> Probes:
     """``value`` as :class:`Probes`: Probes as they are, a tensor ``(N, C, ...)`` as images without labels.
 
@@ -78,8 +101,8 @@ def as_probes(value: Any) -> Probes:
     shape = getattr(value, "shape", None)
     described = f"a {type(value).__name__}" + (f" of shape {tuple(shape)}" if shape is not None else "")
     raise TypeError(
-        f"probes must be a torch.Tensor (N, C, H, W); got {described}. HINT: torch.as_tensor(array).float(),"
-        " or give validation-dataset indices."
+        f"probes must be a torch.Tensor (N, C, H, W) or dataset indices (a list of ints); got {described}."
+        " HINT: torch.as_tensor(array).float(), or [0, 17, 42]."
     )
 
 

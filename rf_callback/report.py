@@ -24,8 +24,9 @@ def _cells(record: Mapping[str, Any]) -> list[str]:
     head = [record["name"], record["type"], "x".join(str(n) for n in record["output_shape"])]
     if "unsupported" in record:
         return [*head, "unsupported", "-", "-"]
-    stride = "global" if record["is_global"] else pair(record["stride"])
-    return [*head, pair(record["size"]), stride, pair(record["padding"])]
+    if record["is_global"]:  # every unit sees the whole input: its size and padding say nothing more
+        return [*head, "whole image", "-", "-"]
+    return [*head, pair(record["size"]), pair(record["stride"]), pair(record["padding"])]
 
 
 def table_rows(records: Iterable[Mapping[str, Any]]) -> list[list[str]]:

@@ -14,15 +14,15 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 
-from rf_callback.fields import LayerKey, LayerRF, ReceptiveFieldTable, receptive_fields, unwrap_model
 from rf_callback.report import format_table
+from rf_callback.table import LayerKey, LayerRF, ReceptiveFieldTable, evaluating, receptive_fields, unwrap_model
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -32,6 +32,7 @@ __all__ = [
     "ReceptiveMaps",
     "all_layers",
     "check_channel",
+    "check_threshold_and_mass",
     "check_unit",
     "check_unit_fits",
     "default_layers",
@@ -288,6 +289,18 @@ def check_unit_fits(unit: Unit, row: LayerRF) -> None:
         )
 
 
+def check_threshold_and_mass(threshold: float, mass: float) -> tuple[float, float]:
+    """The ERF thresholds if ``0 < threshold < 1`` and ``0 < mass <= 1``, else a ``ValueError``.
+
+    Example::
+        >>> check_threshold_and_mass(LUO_THRESHOLD, 0.95)
+        (0.0455, 0.95)
+    """
+    if not 0 < threshold < 1 or not 0 < mass <= 1:
+        raise ValueError(f"threshold={threshold}, mass={mass}: need 0 < threshold < 1 and 0 < mass <= 1.")
+    return threshold, mass
+
+
 def check_channel(channel: object) -> int | None:
     """``channel`` if it is None (sum over channels) or an int >= 0, else a ``ValueError``.
 
@@ -391,19 +404,6 @@ def resolve_layers(table: ReceptiveFieldTable, layers: str | Sequence[str] | Non
                 f" so it has no receptive map. Layers that have maps: {valid}."
             )
     return list(dict.fromkeys(names))
-
-
-@contextlib.contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration; every module's own ``training`` flag restored afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for module, mode in modes:
-            if module.training != mode:
-                module.training = mode
 
 
 class _CropFailed(Exception):
@@ -851,7 +851,7 @@ def receptive_maps(
     channel: int | None = None,
     threshold: float = LUO_THRESHOLD,
     mass: float = 0.95,
-    fields: ReceptiveFieldTable | None = None,
+    table: ReceptiveFieldTable | None = None,
 ) -> ReceptiveMaps:
     """Gradient receptive maps of one unit per (probe, layer), with ERF statistics.
 
@@ -892,7 +892,7 @@ def receptive_maps(
             ``"max_logit"``, the largest value of that channel).
         threshold: fraction of a map's peak above which a pixel counts for ``erf.count``.
         mass: fraction of the total saliency that ``erf.mass_side``'s cube must hold.
-        fields: the table from :func:`receptive_fields` for this input shape, if already computed.
+        table: the table from :func:`receptive_fields` for this input shape, if already computed.
 
     Returns:
         A :class:`ReceptiveMaps`.
@@ -913,10 +913,9 @@ def receptive_maps(
             f"receptive_maps: probes must be (N, C, H, W), or (N, C, L) or (N, C, D, H, W), got shape"
             f" {tuple(probes.shape)}."
         )
-    if not 0 < threshold < 1 or not 0 < mass <= 1:
-        raise ValueError(f"receptive_maps: need 0 < threshold < 1 and 0 < mass <= 1, got {threshold} and {mass}.")
+    check_threshold_and_mass(threshold, mass)
     model = unwrap_model(model)
-    fields = fields if fields is not None else receptive_fields(model, tuple(probes.shape[1:]), strict=False)
+    fields = table if table is not None else receptive_fields(model, tuple(probes.shape[1:]), strict=False)
     if tuple(fields.input_shape) != tuple(probes.shape[1:]):
         raise ValueError(
             f"receptive_maps: fields were traced for {fields.input_shape}, probes are {tuple(probes.shape[1:])}."
@@ -935,7 +934,7 @@ def receptive_maps(
         stack.enter_context(torch.enable_grad())
         stack.enter_context(torch.autocast(device.type, enabled=False))
         stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
-        stack.enter_context(_evaluating(model))
+        stack.enter_context(evaluating(model))
         count = len(probes)
         units = {name: _fixed_units(fields[name].output_shape, unit, count) for name in names}
         picks: dict[str, Pick] = dict.fromkeys(names, channel)

@@ -130,7 +130,7 @@ def test_unknown_layers_are_named_with_the_valid_ones(tmp_path):
         ({"every_n_epochs": 0}, r"every_n_epochs=0\): must be an int >= 1"),
         ({"unit": "middle"}, r"unit='middle': choose 'center' \(or 'centre'\), 'max', 'max_logit' or a unit position"),
         ({"probes": torch.rand(12, 12)}, r"probes must be a tensor \(N, C, H, W\).*got a tensor of shape \(12, 12\)"),
-        ({"probes": "all"}, r"got a str\. HINT: give a torch.Tensor"),
+        ({"probes": "all"}, r"or dataset indices \(a list of ints\); got a str\. HINT"),
         ({"probes": np.zeros((2, 1, 12, 12))}, r"got a ndarray of shape \(2, 1, 12, 12\)\. HINT"),
         ({"threshold": 0}, r"need 0 < threshold < 1"),
         ({"channel": -1}, r"channel=-1: None \(sum over channels\) or an int >= 0"),

@@ -14,7 +14,7 @@ def test_table_for_people(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["layer", "type", "output", "RF", "size", "stride", "padding"]
     assert lines[1].split() == ["features", "Sequential", "7x7", "212", "32", "90"]
-    assert "global" in next(line for line in lines if line.startswith("classifier "))
+    assert "whole image" in next(line for line in lines if line.startswith("classifier "))
 
 
 def test_table_as_json_for_programs():
@@ -77,7 +77,7 @@ def test_bad_models_fail_with_one_line(capsys, model, message):
     [
         (["torchvision.models.resnet18", "--input-shape", "3"], "--input-shape 3: give C H W"),
         (["torchvision.models.resnet18", "--input-shape", "1", "3", "32", "32", "8"], "give C H W"),
-        (["torchvision.models.resnet18", "--input-shape", "1", "32", "32"], "Could not run ResNet.forward"),
+        (["torchvision.models.resnet18", "--input-shape", "1", "32", "32"], "ResNet.forward fails on a real input"),
         (["torchvision.models.resnet18", "--input-shape", "3", "32", "32", "--kwargs", "oops"], "write key=value"),
     ],
 )

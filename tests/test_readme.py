@@ -29,7 +29,7 @@ def runnable_blocks() -> list[str]:
 
 
 def test_the_readme_marks_its_runnable_snippets():
-    assert len(runnable_blocks()) == 2
+    assert len(runnable_blocks()) == 3
 
 
 def test_the_trainer_snippet_runs_as_pasted(tmp_path, monkeypatch):
@@ -54,3 +54,11 @@ def test_the_plain_loop_snippet_runs_as_pasted(tmp_path, monkeypatch):
     assert "receptive_field/summary" in tags
     maps = [tag for tag in tags if tag != "receptive_field/summary"]
     assert maps and all([i.step for i in events.Images(tag)] == [0, 1, 2] for tag in maps)
+
+
+def test_the_fabric_snippet_runs_as_pasted(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(runnable_blocks()[2], "README.md", "exec"), {})
+    events = read_events(tmp_path / "runs" / "fabric")
+    maps = [tag for tag in events.Tags()["images"] if tag != "receptive_field/summary"]
+    assert maps and all([i.step for i in events.Images(tag)] == [0, 1] for tag in maps)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torchvision.models import VisionTransformer
 
-from rf_callback.fields import receptive_fields
+from rf_callback.table import receptive_fields
 from rf_callback.demos.cnns import SmallCNN
 from rf_callback.saliency import _passes, erf_stats, receptive_maps
 from tests.nets import build, model_examples, specs, well_defined

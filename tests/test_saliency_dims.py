@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from rf_callback.errors import UnsupportedLayerError
-from rf_callback.fields import OUTPUT_ROW, LayerRF, ReceptiveFieldTable, receptive_fields
+from rf_callback.table import OUTPUT_ROW, LayerRF, ReceptiveFieldTable, receptive_fields
 from rf_callback.saliency import all_layers, default_layers, erf_stats, mass_areas, receptive_maps
 from tests.nets import model_examples
 from tests.test_saliency import planned
@@ -137,7 +137,7 @@ def test_tcn_receptive_field_in_samples_and_its_maps_match_captum():
     table = receptive_fields(net, (1, 2048))
     assert table["blocks.9"].size == (1024,) and table["blocks.9"].stride == (1,)
     probes = torch.randn(2, 1, 2048, generator=torch.Generator().manual_seed(1))
-    result = receptive_maps(net, probes, ["blocks.3", "blocks.9"], unit="max", fields=table)
+    result = receptive_maps(net, probes, ["blocks.3", "blocks.9"], unit="max", table=table)
     assert result.maps.shape == (2, 2, 2048) and result.units.shape == (2, 2, 1) and result.boxes.shape == (2, 2, 2)
     assert_matches_captum(net, probes, result)
 
@@ -321,7 +321,7 @@ def test_rows_without_an_analytic_field_get_whole_input_maps_flagged():
     probes = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     table = without_field(receptive_fields(net, (1, 16, 16)), ["2", "3"])
     assert "2" not in default_layers(table) and {"2", "3"} <= set(all_layers(table))
-    result = receptive_maps(net, probes, ["0", "2", "3"], unit="max", fields=table)
+    result = receptive_maps(net, probes, ["0", "2", "3"], unit="max", table=table)
     expected = receptive_maps(net, probes, ["0", "2", "3"], unit="max")  # the same gradients, with analytic boxes
     torch.testing.assert_close(result.gradients, expected.gradients)
     assert result.analytic == (True, False, False) and expected.analytic == (True, True, True)
@@ -341,7 +341,7 @@ def test_unet_prediction_pixels_are_units(unit):
     probes = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     table = receptive_fields(net, (1, 16, 16), strict=False)
     assert "head" in all_layers(table)
-    result = receptive_maps(net, probes, ["down", "head"], unit=unit, fields=table)
+    result = receptive_maps(net, probes, ["down", "head"], unit=unit, table=table)
     assert result.analytic == (True, table["head"].supported)
     if not table["head"].supported:  # until the tracer follows upsampling: the whole input
         assert result.boxes[:, 1].tolist() == [[0, 0, 16, 16]] * 2
@@ -369,7 +369,7 @@ def test_the_models_own_output_row_is_mapped():
     net = TinyUNet(final_resize=True).eval()
     probes = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     table = with_output_row(receptive_fields(net, (1, 16, 16), strict=False), net, probes)
-    result = receptive_maps(net, probes, [OUTPUT_ROW, "head"], unit=(3, 3), fields=table)
+    result = receptive_maps(net, probes, [OUTPUT_ROW, "head"], unit=(3, 3), table=table)
     image = probes.clone().requires_grad_(True)
     (expected,) = torch.autograd.grad(net(image)[:, :, 3, 3].sum(), image)
     torch.testing.assert_close(result.gradients[:, 0], expected)

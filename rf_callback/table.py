@@ -23,7 +23,7 @@ from torch import nn
 from rf_callback.algebra import Field, MisalignedBranchesError
 from rf_callback.errors import TraceError, UnsupportedLayerError
 from rf_callback.report import format_rows
-from rf_callback.tracing import PadInterceptor, Traced, Tracer, Unsupported, axis_length, flat_tensors
+from rf_callback.tracing import FunctionInterceptor, Traced, Tracer, Unsupported, axis_length, flat_tensors, refusal
 
 __all__ = [
     "OUTPUT_ROW",
@@ -103,7 +103,9 @@ class LayerRF:
         name: the module's name in ``model.named_modules()``; ``name[k]`` for the ``k``-th call of
             a module called several times in one forward; ``name:i`` for the ``i``-th of several
             input-dependent tensors a module returns (a bare name when it returns one).
-        module_type: the module's class name.
+            ``"(output)"`` (:data:`OUTPUT_ROW`) is the model's output when its top-level ``forward``
+            computes it after the last module (a final resize, a flatten...).
+        module_type: the module's class name (the model's own for ``"(output)"``).
         input_shape: spatial shape of the model input, e.g. ``(28, 28)``.
         output_shape: spatial shape of this output; 1 on an axis the layer reduced or flattened away.
         field: the geometry (:class:`~rf_callback.algebra.Field`): ``field.rfs[a]`` is Distill's
@@ -287,9 +289,12 @@ class ReceptiveFieldTable(Mapping[str, LayerRF]):
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP / DataParallel (``.module``) or ``torch.compile`` (``._orig_mod``)."""
+    """The user's module inside DDP / DataParallel / Lightning Fabric (``.module``) or ``torch.compile``
+    (``._orig_mod``)."""
     while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
+            hasattr(model, "_forward_module") and isinstance(getattr(model, "module", None), nn.Module)
+        ):  # the last: Fabric's _FabricModule
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
@@ -306,6 +311,29 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration; every module's own ``training`` flag restored afterwards.
+
+    Example::
+        >>> net = nn.Sequential(nn.Dropout(), nn.BatchNorm1d(2).eval())
+        >>> with evaluating(net):
+        ...     net.training
+        False
+        >>> net.training, net[1].training
+        (True, False)
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        if any(mode for _, mode in modes):
+            model.eval()
+        yield
+    finally:
+        for module, mode in modes:
+            if module.training != mode:  # Module.__setattr__ is slow: set only what eval() changed
+                module.training = mode
 
 
 def _no_autocast() -> contextlib.ExitStack:
@@ -337,16 +365,22 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
         model: any ``nn.Module`` whose ``forward`` takes one tensor (DDP and ``torch.compile``
             wrappers are unwrapped).
         input_shape: ``(C, H, W)`` without the batch; ``(C, L)`` for 1-D models.
-        strict: raise :class:`UnsupportedLayerError` at the first operation without a receptive field
-            (upsampling, transposed convolution, misaligned branches...). With ``False`` the table
-            still lists such layers and those after them, flagged (``row.supported`` is False).
+        strict: raise :class:`UnsupportedLayerError` at the first row that depends on an operation
+            without a receptive field (upsampling, transposed convolution, misaligned branches...),
+            naming that operation. Such an operation is harmless, and refused nowhere, where every
+            unit of its inputs already sees the same interval along the axes it touches (global
+            pooling, attention, a squeeze-excitation gate upstream). With ``False`` the table still
+            lists the rows that depend on it, flagged (``row.supported`` is False).
 
     Returns:
-        A :class:`ReceptiveFieldTable` from module name to :class:`LayerRF`.
+        A :class:`ReceptiveFieldTable` from module name to :class:`LayerRF`, in call order, ending
+        with a row ``"(output)"`` for the model's output when the top-level ``forward`` computes it
+        after the last module (so that, with ``strict=False``, an operation refused there is flagged).
 
     Raises:
         UnsupportedLayerError: in strict mode, naming the module, its type and the operation.
-        TraceError: if ``forward`` cannot run on the meta device (it reads tensor values).
+        TraceError: if ``forward`` cannot run on the meta device (it reads tensor values), or cannot
+            run at this input size at all (the model's own error is shown).
 
     Example::
         >>> from torch import nn
@@ -359,11 +393,10 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
     model = unwrap_model(model)
     shape = _check_input_shape(input_shape)
     spatial = shape[1:]
-    tracer = Tracer(spatial, strict)
+    tracer = Tracer(spatial, type(model).__name__)
     calls: dict[str, list[list[tuple[torch.Tensor, Any]]]] = {}  # name -> per call: traced outputs
     order: list[tuple[str, int, str]] = []  # (name, call index, module type) in call order
     running: list[tuple[str, int]] = []
-    modes = {module: module.training for module in model.modules()}
     handles = []
 
     def before(name: str, kind: str):
@@ -379,22 +412,23 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
     def after(_module, _args, output):
         tracer.stack.pop()
         name, index = running.pop()
-        calls[name][index] = [(t, tracer.get(t)) for t in flat_tensors(output) if tracer.get(t) is not None]
+        calls[name][index] = _traced_outputs(tracer, output, strict)
 
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    failure: Exception | None = None
     try:
         for name, module in model.named_modules():
             if name:
                 handles.append(module.register_forward_pre_hook(before(name, type(module).__name__)))
                 handles.append(module.register_forward_hook(after))
-        model.eval()
         # Outside inference mode and autocast, so that composite operations decompose as usual.
         with (
+            evaluating(model),
             _gc_paused(),  # the trace allocates many small tuples; the cyclic collector would double its time
             torch.inference_mode(False),
             torch.no_grad(),
             _no_autocast(),
-            PadInterceptor(tracer),
+            FunctionInterceptor(tracer),
             tracer,
         ):
             sample = torch.empty((1, *shape), dtype=dtype, device="meta")
@@ -403,22 +437,66 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
                 Field.of_input(spatial), identity + tuple(((a, n),) for a, n in enumerate(spatial))
             )
             try:
-                model(sample)
+                output = model(sample)
             except (UnsupportedLayerError, MisalignedBranchesError):
                 raise
             except Exception as error:
-                raise TraceError(
-                    f"Could not run {type(model).__name__}.forward on the meta device to trace receptive fields:"
-                    f" {type(error).__name__}: {str(error).rstrip('.')}. HINT: forward must take one tensor of shape"
-                    f" (N, {', '.join(map(str, shape))}) and must not read tensor values (no .item(), no"
-                    " data-dependent control flow)."
-                ) from error
+                failure = error
     finally:
         for handle in handles:
             handle.remove()
-        for module, mode in modes.items():
-            module.training = mode
+    if failure is not None:
+        raise _trace_error(model, shape, dtype, failure) from failure
+    # The model's outputs that no module returned (computed in the top-level forward) get rows too.
+    returned = {(id(t), id(info)) for outputs in calls.values() for call in outputs for t, info in call}
+    final = _traced_outputs(tracer, output, strict)
+    if any((id(t), id(info)) not in returned for t, info in final):
+        calls[OUTPUT_ROW] = [final]
+        order.append((OUTPUT_ROW, 0, type(model).__name__))
     return _build_table(calls, order, shape)
+
+
+def _trace_error(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, error: Exception) -> TraceError:
+    """Why ``model`` could not be traced: its own forward fails at this size, or it reads values on the meta device."""
+    real = _real_forward_error(model, shape, dtype)
+    name, batch = type(model).__name__, f"(1, {', '.join(map(str, shape))})"
+    if real is not None:
+        return TraceError(
+            f"{name}.forward fails on a real input of shape {batch} too, so this size cannot be traced:"
+            f" {type(real).__name__}: {str(real).rstrip('.')}. HINT: pass an input_shape that the model accepts"
+            " (the size it was built for, or a multiple of its total stride)."
+        )
+    return TraceError(
+        f"Could not run {name}.forward on the meta device to trace receptive fields (it runs on a real input of"
+        f" shape {batch}): {type(error).__name__}: {str(error).rstrip('.')}. HINT: forward must take one tensor"
+        " and must not read tensor values (no .item(), no data-dependent control flow)."
+    )
+
+
+def _real_forward_error(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> Exception | None:
+    """The error of one real eval-mode forward of zeros, or None; modes and random state are left as found."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with evaluating(model), torch.random.fork_rng(devices=devices), torch.no_grad(), _no_autocast():
+            model(torch.zeros((1, *shape), dtype=dtype, device=device))
+    except Exception as error:
+        return error
+    return None
+
+
+def _traced_outputs(tracer: Tracer, output: Any, strict: bool) -> list[tuple[torch.Tensor, Traced | Unsupported]]:
+    """The input-dependent tensors of a module's (or the model's) output with what the tracer knows of them.
+
+    Raises:
+        UnsupportedLayerError: with ``strict``, when one of them has no exact receptive field: the
+            error names the operation that could not be followed, where it ran.
+    """
+    found = [(t, tracer.get(t)) for t in flat_tensors(output) if tracer.get(t) is not None]
+    error = next((refusal(info) for _, info in found if refusal(info) is not None), None)
+    if strict and error is not None:
+        raise error
+    return found
 
 
 def _build_table(calls, order, shape) -> ReceptiveFieldTable:
@@ -429,10 +507,10 @@ def _build_table(calls, order, shape) -> ReceptiveFieldTable:
         outputs = calls[name][index]
         for k, (output, info) in enumerate(outputs):
             key = str(LayerKey(name, index if name in reused else None, k if len(outputs) > 1 else None))
-            if isinstance(info, Unsupported):
+            if refusal(info) is not None:
                 output_shape = tuple(output.shape[2:]) if output.dim() == len(shape) + 1 else (1,) * len(spatial)
                 rows.append(
-                    LayerRF(key, module_type, spatial, output_shape, unsupported=info.error, tensor_shape=output.shape)
+                    LayerRF(key, module_type, spatial, output_shape, unsupported=refusal(info), tensor_shape=output.shape)
                 )
             else:
                 output_shape = tuple(axis_length(info.layout, axis) for axis in range(len(spatial)))

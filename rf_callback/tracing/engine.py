@@ -1,0 +1,360 @@
+"""The engine of the tracer: a ``TorchDispatchMode`` that follows every ATen operation of a meta forward."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from rf_callback.algebra import Field, MisalignedBranchesError, merge
+from rf_callback.errors import UnsupportedLayerError
+from rf_callback.tracing.layout import (
+    Factor,
+    Layout,
+    Traced,
+    Unsupported,
+    _aligned,
+    _dim_size,
+    _forget_mixed_axes,
+    _home,
+    _plain,
+    _reason,
+    _Reject,
+    _sees_everything,
+    _spatial,
+    axis_length,
+    refusal,
+)
+from rf_callback.tracing.ops import _FUNCTIONS, _HANDLERS, _reduction
+from rf_callback.tracing.shortcuts import (
+    _bind,
+    _first_output,
+    _operands,
+    _shortcut,
+    _to_meta,
+    elementwise,
+    flat_tensors,
+)
+
+aten = torch.ops.aten
+
+
+class TensorInfos:
+    """What the tracer knows of each tensor, by identity.
+
+    A plain dict keyed by ``id``, which is several times faster than a weak-key dictionary on the
+    hot path; it holds its tensors (meta tensors, with no storage), so no ``id`` is reused while
+    the trace runs.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[int, tuple[torch.Tensor, Traced | Unsupported]] = {}
+
+    def __contains__(self, tensor: torch.Tensor) -> bool:
+        return id(tensor) in self._items
+
+    def __getitem__(self, tensor: torch.Tensor) -> Traced | Unsupported:
+        return self._items[id(tensor)][1]
+
+    def __setitem__(self, tensor: torch.Tensor, info: Traced | Unsupported) -> None:
+        self._items[id(tensor)] = (tensor, info)
+
+    def __delitem__(self, tensor: torch.Tensor) -> None:
+        del self._items[id(tensor)]
+
+    def get(self, tensor: torch.Tensor) -> Traced | Unsupported | None:
+        item = self._items.get(id(tensor))
+        return None if item is None else item[1]
+
+    def pop(self, tensor: torch.Tensor, default: Any = None) -> Any:
+        item = self._items.pop(id(tensor), None)
+        return default if item is None else item[1]
+
+
+class Tracer(TorchDispatchMode):
+    def __init__(self, input_spatial: tuple[int, ...], model_type: str = "forward") -> None:
+        super().__init__()
+        self.image = input_spatial
+        self.model_type = model_type
+        self.info = TensorInfos()
+        self.stack: list[tuple[str, str]] = []  # (module name, module type) being run
+        self.transparent = 0
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    def where(self) -> tuple[str, str]:
+        return self.stack[-1] if self.stack else ("", self.model_type)
+
+    def error(self, operation: str, reason: str) -> UnsupportedLayerError:
+        name, kind = self.where()
+        return UnsupportedLayerError(name, kind, operation, reason)
+
+    def get(self, value: Any) -> Traced | Unsupported | None:
+        if isinstance(value, torch.Tensor):
+            return self.info.get(value)
+        return None
+
+    def traced(self, value: Any) -> Traced:
+        info = self.get(value)
+        assert isinstance(info, Traced)
+        return info
+
+    # ---- dispatch ----------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs or any(a.name == "device" for a in func._schema.arguments if a.kwarg_only):
+            kwargs["device"] = torch.device("meta")  # factories must not allocate, compute or draw
+        out = _shortcut(func, args, kwargs)
+        if out is None:
+            out = func(*_to_meta(args), **{key: _to_meta(value) for key, value in kwargs.items()})
+        if self.transparent:
+            return out
+        tensors = [t for t in _operands(args, kwargs) if t in self.info]
+        outputs = flat_tensors(out)
+        if not tensors:
+            for tensor in outputs:  # an in-place write of constants (x.zero_()) forgets the input
+                self.info.pop(tensor, None)
+            return out
+        bound = _bind(func, args, kwargs)
+        results = self.follow(func, tensors, lambda infos: self.handle(func, bound, infos, out))
+        if not isinstance(results, tuple):
+            results = (results,) * len(outputs)
+        for tensor, info in zip(outputs, results):
+            if info is None:
+                self.info.pop(tensor, None)
+            else:
+                self.info[tensor] = info
+        return out
+
+    def follow(self, operation: Any, tensors: Sequence[torch.Tensor], step: Any) -> Any:
+        """The info of an operation's output(s): ``step(infos of the followed inputs)``, with the refusal rules.
+
+        * An input that could not be followed (:class:`Unsupported`) counts as a constant, and the
+          result as a lower bound (``lost``), exact once it sees the whole image (:class:`Traced`).
+        * An operation that cannot be followed (``step`` raises ``_Reject`` or
+          ``MisalignedBranchesError``) is harmless along an axis where every unit of every input sees
+          the same interval (stride 0: after attention, global pooling, a squeeze-excitation gate):
+          that axis is forgotten (its factors become plain) and ``step`` tried again. Only when that
+          fails too is the result :class:`Unsupported`.
+        """
+        if len(tensors) > 1:
+            tensors = list({id(t): t for t in tensors}.values())
+        infos = [self.info[t] for t in tensors]
+        if all(type(info) is Traced and info.lost is None for info in infos):
+            return self._attempt(operation, tensors, infos, step)  # the usual case: everything followed so far
+        lost = next(refusal(info) for info in infos if refusal(info) is not None)
+        hidden = [(t, info) for t, info in zip(tensors, infos) if isinstance(info, Unsupported)]
+        if len(hidden) == len(infos):
+            return Unsupported(lost)
+        for tensor, _ in hidden:
+            del self.info[tensor]
+        try:
+            followed = [(t, info) for t, info in zip(tensors, infos) if isinstance(info, Traced)]
+            results = self._attempt(operation, [t for t, _ in followed], [info for _, info in followed], step)
+        finally:
+            for tensor, info in hidden:
+                self.info[tensor] = info
+        if isinstance(results, tuple):
+            return tuple(self._bound(result, lost) for result in results)
+        return self._bound(results, lost)
+
+    def _attempt(self, operation: Any, tensors: list[torch.Tensor], infos: list[Traced], step: Any) -> Any:
+        """``step`` on the followed ``tensors``; again with their mixed axes forgotten if it refuses."""
+        try:
+            return step(infos)
+        except (_Reject, MisalignedBranchesError) as refused:
+            error = self.error(str(operation), _reason(refused))
+        forgotten = [_forget_mixed_axes(info) for info in infos]
+        if all(new is old for new, old in zip(forgotten, infos)):
+            return Unsupported(error)
+        try:
+            for tensor, info in zip(tensors, forgotten):
+                self.info[tensor] = info
+            return step(forgotten)
+        except (_Reject, MisalignedBranchesError):
+            return Unsupported(error)
+        finally:
+            for tensor, info in zip(tensors, infos):
+                self.info[tensor] = info
+
+    def _bound(self, result: Any, lost: UnsupportedLayerError) -> Any:
+        """``result`` computed with some inputs unknown: a lower bound, exact if it already sees everything."""
+        if not isinstance(result, Traced):
+            return Unsupported(lost) if result is None or isinstance(result, Unsupported) else result
+        if _sees_everything(result.field, self.image):
+            return replace(result, equivariant=False, lost=None)
+        return replace(result, equivariant=False, lost=lost)
+
+    def handle(self, func, bound: dict[str, Any], inputs: list, out: Any) -> Any:
+        handler = _HANDLERS.get(func) or _HANDLERS.get(func.overloadpacket)
+        if handler is not None:
+            return handler(self, func, bound, out)
+        if elementwise(func):
+            return self.pointwise(func, bound, out)
+        if torch.Tag.reduction in func.tags:
+            return _reduction(self, func, bound, out)
+        if all(not any(_spatial(dim) for dim in info.layout) for info in inputs):
+            # No spatial position is left to tell apart: whatever the operation does, each output
+            # depends on the union of what the inputs see (classifier heads, argmax, indexing...).
+            shape = _first_output(out).shape
+            return self.combine([replace(i, layout=()) for i in inputs], tuple(_plain(n) for n in shape), func)
+        raise _Reject("it is not a known spatial operation; only operations whose geometry is known are followed")
+
+    # ---- shared rules --------------------------------------------------------------------------
+    def combine(self, operands: Sequence[Traced], layout: Layout, where: Any) -> Traced:
+        """Geometry of an output with ``layout`` whose units see the union of what ``operands`` see there.
+
+        Each operand's layout must already be aligned to the output's dimensions. An operand axis
+        that is absent there (broadcast) or sits in another dimension than in the output (attention
+        scores) is seen whole by every output position.
+        """
+        fields = []
+        equivariant = all(info.equivariant for info in operands)
+        for info in operands:
+            field = info.field
+            for axis in range(len(self.image)):
+                home, extent, place = _home(layout, axis), axis_length(layout, axis), _home(info.layout, axis)
+                if extent == 1:  # a single output position along this axis
+                    field = field.first(axis)
+                elif place is None or axis_length(info.layout, axis) == 1:
+                    field, equivariant = field.broadcast(axis, extent), False
+                elif place != home:
+                    field, equivariant = field.mix(axis).broadcast(axis, extent), False
+            fields.append(field)
+        try:
+            field = merge(fields)
+        except MisalignedBranchesError as misaligned:  # named only now: formatting it every time costs
+            raise MisalignedBranchesError(f"{where} in {self.describe()}", misaligned.branches) from None
+        return Traced(field, layout, equivariant)
+
+    @staticmethod
+    def varies_with_position(constants: Sequence[Sequence[int]], layout: Layout) -> bool:
+        """Whether a constant operand (shape given; no input dependence) varies along a spatial dim of ``layout``."""
+        for shape in constants:
+            offset = len(layout) - len(shape)
+            if any(n > 1 and _spatial(layout[offset + d]) for d, n in enumerate(shape) if offset + d >= 0):
+                return True
+        return False
+
+    def describe(self) -> str:
+        name, kind = self.where()
+        return f"'{name}' ({kind})" if name else f"the top-level forward ({kind})"
+
+    def broadcast(self, operands: Sequence[Traced], shape: Sequence[int]) -> Layout:
+        """Output layout of a broadcasting op over operands already aligned to ``shape``."""
+        layout = []
+        for d, size in enumerate(shape):
+            spatial = None
+            for info in operands:
+                dim = info.layout[d]
+                if _dim_size(dim) == size and _spatial(dim):
+                    if spatial is not None and spatial != dim:
+                        raise _Reject("it combines tensors whose spatial axes are laid out differently")
+                    spatial = dim
+            layout.append(spatial if spatial is not None else _plain(size))
+        return tuple(layout)
+
+    def pointwise(self, func, bound: dict[str, Any], out: Any, operands: Sequence[Any] | None = None) -> Any:
+        if operands is None:
+            operands = [value for key, value in bound.items() if key != "out"]
+        every = flat_tensors(operands)
+        tensors = [t for t in every if t in self.info]
+        if not tensors:
+            return None
+        shape = _first_output(out).shape
+        if len(every) == 1 and every[0].shape == shape:
+            return self.traced(every[0])  # relu, sigmoid, dropout...: the same units see the same
+        infos = [_aligned(self.traced(t), len(shape)) for t in tensors]
+        result = self.combine(infos, self.broadcast(infos, shape), func)
+        if self.varies_with_position([t.shape for t in every if t not in self.info], result.layout):
+            result = replace(result, equivariant=False)  # a positional encoding, a fixed mask...
+        return result
+
+    def mix(self, info: Traced, dims: Sequence[int]) -> Traced:
+        """Every position along ``dims`` now sees what all of them saw (softmax, normalisation...)."""
+        field, equivariant = info.field, info.equivariant
+        for d in dims:
+            for axis, _ in info.layout[d]:
+                if axis is not None:
+                    field, equivariant = field.mix(axis), False
+        return replace(info, field=field, equivariant=equivariant)
+
+    def window(self, info: Traced, result: torch.Tensor, kernel, stride, padding, dilation) -> Traced:
+        """Sliding windows over the last ``len(kernel)`` dims (convolution, pooling).
+
+        ``stride`` may be empty (defaults to the kernel); one-element lists apply to every axis.
+        """
+        count = len(kernel)
+        stride = list(stride) if len(stride) else list(kernel)
+        kernel, stride, padding, dilation = (
+            list(value) * count if len(value) == 1 else list(value) for value in (kernel, stride, padding, dilation)
+        )
+        field = info.field
+        layout = list(info.layout[: len(info.layout) - count])
+        for i in range(count):
+            dim = info.layout[len(info.layout) - count + i]
+            size = result.shape[result.dim() - count + i]
+            if not _spatial(dim):
+                layout.append(_plain(size))
+            elif kernel[i] == stride[i] == 1 and padding[i] == 0:
+                layout.append(dim)  # a 1x1 window is the identity, whatever the dimension holds
+            elif len(dim) == 1:
+                axis = dim[0][0]
+                field = field.window(axis, kernel[i], stride[i], padding[i], size, dilation[i])
+                layout.append(((axis, size),))
+            else:
+                field, inner = _window_within_rows(field, dim, size, kernel[i], stride[i], padding[i], dilation[i])
+                layout.append(dim[:-1] + inner)
+        return Traced(field, tuple(layout), info.equivariant)
+
+
+def _window_within_rows(
+    field: Field, dim: tuple[Factor, ...], size: int, kernel: int, stride: int, padding: int, dilation: int
+) -> tuple[Field, tuple[Factor, ...]]:
+    """A 1-D window over a dimension holding several factors (tokens: ``h * w``), or ``_Reject``.
+
+    Windows that never cross a row of the last factor (no padding, no overlap, a stride that divides
+    the row) slide along that factor only: a pool of ``k`` consecutive tokens with stride ``k`` is a
+    ``1 x k`` pool of the image when ``k`` divides its width.
+    """
+    axis, length = dim[-1]
+    if padding or length % stride or dilation * (kernel - 1) + 1 > stride or size * stride != _dim_size(dim):
+        raise _Reject("it slides a window over a dimension that mixes a spatial axis with others")
+    if axis is not None:
+        field = field.window(axis, kernel, stride, 0, length // stride, dilation)
+    return field, ((axis, length // stride),) if axis is not None else _plain(length // stride)
+
+
+class FunctionInterceptor(TorchFunctionMode):
+    """Catches the functions registered with ``_intercept`` before they reach ATen.
+
+    A handler ``(tracer, func, args, kwargs) -> (out, operation, inputs, step)`` makes the meta
+    output unseen by the tracer; ``step`` then says what the output sees, through
+    :meth:`Tracer.follow` and its refusal rules.
+    """
+
+    def __init__(self, tracer: Tracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = _FUNCTIONS.get(func)
+        if handler is None:
+            return func(*args, **kwargs)
+        self.tracer.transparent += 1
+        try:
+            out, operation, inputs, step = handler(self.tracer, func, args, kwargs)
+        finally:
+            self.tracer.transparent -= 1
+        traced = [t for t in inputs if t in self.tracer.info]
+        if traced:
+            outputs = flat_tensors(out)
+            results = self.tracer.follow(operation, traced, step)
+            results = results if isinstance(results, tuple) else (results,) * len(outputs)
+            for tensor, info in zip(outputs, results):
+                self.tracer.info[tensor] = info
+        return out

@@ -1,0 +1,505 @@
+"""The tracer's operation handlers: each ATen operation (or function) it follows, and its geometry.
+
+A handler ``(tracer, func, bound arguments, meta output) -> info of the output(s)`` raises
+``_Reject`` when the operation has no receptive field; ``_register`` adds handlers to the registry
+the engine dispatches on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rf_callback.algebra import PadMode
+from rf_callback.tracing.layout import (
+    Traced,
+    Unsupported,
+    _aligned,
+    _dim_size,
+    _normalize_dim,
+    _plain,
+    _Reject,
+    _reshape,
+    _spatial,
+)
+from rf_callback.tracing.shortcuts import _first_output, _registry, _to_meta, flat_tensors
+
+if TYPE_CHECKING:
+    from rf_callback.tracing.engine import Tracer
+
+aten = torch.ops.aten
+
+# --------------------------------------------------------------------------------------------
+# Operation handlers: each returns the info of the output(s), or raises _Reject.
+# --------------------------------------------------------------------------------------------
+
+_HANDLERS: dict[Any, Any] = {}
+_register = _registry(_HANDLERS)
+
+
+@_register(aten.convolution.default)
+def _convolution(tracer: Tracer, func, bound, out):
+    if bound["transposed"]:
+        raise _Reject("a transposed convolution upsamples, so a unit has no single input interval")
+    info = tracer.mix(tracer.traced(bound["input"]), [1])  # channels are summed over
+    kernel = list(bound["weight"].shape[2:])
+    result = tracer.window(info, out, kernel, bound["stride"], bound["padding"], bound["dilation"])
+    layout = list(result.layout)
+    layout[1] = _plain(out.shape[1])
+    return replace(result, layout=tuple(layout))
+
+
+def _pool(tracer, bound, out, has_dilation: bool) -> Traced:
+    result = _first_output(out)
+    dilation = bound["dilation"] if has_dilation else [1]
+    padding = bound["padding"]
+    padding = [padding] if isinstance(padding, int) else padding
+    return tracer.window(tracer.traced(bound["self"]), result, bound["kernel_size"], bound["stride"], padding, dilation)
+
+
+@_register(
+    aten.max_pool1d.default,
+    aten.max_pool2d.default,
+    aten.max_pool3d.default,
+    aten.max_pool1d_with_indices.default,
+    aten.max_pool2d_with_indices.default,
+    aten.max_pool3d_with_indices.default,
+)
+def _max_pool(tracer, func, bound, out):
+    result = _pool(tracer, bound, out, has_dilation=True)
+    return (result, result) if isinstance(out, (tuple, list)) else result
+
+
+@_register(aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default)
+def _avg_pool(tracer, func, bound, out):
+    return _pool(tracer, bound, out, has_dilation=False)
+
+
+@_register(
+    aten.adaptive_avg_pool1d.default,
+    aten.adaptive_avg_pool2d.default,
+    aten._adaptive_avg_pool2d.default,
+    aten.adaptive_avg_pool3d.default,
+    aten._adaptive_avg_pool3d.default,
+    aten.adaptive_max_pool1d.default,
+    aten.adaptive_max_pool2d.default,
+    aten.adaptive_max_pool3d.default,
+)
+def _adaptive_pool(tracer, func, bound, out):
+    source = bound["self"]
+    sizes = list(bound["output_size"])
+    kernel = []
+    for n, m in zip(source.shape[source.dim() - len(sizes) :], sizes):
+        if n % m:
+            raise _Reject(f"adaptive pooling from {n} to {m} positions uses windows of different sizes")
+        kernel.append(n // m)
+    result = tracer.window(tracer.traced(source), _first_output(out), kernel, kernel, [0], [1])
+    if any(k > 1 for k in kernel):
+        result = replace(result, equivariant=False)  # the window grows with the input
+    return (result, result) if isinstance(out, (tuple, list)) else result
+
+
+def _pad(tracer: Tracer, source: torch.Tensor, pad: Sequence[int], out: torch.Tensor, mode: PadMode) -> Traced:
+    info = tracer.traced(source)
+    field = info.field
+    layout = list(info.layout)
+    for i in range(len(pad) // 2):
+        d = source.dim() - 1 - i
+        before = pad[2 * i]
+        dim = info.layout[d]
+        if _spatial(dim):
+            if len(dim) != 1:
+                raise _Reject("it pads a dimension that mixes a spatial axis with others")
+            axis = dim[0][0]
+            field = field.pad(axis, before, out.shape[d], mode)
+            layout[d] = ((axis, out.shape[d]),)
+        else:
+            layout[d] = _plain(out.shape[d])
+    # Reflect, replicate and circular padding copy pixels from the border: on a crop they would copy
+    # from the crop's border instead.
+    return Traced(field, tuple(layout), info.equivariant and mode == "constant")
+
+
+@_register(
+    aten.constant_pad_nd.default,
+    aten.reflection_pad1d.default,
+    aten.reflection_pad2d.default,
+    aten.reflection_pad3d.default,
+    aten.replication_pad1d.default,
+    aten.replication_pad2d.default,
+    aten.replication_pad3d.default,
+)
+def _padding(tracer, func, bound, out):
+    name = func.overloadpacket.__name__
+    mode = "reflect" if name.startswith("reflection") else "replicate" if name.startswith("replication") else "constant"
+    return _pad(tracer, bound["self"], bound.get("pad") or bound.get("padding"), out, mode)
+
+
+def _cut(tracer: Tracer, source: torch.Tensor, d: int, start: int, step: int, out: torch.Tensor) -> Traced:
+    """A slice ``[start::step]`` of length ``out.shape[d]`` along dim ``d``."""
+    info = tracer.traced(source)
+    dim = info.layout[d]
+    layout = list(info.layout)
+    field, equivariant = info.field, info.equivariant
+    if _spatial(dim):
+        if len(dim) != 1:
+            raise _Reject("it slices a dimension that mixes a spatial axis with others")
+        axis = dim[0][0]
+        field = field.take(axis, start, step, out.shape[d])
+        layout[d] = ((axis, out.shape[d]),)
+        # Only [::step] shifts with the input; a cut at fixed positions does not.
+        equivariant = equivariant and start == 0 and out.shape[d] == -(-source.shape[d] // step)
+    else:
+        layout[d] = _plain(out.shape[d])
+    return Traced(field, tuple(layout), equivariant)
+
+
+@_register(aten.slice.Tensor)
+def _slice(tracer, func, bound, out):
+    source = bound["self"]
+    d = _normalize_dim(bound["dim"], source.dim())
+    n = source.shape[d]
+    start = bound["start"] if bound["start"] is not None else 0
+    start = min(max(start + n if start < 0 else start, 0), n)
+    return _cut(tracer, source, d, start, bound["step"], out)
+
+
+@_register(aten.select.int)
+def _select(tracer, func, bound, out):
+    source = bound["self"]
+    d = _normalize_dim(bound["dim"], source.dim())
+    index = bound["index"] % source.shape[d]
+    result = _cut(tracer, source, d, index, 1, source.narrow(d, index, 1))
+    return replace(result, layout=result.layout[:d] + result.layout[d + 1 :])
+
+
+@_register(aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int)
+def _split(tracer, func, bound, out):
+    source = bound["self"]
+    d = _normalize_dim(bound["dim"], source.dim())
+    results, start = [], 0
+    for piece in out:
+        length = 1 if func is aten.unbind.int else piece.shape[d]
+        result = _cut(tracer, source, d, start, 1, source.narrow(d, start, length))
+        if func is aten.unbind.int:
+            result = replace(result, layout=result.layout[:d] + result.layout[d + 1 :])
+        results.append(result)
+        start += length
+    return tuple(results)
+
+
+@_register(
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten._reshape_alias.default,
+    aten.view_copy.default,
+)
+def _view(tracer, func, bound, out):
+    info = tracer.traced(bound["self"])
+    return replace(info, layout=_reshape(info.layout, out.shape))
+
+
+@_register(
+    aten.alias.default,
+    aten.detach.default,
+    aten.clone.default,
+    aten._to_copy.default,
+    aten.lift_fresh.default,
+    aten.lift_fresh_copy.default,
+    aten.contiguous.default,
+    aten.to.dtype,
+    aten.to.device,
+    aten.to.dtype_layout,
+)
+def _same(tracer, func, bound, out):
+    return tracer.traced(bound["self"])
+
+
+@_register(aten.permute.default, aten.transpose.int, aten.t.default, aten.movedim.int)
+def _permute(tracer, func, bound, out):
+    source = bound["self"]
+    info = tracer.traced(source)
+    order = list(range(source.dim()))
+    if func is aten.permute.default:
+        order = [_normalize_dim(d, source.dim()) for d in bound["dims"]]
+    elif func is aten.t.default:
+        order.reverse()
+    elif func is aten.transpose.int:
+        a, b = _normalize_dim(bound["dim0"], source.dim()), _normalize_dim(bound["dim1"], source.dim())
+        order[a], order[b] = order[b], order[a]
+    else:
+        a, b = _normalize_dim(bound["source"], source.dim()), _normalize_dim(bound["destination"], source.dim())
+        order.insert(b, order.pop(a))
+    return replace(info, layout=tuple(info.layout[d] for d in order))
+
+
+@_register(aten.unsqueeze.default)
+def _unsqueeze(tracer, func, bound, out):
+    info = tracer.traced(bound["self"])
+    d = _normalize_dim(bound["dim"], out.dim())
+    return replace(info, layout=info.layout[:d] + ((),) + info.layout[d:])
+
+
+@_register(aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims)
+def _squeeze(tracer, func, bound, out):
+    source = bound["self"]
+    info = tracer.traced(source)
+    if func is aten.squeeze.default:
+        dims = set(range(source.dim()))
+    else:
+        dims = bound["dim"] if isinstance(bound["dim"], (list, tuple)) else [bound["dim"]]
+        dims = {_normalize_dim(d, source.dim()) for d in dims}
+    layout = tuple(dim for d, dim in enumerate(info.layout) if not (d in dims and source.shape[d] == 1))
+    return replace(info, layout=layout)
+
+
+@_register(aten.expand.default)
+def _expand(tracer, func, bound, out):
+    source = bound["self"]
+    info = tracer.traced(source)
+    lead = out.dim() - source.dim()
+    layout = [_plain(n) for n in out.shape[:lead]]
+    for d, dim in enumerate(info.layout):
+        size = out.shape[lead + d]
+        layout.append(dim if _dim_size(dim) == size else _plain(size))
+    return replace(info, layout=tuple(layout))
+
+
+@_register(aten.repeat.default)
+def _repeat(tracer, func, bound, out):
+    source = bound["self"]
+    info = tracer.traced(source)
+    lead = out.dim() - source.dim()
+    layout = [_plain(n) for n in out.shape[:lead]]
+    for d, dim in enumerate(info.layout):
+        if bound["repeats"][lead + d] != 1 and _spatial(dim):
+            raise _Reject("it tiles the tensor along a spatial axis")
+        layout.append(dim if _dim_size(dim) == out.shape[lead + d] else _plain(out.shape[lead + d]))
+    return replace(info, layout=tuple(layout))
+
+
+@_register(aten.cat.default, aten.stack.default)
+def _cat(tracer, func, bound, out):
+    d = _normalize_dim(bound["dim"], out.dim())
+    operands, constants = [], []
+    for tensor in bound["tensors"]:
+        info = tracer.get(tensor)
+        if info is None:
+            shape = list(tensor.shape)
+            if func is aten.stack.default:
+                shape.insert(d, 1)
+            constants.append(shape)
+            continue
+        layout = list(info.layout)
+        if func is aten.stack.default:
+            layout.insert(d, ())
+        elif _spatial(layout[d]):
+            raise _Reject("it concatenates along a spatial axis")
+        layout[d] = ()  # the concatenated dimension carries no position
+        operands.append(replace(info, layout=tuple(layout)))
+    layout = list(tracer.broadcast(operands, [1 if i == d else n for i, n in enumerate(out.shape)]))
+    layout[d] = _plain(out.shape[d])
+    result = tracer.combine(operands, tuple(layout), func)
+    if tracer.varies_with_position(constants, result.layout):
+        result = replace(result, equivariant=False)  # coordinate channels (CoordConv) and the like
+    return result
+
+
+@_register(aten.copy_.default)
+def _copy(tracer, func, bound, out):
+    return tracer.pointwise(func, bound, out, operands=[bound["src"]])
+
+
+@_register(aten.fill_.Scalar, aten.zero_.default)
+def _constant(tracer, func, bound, out):
+    return None
+
+
+@_register(
+    aten.empty_like.default,
+    aten.zeros_like.default,
+    aten.ones_like.default,
+    aten.full_like.default,
+    aten.rand_like.default,
+    aten.randn_like.default,
+    aten.new_empty.default,
+    aten.new_empty_strided.default,
+    aten.new_zeros.default,
+    aten.new_ones.default,
+    aten.new_full.default,
+)
+def _fresh(tracer, func, bound, out):
+    return None  # a new tensor of the same shape: its values do not depend on the input
+
+
+@_register(aten.glu.default, aten.channel_shuffle.default, aten.native_channel_shuffle.default)
+def _along_channels(tracer, func, bound, out):
+    """Operations that only move values along one non-spatial dimension (GLU halves, channel shuffle)."""
+    source = bound["self"]
+    info = tracer.traced(source)
+    d = _normalize_dim(bound.get("dim", 1), source.dim())
+    if _spatial(info.layout[d]):
+        raise _Reject("it rearranges values along a spatial axis")
+    return replace(info, layout=info.layout[:d] + (_plain(out.shape[d]),) + info.layout[d + 1 :])
+
+
+@_register(aten.native_dropout.default, aten.log_sigmoid_forward.default)
+def _pointwise_pair(tracer, func, bound, out):
+    result = tracer.pointwise(func, bound, out, operands=[bound.get("input", bound.get("self"))])
+    return (result, result)
+
+
+@_register(
+    aten.native_batch_norm.default,
+    aten._native_batch_norm_legit.default,
+    aten._native_batch_norm_legit.no_stats,
+    aten._native_batch_norm_legit_no_training.default,
+    aten._batch_norm_no_update.default,
+    aten._batch_norm_with_update.default,
+)
+def _batch_norm(tracer, func, bound, out):
+    source = bound["input"]
+    info = tracer.traced(source)
+    training = bound.get("training", func is aten._batch_norm_with_update.default)
+    if not training:  # running statistics: elementwise; the saved statistics are the constants
+        return (info,) + (None,) * (len(out) - 1)
+    info = tracer.mix(info, [d for d in range(source.dim()) if d != 1])  # batch statistics mix every position
+    return (info,) * len(out)
+
+
+@_register(aten.native_layer_norm.default)
+def _layer_norm(tracer, func, bound, out):
+    source = bound["input"]
+    count = len(bound["normalized_shape"])
+    info = tracer.mix(tracer.traced(source), range(source.dim() - count, source.dim()))
+    return (info,) + (info,) * (len(out) - 1)
+
+
+@_register(aten.native_group_norm.default)
+def _group_norm(tracer, func, bound, out):
+    source = bound["input"]
+    info = tracer.mix(tracer.traced(source), range(1, source.dim()))
+    return (info,) + (info,) * (len(out) - 1)
+
+
+@_register(aten._softmax.default, aten._log_softmax.default, aten._safe_softmax.default)
+def _softmax(tracer, func, bound, out):
+    source = bound["self"]
+    return tracer.mix(tracer.traced(source), [_normalize_dim(bound["dim"], source.dim())])
+
+
+def _reduction(tracer: Tracer, func, bound, out):
+    source = bound["self"]
+    dims = bound.get("dim")
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        dims = list(range(source.dim()))
+    elif isinstance(dims, int):
+        dims = [dims]
+    dims = sorted({_normalize_dim(d, source.dim()) for d in dims})
+    info = tracer.mix(tracer.traced(source), dims)
+    if bound.get("keepdim"):
+        layout = tuple(() if d in dims else dim for d, dim in enumerate(info.layout))
+    else:
+        layout = tuple(dim for d, dim in enumerate(info.layout) if d not in dims)
+    info = replace(info, layout=layout)
+    return (info,) * len(out) if isinstance(out, (tuple, list)) else info
+
+
+@_register(
+    aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default, aten.mv.default, aten.dot.default
+)
+def _matmul(tracer, func, bound, out):
+    """``left @ right`` (+ bias): the contracted dimension mixes whatever positions it holds."""
+    if func in (aten.addmm.default, aten.baddbmm.default):
+        left, right = bound.get("mat1", bound.get("batch1")), bound.get("mat2", bound.get("batch2"))
+    else:
+        left, right = bound["self"], bound.get("mat2", bound.get("vec", bound.get("tensor")))
+    operands = []
+    if left in tracer.info:
+        info = tracer.mix(tracer.traced(left), [left.dim() - 1])
+        tail = ((),) if right.dim() > 1 else ()
+        operands.append(replace(info, layout=info.layout[:-1] + tail))
+    if right in tracer.info:
+        info = tracer.traced(right)
+        if right.dim() == 1:
+            operands.append(replace(tracer.mix(info, [0]), layout=((),) * out.dim()))
+        else:
+            info = tracer.mix(info, [right.dim() - 2])
+            middle = ((),) if left.dim() > 1 else ()
+            operands.append(replace(info, layout=info.layout[:-2] + middle + info.layout[-1:]))
+    if func in (aten.addmm.default, aten.baddbmm.default) and bound["self"] in tracer.info:
+        operands.append(_aligned(tracer.traced(bound["self"]), out.dim()))
+    operands = [_aligned(info, out.dim()) for info in operands]
+    layout, seen = [], set()
+    for d, size in enumerate(out.shape):
+        dim = next(
+            (info.layout[d] for info in operands if _spatial(info.layout[d]) and _dim_size(info.layout[d]) == size),
+            _plain(size),
+        )
+        if any(axis in seen for axis, _ in dim):
+            dim = _plain(size)  # the same axis on both sides (attention scores): each unit sees them all
+        seen.update(axis for axis, _ in dim if axis is not None)
+        layout.append(dim)
+    return tracer.combine(operands, tuple(layout), func)
+
+
+# --------------------------------------------------------------------------------------------
+# Functions caught before they decompose: F.pad (mode='circular' becomes copies) and the
+# recurrent layers (their kernels refuse meta inputs with real weights).
+# --------------------------------------------------------------------------------------------
+
+
+_FUNCTIONS: dict[Any, Any] = {}
+_intercept = _registry(_FUNCTIONS)
+
+
+@_intercept(torch.nn.functional.pad, torch._C._nn.pad)
+def _functional_pad(tracer: Tracer, func, args, kwargs):
+    bound = dict(zip(("input", "pad", "mode", "value"), args), **kwargs)
+    source, mode, pad = bound["input"], bound.get("mode", "constant"), list(bound["pad"])
+    out = func(*args, **kwargs)
+    return out, f"F.pad(mode={mode!r})", [source], lambda infos: _pad(tracer, source, pad, out, mode)
+
+
+@_intercept(torch._VF.lstm, torch._VF.gru, torch._VF.rnn_tanh, torch._VF.rnn_relu)
+def _recurrent(tracer: Tracer, func, args, kwargs):
+    """``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``: run on meta weights; a bidirectional layer mixes its sequence.
+
+    Every output step of a bidirectional layer, and the final states of any layer, read the whole
+    sequence: global along the scanned axis. A one-directional layer's step ``t`` reads steps
+    ``0 .. t``, a field that grows along the sequence: refused, unless the sequence is already mixed.
+    """
+    name = f"torch._VF.{func.__name__}"
+    packed = not isinstance(args[3], bool)  # (data, batch_sizes, hx, params, ...) vs (input, hx, params, bias, ...)
+    source, states = args[0], flat_tensors(args[2] if packed else args[1])
+    bidirectional, batch_first = args[-1] if packed else args[-2], False if packed else args[-1]
+    if packed:
+        out = func(*_to_meta(args), **kwargs)
+    else:  # the shapes alone: the meta kernels would run every step of the sequence in Python
+        features = (2 if bidirectional else 1) * states[0].shape[-1]
+        sequence = torch.empty((*source.shape[:-1], features), dtype=source.dtype, device="meta")
+        out = (sequence, *(torch.empty(state.shape, dtype=state.dtype, device="meta") for state in states))
+
+    def step(infos):
+        if packed:
+            raise _Reject("it runs over a packed sequence, whose steps have different batch sizes")
+        if any(state in tracer.info for state in states):
+            raise _Reject("its initial state depends on the input")
+        time, batch = (1, 0) if batch_first else (0, 1)
+        info = tracer.traced(source)
+        final = tracer.mix(info, [time, 2])
+        if bidirectional or not _spatial(info.layout[time]):
+            sequence = tracer.mix(info, [time, 2] if bidirectional else [2])
+            results: list[Any] = [replace(sequence, layout=info.layout[:2] + (_plain(out[0].shape[2]),))]
+        else:  # the final states still read the whole sequence
+            reason = "a one-directional recurrent layer's step t sees steps 0 .. t: no single receptive field"
+            results = [Unsupported(tracer.error(name, reason))]
+        for state in out[1:]:
+            results.append(replace(final, layout=(_plain(state.shape[0]), info.layout[batch], _plain(state.shape[2]))))
+        return tuple(results)
+
+    return out, name, [source, *states], step

@@ -1,0 +1,356 @@
+"""Meta outputs without PyTorch's Python meta kernels, for the operations a trace runs most.
+
+Each shortcut returns exactly what the real meta kernel would (shape, dtype, strides), or ``None`` to
+let the kernel run.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from rf_callback.tracing.layout import _normalize_dim
+
+aten = torch.ops.aten
+_EVAL_BATCH_NORMS = (aten.native_batch_norm.default, aten._native_batch_norm_legit_no_training.default)
+
+# --------------------------------------------------------------------------------------------
+# The tracer
+# --------------------------------------------------------------------------------------------
+
+
+def _to_meta(value: Any) -> Any:
+    """``value`` with every tensor in it (in tuples and lists too) replaced by a meta tensor like it."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "meta":
+            return value
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_meta(item) for item in value)
+    return value
+
+
+_BOOLEAN_RESULTS = {"eq", "ne", "lt", "le", "gt", "ge", "isnan", "isinf", "isfinite", "signbit", "isneginf", "isposinf"}
+
+# Elementwise operations that PyTorch does not tag as pointwise (nor their in-place twins).
+_UNTAGGED_ELEMENTWISE = {
+    aten.hardswish,
+    aten.hardswish_,
+    aten.where,
+    aten.masked_fill,
+    aten.masked_fill_,
+    aten.prelu,
+    aten._prelu_kernel,
+    aten.rrelu_with_noise,
+    aten.rrelu_with_noise_,
+}
+
+
+@functools.cache
+def elementwise(func: Any) -> bool:
+    """Whether ``func`` computes each output element from the same element of its (broadcast) inputs.
+
+    PyTorch's ``pointwise`` tag is the guide, but it is missing on some in-place twins
+    (``gelu_``, ``mish_``, ``threshold_``, ``abs_``) and on a few ops altogether (``hardswish``,
+    ``where.ScalarOther``, ``masked_fill.Tensor``, ``prelu``): an op is elementwise when it, or its
+    in-place / out-of-place twin of the same overload, is tagged, or when it is listed above.
+    """
+    if torch.Tag.pointwise in func.tags or func.overloadpacket in _UNTAGGED_ELEMENTWISE:
+        return True
+    name = func.overloadpacket.__name__
+    if name.endswith("__"):  # a dunder (__and__...), not an in-place twin
+        return False
+    twin = getattr(aten, name[:-1] if name.endswith("_") else name + "_", None)
+    overload = getattr(twin, func._overloadname, None) if twin is not None else None
+    return overload is not None and (
+        torch.Tag.pointwise in overload.tags or overload.overloadpacket in _UNTAGGED_ELEMENTWISE
+    )
+
+
+@functools.cache
+def _writes_first(func: Any) -> bool:
+    """Whether ``func`` writes into its first argument and returns it (``relu_``, ``add_``...)."""
+    arguments, returns = func._schema.arguments, func._schema.returns
+    if not arguments or len(returns) != 1:
+        return False
+    argument, result = arguments[0].alias_info, returns[0].alias_info
+    if argument is None or result is None:
+        return False
+    return argument.is_write and argument.before_set == result.before_set
+
+
+def _dense_strides(shape: Sequence[int], order: Sequence[int]) -> tuple[int, ...]:
+    """The strides of a dense tensor of ``shape`` whose dimensions run ``order``, outermost first."""
+    strides = [0] * len(shape)
+    step = 1
+    for d in reversed(order):
+        strides[d] = step
+        step *= max(shape[d], 1)
+    return tuple(strides)
+
+
+_CHANNELS_LAST = (0, 2, 3, 1)
+
+
+def _standard_format(tensor: torch.Tensor) -> torch.memory_format | None:
+    """``contiguous_format`` or ``channels_last`` when ``tensor`` has exactly those strides, else None.
+
+    ``is_contiguous()`` alone is not enough: it ignores the strides of length-1 dimensions, which
+    the real kernels read when they choose the layout of their output. (``channels_last_3d`` is left
+    out: there the meta kernels turn some ambiguous layouts contiguous.)
+    """
+    return _format_of(tensor.shape, tensor.stride())
+
+
+@functools.lru_cache(maxsize=4096)
+def _format_of(shape: torch.Size, strides: tuple[int, ...]) -> torch.memory_format | None:
+    if strides == _dense_strides(shape, range(len(shape))):
+        return torch.contiguous_format
+    if len(shape) == 4 and strides == _dense_strides(shape, _CHANNELS_LAST):
+        return torch.channels_last
+    return None
+
+
+def _like(tensor: torch.Tensor, memory_format: torch.memory_format = torch.preserve_format) -> torch.Tensor:
+    """An empty meta tensor like ``tensor``, with its very strides or those of ``memory_format``."""
+    if memory_format == torch.preserve_format:
+        return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta", memory_format=memory_format)
+
+
+def _registry(table: dict[Any, Any]) -> Any:
+    """A decorator factory: ``@register(key, ...)`` files the decorated handler under each key of ``table``."""
+
+    def register(*keys):
+        def decorate(handler):
+            for key in keys:
+                table[key] = handler
+            return handler
+
+        return decorate
+
+    return register
+
+
+def _broadcasts(shape: Sequence[int], to: Sequence[int]) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``to`` without growing it."""
+    return len(shape) <= len(to) and all(n in (1, m) for n, m in zip(reversed(shape), reversed(to)))
+
+
+def _floating(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def _floating_meta(value: Any) -> bool:
+    return _floating(value) and value.device.type == "meta"
+
+
+_FORMATS = {True: (torch.contiguous_format, torch.channels_last), False: (torch.contiguous_format,)}
+_SHORTCUTS: dict[Any, Any] = {}
+_shortcut_for = _registry(_SHORTCUTS)
+
+
+def _shortcut(func: Any, args: tuple, kwargs: dict) -> Any:
+    """The meta output of common operations without running their (Python) meta kernels, or None.
+
+    Only where the answer, strides included, is certainly the real meta kernel's (property tests
+    hold it to that), for inputs with exactly contiguous or channels-last strides:
+
+    * an in-place elementwise op returns its input (meta tensors hold no data);
+    * ``clone`` keeps the strides of a dense input, or takes those of the ``memory_format`` asked for;
+    * another elementwise op returns a tensor like its first input when the others have its shape
+      and strides, or broadcast to it from a standard layout, all of one dtype;
+    * the operations registered with ``_shortcut_for`` (convolution, eval-mode BatchNorm, LayerNorm,
+      matrix products, concatenation, reductions over some dimensions, ``_unsafe_view``) answer
+      what their kernels would.
+    """
+    special = _SHORTCUTS.get(func)
+    if special is not None:
+        return special(func, args, kwargs)
+    first = args[0] if args else None
+    if not elementwise(func) or "dtype" in kwargs or "out" in kwargs or not _floating_meta(first):
+        return None
+    if func is aten.clone.default and kwargs.get("memory_format") == torch.contiguous_format:
+        return _like(first, torch.contiguous_format)  # x.contiguous(), whatever x's strides
+    operands = [first, *(a for a in (*args[1:], *kwargs.values()) if isinstance(a, torch.Tensor))]
+    full = first if _writes_first(func) else max(operands, key=lambda t: (t.dim(), t.numel()))
+    # Every operand has a say in the output's layout: all must share the full one's (contiguous unless it is first).
+    layout = _standard_format(full)
+    if any(t.dtype != first.dtype for t in operands) or layout not in _FORMATS[full is first]:
+        return None  # a kernel decides the layout of the output of a strided input or mixed dtypes
+    for other in operands:
+        if other.shape == full.shape:
+            if other.stride() != full.stride():
+                return None
+        elif not _broadcasts(other.shape, full.shape) or _standard_format(other) is not layout:
+            return None
+    if _writes_first(func):
+        return first
+    if func.overloadpacket.__name__ in _BOOLEAN_RESULTS or len(func._schema.returns) != 1:
+        return None
+    if func is aten.clone.default:
+        return _like(first, kwargs.get("memory_format") or torch.preserve_format)
+    return _like(full)
+
+
+@_shortcut_for(aten.convolution.default)
+def _convolved(func: Any, args: tuple, kwargs: dict) -> Any:
+    """A plain convolution of contiguous tensors: a contiguous tensor (the meta kernel spends ~0.3 ms on checks)."""
+    first, weight = args[0], args[1]
+    if not _floating_meta(first) or args[6] or first.dim() != weight.dim():
+        return None
+    count = first.dim() - 2
+    stride, padding, dilation = (list(v) * count if len(v) == 1 else list(v) for v in (args[3], args[4], args[5]))
+    if not len(stride) == len(padding) == len(dilation) == count:
+        return None
+    spatial = [
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, k, s, p, d in zip(first.shape[2:], weight.shape[2:], stride, padding, dilation)
+    ]
+    usual = _standard_format(first) == _standard_format(weight) == torch.contiguous_format
+    if usual and weight.shape[1] * args[8] == first.shape[1] and min(spatial) > 0:
+        return torch.empty((first.shape[0], weight.shape[0], *spatial), dtype=first.dtype, device="meta")
+    return None
+
+
+@_shortcut_for(*_EVAL_BATCH_NORMS)
+def _normalized(func: Any, args: tuple, kwargs: dict) -> Any:
+    """Eval-mode BatchNorm: a tensor like its input, and two per-channel statistics."""
+    first = args[0]
+    if not _floating_meta(first) or _standard_format(first) is None or (len(args) > 5 and args[5] is True):
+        return None
+    channels = (first.shape[1],) if first.dim() > 1 else (0,)
+    stats = torch.empty(channels, dtype=first.dtype, device="meta")
+    return _like(first), stats, torch.empty_like(stats)
+
+
+@_shortcut_for(aten.cat.default)
+def _concatenated(func: Any, args: tuple, kwargs: dict) -> Any:
+    """Contiguous tensors of one dtype, concatenated: a contiguous tensor."""
+    tensors = args[0]
+    first = tensors[0] if tensors else None
+    if not _floating_meta(first) or first.dim() == 0:
+        return None
+    d = _normalize_dim(args[1] if len(args) > 1 else kwargs.get("dim", 0), first.dim())
+    for tensor in tensors:
+        if tensor.dtype != first.dtype or _standard_format(tensor) is not torch.contiguous_format:
+            return None
+        others = [n != m for i, (n, m) in enumerate(zip(tensor.shape, first.shape)) if i != d]
+        if tensor.dim() != first.dim() or any(others):
+            return None
+    shape = list(first.shape)
+    shape[d] = sum(tensor.shape[d] for tensor in tensors)
+    return torch.empty(shape, dtype=first.dtype, device="meta")
+
+
+@_shortcut_for(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default)
+def _reduced(func: Any, args: tuple, kwargs: dict) -> Any:
+    """A reduction over some dimensions of a tensor in a standard layout: a contiguous tensor."""
+    first = args[0]
+    dims = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if not dims or "dtype" in kwargs or "out" in kwargs or not _floating_meta(first) or first.dim() == 0:
+        return None
+    if _standard_format(first) is None:
+        return None
+    dims = {_normalize_dim(d, first.dim()) for d in dims}
+    shape = [1 if d in dims else n for d, n in enumerate(first.shape) if keepdim or d not in dims]
+    return torch.empty(shape, dtype=first.dtype, device="meta")
+
+
+@_shortcut_for(aten.mm.default, aten.bmm.default, aten.addmm.default)
+def _multiplied(func: Any, args: tuple, kwargs: dict) -> Any:
+    """A matrix product (plus a bias that broadcasts to it) of one dtype: a contiguous tensor, whatever the strides."""
+    left, right = (args[1], args[2]) if func is aten.addmm.default else (args[0], args[1])
+    rank = 3 if func is aten.bmm.default else 2
+    if not (_floating(left) and _floating(right)) or left.dim() != rank or right.dim() != rank:
+        return None
+    if left.dtype != right.dtype or left.shape[-1] != right.shape[-2] or left.shape[:-2] != right.shape[:-2]:
+        return None
+    shape = (*left.shape[:-1], right.shape[-1])
+    if func is aten.addmm.default:
+        bias = args[0]
+        if not _floating(bias) or bias.dtype != left.dtype or bias.dim() > 2:
+            return None
+        if not _broadcasts(bias.shape, shape):
+            return None
+    return torch.empty(shape, dtype=left.dtype, device="meta")
+
+
+@_shortcut_for(aten.native_layer_norm.default)
+def _layer_normalized(func: Any, args: tuple, kwargs: dict) -> Any:
+    """LayerNorm of a contiguous float32/64 tensor: a tensor like it, and its per-row mean and 1 / std."""
+    first, normalized = args[0], tuple(args[1])
+    if not _floating_meta(first) or first.dtype not in (torch.float32, torch.float64) or not normalized:
+        return None
+    if _standard_format(first) is not torch.contiguous_format or tuple(first.shape[-len(normalized) :]) != normalized:
+        return None
+    if any(t is not None and (t.shape != normalized or t.dtype != first.dtype) for t in args[2:4]):
+        return None
+    stats = (*first.shape[: first.dim() - len(normalized)], *(1,) * len(normalized))
+    return _like(first), *(torch.empty(stats, dtype=first.dtype, device="meta") for _ in range(2))
+
+
+@_shortcut_for(aten._unsafe_view.default)
+def _viewed(func: Any, args: tuple, kwargs: dict) -> Any:
+    """A contiguous tensor seen in another shape (``reshape`` inside ``matmul``): a contiguous tensor."""
+    first, shape = args[0], list(args[1])
+    if not _floating_meta(first) or _standard_format(first) is not torch.contiguous_format or shape.count(-1) > 1:
+        return None
+    if -1 in shape:
+        rest = math.prod(n for n in shape if n != -1)
+        if rest <= 0 or first.numel() % rest:
+            return None
+        shape[shape.index(-1)] = first.numel() // rest
+    if math.prod(shape) != first.numel() or min(shape, default=0) < 0:
+        return None
+    return torch.empty(shape, dtype=first.dtype, device="meta")
+
+
+@functools.cache
+def _parameters(func: Any) -> tuple[tuple[str, Any], ...]:
+    """``func``'s argument names with their defaults (None where there is none)."""
+    return tuple((a.name, a.default_value if a.has_default_value() else None) for a in func._schema.arguments)
+
+
+def _bind(func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    bound = dict(zip((name for name, _ in _parameters(func)), args))
+    for name, default in _parameters(func)[len(args) :]:
+        bound[name] = kwargs.get(name, default)
+    return bound
+
+
+def flat_tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in ``value``, through tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    found: list[torch.Tensor] = []
+    _collect(value, found)
+    return found
+
+
+def _collect(value: Any, found: list[torch.Tensor]) -> None:
+    for item in value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ():
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+        elif isinstance(item, (tuple, list, dict)):
+            _collect(item, found)
+
+
+def _operands(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors among an ATen operation's arguments: tensors, or lists of them (``Tensor?[]``)."""
+    found = []
+    for value in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (tuple, list)) and value and type(value[0]) is not int:  # not sizes, strides
+            found += [item for item in value if isinstance(item, torch.Tensor)]
+    return found
+
+
+def _first_output(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else flat_tensors(out)[0]

@@ -1,0 +1,560 @@
+"""Defects found by sweeping public model zoos (issue 15), each on a minimal model written for it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from rf_callback import TraceError, UnsupportedLayerError, receptive_fields
+from rf_callback.table import OUTPUT_ROW
+from rf_callback.tracing.shortcuts import _shortcut, elementwise
+
+aten = torch.ops.aten
+
+# --------------------------------------------------------------------------------------------
+# The meta-kernel shortcut answers exactly what the real meta kernel answers, strides included.
+# --------------------------------------------------------------------------------------------
+
+UNARY = [
+    (aten.relu.default, ()),
+    (aten.relu_.default, ()),
+    (aten.hardswish.default, ()),
+    (aten.hardswish_.default, ()),
+    (aten.gelu_.default, ()),
+    (aten.abs_.default, ()),
+    (aten.threshold_.default, (0.0, 0.0)),
+    (aten.sigmoid.default, ()),
+    (aten.clone.default, ()),
+    (aten.mul.Scalar, (2.0,)),
+]
+BINARY = [aten.add.Tensor, aten.mul_.Tensor, aten.sub.Tensor, aten.maximum.default]
+
+
+def dense(shape, order) -> torch.Tensor:
+    """A dense meta tensor of ``shape`` whose dimensions are laid out in ``order``, outermost first."""
+    tensor = torch.empty([shape[d] for d in order], device="meta")
+    return tensor.permute([list(order).index(d) for d in range(len(order))])
+
+
+@st.composite
+def meta_tensors(draw, ndim: int | None = None) -> torch.Tensor:
+    """A meta tensor with small (often length-1) dimensions: contiguous, channels-last, permuted, expanded, sliced."""
+    ndim = ndim or draw(st.sampled_from([2, 3, 4, 4, 4, 5]))  # 4: where channels-last is a standard layout
+    shape = draw(st.lists(st.integers(1, 3), min_size=ndim, max_size=ndim))
+    kind = draw(st.sampled_from(["contiguous", "channels_last", "channels_last", "permuted", "expanded", "sliced"]))
+    order = list(range(ndim))
+    if kind == "channels_last" and ndim >= 3:
+        order = [0, *range(2, ndim), 1]
+    elif kind == "permuted":
+        order = draw(st.permutations(order))
+    tensor = dense(shape, order)
+    if kind == "expanded" and 1 in shape:
+        tensor = tensor.expand([n if n > 1 else 2 for n in shape])
+    elif kind == "sliced" and shape[-1] > 1:
+        tensor = tensor[..., ::2]
+    return tensor
+
+
+def like(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
+
+
+def same_outputs(shortcut, real) -> None:
+    shortcuts, reals = (x if isinstance(x, tuple) else (x,) for x in (shortcut, real))
+    assert len(shortcuts) == len(reals)
+    for a, b in zip(shortcuts, reals):
+        assert (a.shape, a.stride(), a.dtype) == (b.shape, b.stride(), b.dtype)
+
+
+@given(tensor=meta_tensors(), op=st.sampled_from(UNARY))
+def test_elementwise_shortcuts_keep_the_real_strides(tensor, op):
+    func, extra = op
+    shortcut = _shortcut(func, (tensor, *extra), {})
+    if shortcut is not None:
+        same_outputs(shortcut, func(like(tensor), *extra))
+        assert (shortcut is tensor) == func._schema.is_mutable
+
+
+@given(tensor=meta_tensors(), data=st.data())
+def test_clone_shortcut_honours_the_memory_format(tensor, data):
+    """``x.contiguous(memory_format=torch.channels_last)`` is a clone that changes the strides."""
+    formats = [torch.preserve_format, torch.contiguous_format]
+    formats += {4: [torch.channels_last], 5: [torch.channels_last_3d]}.get(tensor.dim(), [])
+    kwargs = {"memory_format": data.draw(st.sampled_from(formats))}
+    shortcut = _shortcut(aten.clone.default, (tensor,), kwargs)
+    if shortcut is not None:
+        same_outputs(shortcut, aten.clone.default(like(tensor), **kwargs))
+
+
+@given(tensor=meta_tensors(), func=st.sampled_from(BINARY), data=st.data())
+def test_binary_shortcuts_keep_the_real_strides(tensor, func, data):
+    """The other operand: the same layout, or broadcast (length 1 on some dimensions) in any layout."""
+    if data.draw(st.booleans()):
+        other = like(tensor)
+    else:
+        ones = data.draw(st.lists(st.booleans(), min_size=tensor.dim(), max_size=tensor.dim()))
+        shape = [1 if one else n for one, n in zip(ones, tensor.shape)][data.draw(st.integers(0, tensor.dim() - 1)) :]
+        other = dense(shape, data.draw(st.permutations(range(len(shape)))))
+    operands = (tensor, other) if func._schema.is_mutable or data.draw(st.booleans()) else (other, tensor)
+    shortcut = _shortcut(func, operands, {})
+    if shortcut is not None:
+        same_outputs(shortcut, func(*(like(t) for t in operands)))
+
+
+@given(tensor=meta_tensors(), data=st.data())
+def test_reduction_and_concatenation_shortcuts_keep_the_real_strides(tensor, data):
+    dims = data.draw(st.lists(st.integers(0, tensor.dim() - 1), min_size=1, max_size=tensor.dim(), unique=True))
+    func, keepdim = data.draw(st.sampled_from([aten.mean.dim, aten.sum.dim_IntList, aten.amax.default])), data.draw(
+        st.booleans()
+    )
+    shortcut = _shortcut(func, (tensor, dims, keepdim), {})
+    if shortcut is not None:
+        same_outputs(shortcut, func(like(tensor), dims, keepdim))
+    d = data.draw(st.integers(0, tensor.dim() - 1))
+    longer = list(tensor.shape)
+    longer[d] += 1
+    orders = [sorted(range(tensor.dim()), key=lambda k: -tensor.stride()[k]), range(tensor.dim())]  # like the first
+    orders += [[0, 2, 3, 1]] if tensor.dim() == 4 else []
+    tensors = [tensor, dense(longer, data.draw(st.sampled_from(orders)))]
+    shortcut = _shortcut(aten.cat.default, (tensors, d), {})
+    if shortcut is not None:
+        same_outputs(shortcut, aten.cat.default([like(t) for t in tensors], d))
+
+
+@given(
+    tensor=meta_tensors(ndim=4),
+    kernel=st.tuples(st.integers(1, 4), st.integers(1, 2), st.integers(1, 2), st.integers(1, 2)),
+    order=st.permutations(range(4)),
+    stride=st.integers(1, 2),
+    padding=st.integers(0, 1),
+    groups=st.sampled_from([1, 1, 2]),
+)
+def test_convolution_and_batch_norm_shortcuts_keep_the_real_strides(tensor, kernel, order, stride, padding, groups):
+    channels = tensor.shape[1]
+    groups = groups if channels % groups == 0 else 1
+    weight = dense((kernel[0] * groups, channels // groups, kernel[2], kernel[3]), order)
+    args = (tensor, weight, None, [stride], [padding], [1], False, [0], groups)
+    shortcut = _shortcut(aten.convolution.default, args, {})
+    if shortcut is not None:
+        same_outputs(shortcut, aten.convolution.default(like(tensor), like(weight), *args[2:]))
+    stats = [torch.empty(channels, device="meta") for _ in range(4)]
+    shortcut = _shortcut(aten._native_batch_norm_legit_no_training.default, (tensor, *stats, 0.1, 1e-5), {})
+    if shortcut is not None:
+        same_outputs(shortcut, aten._native_batch_norm_legit_no_training.default(like(tensor), *stats, 0.1, 1e-5))
+
+
+def test_every_elementwise_operation_is_recognised_whatever_its_tags():
+    """PyTorch tags ``hardswish`` and ``gelu_`` not pointwise; the tracer treats them as ``relu_``."""
+    for func in (aten.hardswish_.default, aten.hardswish.default, aten.gelu_.default, aten.mish_.default):
+        assert elementwise(func), func
+    for func in (aten.convolution.default, aten.copy_.default, aten.fill_.Scalar, aten.__and__.Tensor):
+        assert not elementwise(func), func
+    x = torch.empty(1, 4, 8, 8, device="meta")
+    assert _shortcut(aten.hardswish_.default, (x,), {}) is x
+
+
+class ChannelsLastTokens(nn.Module):
+    """halonet-style: a conv output made channels-last, then viewed as (N, H, W * C) tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x).contiguous(memory_format=torch.channels_last)
+        n, c, h, w = y.shape
+        tokens = y.permute(0, 2, 3, 1).view(n, h, w * c)  # legal only on channels-last strides
+        return tokens.reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def test_a_channels_last_copy_traces_like_the_real_thing():
+    model = ChannelsLastTokens()
+    assert model(torch.zeros(1, 3, 8, 8)).shape == (1, 4, 8, 8)
+    table = receptive_fields(model, (3, 8, 8))
+    assert table["conv"].size == (3, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient truth for the models below: float64, random weights, no ReLU (no dead gradients).
+# --------------------------------------------------------------------------------------------
+
+
+def assert_boxes_are_gradient_supports(
+    model: nn.Module, shape: tuple[int, ...], names: list[str], strict: bool = True
+) -> None:
+    """The box of a unit is the bounding box of the nonzero gradient of the sum of its channels.
+
+    Rows laid out as (N, C, H, W) are checked unit by unit; a global row in another layout (tokens,
+    windows, an attention map), whose units all see one box, through the sum of its whole output.
+    """
+    model = model.double().eval()
+    table = receptive_fields(model, shape, strict=strict)
+    modules = dict(model.named_modules())
+    outputs = {}
+    hooks = [modules[n].register_forward_hook(lambda m, a, out, n=n: outputs.__setitem__(n, out)) for n in names]
+    image = torch.randn(1, *shape, dtype=torch.float64, requires_grad=True)
+    model(image)
+    for hook in hooks:
+        hook.remove()
+    for name in names:
+        row, output = table[name], outputs[name]
+        if tuple(output.shape[2:]) == row.output_shape and output.dim() == 4:
+            h, w = row.output_shape
+            corners = {(0, 0), (h - 1, w - 1), (h // 2, w // 2), (0, w - 1)}
+            units = [((0, slice(None), i, j), (i, j)) for i, j in corners]
+        else:
+            assert row.is_global, name  # only global rows may leave the (N, C, H, W) layout
+            units = [((), (0,) * len(row.output_shape))]
+        for index, unit in units:
+            (grad,) = torch.autograd.grad(output[index].sum(), image, retain_graph=True)
+            rows, cols = grad[0].abs().sum(0).nonzero(as_tuple=True)
+            found = (rows.min().item(), cols.min().item(), rows.max().item() + 1, cols.max().item() + 1)
+            assert row.box(*unit) == found, (name, unit)
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 15, item 3: what cannot be followed is harmless once every unit sees the whole image.
+# --------------------------------------------------------------------------------------------
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.fc = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+
+
+class WindowsAfterGate(nn.Module):
+    """maxvit: a squeeze-excitation gate, then a window partition (a view that splits H and W) and back."""
+
+    def __init__(self, window: int = 4):
+        super().__init__()
+        self.window = window
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.se = SqueezeExcite(4)
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.se(self.conv(x))
+        n, c, h, w = x.shape
+        s = self.window
+        windows = x.view(n, c, h // s, s, w // s, s).permute(0, 2, 4, 3, 5, 1).reshape(-1, s * s, c)
+        windows = self.mix(windows)
+        x = windows.view(n, h // s, w // s, s, s, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, h, w)
+        return self.head(x)
+
+
+class Attention(nn.Module):
+    """Single-head attention over the positions of a feature map; optional relative-position logits."""
+
+    def __init__(self, channels: int, relative: nn.Module | None = None, inline_relative: bool = False):
+        super().__init__()
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.relative = relative
+        self.table = nn.Parameter(torch.randn(11, channels)) if inline_relative else None
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        q, k, v = self.qkv(x).flatten(2).transpose(1, 2).chunk(3, dim=2)  # (N, HW, C) each
+        scores = q @ k.transpose(1, 2)
+        if self.relative is not None:
+            scores = scores + self.relative(q.reshape(n, h, w, c))
+        if self.table is not None:
+            scores = scores + relative_logits(q.reshape(n, h, w, c), self.table)
+        return (scores.softmax(-1) @ v).transpose(1, 2).reshape(n, c, h, w)
+
+
+def relative_logits(q: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """botnet's relative-position logits along the width: a pad of a flattened (positions x offsets) map."""
+    n, h, w, _ = q.shape
+    x = (q @ table.transpose(0, 1)).reshape(-1, w, 2 * w - 1)
+    x = F.pad(F.pad(x, [0, 1]).flatten(1), [0, w - 1]).reshape(-1, w + 1, 2 * w - 1)
+    x = x[:, :w, w - 1 :].reshape(n, h, 1, w, w).expand(-1, -1, h, -1, -1)
+    return x.permute(0, 1, 3, 2, 4).reshape(n, h * w, h * w)
+
+
+class RelativeLogits(nn.Module):
+    def __init__(self, channels: int, width: int = 6):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(2 * width - 1, channels))
+
+    def forward(self, q):
+        return relative_logits(q, self.table)
+
+
+class ConvOverAttention(nn.Module):
+    """efficientformerv2's talking heads: convolutions over the (queries x keys) attention map."""
+
+    def __init__(self, kernel: int):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.qk = nn.Conv2d(4, 8, 1)
+        self.talk = nn.Conv2d(1, 1, kernel, padding=kernel // 2)
+
+    def forward(self, x):
+        x = self.conv(x)
+        q, k = self.qk(x).flatten(2).chunk(2, dim=1)  # (N, C, HW)
+        attention = (q.transpose(1, 2) @ k).unsqueeze(1)  # (N, 1, HW, HW)
+        return self.talk(attention).squeeze(1) @ x.flatten(2).transpose(1, 2)
+
+
+class TokenPool(nn.Module):
+    """nextvit: an AvgPool1d over the flattened positions (tokens) of a feature map."""
+
+    def __init__(self, kernel: int, gate: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.se = SqueezeExcite(4) if gate else nn.Identity()
+        self.pool = nn.AvgPool1d(kernel)
+        self.head = nn.Conv1d(4, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.pool(self.se(self.conv(x)).flatten(2)))
+
+
+def test_a_window_view_after_a_gate_is_global():
+    model = WindowsAfterGate()
+    table = receptive_fields(model, (2, 8, 8))
+    assert not table["conv"].is_global and table["se"].is_global
+    assert all(table[name].is_global for name in ("mix", "head"))
+    assert_boxes_are_gradient_supports(model, (2, 8, 8), ["conv", "se", "mix", "head"])
+
+
+def test_a_window_view_of_local_features_is_still_refused():
+    model = WindowsAfterGate()
+    model.se = nn.Identity()
+    with pytest.raises(UnsupportedLayerError, match=r"aten\.view\.default in the top-level forward .*splits"):
+        receptive_fields(model, (2, 8, 8))
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_a_convolution_over_an_attention_map(kernel):
+    """1x1: the identity on any dimension, followed exactly. 3x3: the map is already global."""
+    model = ConvOverAttention(kernel)
+    table = receptive_fields(model, (2, 6, 6))
+    assert table["talk"].is_global and table["(output)"].is_global
+    assert_boxes_are_gradient_supports(model, (2, 6, 6), ["conv", "talk"])
+
+
+def test_a_1x1_convolution_over_tokens_keeps_their_fields():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Flatten(2), nn.Unflatten(1, (1, 4)), nn.Conv2d(1, 1, 1))
+    table = receptive_fields(model, (2, 6, 6))
+    assert table["3"].size == (3, 3) and table["3"].box(0, 0) == (0, 0, 2, 2)
+
+
+def test_relative_position_logits_inside_attention_are_global():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), Attention(4, inline_relative=True))
+    table = receptive_fields(model, (2, 6, 6))
+    assert table["1"].is_global
+    assert_boxes_are_gradient_supports(model, (2, 6, 6), ["0", "1"])
+
+
+def test_relative_position_logits_of_their_own_are_refused_only_there():
+    """botnet's PosEmbedRel returns logits whose (local) geometry is lost: that row alone is flagged."""
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), Attention(4, relative=RelativeLogits(4)))
+    with pytest.raises(UnsupportedLayerError, match=r"F\.pad\(mode='constant'\) in '1\.relative' \(RelativeLogits\)"):
+        receptive_fields(model, (2, 6, 6))
+    table = receptive_fields(model, (2, 6, 6), strict=False)
+    assert [row.name for row in table.unsupported] == ["1.relative"]
+    assert table["1"].is_global
+    assert_boxes_are_gradient_supports(model, (2, 6, 6), ["0", "1"], strict=False)
+
+
+def test_a_pool_over_tokens_within_rows_is_a_pool_along_the_width():
+    model = TokenPool(kernel=2, gate=False)
+    table = receptive_fields(model, (2, 6, 6))
+    assert (table["pool"].size, table["pool"].stride, table["pool"].output_shape) == ((3, 4), (1, 2), (6, 3))
+    assert table["pool"].box(2, 1) == (1, 1, 4, 5)
+
+
+def test_a_pool_over_tokens_across_rows_is_global_after_a_gate():
+    with pytest.raises(UnsupportedLayerError, match=r"avg_pool2d.* in 'pool' \(AvgPool1d\)"):
+        receptive_fields(TokenPool(kernel=4, gate=False), (2, 6, 6))
+    model = TokenPool(kernel=4, gate=True)
+    table = receptive_fields(model, (2, 6, 6))
+    assert table["pool"].is_global and table["head"].is_global
+    assert_boxes_are_gradient_supports(model, (2, 6, 6), ["se", "pool", "head"])
+
+
+def test_an_upsampled_global_pool_is_global():
+    """deeplabv3's ASPP pooling branch: pool to 1x1, resize back, concatenate with local branches."""
+
+    class Pyramid(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.local = nn.Conv2d(2, 2, 3, padding=1)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x):
+            pooled = F.interpolate(self.pool(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            return torch.cat([self.local(x), pooled], dim=1)
+
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), Pyramid())
+    table = receptive_fields(model, (2, 8, 8))
+    assert table["1"].is_global
+    assert_boxes_are_gradient_supports(model, (2, 8, 8), ["0", "1"])
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 15, item 4: strict=False flags whatever strict=True refuses, the top-level forward too.
+# --------------------------------------------------------------------------------------------
+
+
+class ConvThen(nn.Module):
+    """A convolution, then ``then(x, y)`` in the model's own forward (``x`` the input, ``y`` the conv's output)."""
+
+    def __init__(self, then, stride: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, stride=stride, padding=1)
+        self.then = then
+
+    def forward(self, x):
+        return self.then(x, self.conv(x))
+
+
+def resize_back(x, y):
+    """fcn_resnet50's last step: F.interpolate back to the input size, in the top-level forward."""
+    return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def unused_resize(x, y):
+    F.interpolate(y, scale_factor=2.0)  # computed, never used: no receptive field depends on it
+    return y
+
+
+def test_strict_and_lenient_agree_on_the_top_level_forward():
+    # Once torch.compile is imported (other tests), bilinear resizing decomposes into indexing: named either way.
+    resize = r"aten\.(upsample_bilinear2d|_unsafe_index).* in the top-level forward \(ConvThen\)"
+    with pytest.raises(UnsupportedLayerError, match=resize):
+        receptive_fields(ConvThen(resize_back, stride=2), (2, 8, 8))
+    table = receptive_fields(ConvThen(resize_back, stride=2), (2, 8, 8), strict=False)
+    assert list(table) == ["conv", OUTPUT_ROW]
+    assert [row.name for row in table.unsupported] == [OUTPUT_ROW]
+    assert table[OUTPUT_ROW].module_type == "ConvThen" and table[OUTPUT_ROW].output_shape == (8, 8)
+
+
+def test_an_output_computed_in_forward_has_its_own_row():
+    row = receptive_fields(ConvThen(lambda x, y: y[:, :, ::2, ::2]), (2, 8, 8))[OUTPUT_ROW]
+    assert (row.size, row.stride, row.output_shape) == ((3, 3), (2, 2), (4, 4))
+    assert OUTPUT_ROW not in receptive_fields(nn.Sequential(nn.Conv2d(2, 3, 3)), (2, 8, 8))
+
+
+def test_an_operation_whose_result_is_unused_refuses_nothing():
+    assert list(receptive_fields(ConvThen(unused_resize), (2, 8, 8))) == ["conv"]
+    assert not receptive_fields(ConvThen(unused_resize), (2, 8, 8), strict=False).unsupported
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 15, item 6: recurrent layers, and hints that blame the right thing.
+# --------------------------------------------------------------------------------------------
+
+
+class Sequencer(nn.Module):
+    """timm's sequencer2d: recurrent layers scanning the rows and the columns of a feature map."""
+
+    def __init__(self, recurrent=nn.LSTM, bidirectional: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.rows = recurrent(4, 3, batch_first=True, bidirectional=bidirectional)
+        self.columns = recurrent(4, 3, batch_first=False, bidirectional=bidirectional)
+        self.head = nn.Conv2d(6 if bidirectional else 3, 2, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        n, c, h, w = x.shape
+        along_w = self.rows(x.permute(0, 2, 3, 1).reshape(n * h, w, c))[0].reshape(n, h, w, -1)
+        along_h = self.columns(x.permute(2, 0, 3, 1).reshape(h, n * w, c))[0].reshape(h, n, w, -1)
+        return self.head((along_w + along_h.permute(1, 0, 2, 3)).permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("recurrent", [nn.LSTM, nn.GRU, nn.RNN])
+def test_bidirectional_recurrent_layers_see_their_whole_sequence(recurrent):
+    model = Sequencer(recurrent)
+    table = receptive_fields(model, (2, 5, 6))
+    sequence, final = table["rows:0"], table["rows:1"]  # the outputs at every step, the last hidden state
+    assert (sequence.output_shape, sequence.stride) == ((5, 6), (1, 0))  # tokens (n * h, w): global along w
+    assert (final.output_shape, final.stride, final.size) == ((5, 1), (1, 0), (3, 8))
+    assert table["head"].is_global
+    assert_boxes_are_gradient_supports(model, (2, 5, 6), ["conv", "head"])
+
+
+def test_one_directional_recurrent_layers_are_refused_by_name():
+    with pytest.raises(UnsupportedLayerError, match=r"torch\._VF\.lstm in 'rows' \(LSTM\): a one-directional"):
+        receptive_fields(Sequencer(bidirectional=False), (2, 5, 6))
+    table = receptive_fields(Sequencer(bidirectional=False), (2, 5, 6), strict=False)
+    assert not table["rows:0"].supported and table["rows:1"].stride == (1, 0)  # the last state sees every step
+
+
+def test_a_size_the_model_cannot_run_at_is_blamed_on_the_model():
+    """Branches that disagree in size at odd inputs: the model's own error, not a hint about .item()."""
+
+    class TwoPaths(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.padded = nn.Conv2d(1, 1, 3, stride=2, padding=1)
+            self.valid = nn.Conv2d(1, 1, 2, stride=2)
+
+        def forward(self, x):
+            return self.padded(x) + self.valid(x)
+
+    assert receptive_fields(TwoPaths(), (1, 8, 8))["valid"].size == (2, 2)
+    blame = r"TwoPaths\.forward fails on a real input of shape \(1, 1, 7, 7\) too.*RuntimeError: The size of"
+    with pytest.raises(TraceError, match=blame):
+        receptive_fields(TwoPaths(), (1, 7, 7))
+
+
+@given(data=st.data())
+def test_matrix_product_and_layer_norm_shortcuts_keep_the_real_strides(data):
+    m, k, n, b = (data.draw(st.integers(1, 3)) for _ in range(4))
+    batched = data.draw(st.booleans())
+    left_shape, right_shape = ((b, m, k), (b, k, n)) if batched else ((m, k), (k, n))
+    left, right = (dense(shape, data.draw(st.permutations(range(len(shape))))) for shape in (left_shape, right_shape))
+    func = aten.bmm.default if batched else data.draw(st.sampled_from([aten.mm.default, aten.addmm.default]))
+    args = (left, right)
+    if func is aten.addmm.default:
+        args = (torch.empty(data.draw(st.sampled_from([(n,), (m, n), (1, n)])), device="meta"), left, right)
+    shortcut = _shortcut(func, args, {})
+    if shortcut is not None:
+        same_outputs(shortcut, func(*(like(t) for t in args)))
+    tensor = data.draw(meta_tensors())
+    normalized = list(tensor.shape[-data.draw(st.integers(1, tensor.dim())) :])
+    shortcut = _shortcut(aten.native_layer_norm.default, (tensor, normalized, None, None, 1e-5), {})
+    if shortcut is not None:
+        same_outputs(shortcut, aten.native_layer_norm.default(like(tensor), normalized, None, None, 1e-5))
+
+
+@given(tensor=meta_tensors(), data=st.data())
+def test_view_and_contiguous_copy_shortcuts_keep_the_real_strides(tensor, data):
+    shape = [tensor.numel()] if data.draw(st.booleans()) else [-1, *tensor.shape[1:]]
+    shortcut = _shortcut(aten._unsafe_view.default, (tensor, shape), {})
+    if shortcut is not None:
+        same_outputs(shortcut, aten._unsafe_view.default(like(tensor), shape))
+    shortcut = _shortcut(aten.clone.default, (tensor,), {"memory_format": torch.contiguous_format})
+    if shortcut is not None:
+        same_outputs(shortcut, aten.clone.default(like(tensor), memory_format=torch.contiguous_format))
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 15, item 5: speed. Shifted copies must not multiply the branches of a field.
+# --------------------------------------------------------------------------------------------
+
+
+class PatchMerging(nn.Module):
+    """swin: the four [::2] phases of a feature map side by side on channels (space-to-depth by slicing)."""
+
+    def forward(self, x):
+        return torch.cat([x[..., i::2, j::2] for i in (0, 1) for j in (0, 1)], dim=1)
+
+
+def test_shifted_copies_fold_into_one_branch_and_stay_exact():
+    model = nn.Sequential(
+        nn.Conv2d(2, 2, 3, padding=1), PatchMerging(), nn.Conv2d(8, 2, 1), PatchMerging(), PatchMerging()
+    )
+    table = receptive_fields(model, (2, 16, 16))
+    assert [len(table[name].field.branches) for name in ("1", "3", "4")] == [1, 1, 1]  # 4, 16, 64 unfolded
+    assert_boxes_are_gradient_supports(model, (2, 16, 16), ["1", "3", "4"])
