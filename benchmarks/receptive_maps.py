@@ -31,7 +31,8 @@ from captum.attr import NeuronGradient
 from timing import interleaved
 
 from rf_callback.cli import import_object
-from rf_callback.saliency import default_layers, receptive_maps
+from rf_callback.saliency import receptive_maps
+from rf_callback.selection import default_layers
 from rf_callback.table import receptive_fields
 
 STAGES = ["maxpool", "layer1", "layer2", "layer3", "layer4"]  # torchvision resnets: one layer per resolution stage

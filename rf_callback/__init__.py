@@ -26,7 +26,7 @@ _EXPORTS = {
     "ReceptiveFieldTable": "rf_callback.table",
     "receptive_fields": "rf_callback.table",
     "unwrap_model": "rf_callback.table",
-    "ERFStats": "rf_callback.saliency",
+    "ERFStats": "rf_callback.erf",
     "ReceptiveMaps": "rf_callback.saliency",
     "receptive_maps": "rf_callback.saliency",
     "ReceptiveFieldMonitor": "rf_callback.callback",
@@ -63,6 +63,7 @@ __all__ = [
 if TYPE_CHECKING:
     from rf_callback.algebra import AxisRF, Field
     from rf_callback.callback import ReceptiveFieldMonitor
+    from rf_callback.erf import ERFStats
     from rf_callback.errors import (
         CheckpointError,
         CompareError,
@@ -72,7 +73,7 @@ if TYPE_CHECKING:
     )
     from rf_callback.monitor import ProbeMonitor
     from rf_callback.probes import Probes, probes_from_dataset
-    from rf_callback.saliency import ERFStats, ReceptiveMaps, receptive_maps
+    from rf_callback.saliency import ReceptiveMaps, receptive_maps
     from rf_callback.table import LayerKey, LayerRF, ReceptiveFieldTable, receptive_fields, unwrap_model
 
 

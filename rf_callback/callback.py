@@ -20,11 +20,12 @@ from torch import Tensor
 from typing_extensions import override
 
 from rf_callback.destinations import Destination
+from rf_callback.erf import LUO_THRESHOLD, check_threshold_and_mass
 from rf_callback.loggers import destinations_for
 from rf_callback.monitor import ProbeMonitor
 from rf_callback.probes import Probes, probe_source, probes_from_dataset
 from rf_callback.report import format_rows
-from rf_callback.saliency import LUO_THRESHOLD, Unit, check_channel, check_threshold_and_mass, check_unit
+from rf_callback.selection import Unit, check_channel, check_unit
 
 __all__ = ["ReceptiveFieldMonitor"]
 

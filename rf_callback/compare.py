@@ -26,7 +26,8 @@ from rf_callback.checkpoints import Checkpoint, checkpoint_labels, load_checkpoi
 from rf_callback.errors import CompareError, TraceError
 from rf_callback.monitor import STATISTICS
 from rf_callback.report import format_table, pair
-from rf_callback.saliency import ReceptiveMaps, Unit, check_channel, check_unit, default_layers, receptive_maps
+from rf_callback.saliency import ReceptiveMaps, receptive_maps
+from rf_callback.selection import Unit, check_channel, check_unit, default_layers
 from rf_callback.table import ReceptiveFieldTable, receptive_fields
 
 __all__ = ["Comparison", "compare_checkpoints"]

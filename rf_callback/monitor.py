@@ -28,23 +28,13 @@ import torch
 from torch import Tensor, nn
 
 from rf_callback.destinations import Destination, TensorBoardDestination
+from rf_callback.erf import LUO_THRESHOLD, MASS_SHARES, check_threshold_and_mass, mean_area_key
 from rf_callback.errors import TraceError
 from rf_callback.probes import Probes, as_probes
 from rf_callback.render import figure_image, layer_image, mean_image, summary_figure
 from rf_callback.report import COLUMNS, table_rows, unsupported_notes
-from rf_callback.saliency import (
-    LUO_THRESHOLD,
-    MASS_SHARES,
-    ReceptiveMaps,
-    Unit,
-    check_channel,
-    check_threshold_and_mass,
-    check_unit,
-    check_unit_fits,
-    mean_area_key,
-    receptive_maps,
-    resolve_layers,
-)
+from rf_callback.saliency import ReceptiveMaps, receptive_maps
+from rf_callback.selection import Unit, check_channel, check_unit, check_unit_fits, resolve_layers
 from rf_callback.table import ReceptiveFieldTable, receptive_fields, unwrap_model
 
 __all__ = ["DESCRIPTIONS", "STATISTICS", "TAG", "ProbeMonitor", "eager", "layer_tag"]

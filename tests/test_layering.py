@@ -22,22 +22,25 @@ LEVEL = {
     "tracing": 2,
     "table": 3,
     "probes": 3,
-    "saliency": 4,
+    "erf": 4,
+    "crops": 4,
+    "selection": 4,
+    "saliency": 5,
     "render": 3,
-    "destinations": 6,
-    "monitor": 7,
-    "checkpoints": 8,
-    "compare": 9,
-    "export": 10,
-    "loggers": 11,
-    "callback": 12,
-    "cli": 13,
-    "__main__": 14,
-    "__init__": 15,
+    "destinations": 7,
+    "monitor": 8,
+    "checkpoints": 9,
+    "compare": 10,
+    "export": 11,
+    "loggers": 12,
+    "callback": 13,
+    "cli": 14,
+    "__main__": 15,
+    "__init__": 16,
 }
 """Each core module may import only modules of a lower level."""
 
-FRAMEWORK_FREE = {"errors", "algebra", "report", "tracing", "table", "probes", "saliency", "render", "destinations", "monitor"}
+FRAMEWORK_FREE = {"errors", "algebra", "report", "tracing", "table", "probes", "erf", "crops", "selection", "saliency", "render", "destinations", "monitor"}
 STANDARD_LIBRARY_ONLY = {"errors", "algebra", "report"}
 
 

@@ -18,9 +18,11 @@ from hypothesis import strategies as st
 from torch import nn
 from torchvision.models import VisionTransformer
 
-from rf_callback.table import receptive_fields
+from rf_callback.crops import _passes
 from rf_callback.demos.cnns import SmallCNN
-from rf_callback.saliency import _passes, erf_stats, receptive_maps
+from rf_callback.erf import erf_stats
+from rf_callback.saliency import receptive_maps
+from rf_callback.table import receptive_fields
 from tests.nets import build, model_examples, specs, well_defined
 
 
@@ -106,7 +108,7 @@ def test_max_picks_each_probes_strongest_unit(model, probes):
 
 def planned(crops: bool):
     """With ``crops``, no per-pass overhead: every crop and mosaic that is valid is planned, even on tiny images."""
-    return mock.patch("rf_callback.saliency._PASS_OVERHEAD", 0) if crops else contextlib.nullcontext()
+    return mock.patch("rf_callback.crops._PASS_OVERHEAD", 0) if crops else contextlib.nullcontext()
 
 
 @model_examples

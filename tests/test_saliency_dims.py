@@ -19,9 +19,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from rf_callback.erf import erf_stats, mass_areas
 from rf_callback.errors import UnsupportedLayerError
+from rf_callback.saliency import receptive_maps
+from rf_callback.selection import all_layers, default_layers
 from rf_callback.table import OUTPUT_ROW, LayerRF, ReceptiveFieldTable, receptive_fields
-from rf_callback.saliency import all_layers, default_layers, erf_stats, mass_areas, receptive_maps
 from tests.nets import model_examples
 from tests.test_saliency import planned
 

@@ -1,0 +1,170 @@
+"""What to map: the layers (one per resolution stage by default), the unit and the channel, checked once.
+
+The one owner of these rules: :func:`~rf_callback.receptive_maps`, :class:`~rf_callback.ProbeMonitor`,
+the Lightning callback and the command line all call them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+from rf_callback.table import LayerKey, LayerRF, ReceptiveFieldTable
+
+__all__ = ["Unit", "all_layers", "check_channel", "check_unit", "check_unit_fits", "default_layers", "resolve_layers"]
+
+
+Unit = Literal["center", "max", "max_logit"] | tuple[int, ...]
+"""Which output unit of a layer: the middle one, each probe's most active one (channel sum), each
+probe's largest single value (a class logit of a dense prediction), or a position, one index per axis."""
+
+
+def check_unit(unit: object) -> Unit:
+    """``unit`` in its one canonical form, or a ``ValueError`` that lists the choices.
+
+    ``"centre"`` is accepted for ``"center"``; a list ``[i, j]`` becomes a tuple. A position has one
+    index per spatial axis: ``(i,)`` for sequences, ``(i, j)`` for images, ``(k, i, j)`` for volumes.
+
+    Example::
+        >>> check_unit("centre"), check_unit([3, 4]), check_unit((7,))
+        ('center', (3, 4), (7,))
+    """
+    if unit == "centre":
+        return "center"
+    if unit in ("center", "max", "max_logit"):
+        return unit  # type: ignore[return-value]
+    if (
+        isinstance(unit, (list, tuple))
+        and 1 <= len(unit) <= 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in unit)
+    ):
+        return tuple(unit)
+    raise ValueError(
+        f"unit={unit!r}: choose 'center' (or 'centre'), 'max', 'max_logit' or a unit position, one int >= 0 per"
+        " axis: (i, j) for images, (i,) for sequences, (k, i, j) for volumes."
+    )
+
+
+def check_unit_fits(unit: Unit, row: LayerRF) -> None:
+    """A ``ValueError`` unless ``unit`` (checked by :func:`check_unit`) names a position of ``row``'s output.
+
+    Example::
+        >>> from torch import nn
+        >>> from rf_callback import receptive_fields
+        >>> row = receptive_fields(nn.Sequential(nn.Conv2d(1, 1, 3)), (1, 8, 8))["0"]
+        >>> check_unit_fits((5, 5), row)  # inside the 6x6 output
+        >>> check_unit_fits((6, 0), row)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: unit=(6, 0): layer '0' has an output of 6x6 positions (2 indices per unit)...
+    """
+    if not isinstance(unit, tuple):
+        return
+    shape = row.output_shape
+    if len(unit) != len(shape) or not all(0 <= i < n for i, n in zip(unit, shape)):
+        raise ValueError(
+            f"unit={unit}: layer '{row.name}' has an output of {'x'.join(map(str, shape))} positions"
+            f" ({len(shape)} ind{'ex' if len(shape) == 1 else 'ices'} per unit). HINT: choose 'center', 'max',"
+            " 'max_logit', or a position inside every monitored layer."
+        )
+
+
+def check_channel(channel: object) -> int | None:
+    """``channel`` if it is None (sum over channels) or an int >= 0, else a ``ValueError``.
+
+    Example::
+        >>> check_channel(None), check_channel(3)
+        (None, 3)
+    """
+    if channel is None or (isinstance(channel, int) and not isinstance(channel, bool) and channel >= 0):
+        return channel
+    raise ValueError(f"channel={channel!r}: None (sum over channels) or an int >= 0.")
+
+
+def _mappable(row: LayerRF) -> bool:
+    """Whether a row can have a receptive map: its output is laid out as the input, ``(N, C, *spatial)``.
+
+    Rows without an analytic field (after an upsampling, say) qualify too: gradients need no geometry.
+    """
+    return len(row.tensor_shape) == len(row.input_shape) + 2 and tuple(row.tensor_shape[2:]) == row.output_shape
+
+
+_SHAPES = {1: "a sequence (N, C, l)", 2: "an image (N, C, h, w)", 3: "a volume (N, C, d, h, w)"}
+
+
+def default_layers(table: ReceptiveFieldTable) -> list[str]:
+    """One layer per resolution stage: for each output resolution, the last layer of the shallowest depth.
+
+    Depth counts the dots of the module name, so a stage's container (``layer1`` of a ResNet,
+    ``features.1`` of a ConvNeXt) wins over the layers inside it and over the first layer of the
+    next stage that still runs at its resolution. Containers holding more than one change of
+    resolution (a whole ``features`` block) and rows with a single output position (heads) are
+    left out, and so are rows without an analytic field (name them, or pass ``"all"``). torchvision's
+    ResNets give ``relu, layer1, layer2, layer3, layer4``.
+
+    Example::
+        >>> from torch import nn
+        >>> from rf_callback import receptive_fields
+        >>> conv = nn.Conv2d(4, 4, 3, padding=1)
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), conv, nn.MaxPool2d(2))
+        >>> default_layers(receptive_fields(net, (1, 32, 32)))  # the last at 32x32, at 16x16, at 8x8
+        ['1', '3', '4']
+    """
+    rows = {key: row for key, row in table.items() if row.supported and _mappable(row)}
+    inside: dict[str, set[tuple[int, ...]]] = {}  # module -> resolutions of the rows of modules inside it
+    for key, row in rows.items():
+        parts = LayerKey.parse(key).module.split(".")
+        for end in range(len(parts)):
+            inside.setdefault(".".join(parts[:end]), set()).add(row.output_shape)
+    chosen: dict[tuple[int, ...], tuple[int, str]] = {}  # resolution -> (depth, key)
+    for key, row in rows.items():
+        module = LayerKey.parse(key).module
+        if math.prod(row.output_shape) == 1 or len(inside.get(module, ())) > 2:
+            continue  # a head, or a container of several stages
+        depth = module.count(".")
+        best = chosen.get(row.output_shape)
+        if best is None or depth <= best[0]:
+            chosen[row.output_shape] = (depth, key)
+    keys = {key for _, key in chosen.values()}
+    return [key for key in table if key in keys]
+
+
+def all_layers(table: ReceptiveFieldTable) -> list[str]:
+    """Every row that can have a receptive map (an output laid out as the input), in call order."""
+    return [key for key, row in table.items() if _mappable(row)]
+
+
+def resolve_layers(table: ReceptiveFieldTable, layers: str | Sequence[str] | None) -> list[str]:
+    """The layer keys to map: ``None`` for :func:`default_layers`, ``"all"`` for :func:`all_layers`, or names.
+
+    A named row without an analytic receptive field is accepted when its output is laid out as the
+    input: its maps come from whole inputs (``ReceptiveMaps.analytic``).
+
+    Raises:
+        ValueError: for an unknown name (close matches and the valid names listed), or a row whose
+            output is not laid out as the input (``(N, C, h, w)`` for images).
+    """
+    if layers is None or layers == "all":
+        chosen = default_layers(table) if layers is None else all_layers(table)
+        if not chosen:
+            raise ValueError(
+                "no layer with a receptive field that varies across the input: nothing to map. Rows:"
+                f" {', '.join(table) or 'none'}. HINT: check the input shape, or pass layers=[...]."
+            )
+        return chosen
+    names = [layers] if isinstance(layers, str) else list(layers)
+    if not names or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"layers={layers!r}: give None, 'all', or a non-empty list of layer names.")
+    valid = ", ".join(all_layers(table)) or "none"
+    for name in names:
+        try:
+            row = table[name]
+        except KeyError as error:
+            raise ValueError(f"layers={names!r}: {error.args[0]} Layers that have maps: {valid}.") from None
+        if not _mappable(row):
+            raise ValueError(
+                f"layers={names!r}: '{name}' ({row.module_type}) gives an output of shape"
+                f" {tuple(row.tensor_shape)} for one input, not {_SHAPES.get(len(row.input_shape), 'laid out as the input')},"
+                f" so it has no receptive map. Layers that have maps: {valid}."
+            )
+    return list(dict.fromkeys(names))
