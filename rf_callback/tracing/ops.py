@@ -7,11 +7,13 @@ the engine dispatches on.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from rf_callback.algebra import PadMode
 from rf_callback.tracing.layout import Traced, _aligned, _dim_size, _normalize_dim, _plain, _Reject, _reshape, _spatial
@@ -33,7 +35,7 @@ _register = _registry(_HANDLERS)
 @_register(aten.convolution.default)
 def _convolution(tracer: Tracer, func, bound, out):
     if bound["transposed"]:
-        raise _Reject("a transposed convolution upsamples, so a unit has no single input interval")
+        return _transposed_convolution(tracer, bound, out)
     info = tracer.mix(tracer.traced(bound["input"]), [1])  # channels are summed over
     kernel = list(bound["weight"].shape[2:])
     result = tracer.window(info, out, kernel, bound["stride"], bound["padding"], bound["dilation"])
@@ -491,3 +493,151 @@ def _recurrent(tracer: Tracer, func, args, kwargs):
         return tuple(results)
 
     return out, name, [source, *states], step
+
+
+# --------------------------------------------------------------------------------------------
+# Upsampling: every output position reads a set of input positions, known exactly.
+# --------------------------------------------------------------------------------------------
+
+Sources = tuple[tuple[int, ...], ...]
+
+
+def _resampled(tracer: Tracer, info: Traced, out: torch.Tensor, count: int, sources_of: Any) -> Traced:
+    """``info`` after a layer that resamples its last ``count`` dims: ``sources_of(i, n, m)`` says which of
+    the ``n`` input positions of the ``i``-th of them each of its ``m`` output positions reads.
+
+    The boxes stay exact (unions of the boxes read); the rows are not shift-equivariant (a crop
+    would resample on another grid), so maps of them use whole images.
+    """
+    field = info.field
+    lead = len(info.layout) - count
+    layout = list(info.layout[:lead])
+    for i in range(count):
+        dim, m = info.layout[lead + i], out.shape[out.dim() - count + i]
+        if not _spatial(dim):
+            layout.append(_plain(m))
+            continue
+        if len(dim) != 1:
+            raise _Reject("it resamples a dimension that mixes a spatial axis with others")
+        axis, n = dim[0]
+        field = field.resample(axis, sources_of(i, n, m))
+        layout.append(((axis, m),))
+    return Traced(field, tuple(layout), equivariant=False)
+
+
+def _transposed_sources(n: int, m: int, kernel: int, stride: int, padding: int, dilation: int) -> Sources:
+    """Which inputs each output of a transposed convolution reads: ``o = i * stride - padding + j * dilation``."""
+    return tuple(
+        tuple(
+            q // stride
+            for j in range(kernel)
+            if (q := o + padding - j * dilation) % stride == 0 and 0 <= q // stride < n
+        )
+        for o in range(m)
+    )
+
+
+def _transposed_convolution(tracer: Tracer, bound, out) -> Traced:
+    info = tracer.mix(tracer.traced(bound["input"]), [1])  # channels are summed over
+    kernel = list(bound["weight"].shape[2:])
+    count = len(kernel)
+    stride, padding, dilation = (
+        list(value) * count if len(value) == 1 else list(value)
+        for value in (bound["stride"], bound["padding"], bound["dilation"])
+    )
+
+    def sources_of(i: int, n: int, m: int) -> Sources:
+        return _transposed_sources(n, m, kernel[i], stride[i], padding[i], dilation[i])
+
+    result = _resampled(tracer, info, out, count, sources_of)
+    layout = list(result.layout)
+    layout[1] = _plain(out.shape[1])
+    return replace(result, layout=tuple(layout))
+
+
+@_register(aten.pixel_shuffle.default, aten.pixel_unshuffle.default)
+def _pixel_shuffle(tracer, func, bound, out):
+    """Channels to space (each output position reads position ``u // r``) and back (a ``r x r`` block)."""
+    info = tracer.traced(bound["self"])
+    channels = info.layout[-3] if len(info.layout) >= 3 else ()
+    if _spatial(channels):
+        raise _Reject("it moves values between a spatial axis and the channels")
+    if func is aten.pixel_shuffle.default:
+        r = bound["upscale_factor"]
+        result = _resampled(tracer, info, out, 2, lambda i, n, m: tuple((u // r,) for u in range(m)))
+    else:
+        r = bound["downscale_factor"]
+        result = _resampled(
+            tracer, info, out, 2, lambda i, n, m: tuple(tuple(range(u * r, u * r + r)) for u in range(m))
+        )
+    layout = list(result.layout)
+    layout[-3] = _plain(out.shape[-3])
+    return replace(result, layout=tuple(layout))
+
+
+def _axis_scales(value: Any, count: int) -> list[Any]:
+    if value is None:
+        return [None] * count
+    return (
+        list(value) * count
+        if isinstance(value, (list, tuple)) and len(value) == 1
+        else (list(value) if isinstance(value, (list, tuple)) else [value] * count)
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _interpolation_sources(
+    count: int, axis: int, n: int, m: int, size: int | None, scale: float | None, options: tuple, dtype: torch.dtype
+) -> Sources:
+    """Which of ``n`` inputs each of ``m`` outputs of ``F.interpolate`` reads with a nonzero weight along one axis.
+
+    Interpolation is separable, so a real ``F.interpolate`` of the ``n`` one-hot signals along
+    ``axis`` (the other axes short, scaled by 1) answers it exactly, as
+    the kernel computes it (its floating-point index arithmetic included), for ``dtype``.
+    """
+    mode, align_corners, recompute, antialias = options
+    # The other axes have length 2, not 1: the antialiasing kernels mishandle a length-1 axis.
+    lengths = [n if b == axis else 2 for b in range(count)]
+    sizes = None if size is None else tuple(size if b == axis else 2 for b in range(count))
+    scales = None
+    if size is None:
+        scales = tuple(scale if b == axis else 1.0 for b in range(count))
+    with _disable_current_modes(), torch.no_grad():
+        shape = [n if b == axis else 1 for b in range(count)]
+        signals = torch.eye(n, dtype=dtype).reshape(n, 1, *shape).expand(n, 1, *lengths).contiguous()
+        result = torch.nn.functional.interpolate(
+            signals,
+            size=sizes,
+            scale_factor=scales,
+            mode=mode,
+            align_corners=align_corners,
+            recompute_scale_factor=recompute,
+            antialias=antialias,
+        )
+        weights = result[(slice(None), 0, *(slice(None) if b == axis else 0 for b in range(count)))]
+        if weights.shape[1] != m:
+            raise _Reject(f"its output length {m} could not be reproduced along axis {axis}")
+        nonzero = weights.ne(0).T.tolist()
+    return tuple(tuple(i for i, read in enumerate(row) if read) for row in nonzero)
+
+
+@_intercept(torch.nn.functional.interpolate)
+def _interpolate(tracer: Tracer, func, args, kwargs):
+    """``F.interpolate`` / ``nn.Upsample`` in every mode, caught before it decomposes into indexing."""
+    names = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
+    bound = dict(zip(names, args), **kwargs)
+    source, mode = bound["input"], bound.get("mode", "nearest")
+    out = func(*args, **kwargs)
+    count = source.dim() - 2
+    sizes, scales = _axis_scales(bound.get("size"), count), _axis_scales(bound.get("scale_factor"), count)
+    options = (mode, bound.get("align_corners"), bound.get("recompute_scale_factor"), bound.get("antialias", False))
+    dtype = torch.float64 if source.dtype == torch.float64 else torch.float32
+
+    def sources_of(i: int, n: int, m: int) -> Sources:
+        scale = None if scales[i] is None else float(scales[i])
+        return _interpolation_sources(count, i, n, m, sizes[i], scale, options, dtype)
+
+    def step(infos):
+        return _resampled(tracer, tracer.traced(source), out, count, sources_of)
+
+    return out, f"F.interpolate(mode={mode!r})", [source], step
