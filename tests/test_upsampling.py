@@ -258,3 +258,85 @@ def test_unet_output_pixels_equal_the_gradient_support():
         k: (r.size, r.stride, r.padding) for k, r in table.items()
     }
     assert table["head"].stride == (1, 1) and table["head"].output_shape == (12, 16)
+
+
+class Kernel(nn.Module):
+    """An ATen interpolation kernel called directly, as decompositions and ``torch._C._nn`` callers do."""
+
+    def __init__(self, func, *args):
+        super().__init__()
+        self.func, self.args = func, args
+
+    def forward(self, x):
+        return self.func(x, *self.args)
+
+
+aten = torch.ops.aten
+
+
+@pytest.mark.parametrize(
+    ("func", "args", "spatial"),
+    [
+        (aten.upsample_nearest2d.default, ([11, 7], None, None), (5, 4)),
+        (aten.upsample_nearest2d.vec, (None, [2.5, 1.5]), (5, 4)),
+        (aten._upsample_nearest_exact1d.default, ([13], 2.6), (5,)),
+        (aten.upsample_bilinear2d.default, ([9, 12], True, None, None), (5, 4)),
+        (aten.upsample_bilinear2d.vec, (None, False, [2.0, 3.0]), (5, 4)),
+        (aten.upsample_bicubic2d.default, ([9, 7], False, None, None), (4, 5)),
+        (aten.upsample_linear1d.vec, ([7], False, None), (16,)),
+        (aten.upsample_trilinear3d.default, ([6, 4, 5], False, None, None, None), (3, 3, 4)),
+        (aten._upsample_bilinear2d_aa.default, ([3, 9], False, None, None), (8, 4)),
+    ],
+    ids=lambda value: str(value) if isinstance(value, torch._ops.OpOverload) else None,
+)
+def test_aten_interpolation_kernels_called_directly(func, args, spatial):
+    dims = len(spatial)
+    net = nn.Sequential(CONV[dims](1, 2, 3, padding=1), Kernel(func, *args), CONV[dims](2, 2, 3, padding=1))
+    assert_exact_boxes(linearized(net), spatial, ["1", "2"])
+
+
+def dense_gradient_boxes(model: nn.Module, shape: tuple[int, ...], row, pick, units) -> list[tuple[int, ...]]:
+    """Bounding boxes of the nonzero input gradient of ``pick(model(image))[0, :, i, j].sum()`` for each unit."""
+    model = model.double().eval()
+    image = torch.randn(1, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    output = pick(model(image))
+    boxes = []
+    for i, j in units:
+        (grad,) = torch.autograd.grad(output[0, :, i, j].sum(), image, retain_graph=True)
+        ys, xs = grad[0].abs().sum(0).nonzero(as_tuple=True)
+        boxes.append((ys.min().item(), xs.min().item(), ys.max().item() + 1, xs.max().item() + 1))
+    return boxes
+
+
+@pytest.mark.parametrize("name", ["fcn_resnet50", "deeplabv3_resnet50", "lraspp_mobilenet_v3_large"])
+def test_segmentation_models_have_exact_tables(name):
+    """torchvision's segmentation models, resized back to the input in their own forward: no row refused."""
+    import torchvision
+
+    with torch.device("meta"):
+        model = torchvision.models.get_model(name, weights=None, weights_backbone=None)
+    table = receptive_fields(model, (3, 64, 64))
+    output = table["(output)"]
+    assert output.output_shape == (64, 64)
+    if name == "fcn_resnet50":  # output stride 8, resized back: 1 on average, units in steps of 0 and 1
+        assert output.stride == (1, 1) and not output.is_global
+        assert table["backbone"].stride == (8, 8)
+    else:  # the pooled branch (ASPP's image pooling, LR-ASPP's gate) makes every pixel see the image
+        assert output.is_global
+
+
+def test_fcn_and_fpn_boxes_equal_the_gradient_support():
+    import torchvision
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    torch.manual_seed(0)
+    fcn = torchvision.models.get_model("fcn_resnet50", weights=None, weights_backbone=None)
+    row = receptive_fields(fcn, (3, 48, 48))["(output)"]
+    units = [(0, 0), (47, 47), (20, 31)]
+    assert [row.box(*unit) for unit in units] == dense_gradient_boxes(fcn, (3, 48, 48), row, lambda o: o["out"], units)
+    fpn = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
+    table = receptive_fields(fpn, (3, 64, 64))
+    assert [table[f"fpn:{k}"].stride for k in range(5)] == [(4, 4), (8, 8), (16, 16), (32, 32), (64, 64)]
+    row = table["fpn:0"]  # the finest level sums the lateral path and three upsampled coarser ones
+    units = [(0, 0), (15, 15), (7, 9), (3, 12)]
+    assert [row.box(*unit) for unit in units] == dense_gradient_boxes(fpn, (3, 64, 64), row, lambda o: o["0"], units)

@@ -7,7 +7,6 @@ the engine dispatches on.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -585,45 +584,40 @@ def _axis_scales(value: Any, count: int) -> list[Any]:
     )
 
 
-@functools.lru_cache(maxsize=1024)
-def _interpolation_sources(
-    count: int, axis: int, n: int, m: int, size: int | None, scale: float | None, options: tuple, dtype: torch.dtype
-) -> Sources:
-    """Which of ``n`` inputs each of ``m`` outputs of ``F.interpolate`` reads with a nonzero weight along one axis.
+_SOURCES: dict[tuple, Sources] = {}
 
-    Interpolation is separable, so a real ``F.interpolate`` of the ``n`` one-hot signals along
-    ``axis`` (the other axes short, scaled by 1) answers it exactly, as
-    the kernel computes it (its floating-point index arithmetic included), for ``dtype``.
+
+def _probed_sources(key: tuple, count: int, axis: int, n: int, m: int, dtype: torch.dtype, run: Any) -> Sources:
+    """Which of ``n`` inputs each of ``m`` outputs of an interpolation reads with a nonzero weight along ``axis``.
+
+    Interpolation is separable, so the real operation ``run`` on the ``n`` one-hot signals along
+    ``axis`` (the other axes short and scaled by 1) answers it exactly, as the kernel computes it
+    (clamping, ``align_corners`` and its floating-point index arithmetic included), for ``dtype``.
+    ``key`` names everything the answer depends on; answers are kept.
     """
-    mode, align_corners, recompute, antialias = options
+    found = _SOURCES.get(key)
+    if found is not None:
+        return found
     # The other axes have length 2, not 1: the antialiasing kernels mishandle a length-1 axis.
     lengths = [n if b == axis else 2 for b in range(count)]
-    sizes = None if size is None else tuple(size if b == axis else 2 for b in range(count))
-    scales = None
-    if size is None:
-        scales = tuple(scale if b == axis else 1.0 for b in range(count))
     with _disable_current_modes(), torch.no_grad():
-        shape = [n if b == axis else 1 for b in range(count)]
-        signals = torch.eye(n, dtype=dtype).reshape(n, 1, *shape).expand(n, 1, *lengths).contiguous()
-        result = torch.nn.functional.interpolate(
-            signals,
-            size=sizes,
-            scale_factor=scales,
-            mode=mode,
-            align_corners=align_corners,
-            recompute_scale_factor=recompute,
-            antialias=antialias,
-        )
+        signals = torch.eye(n, dtype=dtype).reshape(n, 1, *(n if b == axis else 1 for b in range(count)))
+        result = run(signals.expand(n, 1, *lengths).contiguous())
         weights = result[(slice(None), 0, *(slice(None) if b == axis else 0 for b in range(count)))]
         if weights.shape[1] != m:
-            raise _Reject(f"its output length {m} could not be reproduced along axis {axis}")
+            raise _Reject(f"its output length {m} along axis {axis} could not be reproduced")
         nonzero = weights.ne(0).T.tolist()
-    return tuple(tuple(i for i, read in enumerate(row) if read) for row in nonzero)
+    found = _SOURCES[key] = tuple(tuple(i for i, read in enumerate(row) if read) for row in nonzero)
+    return found
+
+
+def _probe_dtype(tensor: torch.Tensor) -> torch.dtype:
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 @_intercept(torch.nn.functional.interpolate)
 def _interpolate(tracer: Tracer, func, args, kwargs):
-    """``F.interpolate`` / ``nn.Upsample`` in every mode, caught before it decomposes into indexing."""
+    """``F.interpolate`` / ``nn.Upsample`` in every mode, caught before it can decompose into indexing."""
     names = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
     bound = dict(zip(names, args), **kwargs)
     source, mode = bound["input"], bound.get("mode", "nearest")
@@ -631,13 +625,69 @@ def _interpolate(tracer: Tracer, func, args, kwargs):
     count = source.dim() - 2
     sizes, scales = _axis_scales(bound.get("size"), count), _axis_scales(bound.get("scale_factor"), count)
     options = (mode, bound.get("align_corners"), bound.get("recompute_scale_factor"), bound.get("antialias", False))
-    dtype = torch.float64 if source.dtype == torch.float64 else torch.float32
+    dtype = _probe_dtype(source)
 
     def sources_of(i: int, n: int, m: int) -> Sources:
-        scale = None if scales[i] is None else float(scales[i])
-        return _interpolation_sources(count, i, n, m, sizes[i], scale, options, dtype)
+        size = None if sizes[i] is None else tuple(sizes[i] if b == i else 2 for b in range(count))
+        scale = None if size is not None else tuple(float(scales[i]) if b == i else 1.0 for b in range(count))
+
+        def run(signals):
+            return func(signals, size, scale, mode, options[1], options[2], options[3])
+
+        return _probed_sources(("interpolate", count, i, n, m, dtype, size, scale, options), count, i, n, m, dtype, run)
 
     def step(infos):
         return _resampled(tracer, tracer.traced(source), out, count, sources_of)
 
     return out, f"F.interpolate(mode={mode!r})", [source], step
+
+
+_UPSAMPLING = [
+    getattr(getattr(aten, name), overload)
+    for name in (
+        "upsample_nearest1d",
+        "upsample_nearest2d",
+        "upsample_nearest3d",
+        "_upsample_nearest_exact1d",
+        "_upsample_nearest_exact2d",
+        "_upsample_nearest_exact3d",
+        "upsample_linear1d",
+        "upsample_bilinear2d",
+        "upsample_trilinear3d",
+        "upsample_bicubic2d",
+        "_upsample_bilinear2d_aa",
+        "_upsample_bicubic2d_aa",
+        "_upsample_lanczos2d_aa",
+    )
+    if hasattr(aten, name)
+    for overload in ("default", "vec")
+]
+
+
+@_register(*_UPSAMPLING)
+def _upsampling(tracer, func, bound, out):
+    """The ATen interpolation kernels, called directly (``torch._C._nn.upsample_*``) or by decompositions."""
+    names = [argument.name for argument in func._schema.arguments]
+    source = bound[names[0]]
+    count = source.dim() - 2
+    scale_names = [name for name in names if name.startswith("scales")]
+    dtype = _probe_dtype(source)
+
+    def sources_of(i: int, n: int, m: int) -> Sources:
+        values = []
+        for name in names[1:]:
+            value = bound[name]
+            if name == "output_size" and value is not None:
+                value = [m if b == i else 2 for b in range(count)]
+            elif name == "scale_factors" and value is not None:
+                value = [float(value[i]) if b == i else 1.0 for b in range(count)]
+            elif name in scale_names:
+                value = value if scale_names.index(name) == i else None
+            values.append(tuple(value) if isinstance(value, list) else value)
+
+        def run(signals):
+            return func(signals, *(list(v) if isinstance(v, tuple) else v for v in values))
+
+        return _probed_sources((str(func), count, i, n, m, dtype, *values), count, i, n, m, dtype, run)
+
+    return _resampled(tracer, tracer.traced(source), out, count, sources_of)
