@@ -23,6 +23,7 @@ from rf_callback import UnsupportedLayerError, receptive_fields
 from rf_callback.table import OUTPUT_ROW
 from rf_callback.tracing import flat_tensors
 
+SIZES = {"ssd300_vgg16": 300}  # models that need a larger input than --size
 GROUPS = {
     "classification": torchvision.models,
     "segmentation": torchvision.models.segmentation,
@@ -41,6 +42,8 @@ def output_rows(table, model: torch.nn.Module) -> list[str]:
     """The rows of the model's own output tensors: ``(output)`` or the last module's ``name:k`` rows."""
     if OUTPUT_ROW in table:
         return [OUTPUT_ROW]
+    if any(key.startswith("fpn:") for key in table):  # a detection backbone: its feature pyramid
+        return [key for key in table if key.startswith("fpn:")]
     last = list(table)[-1].split(":")[0].split("[")[0]
     return [key for key in table if key == last or key.startswith(f"{last}:")]
 
@@ -91,17 +94,18 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     rng = random.Random(0)
-    shape = (3, args.size, args.size)
-    image = torch.randn(1, *shape)
     counts = {"ok": 0, "refused": 0, "error": 0}
     ratios, checked, wrong = [], 0, 0
     print(
-        f"{'group':15s} {'model':36s} {'result':8s} {'trace ms':>9s} {'fwd ms':>8s} {'ratio':>6s}  (1 thread, {shape})"
+        f"{'group':15s} {'model':36s} {'result':8s} {'trace ms':>9s} {'fwd ms':>8s} {'ratio':>6s}  (1 thread, {args.size} px)"
     )
     for group, module in GROUPS.items():
         if group not in args.groups:
             continue
         for name in torchvision.models.list_models(module=module):
+            side = max(args.size, SIZES.get(name, 0))
+            shape = (3, side, side)
+            image = torch.randn(1, *shape)
             try:
                 model = build(group, name)
                 with torch.no_grad():
@@ -123,7 +127,10 @@ def main() -> None:
                 continue
             with torch.no_grad():
                 times = interleaved(
-                    {"trace": lambda m=model: receptive_fields(m, shape), "forward": lambda m=model: m(image)},
+                    {
+                        "trace": lambda m=model, s=shape: receptive_fields(m, s),
+                        "forward": lambda m=model, x=image: m(x),
+                    },
                     args.repeats,
                 )
             ratio = times["trace"] / times["forward"]
@@ -135,14 +142,15 @@ def main() -> None:
                 flush=True,
             )
             if args.check and group != "classification":
-                size = (3, args.check_size, args.check_size)
+                side = max(args.check_size, SIZES.get(name, 0))
+                size = (3, side, side)
                 units, bad = check_boxes(model, size, args.check, rng)
                 checked, wrong = checked + units, wrong + bad
                 print(f"    boxes of {units} output pixels at {size} vs gradient support: {units - bad} equal")
     ratios.sort()
     median = ratios[len(ratios) // 2] if ratios else float("nan")
     print(
-        f"\n{counts['ok']} ok, {counts['refused']} refused, {counts['error']} did not run at {shape};"
+        f"\n{counts['ok']} ok, {counts['refused']} refused, {counts['error']} did not run at {args.size} px;"
         f" trace / forward: median {median:.2f}, max {max(ratios, default=float('nan')):.2f}"
     )
     if args.check:
