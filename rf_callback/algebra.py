@@ -32,7 +32,10 @@ period of ``P`` units advances ``jump * P`` (a whole number of) input pixels. Th
 * ``jump`` is the average advance per unit, an exact :class:`~fractions.Fraction` (``1/2``);
 * ``size`` is the largest interval over the phases;
 * ``start`` is the low end of unit 0's interval (so ``padding = -start`` is still how far unit 0
-  reaches before input pixel 0).
+  reaches before input pixel 0; where unit 0 reads nothing, the first unit that reads something).
+
+``interval(u)`` is exact for every unit (a periodic pattern extends into the padding as a uniform
+one does); the exact boxes of :class:`Field` do not depend on it.
 
 A periodic geometry with ``P = 1`` is an ordinary one: ``jump`` is then an ``int`` again.
 

@@ -519,7 +519,10 @@ def _resampled(tracer: Tracer, info: Traced, out: torch.Tensor, count: int, sour
         if len(dim) != 1:
             raise _Reject("it resamples a dimension that mixes a spatial axis with others")
         axis, n = dim[0]
-        field = field.resample(axis, sources_of(i, n, m))
+        sources = sources_of(i, n, m)
+        if not any(sources):
+            raise _Reject("none of its output positions reads an input position")
+        field = field.resample(axis, sources)
         layout.append(((axis, m),))
     return Traced(field, tuple(layout), equivariant=False)
 
