@@ -40,8 +40,9 @@ def build(group: str, name: str) -> torch.nn.Module:
 
 def output_rows(table, model: torch.nn.Module) -> list[str]:
     """The rows of the model's own output tensors: ``(output)`` or the last module's ``name:k`` rows."""
-    if OUTPUT_ROW in table:
-        return [OUTPUT_ROW]
+    own = [key for key in table if key.split(":")[0] == OUTPUT_ROW]  # computed in the top-level forward
+    if own:
+        return own
     if any(key.startswith("fpn:") for key in table):  # a detection backbone: its feature pyramid
         return [key for key in table if key.startswith("fpn:")]
     last = list(table)[-1].split(":")[0].split("[")[0]
@@ -56,7 +57,7 @@ def check_boxes(model: torch.nn.Module, shape: tuple[int, ...], count: int, rng:
     modules = dict(model.named_modules())
     captured: dict[str, object] = {}
     hooks = []
-    for key in {row.split(":")[0] for row in rows if row != OUTPUT_ROW}:
+    for key in {row.split(":")[0] for row in rows} - {OUTPUT_ROW}:
         hooks.append(modules[key].register_forward_hook(lambda m, a, out, key=key: captured.__setitem__(key, out)))
     image = torch.randn(1, *shape, dtype=torch.float64, requires_grad=True)
     try:
@@ -67,7 +68,7 @@ def check_boxes(model: torch.nn.Module, shape: tuple[int, ...], count: int, rng:
     checked = wrong = 0
     for key in rows:
         module, _, index = key.partition(":")
-        tensors = flat_tensors(output if key == OUTPUT_ROW else captured[module])
+        tensors = flat_tensors(output if module == OUTPUT_ROW else captured[module])
         tensor, row = tensors[int(index or 0)], table[key]
         h, w = row.output_shape
         units = {(0, 0), (h - 1, w - 1), (0, w - 1), (h - 1, 0)}
