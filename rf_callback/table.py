@@ -337,7 +337,7 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
             wrappers are unwrapped).
         input_shape: ``(C, H, W)`` without the batch; ``(C, L)`` for 1-D models.
         strict: raise :class:`UnsupportedLayerError` at the first row that depends on an operation
-            without a receptive field (window partitions, rolls, misaligned branches...),
+            without a receptive field (window partitions, sampling grids, misaligned branches...),
             naming that operation. Such an operation is harmless, and refused nowhere, where every
             unit of its inputs already sees the same interval along the axes it touches (global
             pooling, attention, a squeeze-excitation gate upstream). With ``False`` the table still

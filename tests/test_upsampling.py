@@ -340,3 +340,19 @@ def test_fcn_and_fpn_boxes_equal_the_gradient_support():
     row = table["fpn:0"]  # the finest level sums the lateral path and three upsampled coarser ones
     units = [(0, 0), (15, 15), (7, 9), (3, 12)]
     assert [row.box(*unit) for unit in units] == dense_gradient_boxes(fpn, (3, 64, 64), row, lambda o: o["0"], units)
+
+
+class Roll(nn.Module):
+    def __init__(self, shifts, dims):
+        super().__init__()
+        self.shifts, self.dims = shifts, dims
+
+    def forward(self, x):
+        return torch.roll(x, self.shifts, self.dims)
+
+
+@pytest.mark.parametrize(("shifts", "dims"), [((3, -2), (2, 3)), (-1, 3), ((0, 9), (-2, -1))])
+def test_rolls_are_followed_exactly(shifts, dims):
+    """Swin's shifted windows roll the feature map: each position reads ``(u - shift) mod n``."""
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, stride=2, padding=1), Roll(shifts, dims), nn.Conv2d(2, 2, 3, padding=1))
+    assert_exact_boxes(linearized(net), (10, 13), ["1", "2"])

@@ -418,9 +418,9 @@ class ConvThen(nn.Module):
         return self.then(x, self.conv(x))
 
 
-def roll(x, y):
-    """A circular shift (Swin's shifted windows), in the top-level forward: not followed."""
-    return y.roll(1, -1)
+def sample(x, y):
+    """A sampling grid (``grid_sample``) in the top-level forward: not followed."""
+    return F.grid_sample(y, torch.zeros(1, *y.shape[-2:], 2), align_corners=False)
 
 
 def unused_resize(x, y):
@@ -429,9 +429,9 @@ def unused_resize(x, y):
 
 
 def test_strict_and_lenient_agree_on_the_top_level_forward():
-    with pytest.raises(UnsupportedLayerError, match=r"aten\.roll.* in the top-level forward \(ConvThen\)"):
-        receptive_fields(ConvThen(roll, stride=2), (2, 8, 8))
-    table = receptive_fields(ConvThen(roll, stride=2), (2, 8, 8), strict=False)
+    with pytest.raises(UnsupportedLayerError, match=r"aten\.grid_sampler_2d.* in the top-level forward \(ConvThen\)"):
+        receptive_fields(ConvThen(sample, stride=2), (2, 8, 8))
+    table = receptive_fields(ConvThen(sample, stride=2), (2, 8, 8), strict=False)
     assert list(table) == ["conv", OUTPUT_ROW]
     assert [row.name for row in table.unsupported] == [OUTPUT_ROW]
     assert table[OUTPUT_ROW].module_type == "ConvThen" and table[OUTPUT_ROW].output_shape == (4, 4)

@@ -577,6 +577,28 @@ def _pixel_shuffle(tracer, func, bound, out):
     return replace(result, layout=tuple(layout))
 
 
+@_register(aten.roll.default)
+def _roll(tracer, func, bound, out):
+    """A circular shift (Swin's shifted windows): output position ``u`` reads ``(u - shift) mod n``."""
+    source = bound["self"]
+    info = tracer.traced(source)
+    shifts, dims = list(bound["shifts"]), list(bound["dims"] or [])
+    if not dims:  # the flattened tensor is rolled
+        if any(_spatial(dim) for dim in info.layout):
+            raise _Reject("it rolls the flattened tensor across a spatial axis")
+        return info
+    field, layout = info.field, list(info.layout)
+    for shift, d in zip(shifts, (_normalize_dim(d, source.dim()) for d in dims)):
+        dim = info.layout[d]
+        if not _spatial(dim) or shift % source.shape[d] == 0:
+            continue
+        if len(dim) != 1:
+            raise _Reject("it rolls a dimension that mixes a spatial axis with others")
+        axis, n = dim[0]
+        field = field.resample(axis, tuple(((u - shift) % n,) for u in range(n)))
+    return Traced(field, tuple(layout), equivariant=False)
+
+
 def _axis_scales(value: Any, count: int) -> list[Any]:
     if value is None:
         return [None] * count
