@@ -23,24 +23,59 @@ A ``jump`` of 0 means every unit sees the same interval: the axis has been mixed
 operation (global pooling followed by broadcasting, flatten + Linear, softmax or attention
 across positions, normalisation over the spatial axes).
 
+**Fractional strides.** Upsampling (transposed convolution, interpolation, pixel shuffle) makes
+output positions advance by less than one input pixel, and not always by the same amount: after a
+stride-2 convolution and a nearest 2x upsampling, units ``2k`` and ``2k + 1`` share one interval.
+Such an axis is *periodic*: ``phases`` holds the exact intervals of units ``0 .. P - 1`` and every
+period of ``P`` units advances ``jump * P`` (a whole number of) input pixels. Then
+
+* ``jump`` is the average advance per unit, an exact :class:`~fractions.Fraction` (``1/2``);
+* ``size`` is the largest interval over the phases;
+* ``start`` is the low end of unit 0's interval (so ``padding = -start`` is still how far unit 0
+  reaches before input pixel 0; where unit 0 reads nothing, the first unit that reads something).
+
+``interval(u)`` is exact for every unit (a periodic pattern extends into the padding as a uniform
+one does); the exact boxes of :class:`Field` do not depend on it.
+
+A periodic geometry with ``P = 1`` is an ordinary one: ``jump`` is then an ``int`` again.
+
 This module imports nothing outside the standard library, so the maths can be checked
 without torch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from typing import Literal
 
 from rf_callback.errors import MisalignedBranchesError
 
-__all__ = ["IDENTITY", "AxisRF", "Box", "Field", "MisalignedBranchesError", "compose", "layer", "merge", "mixed"]
+__all__ = [
+    "IDENTITY",
+    "AxisRF",
+    "Box",
+    "Field",
+    "MisalignedBranchesError",
+    "compose",
+    "layer",
+    "merge",
+    "mixed",
+    "periodic",
+    "resampling",
+]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class AxisRF:
     """Geometry of one spatial axis: unit ``u`` sees ``[u * jump + start, u * jump + start + size)``.
+
+    A periodic geometry (after upsampling, see the module's docstring) also has ``phases``: the
+    intervals ``(low, high)`` of units ``0 .. P - 1`` (None for a unit that reads no input); unit
+    ``u = b * P + r`` sees ``phases[r]`` shifted by ``b * jump * P``. Build those with
+    :func:`periodic`.
 
     Example::
         >>> rf = AxisRF(size=5, jump=2, start=-2)
@@ -48,29 +83,63 @@ class AxisRF:
         ((-2, 3), (4, 9))
         >>> rf.padding, rf.center(3)
         (2, 6.0)
+        >>> up = periodic([(0, 1), (0, 1)], advance=1)  # nearest 2x: two units per input position
+        >>> up.jump, up.interval(2), up.interval(3)
+        (Fraction(1, 2), (1, 2), (1, 2))
     """
 
     size: int = 1
-    jump: int = 1
+    jump: int | Fraction = 1
     start: int = 0
+    phases: tuple[tuple[int, int] | None, ...] = ()
 
     def __post_init__(self) -> None:
         if self.size < 1 or self.jump < 0:
             raise ValueError(f"AxisRF needs size >= 1 and jump >= 0, got size={self.size}, jump={self.jump}.")
+        if not self.phases and not isinstance(self.jump, int):
+            raise ValueError(f"AxisRF with a fractional jump ({self.jump}) needs phases; build it with periodic().")
+
+    def __repr__(self) -> str:
+        phases = f", phases={self.phases!r}" if self.phases else ""
+        return f"AxisRF(size={self.size!r}, jump={self.jump!r}, start={self.start!r}{phases})"
 
     @property
     def padding(self) -> int:
         """Effective padding: how far unit 0's field reaches before input position 0."""
         return -self.start
 
-    def interval(self, index: int) -> tuple[int, int]:
-        """Half-open input interval ``(low, high)`` seen by output position ``index`` (not clipped)."""
-        low = index * self.jump + self.start
-        return low, low + self.size
+    @property
+    def period(self) -> int:
+        """How many units make one period of the geometry (1 unless upsampled)."""
+        return len(self.phases) or 1
+
+    @property
+    def advance(self) -> int:
+        """Input pixels one period advances: ``jump * period``, a whole number."""
+        return int(self.jump * self.period)
+
+    def interval(self, index: int) -> tuple[int, int] | None:
+        """Half-open input interval ``(low, high)`` seen by output position ``index`` (not clipped).
+
+        None only for a unit of a periodic geometry that reads no input (the holes of a transposed
+        convolution whose kernel is smaller than its stride).
+        """
+        if not self.phases:
+            low = index * self.jump + self.start
+            return low, low + self.size
+        block, phase = divmod(index, len(self.phases))
+        interval = self.phases[phase]
+        if interval is None:
+            return None
+        shift = block * self.advance
+        return interval[0] + shift, interval[1] + shift
 
     def center(self, index: int) -> float:
         """Input coordinate of the centre of output position ``index``'s field."""
-        return index * self.jump + self.start + (self.size - 1) / 2
+        interval = self.interval(index)
+        if interval is None:  # a unit that reads nothing: where the average geometry puts it
+            return float(index * self.jump + self.start + Fraction(self.size - 1, 2))
+        return (interval[0] + interval[1] - 1) / 2
 
 
 IDENTITY = AxisRF()
@@ -112,18 +181,105 @@ def compose(first: AxisRF, then: AxisRF) -> AxisRF:
     Example::
         >>> compose(AxisRF(size=3, jump=1, start=-1), AxisRF(size=3, jump=2, start=-1))
         AxisRF(size=5, jump=2, start=-2)
+        >>> down = layer(kernel=3, stride=2, padding=1)
+        >>> compose(down, periodic([(0, 1), (0, 1)], advance=1))  # then nearest 2x: units 2k, 2k+1 share a field
+        AxisRF(size=3, jump=1, start=-1, phases=((-1, 2), (-1, 2)))
     """
-    return AxisRF(
-        size=first.size + (then.size - 1) * first.jump,
-        jump=first.jump * then.jump,
-        start=first.start + then.start * first.jump,
-    )
+    if not first.phases and not then.phases:
+        return AxisRF(
+            size=first.size + (then.size - 1) * first.jump,
+            jump=first.jump * then.jump,
+            start=first.start + then.start * first.jump,
+        )
+    # Periodic: a period of `then` advances then.advance of first's units; the result repeats once
+    # that advance is a whole number of first's periods.
+    repeat = 1 if then.advance == 0 else first.period // math.gcd(first.period, then.advance)
+    period = then.period * repeat
+    advance = repeat * then.advance // first.period * first.advance
+    intervals: list[tuple[int, int] | None] = []
+    for u in range(period):
+        reads = then.interval(u)
+        intervals.append(None if reads is None else _union(first.interval(v) for v in range(reads[0], reads[1])))
+    return periodic(intervals, advance)
 
 
-def _hull(rfs: Sequence[AxisRF], jump: int) -> AxisRF:
-    low = min(rf.start for rf in rfs)
-    high = max(rf.start + rf.size for rf in rfs)
-    return AxisRF(size=high - low, jump=jump, start=low)
+def periodic(intervals: Sequence[tuple[int, int] | None], advance: int) -> AxisRF:
+    """The geometry whose units ``0 .. P - 1`` see ``intervals``, each next ``P`` units the same shifted by ``advance``.
+
+    The shortest period that repeats is kept; a period of one unit is an ordinary geometry.
+
+    Example::
+        >>> periodic([(0, 2), (1, 3)], advance=2)  # uniform after all
+        AxisRF(size=2, jump=1, start=0)
+        >>> periodic([(0, 1), None], advance=1)  # every other unit reads nothing
+        AxisRF(size=1, jump=Fraction(1, 2), start=0, phases=((0, 1), None))
+    """
+    count = len(intervals)
+    if not any(interval is not None for interval in intervals):
+        raise ValueError("periodic needs at least one unit that reads some input.")
+    period, step = count, advance
+    for candidate in range(1, count):
+        if count % candidate or (advance * candidate) % count:
+            continue
+        shift = advance * candidate // count
+        if all(_shifted(intervals[r % candidate], (r // candidate) * shift) == intervals[r] for r in range(count)):
+            period, step = candidate, shift
+            break
+    phases = tuple(intervals[:period])
+    size = max(high - low for low, high in (p for p in phases if p is not None))
+    start = next(p for p in phases if p is not None)[0]
+    if period == 1 and phases[0] is not None:
+        return AxisRF(size=size, jump=step, start=start)
+    jump = Fraction(step, period)
+    return AxisRF(size=size, jump=int(jump) if jump.denominator == 1 else jump, start=start, phases=phases)
+
+
+def _shifted(interval: tuple[int, int] | None, shift: int) -> tuple[int, int] | None:
+    return None if interval is None else (interval[0] + shift, interval[1] + shift)
+
+
+def resampling(sources: Sequence[Sequence[int]], length: int, margin: int = 2) -> AxisRF:
+    """Geometry of a layer whose output position ``u`` reads input positions ``sources[u]`` (of ``length``).
+
+    Where the whole axis repeats a shorter pattern (nearest, transposed convolution, pixel shuffle)
+    that pattern is the geometry. Interpolation that clamps at the ends (bilinear, bicubic) reads
+    fewer positions there: the geometry is then the periodic pattern of the interior, extended to
+    every position (as a convolution's geometry extends into its padding). Where neither exists,
+    the whole axis is one period (exact, if long). The boxes never depend on this choice.
+
+    Example::
+        >>> resampling([[0], [0], [1], [1], [2], [2], [3], [3], [4], [4], [5], [5]], length=6)  # nearest 2x
+        AxisRF(size=1, jump=Fraction(1, 2), start=0, phases=((0, 1), (0, 1)))
+        >>> bilinear = [[0], [0, 1], [0, 1], [1, 2], [1, 2], [2, 3], [2, 3], [3, 4], [3, 4], [4, 5], [4, 5], [5]]
+        >>> resampling(bilinear, length=6)  # unit 0 reads 'pixel -1' in the interior's pattern
+        AxisRF(size=2, jump=Fraction(1, 2), start=-1, phases=((-1, 1), (0, 2)))
+    """
+    hulls = [(min(s), max(s) + 1) if len(s) else None for s in sources]
+    count = len(hulls)
+    whole = periodic(hulls, length)
+    if whole.period < count:  # periodic up to the ends (nearest, transposed convolution, pixel shuffle)
+        return whole
+    for period in range(1, count // 4 + 1):
+        first, last = margin, count - margin - period  # compare u with u + period, clear of the ends
+        if last - first < max(2 * period, 4) or hulls[first] is None or hulls[first + period] is None:
+            continue
+        step = hulls[first + period][0] - hulls[first][0]  # type: ignore[index]
+        if all(_shifted(hulls[u], step) == hulls[u + period] for u in range(first, last)):
+            block = -(-first // period)
+            return periodic([_shifted(hulls[block * period + r], -block * step) for r in range(period)], step)
+    return whole
+
+
+def _hull(rfs: Sequence[AxisRF], jump: int | Fraction) -> AxisRF:
+    if isinstance(jump, int) and all(not rf.phases for rf in rfs):
+        low = min(rf.start for rf in rfs)
+        high = max(rf.start + rf.size for rf in rfs)
+        return AxisRF(size=high - low, jump=jump, start=low)
+    if any(rf.jump != jump for rf in rfs):  # one output position: only unit 0 matters
+        low, high = _union(rf.interval(0) for rf in rfs)  # type: ignore[misc]
+        return AxisRF(size=high - low, jump=0, start=low)
+    period = math.lcm(*(rf.period for rf in rfs))
+    return periodic([_union(rf.interval(u) for rf in rfs) for u in range(period)], int(jump * period))
 
 
 Box = tuple[int, int] | None
@@ -274,6 +430,25 @@ class Field:
         """After slicing ``[start::step]`` to ``length`` positions along ``axis``."""
         rf = compose(self.rfs[axis], layer(stride=step, padding=-start))
         return self._along(axis, rf, lambda boxes: tuple(boxes[start + u * step] for u in range(length)))
+
+    def resample(self, axis: int, sources: Sequence[Sequence[int]], geometry: AxisRF | None = None) -> Field:
+        """After a layer whose output position ``u`` along ``axis`` reads the positions ``sources[u]``.
+
+        Upsampling of every kind (transposed convolution, interpolation, pixel shuffle) is such a
+        layer: each box is the union of the boxes read, so it stays exact however the positions
+        are shared. ``geometry`` defaults to :func:`resampling` of ``sources``.
+
+        Example::
+            >>> down = Field.of_input((8,)).window(0, kernel=3, stride=2, padding=1, length=4)
+            >>> up = down.resample(0, [[u // 2] for u in range(8)])  # nearest 2x
+            >>> [up.box((u,)) for u in range(4)]  # units 2k and 2k + 1 share a box
+            [((0, 2),), ((0, 2),), ((1, 4),), ((1, 4),)]
+            >>> up.rfs[0]  # back at the input's resolution: stride 1 on average, but in steps of 0 and 2
+            AxisRF(size=3, jump=1, start=-1, phases=((-1, 2), (-1, 2)))
+        """
+        geometry = geometry if geometry is not None else resampling(sources, self.length(axis))
+        rf = compose(self.rfs[axis], geometry)
+        return self._along(axis, rf, lambda boxes: tuple(_union(boxes[v] for v in reads) for reads in sources))
 
     def mix(self, axis: int) -> Field:
         """After an operation where every position along ``axis`` reads all of them (softmax, statistics)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from fractions import Fraction
 from typing import Any
 
 __all__ = ["COLUMNS", "format_rows", "format_table", "markdown_table", "pair", "table_rows", "unsupported_notes"]
@@ -10,12 +11,12 @@ __all__ = ["COLUMNS", "format_rows", "format_table", "markdown_table", "pair", "
 COLUMNS = ("layer", "type", "output", "RF size", "stride", "padding")
 
 
-def pair(values: Sequence[int]) -> str:
-    """``(7, 7)`` as ``7``, ``(7, 5)`` as ``7x5``.
+def pair(values: Sequence[int | Fraction | str]) -> str:
+    """``(7, 7)`` as ``7``, ``(7, 5)`` as ``7x5``; a fractional stride (after upsampling) as ``1/2``.
 
     Example::
-        >>> pair([212, 212]), pair([3, 5]), pair([9])
-        ('212', '3x5', '9')
+        >>> pair([212, 212]), pair([3, 5]), pair([9]), pair([Fraction(1, 2), Fraction(1, 2)]), pair(["1/2", 1])
+        ('212', '3x5', '9', '1/2', '1/2x1')
     """
     return str(values[0]) if len(set(values)) == 1 else "x".join(str(v) for v in values)
 

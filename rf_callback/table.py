@@ -15,6 +15,7 @@ import gc
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -151,8 +152,14 @@ class LayerRF:
         return tuple(rf.size for rf in self._geometry().rfs)
 
     @property
-    def stride(self) -> tuple[int, ...]:
-        """Effective stride per axis: input pixels between neighbouring units (0: all units share one field)."""
+    def stride(self) -> tuple[int | Fraction, ...]:
+        """Effective stride per axis: input pixels between neighbouring units (0: all units share one field).
+
+        After upsampling it is the average advance per unit, an exact ``Fraction`` where it is not
+        whole (``Fraction(1, 2)`` after one 2x downsampling and two 2x upsamplings), and ``size``
+        the largest field over the positions; ``box`` stays exact per unit (see
+        :class:`~rf_callback.algebra.AxisRF`). Tables print it as ``1/2``.
+        """
         return tuple(rf.jump for rf in self._geometry().rfs)
 
     @property
@@ -190,7 +197,7 @@ class LayerRF:
         """
         self._check_index(index)
         field = self._geometry()
-        intervals = [rf.interval(i) for rf, i in zip(field.rfs, index)]
+        intervals = [rf.interval(i) or (round(rf.center(i)),) * 2 for rf, i in zip(field.rfs, index)]
         if clip:
             exact = field.box([min(i, field.length(a) - 1) for a, i in enumerate(index)])
             empty = [(min(max(low, 0), n),) * 2 for (low, _), n in zip(intervals, self.input_shape)]
@@ -198,14 +205,14 @@ class LayerRF:
         return (*(low for low, _ in intervals), *(high for _, high in intervals))
 
     def to_record(self) -> dict[str, Any]:
-        """A JSON-ready dict of this row."""
+        """A JSON-ready dict of this row; a fractional stride is a string such as ``"1/2"`` (``Fraction("1/2")`` reads it)."""
         record: dict[str, Any] = {"name": self.name, "type": self.module_type, "output_shape": list(self.output_shape)}
         if self.unsupported is not None:
             record["unsupported"] = self.unsupported.reason
             return record
         record.update(
             size=list(self.size),
-            stride=list(self.stride),
+            stride=[str(s) if isinstance(s, Fraction) else s for s in self.stride],  # JSON: "1/2"
             padding=list(self.padding),
             is_global=self.is_global,
         )
@@ -366,7 +373,7 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
             wrappers are unwrapped).
         input_shape: ``(C, H, W)`` without the batch; ``(C, L)`` for 1-D models.
         strict: raise :class:`UnsupportedLayerError` at the first row that depends on an operation
-            without a receptive field (upsampling, transposed convolution, misaligned branches...),
+            without a receptive field (window partitions, sampling grids, misaligned branches...),
             naming that operation. Such an operation is harmless, and refused nowhere, where every
             unit of its inputs already sees the same interval along the axes it touches (global
             pooling, attention, a squeeze-excitation gate upstream). With ``False`` the table still
@@ -510,7 +517,9 @@ def _build_table(calls, order, shape) -> ReceptiveFieldTable:
             if refusal(info) is not None:
                 output_shape = tuple(output.shape[2:]) if output.dim() == len(shape) + 1 else (1,) * len(spatial)
                 rows.append(
-                    LayerRF(key, module_type, spatial, output_shape, unsupported=refusal(info), tensor_shape=output.shape)
+                    LayerRF(
+                        key, module_type, spatial, output_shape, unsupported=refusal(info), tensor_shape=output.shape
+                    )
                 )
             else:
                 output_shape = tuple(axis_length(info.layout, axis) for axis in range(len(spatial)))

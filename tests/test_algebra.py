@@ -177,3 +177,56 @@ def test_layer_validates_its_arguments():
         layer(kernel=0)
     with pytest.raises(ValueError, match="size >= 1 and jump >= 0"):
         AxisRF(size=0)
+
+
+# (kind, a, b, c): a window (kernel, stride, padding), nearest upsampling by a, or a transposed convolution
+resamplers = st.one_of(
+    st.tuples(st.just("window"), st.integers(1, 4), st.integers(1, 3), st.integers(0, 2)),
+    st.tuples(st.just("nearest"), st.integers(2, 4), st.just(0), st.just(0)),
+    st.tuples(st.just("transposed"), st.integers(1, 4), st.integers(1, 3), st.integers(0, 2)),
+)
+
+
+def reads(n: int, step: tuple) -> list[list[int]]:
+    """The input positions each output position of ``step`` reads (of ``n``), by enumeration."""
+    kind, a, b, c = step
+    if kind == "window":
+        length = (n + 2 * c - a) // b + 1
+        return [[v for j in range(a) if 0 <= (v := u * b - c + j) < n] for u in range(max(length, 0))]
+    if kind == "nearest":
+        return [[u // a] for u in range(n * a)]
+    length = (n - 1) * b - 2 * c + a
+    return [[i for i in range(n) for j in range(a) if i * b - c + j == o] for o in range(max(length, 0))]
+
+
+@given(st.integers(1, 30), st.lists(resamplers, min_size=1, max_size=5))
+def test_upsampling_against_a_brute_force_oracle(n, stack):
+    """Boxes are the hulls of the true dependencies; the periodic geometry holds every unit's dependencies."""
+    field, seen = Field.of_input((n,)), [{i} for i in range(n)]
+    for step in stack:
+        sources = reads(len(seen), step)
+        assume(1 <= len(sources) <= 120 and any(sources))
+        if step[0] == "window":
+            field = field.window(0, step[1], step[2], step[3], len(sources))
+        else:
+            field = field.resample(0, sources)
+        seen = [set().union(*(seen[v] for v in s)) for s in sources]
+    rf = field.rfs[0]
+    for u, truth in enumerate(seen):
+        assert boxes(field, len(seen))[u] == hull(truth)
+        interval = rf.interval(u)
+        assert not truth or (interval is not None and truth <= set(range(*interval)))
+    assert rf.size == max(high - low for low, high in filter(None, map(rf.interval, range(rf.period))))
+
+
+@given(st.lists(resamplers, min_size=3, max_size=3), st.integers(8, 24))
+def test_composition_with_upsampling_is_associative(stack, n):
+    geometries = []
+    for step in stack:
+        sources = reads(n, step)
+        assume(len(sources) >= 4 and any(sources))
+        geometries.append(Field.of_input((n,)).resample(0, sources).rfs[0])
+    a, b, c = geometries
+    assume(all(a.interval(u) is not None for u in range(a.period)))
+    assume(all(b.interval(u) is not None for u in range(b.period)))
+    assert compose(compose(a, b), c) == compose(a, compose(b, c))

@@ -106,8 +106,9 @@ def test_binary_shortcuts_keep_the_real_strides(tensor, func, data):
 @given(tensor=meta_tensors(), data=st.data())
 def test_reduction_and_concatenation_shortcuts_keep_the_real_strides(tensor, data):
     dims = data.draw(st.lists(st.integers(0, tensor.dim() - 1), min_size=1, max_size=tensor.dim(), unique=True))
-    func, keepdim = data.draw(st.sampled_from([aten.mean.dim, aten.sum.dim_IntList, aten.amax.default])), data.draw(
-        st.booleans()
+    func, keepdim = (
+        data.draw(st.sampled_from([aten.mean.dim, aten.sum.dim_IntList, aten.amax.default])),
+        data.draw(st.booleans()),
     )
     shortcut = _shortcut(func, (tensor, dims, keepdim), {})
     if shortcut is not None:
@@ -417,9 +418,9 @@ class ConvThen(nn.Module):
         return self.then(x, self.conv(x))
 
 
-def resize_back(x, y):
-    """fcn_resnet50's last step: F.interpolate back to the input size, in the top-level forward."""
-    return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+def sample(x, y):
+    """A sampling grid (``grid_sample``) in the top-level forward: not followed."""
+    return F.grid_sample(y, torch.zeros(1, *y.shape[-2:], 2), align_corners=False)
 
 
 def unused_resize(x, y):
@@ -428,14 +429,12 @@ def unused_resize(x, y):
 
 
 def test_strict_and_lenient_agree_on_the_top_level_forward():
-    # Once torch.compile is imported (other tests), bilinear resizing decomposes into indexing: named either way.
-    resize = r"aten\.(upsample_bilinear2d|_unsafe_index).* in the top-level forward \(ConvThen\)"
-    with pytest.raises(UnsupportedLayerError, match=resize):
-        receptive_fields(ConvThen(resize_back, stride=2), (2, 8, 8))
-    table = receptive_fields(ConvThen(resize_back, stride=2), (2, 8, 8), strict=False)
+    with pytest.raises(UnsupportedLayerError, match=r"aten\.grid_sampler_2d.* in the top-level forward \(ConvThen\)"):
+        receptive_fields(ConvThen(sample, stride=2), (2, 8, 8))
+    table = receptive_fields(ConvThen(sample, stride=2), (2, 8, 8), strict=False)
     assert list(table) == ["conv", OUTPUT_ROW]
     assert [row.name for row in table.unsupported] == [OUTPUT_ROW]
-    assert table[OUTPUT_ROW].module_type == "ConvThen" and table[OUTPUT_ROW].output_shape == (8, 8)
+    assert table[OUTPUT_ROW].module_type == "ConvThen" and table[OUTPUT_ROW].output_shape == (4, 4)
 
 
 def test_an_output_computed_in_forward_has_its_own_row():

@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from rf_callback.algebra import PadMode
 from rf_callback.tracing.layout import (
@@ -43,7 +44,7 @@ _register = _registry(_HANDLERS)
 @_register(aten.convolution.default)
 def _convolution(tracer: Tracer, func, bound, out):
     if bound["transposed"]:
-        raise _Reject("a transposed convolution upsamples, so a unit has no single input interval")
+        return _transposed_convolution(tracer, bound, out)
     info = tracer.mix(tracer.traced(bound["input"]), [1])  # channels are summed over
     kernel = list(bound["weight"].shape[2:])
     result = tracer.window(info, out, kernel, bound["stride"], bound["padding"], bound["dilation"])
@@ -503,3 +504,227 @@ def _recurrent(tracer: Tracer, func, args, kwargs):
         return tuple(results)
 
     return out, name, [source, *states], step
+
+
+# --------------------------------------------------------------------------------------------
+# Upsampling: every output position reads a set of input positions, known exactly.
+# --------------------------------------------------------------------------------------------
+
+Sources = tuple[tuple[int, ...], ...]
+
+
+def _resampled(tracer: Tracer, info: Traced, out: torch.Tensor, count: int, sources_of: Any) -> Traced:
+    """``info`` after a layer that resamples its last ``count`` dims: ``sources_of(i, n, m)`` says which of
+    the ``n`` input positions of the ``i``-th of them each of its ``m`` output positions reads.
+
+    The boxes stay exact (unions of the boxes read); the rows are not shift-equivariant (a crop
+    would resample on another grid), so maps of them use whole images.
+    """
+    field = info.field
+    lead = len(info.layout) - count
+    layout = list(info.layout[:lead])
+    for i in range(count):
+        dim, m = info.layout[lead + i], out.shape[out.dim() - count + i]
+        if not _spatial(dim):
+            layout.append(_plain(m))
+            continue
+        if len(dim) != 1:
+            raise _Reject("it resamples a dimension that mixes a spatial axis with others")
+        axis, n = dim[0]
+        sources = sources_of(i, n, m)
+        if not any(sources):
+            raise _Reject("none of its output positions reads an input position")
+        field = field.resample(axis, sources)
+        layout.append(((axis, m),))
+    return Traced(field, tuple(layout), equivariant=False)
+
+
+def _transposed_sources(n: int, m: int, kernel: int, stride: int, padding: int, dilation: int) -> Sources:
+    """Which inputs each output of a transposed convolution reads: ``o = i * stride - padding + j * dilation``."""
+    return tuple(
+        tuple(
+            q // stride
+            for j in range(kernel)
+            if (q := o + padding - j * dilation) % stride == 0 and 0 <= q // stride < n
+        )
+        for o in range(m)
+    )
+
+
+def _transposed_convolution(tracer: Tracer, bound, out) -> Traced:
+    info = tracer.mix(tracer.traced(bound["input"]), [1])  # channels are summed over
+    kernel = list(bound["weight"].shape[2:])
+    count = len(kernel)
+    stride, padding, dilation = (
+        list(value) * count if len(value) == 1 else list(value)
+        for value in (bound["stride"], bound["padding"], bound["dilation"])
+    )
+
+    def sources_of(i: int, n: int, m: int) -> Sources:
+        return _transposed_sources(n, m, kernel[i], stride[i], padding[i], dilation[i])
+
+    result = _resampled(tracer, info, out, count, sources_of)
+    layout = list(result.layout)
+    layout[1] = _plain(out.shape[1])
+    return replace(result, layout=tuple(layout))
+
+
+@_register(aten.pixel_shuffle.default, aten.pixel_unshuffle.default)
+def _pixel_shuffle(tracer, func, bound, out):
+    """Channels to space (each output position reads position ``u // r``) and back (a ``r x r`` block)."""
+    info = tracer.traced(bound["self"])
+    channels = info.layout[-3] if len(info.layout) >= 3 else ()
+    if _spatial(channels):
+        raise _Reject("it moves values between a spatial axis and the channels")
+    if func is aten.pixel_shuffle.default:
+        r = bound["upscale_factor"]
+        result = _resampled(tracer, info, out, 2, lambda i, n, m: tuple((u // r,) for u in range(m)))
+    else:
+        r = bound["downscale_factor"]
+        result = _resampled(
+            tracer, info, out, 2, lambda i, n, m: tuple(tuple(range(u * r, u * r + r)) for u in range(m))
+        )
+    layout = list(result.layout)
+    layout[-3] = _plain(out.shape[-3])
+    return replace(result, layout=tuple(layout))
+
+
+@_register(aten.roll.default)
+def _roll(tracer, func, bound, out):
+    """A circular shift (Swin's shifted windows): output position ``u`` reads ``(u - shift) mod n``."""
+    source = bound["self"]
+    info = tracer.traced(source)
+    shifts, dims = list(bound["shifts"]), list(bound["dims"] or [])
+    if not dims:  # the flattened tensor is rolled
+        if any(_spatial(dim) for dim in info.layout):
+            raise _Reject("it rolls the flattened tensor across a spatial axis")
+        return info
+    field, layout = info.field, list(info.layout)
+    for shift, d in zip(shifts, (_normalize_dim(d, source.dim()) for d in dims)):
+        dim = info.layout[d]
+        if not _spatial(dim) or shift % source.shape[d] == 0:
+            continue
+        if len(dim) != 1:
+            raise _Reject("it rolls a dimension that mixes a spatial axis with others")
+        axis, n = dim[0]
+        field = field.resample(axis, tuple(((u - shift) % n,) for u in range(n)))
+    return Traced(field, tuple(layout), equivariant=False)
+
+
+def _axis_scales(value: Any, count: int) -> list[Any]:
+    if value is None:
+        return [None] * count
+    return (
+        list(value) * count
+        if isinstance(value, (list, tuple)) and len(value) == 1
+        else (list(value) if isinstance(value, (list, tuple)) else [value] * count)
+    )
+
+
+_SOURCES: dict[tuple, Sources] = {}
+
+
+def _probed_sources(key: tuple, count: int, axis: int, n: int, m: int, dtype: torch.dtype, run: Any) -> Sources:
+    """Which of ``n`` inputs each of ``m`` outputs of an interpolation reads with a nonzero weight along ``axis``.
+
+    Interpolation is separable, so the real operation ``run`` on the ``n`` one-hot signals along
+    ``axis`` (the other axes short and scaled by 1) answers it exactly, as the kernel computes it
+    (clamping, ``align_corners`` and its floating-point index arithmetic included), for ``dtype``.
+    ``key`` names everything the answer depends on; answers are kept.
+    """
+    found = _SOURCES.get(key)
+    if found is not None:
+        return found
+    # The other axes have length 2, not 1: the antialiasing kernels mishandle a length-1 axis.
+    lengths = [n if b == axis else 2 for b in range(count)]
+    with _disable_current_modes(), torch.no_grad():
+        signals = torch.eye(n, dtype=dtype).reshape(n, 1, *(n if b == axis else 1 for b in range(count)))
+        result = run(signals.expand(n, 1, *lengths).contiguous())
+        weights = result[(slice(None), 0, *(slice(None) if b == axis else 0 for b in range(count)))]
+        if weights.shape[1] != m:
+            raise _Reject(f"its output length {m} along axis {axis} could not be reproduced")
+        nonzero = weights.ne(0).T.tolist()
+    found = _SOURCES[key] = tuple(tuple(i for i, read in enumerate(row) if read) for row in nonzero)
+    return found
+
+
+def _probe_dtype(tensor: torch.Tensor) -> torch.dtype:
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+@_intercept(torch.nn.functional.interpolate)
+def _interpolate(tracer: Tracer, func, args, kwargs):
+    """``F.interpolate`` / ``nn.Upsample`` in every mode, caught before it can decompose into indexing."""
+    names = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
+    bound = dict(zip(names, args), **kwargs)
+    source, mode = bound["input"], bound.get("mode", "nearest")
+    out = func(*args, **kwargs)
+    count = source.dim() - 2
+    sizes, scales = _axis_scales(bound.get("size"), count), _axis_scales(bound.get("scale_factor"), count)
+    options = (mode, bound.get("align_corners"), bound.get("recompute_scale_factor"), bound.get("antialias", False))
+    dtype = _probe_dtype(source)
+
+    def sources_of(i: int, n: int, m: int) -> Sources:
+        size = None if sizes[i] is None else tuple(sizes[i] if b == i else 2 for b in range(count))
+        scale = None if size is not None else tuple(float(scales[i]) if b == i else 1.0 for b in range(count))
+
+        def run(signals):
+            return func(signals, size, scale, mode, options[1], options[2], options[3])
+
+        return _probed_sources(("interpolate", count, i, n, m, dtype, size, scale, options), count, i, n, m, dtype, run)
+
+    def step(infos):
+        return _resampled(tracer, tracer.traced(source), out, count, sources_of)
+
+    return out, f"F.interpolate(mode={mode!r})", [source], step
+
+
+_UPSAMPLING = [
+    getattr(getattr(aten, name), overload)
+    for name in (
+        "upsample_nearest1d",
+        "upsample_nearest2d",
+        "upsample_nearest3d",
+        "_upsample_nearest_exact1d",
+        "_upsample_nearest_exact2d",
+        "_upsample_nearest_exact3d",
+        "upsample_linear1d",
+        "upsample_bilinear2d",
+        "upsample_trilinear3d",
+        "upsample_bicubic2d",
+        "_upsample_bilinear2d_aa",
+        "_upsample_bicubic2d_aa",
+        "_upsample_lanczos2d_aa",
+    )
+    if hasattr(aten, name)
+    for overload in ("default", "vec")
+]
+
+
+@_register(*_UPSAMPLING)
+def _upsampling(tracer, func, bound, out):
+    """The ATen interpolation kernels, called directly (``torch._C._nn.upsample_*``) or by decompositions."""
+    names = [argument.name for argument in func._schema.arguments]
+    source = bound[names[0]]
+    count = source.dim() - 2
+    scale_names = [name for name in names if name.startswith("scales")]
+    dtype = _probe_dtype(source)
+
+    def sources_of(i: int, n: int, m: int) -> Sources:
+        values = []
+        for name in names[1:]:
+            value = bound[name]
+            if name == "output_size" and value is not None:
+                value = [m if b == i else 2 for b in range(count)]
+            elif name == "scale_factors" and value is not None:
+                value = [float(value[i]) if b == i else 1.0 for b in range(count)]
+            elif name in scale_names:
+                value = value if scale_names.index(name) == i else None
+            values.append(tuple(value) if isinstance(value, list) else value)
+
+        def run(signals):
+            return func(signals, *(list(v) if isinstance(v, tuple) else v for v in values))
+
+        return _probed_sources((str(func), count, i, n, m, dtype, *values), count, i, n, m, dtype, run)
+
+    return _resampled(tracer, tracer.traced(source), out, count, sources_of)
