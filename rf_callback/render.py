@@ -147,7 +147,7 @@ def layer_image(
         centers: ``(N, d)`` centres of the units' fields, in input pixels.
         labels: a caption under each probe, or ``None``.
         tile: the longest side of a probe on screen, at most (a volume's longest axis; signals get three times it).
-        nrow: probes per row (default: at most 5 images, 2 signals or 2 volumes).
+        nrow: probes per row (default: at most 4 images, 2 signals or 2 volumes).
         analytic: whether ``boxes`` are analytic receptive fields; ``False`` (a layer the tracer cannot
             follow, whose box is the whole input): no box, and the captions say so.
         cmap: a matplotlib colour map name.
@@ -247,7 +247,8 @@ def layer_grid(
         centers: ``(N, 2)`` centres ``(y, x)`` of the units' fields, in input pixels.
         labels: a caption under each probe (class names; other values are shown with ``str``), or ``None``.
         tile: the longest side of a probe on screen, at most; see :func:`tile_size`.
-        nrow: probes per row (default: at most 5, in rows of equal length where possible).
+        nrow: probes per row (default: at most 4, in rows of equal length where possible, so that a
+            grid stays legible at TensorBoard's default card width).
         whole_image: per probe, whether its unit sees the whole image. Default: where its box is the whole
             image.
         analytic: ``False`` for a layer without an analytic receptive field: no box, "no analytic RF".
@@ -263,8 +264,8 @@ def layer_grid(
         >>> grid = layer_grid(torch.rand(10, 3, 224, 224), torch.rand(10, 224, 224),
         ...                   torch.tensor([[90, 90, 134, 134]]).expand(10, 4), torch.full((10, 2), 112.0),
         ...                   labels=["cat", "dog"] * 5)
-        >>> grid.dtype, grid.shape  # 2 rows of 5 tiles of 112 px with captions, the legend below
-        (torch.uint8, torch.Size([3, 279, 572]))
+        >>> grid.dtype, grid.shape  # 3 rows of 4 tiles of 112 px with captions, the legend below
+        (torch.uint8, torch.Size([3, 408, 458]))
     """
     count, spatial = _check(images, maps, boxes, centers, labels, whole_image, tile, "layer_grid", dims=2)
     notes = _notes(boxes, spatial, analytic, whole_image)
@@ -287,7 +288,7 @@ def _image_grid(
     grey = _grey(images, maps.shape).mean(1)
     panels = _panels(grey, maps.detach().cpu().float(), size, cmap, scaled=False)
     _draw_boxes(panels, boxes, centers, notes, (height, width), max(size))
-    return _assemble(panels, labels, notes, nrow if nrow is not None else math.ceil(count / math.ceil(count / 5)), cmap)
+    return _assemble(panels, labels, notes, nrow if nrow is not None else math.ceil(count / math.ceil(count / 4)), cmap)
 
 
 def _grey(images: Tensor | None, shape: Sequence[int]) -> Tensor:

@@ -263,6 +263,7 @@ class FashionMNISTDataModule(lightning.LightningDataModule):
             val_indices, train_indices = order[: self.val_size], order[self.val_size :]
             self.train_dataset = TensorDataset(images[train_indices], labels[train_indices])
             self.val_dataset = TensorDataset(images[val_indices], labels[val_indices])
+            self.val_dataset.classes = list(CLASSES)  # what probes_from_dataset writes under each probe
         if stage in ("test", "predict") and self.test_dataset is None:
             self.test_dataset = TensorDataset(*self._load(train=False))
 
