@@ -55,8 +55,10 @@ def probe_images(count: int) -> torch.Tensor:
 def setup(name: str, count: int) -> tuple[torch.nn.Module, torch.Tensor, list[str] | None]:
     """The model in eval mode, ``count`` probes and the layers (None: every conv and pooling layer)."""
     torch.manual_seed(0)
-    if name == "demo":
-        return import_object("rf_callback.demos.cnns:SmallCNN")().eval(), probe_images(count), None
+    if name == "demo":  # its six conv and pooling layers, the comparison the captum target was set on
+        model = import_object("rf_callback.demos.cnns:SmallCNN")().eval()
+        six = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.MaxPool2d))]
+        return model, probe_images(count), six
     if name in ("resnet18", "resnet50"):
         probes = torch.randn(count, 3, 224, 224, generator=torch.Generator().manual_seed(0))
         return getattr(torchvision.models, name)(weights=None).eval(), probes, STAGES
