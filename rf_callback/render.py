@@ -6,8 +6,12 @@ matplotlib figures. matplotlib is imported inside the functions that need it.
 A layer's picture (:func:`layer_grid`) is drawn for a screen, not for the input: each probe becomes a
 tile of at most ``tile`` pixels a side (small inputs are enlarged by an integer factor with nearest
 neighbours, large ones reduced by an integer factor with area averaging), shown in dimmed grey with the
-saliency on top in a colour map whose opacity grows with the saliency, so the heat reads on a white
-garment as on a dark one. All probes go through one resize, one colour lookup and one blend.
+saliency on top in a colour map whose opacity grows with the saliency, so the heat reads on a bright
+input as on a dark one. All probes go through one resize, one colour lookup and one blend.
+
+Why one module of ~800 lines: the 1-D strips, 2-D grids and 3-D slices share the tile sizing, the
+colour map, the captions and the legend, and :func:`layer_image` dispatches on the dimension; split by
+dimension, each file would import most of the others.
 """
 
 from __future__ import annotations
