@@ -37,10 +37,10 @@ def show(images: dict, scalars: dict, validation: list, table: str) -> None:
         print(f"  image   {key:<40} {', '.join(sorted(sizes)):>8} px   steps {steps(s for s, _ in logged)}")
     by_stat = defaultdict(list)
     for key, logged in scalars.items():
-        by_stat[key.rsplit("/", 1)[-1]].append(logged)
+        by_stat[key.rsplit("/", 1)[-1]].append(logged)  # receptive_field/<k>_<layer>/<statistic>
     for stat, runs in sorted(by_stat.items()):
         print(
-            f"  scalar  receptive_field/<layer>/{stat:<22} x{len(runs)} layers   steps {steps(s for r in runs for s in r)}"
+            f"  scalar  receptive_field/<k>_<layer>/{stat:<18} x{len(runs)} layers   steps {steps(s for r in runs for s in r)}"
         )
     print(f"  scalar  {'val_acc':<40} {'':>11}   steps {steps(validation)}")
     print(f"  table   {table}")
@@ -53,8 +53,8 @@ def tensorboard(root: Path) -> None:
     images = {t: [(i.step, (i.width, i.height)) for i in events.Images(t)] for t in events.Tags()["images"]}
     tags = [t for t in events.Tags()["scalars"] if t.startswith("receptive_field/")]
     scalars = {t: [s.step for s in events.Scalars(t)] for t in tags}
-    (table,) = [t for t in events.Tags()["tensors"] if "table" in t]
-    show(images, scalars, [s.step for s in events.Scalars("val_acc")], f"{table} (Markdown, Text tab)")
+    tables = ", ".join(t for t in events.Tags()["tensors"] if "table" in t)
+    show(images, scalars, [s.step for s in events.Scalars("val_acc")], f"{tables} (Markdown, Text tab)")
 
 
 def wandb(root: Path) -> None:
@@ -69,7 +69,7 @@ def wandb(root: Path) -> None:
                 size = Image.open(run_dir / "files" / value["path"]).size
                 images[key].append((step, size))
             elif isinstance(value, dict) and value.get("_type") == "table-file":
-                table = f"{key} (wandb.Table, {value['nrows']} rows x {value['ncols']} columns) at step {step}"
+                table += f"{key} (wandb.Table, {value['nrows']} rows x {value['ncols']} columns) at step {step}; "
             elif key.startswith("receptive_field/"):
                 scalars[key].append(step)
         if "val_acc" in row:

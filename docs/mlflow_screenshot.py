@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 
 PORT, DEBUG_PORT = 5123, 9323
-LAYER = "features.pool2"
+LAYER = "02_features.pool2"
 
 
 class DevTools:
