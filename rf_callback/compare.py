@@ -27,7 +27,7 @@ from rf_callback.errors import CompareError, TraceError
 from rf_callback.monitor import STATISTICS
 from rf_callback.report import format_table, pair
 from rf_callback.saliency import ReceptiveMaps, receptive_maps
-from rf_callback.selection import Unit, check_channel, check_unit, default_layers
+from rf_callback.selection import Unit, check_channel, check_unit, default_layers, mappable
 from rf_callback.table import ReceptiveFieldTable, receptive_fields
 
 __all__ = ["Comparison", "compare_checkpoints"]
@@ -234,8 +234,8 @@ def _table(checkpoint: Checkpoint, probes: Tensor, traced: dict[tuple, Receptive
 
 
 def _usable(table: ReceptiveFieldTable, layer: str) -> bool:
-    row = table.get(layer)
-    return row is not None and row.supported and tuple(row.tensor_shape[2:]) == row.output_shape
+    row = table.get(layer)  # the comparison figure draws each layer's analytic box: supported rows only
+    return row is not None and row.supported and mappable(row)
 
 
 def _shared_layers(

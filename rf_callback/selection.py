@@ -12,7 +12,7 @@ from typing import Literal
 
 from rf_callback.table import LayerKey, LayerRF, ReceptiveFieldTable
 
-__all__ = ["Unit", "all_layers", "check_channel", "check_unit", "check_unit_fits", "default_layers", "resolve_layers"]
+__all__ = ["Unit", "all_layers", "check_channel", "check_unit", "check_unit_fits", "default_layers", "mappable", "resolve_layers"]
 
 
 Unit = Literal["center", "max", "max_logit"] | tuple[int, ...]
@@ -81,7 +81,7 @@ def check_channel(channel: object) -> int | None:
     raise ValueError(f"channel={channel!r}: None (sum over channels) or an int >= 0.")
 
 
-def _mappable(row: LayerRF) -> bool:
+def mappable(row: LayerRF) -> bool:
     """Whether a row can have a receptive map: its output is laid out as the input, ``(N, C, *spatial)``.
 
     Rows without an analytic field (after an upsampling, say) qualify too: gradients need no geometry.
@@ -110,7 +110,7 @@ def default_layers(table: ReceptiveFieldTable) -> list[str]:
         >>> default_layers(receptive_fields(net, (1, 32, 32)))  # the last at 32x32, at 16x16, at 8x8
         ['1', '3', '4']
     """
-    rows = {key: row for key, row in table.items() if row.supported and _mappable(row)}
+    rows = {key: row for key, row in table.items() if row.supported and mappable(row)}
     inside: dict[str, set[tuple[int, ...]]] = {}  # module -> resolutions of the rows of modules inside it
     for key, row in rows.items():
         parts = LayerKey.parse(key).module.split(".")
@@ -131,7 +131,7 @@ def default_layers(table: ReceptiveFieldTable) -> list[str]:
 
 def all_layers(table: ReceptiveFieldTable) -> list[str]:
     """Every row that can have a receptive map (an output laid out as the input), in call order."""
-    return [key for key, row in table.items() if _mappable(row)]
+    return [key for key, row in table.items() if mappable(row)]
 
 
 def resolve_layers(table: ReceptiveFieldTable, layers: str | Sequence[str] | None) -> list[str]:
@@ -161,7 +161,7 @@ def resolve_layers(table: ReceptiveFieldTable, layers: str | Sequence[str] | Non
             row = table[name]
         except KeyError as error:
             raise ValueError(f"layers={names!r}: {error.args[0]} Layers that have maps: {valid}.") from None
-        if not _mappable(row):
+        if not mappable(row):
             raise ValueError(
                 f"layers={names!r}: '{name}' ({row.module_type}) gives an output of shape"
                 f" {tuple(row.tensor_shape)} for one input, not {_SHAPES.get(len(row.input_shape), 'laid out as the input')},"
