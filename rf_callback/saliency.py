@@ -25,7 +25,15 @@ from rf_callback.crops import _Layout, _passes, _per_unit
 from rf_callback.erf import LUO_THRESHOLD, ERFStats, check_threshold_and_mass, erf_stats
 from rf_callback.report import format_table
 from rf_callback.selection import _SHAPES, Unit, check_channel, check_unit, check_unit_fits, resolve_layers
-from rf_callback.table import LayerKey, LayerRF, ReceptiveFieldTable, evaluating, receptive_fields, unwrap_model
+from rf_callback.table import (
+    LayerKey,
+    LayerRF,
+    ReceptiveFieldTable,
+    evaluating,
+    named_modules,
+    receptive_fields,
+    unwrap_model,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -474,7 +482,7 @@ def receptive_maps(
         units = {name: _fixed_units(fields[name].output_shape, unit, count) for name in names}
         picks: dict[str, Pick] = dict.fromkeys(names, channel)
         pixels = probes.detach().to(device=device, dtype=dtype).clone()
-        modules = dict(model.named_modules())
+        modules = dict(named_modules(model))
         signed = torch.zeros(count, len(names), *probes.shape[1:])  # (N, L, C, *spatial), float32 on the CPU
         into = {name: signed[:, index] for index, name in enumerate(names)}
         reuse = None

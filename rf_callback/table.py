@@ -320,6 +320,21 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()`` as users name them: a ``torch.compile``'d submodule ``net`` is ``net``
+    (its original module), not ``net._orig_mod``, and the compile wrapper itself is left out.
+
+    Example::
+        >>> net = nn.Sequential(nn.Conv2d(1, 1, 3))
+        >>> net[0] = torch.compile(net[0])
+        >>> [name for name, _ in named_modules(net)]
+        ['', '0']
+    """
+    for name, module in model.named_modules():
+        if not (hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module)):
+            yield name.replace("._orig_mod", "").removeprefix("_orig_mod."), module
+
+
 @contextlib.contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
     """Eval mode for the duration; every module's own ``training`` flag restored afterwards.
@@ -424,7 +439,7 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     failure: Exception | None = None
     try:
-        for name, module in model.named_modules():
+        for name, module in named_modules(model):
             if name:
                 handles.append(module.register_forward_pre_hook(before(name, type(module).__name__)))
                 handles.append(module.register_forward_hook(after))

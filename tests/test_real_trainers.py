@@ -100,6 +100,16 @@ def test_compiled_models_are_not_recompiled_and_train_bit_identically(tmp_path, 
     assert image_steps(trainer, "receptive_field/00_conv2") == [0, 3, 7]
 
 
+def test_a_compiled_submodule_keeps_its_own_layer_names(tmp_path):
+    """``self.features = torch.compile(...)``: layers are ``features.2``, never ``features._orig_mod.2``."""
+    torch._dynamo.reset()
+    monitor = ReceptiveFieldMonitor(layers=["features.2"])
+    trainer, _ = run(tmp_path, lambda: CompiledSubmodule(CountingBackend()), [monitor], max_epochs=1)
+    assert not any("_orig_mod" in key for key in monitor.monitor.table)
+    assert "features.5" in monitor.monitor.table and image_steps(trainer, "receptive_field/00_features.2") == [0, 3]
+    torch._dynamo.reset()
+
+
 # ---- schedules -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("options", "steps"),
