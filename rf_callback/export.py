@@ -188,7 +188,7 @@ def _picture(comparison: Comparison, grids: Sequence[Sequence[Tensor]]) -> Image
     headers = [[c.label, c.when, *([c.class_name] if several_classes else [])] for c in comparison.checkpoints]
     means = comparison.means
     row_labels = []
-    for index, layer in enumerate(comparison.layers):
+    for layer in comparison.layers:
         shapes = {(t[layer].size, t[layer].stride) for t in comparison.tables}
         size, stride = next(iter(shapes))
         row_labels.append([layer, f"RF {pair(size)}, stride {pair(stride)}" if len(shapes) == 1 else "RF differs"])

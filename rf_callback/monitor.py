@@ -131,6 +131,7 @@ class ProbeMonitor:
         self.layers = resolve_layers(self.table, layers)
         self._check_units_and_channels()
         self.tags = {layer: layer_tag(index, layer) for index, layer in enumerate(self.layers)}
+        self._wrapped: dict[int, tuple[Any, Destination]] = {}  # id(SummaryWriter) -> (it, its destination)
 
     def _trace(self) -> ReceptiveFieldTable:
         shape = tuple(self.probes.images.shape[1:])
@@ -214,7 +215,7 @@ class ProbeMonitor:
             for tag, image in images.items():
                 destination.add_image(tag, image, step)
 
-        _send(destinations, write, on_error)
+        _send(self._as_destinations(destinations), write, on_error)
         return result
 
     def log_table(self, destinations: Any, step: int = 0, on_error: OnError | None = None) -> None:
@@ -231,7 +232,16 @@ class ProbeMonitor:
                 destination.add_text(f"{TAG}/unsupported", "\n".join(f"* {note}" for note in notes), step)
             destination.add_image(f"{TAG}/summary", chart, step)
 
-        _send(destinations, write, on_error)
+        _send(self._as_destinations(destinations), write, on_error)
+
+    def _as_destinations(self, value: Any) -> list[Destination]:
+        """``value`` as destinations; a ``SummaryWriter`` becomes one :class:`TensorBoardDestination`, kept for
+        the next calls, so that only each scalar's first point carries its description."""
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        for item in items:
+            if hasattr(item, "add_scalar") and id(item) not in self._wrapped:
+                self._wrapped[id(item)] = (item, TensorBoardDestination(item, descriptions=DESCRIPTIONS))
+        return [self._wrapped[id(item)][1] if hasattr(item, "add_scalar") else item for item in items]
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to look through the very same probes."""
@@ -270,18 +280,9 @@ def _channel_hint(model: nn.Module, shape: tuple[int, ...]) -> str:
     return ""
 
 
-def as_destinations(value: Any) -> list[Destination]:
-    """``value`` as a list of destinations; a ``SummaryWriter`` becomes a :class:`TensorBoardDestination`."""
-    items = list(value) if isinstance(value, (list, tuple)) else [value]
-    return [
-        TensorBoardDestination(item, descriptions=DESCRIPTIONS) if hasattr(item, "add_scalar") else item
-        for item in items
-    ]
-
-
-def _send(destinations: Any, write: Callable[[Destination], None], on_error: OnError | None) -> None:
+def _send(destinations: list[Destination], write: Callable[[Destination], None], on_error: OnError | None) -> None:
     """``write`` to every destination, then flush it; with ``on_error``, one that fails stops no other."""
-    for destination in as_destinations(destinations):
+    for destination in destinations:
         try:
             try:
                 write(destination)
