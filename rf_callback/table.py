@@ -109,6 +109,8 @@ class LayerRF:
         module_type: the module's class name (the model's own for ``"(output)"``).
         input_shape: spatial shape of the model input, e.g. ``(28, 28)``.
         output_shape: spatial shape of this output; 1 on an axis the layer reduced or flattened away.
+            It counts grid positions only: a ViT's class tokens and a window partition's layout are
+            in ``tensor_shape``, not here.
         field: the geometry (:class:`~rf_callback.algebra.Field`): ``field.rfs[a]`` is Distill's
             triple of axis ``a`` (size, jump = stride, start = -padding), ``field.box`` the exact boxes.
         equivariant: whether this output shifts with the input (no global mixing, fixed-position
@@ -208,7 +210,7 @@ class LayerRF:
         """A JSON-ready dict of this row; a fractional stride is a string such as ``"1/2"`` (``Fraction("1/2")`` reads it)."""
         record: dict[str, Any] = {"name": self.name, "type": self.module_type, "output_shape": list(self.output_shape)}
         if self.unsupported is not None:
-            record["unsupported"] = self.unsupported.reason
+            record["unsupported"] = self.unsupported.cause
             return record
         record.update(
             size=list(self.size),
@@ -388,7 +390,7 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
             wrappers are unwrapped).
         input_shape: ``(C, H, W)`` without the batch; ``(C, L)`` for 1-D models.
         strict: raise :class:`UnsupportedLayerError` at the first row that depends on an operation
-            without a receptive field (window partitions, sampling grids, misaligned branches...),
+            without a receptive field (sampling grids, misaligned branches...),
             naming that operation. Such an operation is harmless, and refused nowhere, where every
             unit of its inputs already sees the same interval along the axes it touches (global
             pooling, attention, a squeeze-excitation gate upstream). With ``False`` the table still
