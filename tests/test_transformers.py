@@ -16,7 +16,8 @@ from rf_callback import UnsupportedLayerError, receptive_fields
 
 
 def unit_value(output: torch.Tensor, grid: tuple[int, int], unit: tuple[int, int]) -> torch.Tensor:
-    """A random mix of the entries of ``output`` at grid position ``unit``: NCHW, NHWC, or tokens (N, k + h * w, D).
+    """A random mix of the entries of ``output`` at grid position ``unit``: NCHW, NHWC, tokens (N, k + h * w, D)
+    or columns (N, D, h * w).
 
     Random, not a plain sum: the channel sum of a LayerNorm's output is a constant.
     """
@@ -27,9 +28,11 @@ def unit_value(output: torch.Tensor, grid: tuple[int, int], unit: tuple[int, int
         entries = output[0, :, i, j]
     elif output.dim() == 4 and tuple(output.shape[1:3]) == grid:
         entries = output[0, i, j]
+    elif output.dim() == 3 and output.shape[2] == h * w and output.shape[1] != h * w:
+        entries = output[0, :, i * w + j]  # positions last: nn.Unfold's columns
     else:
         assert output.dim() == 3, output.shape
-        entries = output[0, output.shape[1] - h * w + i * w + j]
+        entries = output[0, output.shape[1] - h * w + i * w + j]  # tokens, class tokens first
     weights = torch.rand(entries.shape, generator=torch.Generator().manual_seed(1), dtype=entries.dtype)
     return (entries * weights).sum()
 
@@ -72,11 +75,11 @@ def assert_boxes_equal_gradient_support(model: nn.Module, shape: tuple[int, ...]
 
 
 def test_vit_class_token_rows_are_exact_until_attention_then_global():
-    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=16)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=12, mlp_dim=16)
     table = receptive_fields(vit, (3, 32, 32))
     before = table["encoder.layers.encoder_layer_0.ln_1"]  # class token + 4x4 patches, before any attention
     assert (before.size, before.stride, before.output_shape) == ((8, 8), (8, 8), (4, 4))
-    assert before.tensor_shape == (1, 17, 16)
+    assert before.tensor_shape == (1, 17, 12)
     assert table["encoder.layers.encoder_layer_0.self_attention"].is_global
     assert table["heads.head"].is_global
     assert assert_boxes_equal_gradient_support(vit, (3, 32, 32)) > 50
@@ -176,3 +179,47 @@ class StridedSum(nn.Module):
 def test_a_sum_over_a_middle_part_of_a_split_axis_is_named():
     with pytest.raises(UnsupportedLayerError, match=r"aten.sum.* keeps part of a split spatial axis"):
         receptive_fields(StridedSum(), (1, 8, 8))
+
+
+class Unfolded(nn.Module):
+    """TNT's pixel embedding: ``nn.Unfold`` windows as columns, then a linear map and back to a grid."""
+
+    def __init__(self):
+        super().__init__()
+        self.unfold = nn.Unfold(kernel_size=3, dilation=2, padding=1, stride=2)
+        self.linear = nn.Linear(2 * 9, 4)
+
+    def forward(self, x):
+        columns = self.unfold(x)  # (1, 2 * 9, 5 * 5)
+        return self.linear(columns.transpose(1, 2)).transpose(1, 2).reshape(1, 4, 5, 5)
+
+
+def test_unfold_columns_see_their_windows():
+    table = receptive_fields(Unfolded(), (2, 12, 12))
+    assert (table["unfold"].size, table["unfold"].stride, table["unfold"].padding) == ((5, 5), (2, 2), (1, 1))
+    assert_boxes_equal_gradient_support(Unfolded(), (2, 12, 12))
+
+
+class MaskUnits(nn.Module):
+    """Hiera-like: each axis split three ways (2 x 2 x 2), the innermost parts pooled away, the rest kept split."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(1, 2, 3, padding=1)
+        self.head = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        x = self.embed(x).view(1, 2, 2, 2, 2, 2, 2, 2)  # (n, c, h_outer, h_mid, h_inner, w_outer, w_mid, w_inner)
+        units = x.permute(0, 1, 4, 7, 2, 5, 3, 6).mean((2, 3))  # (n, c, h_outer, w_outer, h_mid, w_mid)
+        grid = units.permute(0, 1, 2, 4, 3, 5).reshape(1, 2, 4, 4)
+        return self.head(grid)
+
+
+def test_pooling_the_innermost_parts_leaves_a_coarser_grid():
+    table = receptive_fields(MaskUnits(), (1, 8, 8))
+    assert (table["head"].size, table["head"].stride, table["head"].padding) == (
+        (8, 8),
+        (2, 2),
+        (3, 3),
+    )  # 3x3, 2x2 pooling, 3x3
+    assert_boxes_equal_gradient_support(MaskUnits(), (1, 8, 8))

@@ -296,24 +296,30 @@ def _has_prefix(layout: Layout) -> bool:
 
 
 def settled(info: Traced) -> Traced:
-    """``info`` with each split axis whose parts no longer cover its field made whole again, or ``_Reject``.
+    """``info`` with each split axis whose parts no longer cover its field made coarser, or ``_Reject``.
 
     An operation that sums over the dimension of some parts (attention within windows, then a
-    reduction over the window) leaves the others: every position of a window saw the same, so the
-    window is one position of a coarser axis (``take`` of every ``step``-th position).
+    reduction over the window; Hiera's max over its mask units) leaves the others. Every position
+    that differs only in the parts summed away saw the same, so when the parts left form one run of
+    every ``step``-th position, that run is the axis now (``take`` of every ``step``-th position).
     """
     field, layout = info.field, info.layout
     for axis, (_, total) in _axes(layout).items():
         if total == field.length(axis):
             continue
-        factors = _factors(layout, axis)
-        if total > field.length(axis) or len(factors) != 1:
+        factors = sorted(_factors(layout, axis), key=lambda found: -_step(found[1][0]))
+        steps = [_step(key) for _, (key, _) in factors]
+        chained = all(steps[i] == steps[i + 1] * length for i, (_, (_, length)) in enumerate(factors[1:]))
+        if total > field.length(axis) or not chained:
             raise _Reject("it keeps part of a split spatial axis and sums over the rest")
-        d, (key, length) = factors[0]
-        field = field.take(axis, 0, key.step if type(key) is Part else 1, length)
-        dim = tuple((axis, length) if factor == (key, length) else factor for factor in layout[d])
-        layout = layout[:d] + (dim,) + layout[d + 1 :]
+        field = field.take(axis, 0, steps[-1], total)
+        coarse = {factor: (Part(axis, _step(factor[0]) // steps[-1]), factor[1]) for _, factor in factors}
+        layout = _merge_parts(tuple(tuple(coarse.get(factor, factor) for factor in dim) for dim in layout))
     return info if field is info.field else replace(info, field=field, layout=layout, equivariant=False)
+
+
+def _step(key: int | Part | _Prefix | None) -> int:
+    return key.step if type(key) is Part else 1  # type: ignore[union-attr]
 
 
 def _sees_everything(field: Field, image: Sequence[int]) -> bool:

@@ -55,6 +55,23 @@ def _convolution(tracer: Tracer, func, bound, out):
     return replace(result, layout=tuple(layout))
 
 
+@_register(aten.im2col.default)
+def _im2col(tracer, func, bound, out):
+    """``nn.Unfold``: each column holds one window (its offsets in the channels), like a convolution's."""
+    source = bound["self"]
+    lengths = [
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, k, d, p, s in zip(
+            source.shape[-2:], bound["kernel_size"], bound["dilation"], bound["padding"], bound["stride"]
+        )
+    ]
+    info = tracer.mix(tracer.traced(source), [source.dim() - 3])  # a column holds every channel
+    grid = torch.empty(lengths, device="meta")
+    result = tracer.window(info, grid, bound["kernel_size"], bound["stride"], bound["padding"], bound["dilation"])
+    layout = result.layout[:-3] + (_plain(out.shape[-2]), result.layout[-2] + result.layout[-1])
+    return replace(result, layout=layout)
+
+
 def _pool(tracer, bound, out, has_dilation: bool) -> Traced:
     result = _first_output(out)
     dilation = bound["dilation"] if has_dilation else [1]
