@@ -12,7 +12,16 @@ from typing import Literal
 
 from rf_callback.table import LayerKey, LayerRF, ReceptiveFieldTable
 
-__all__ = ["Unit", "all_layers", "check_channel", "check_unit", "check_unit_fits", "default_layers", "mappable", "resolve_layers"]
+__all__ = [
+    "Unit",
+    "all_layers",
+    "check_channel",
+    "check_unit",
+    "check_unit_fits",
+    "default_layers",
+    "mappable",
+    "resolve_layers",
+]
 
 
 Unit = Literal["center", "max", "max_logit"] | tuple[int, ...]
@@ -82,11 +91,13 @@ def check_channel(channel: object) -> int | None:
 
 
 def mappable(row: LayerRF) -> bool:
-    """Whether a row can have a receptive map: its output is laid out as the input, ``(N, C, *spatial)``.
+    """Whether a row can have a receptive map: its positions form one grid in its output.
 
-    Rows without an analytic field (after an upsampling, say) qualify too: gradients need no geometry.
+    That is ``(N, C, *spatial)``, channels-last, or tokens (a ViT's, class tokens first); not
+    windows. Rows without an analytic field qualify when laid out as the input: gradients need no
+    geometry.
     """
-    return len(row.tensor_shape) == len(row.input_shape) + 2 and tuple(row.tensor_shape[2:]) == row.output_shape
+    return row.placement is not None
 
 
 _SHAPES = {1: "a sequence (N, C, l)", 2: "an image (N, C, h, w)", 3: "a volume (N, C, d, h, w)"}
@@ -99,8 +110,10 @@ def default_layers(table: ReceptiveFieldTable) -> list[str]:
     ``features.1`` of a ConvNeXt) wins over the layers inside it and over the first layer of the
     next stage that still runs at its resolution. Containers holding more than one change of
     resolution (a whole ``features`` block) and rows with a single output position (heads) are
-    left out, and so are rows without an analytic field (name them, or pass ``"all"``). torchvision's
-    ResNets give ``relu, layer1, layer2, layer3, layer4``.
+    left out, and so are rows without an analytic field (name them, or pass ``"all"``); so is a
+    flattened copy of the layer before it. torchvision's ResNets give ``relu, layer1, layer2,
+    layer3, layer4``; its Swins ``features.1, .3, .5, permute``; its ViTs, whose blocks all run at
+    one resolution, ``encoder`` only (name blocks to follow them).
 
     Example::
         >>> from torch import nn
@@ -123,10 +136,15 @@ def default_layers(table: ReceptiveFieldTable) -> list[str]:
             continue  # a head, or a container of several stages
         depth = module.count(".")
         best = chosen.get(row.output_shape)
-        if best is None or depth <= best[0]:
+        if best is None or depth < best[0] or (depth == best[0] and not _flattened_copy(row, rows[best[1]])):
             chosen[row.output_shape] = (depth, key)
     keys = {key for _, key in chosen.values()}
     return [key for key in table if key in keys]
+
+
+def _flattened_copy(row: LayerRF, image: LayerRF) -> bool:
+    """Whether ``row`` sees what the image-shaped ``image`` row sees, only laid out otherwise (a flatten)."""
+    return image.placement.is_image and not row.placement.is_image and row.field == image.field  # type: ignore[union-attr]
 
 
 def all_layers(table: ReceptiveFieldTable) -> list[str]:
@@ -164,7 +182,7 @@ def resolve_layers(table: ReceptiveFieldTable, layers: str | Sequence[str] | Non
         if not mappable(row):
             raise ValueError(
                 f"layers={names!r}: '{name}' ({row.module_type}) gives an output of shape"
-                f" {tuple(row.tensor_shape)} for one input, not {_SHAPES.get(len(row.input_shape), 'laid out as the input')},"
-                f" so it has no receptive map. Layers that have maps: {valid}."
+                f" {tuple(row.tensor_shape)} for one input whose positions are not one grid (windows, a flattened"
+                f" output or one whose batch is not first), so it has no receptive map. Layers that have maps: {valid}."
             )
     return list(dict.fromkeys(names))

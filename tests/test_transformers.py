@@ -12,7 +12,8 @@ from torch import nn
 from torchvision.models import SwinTransformer, VisionTransformer
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
 
-from rf_callback import UnsupportedLayerError, receptive_fields
+from rf_callback import UnsupportedLayerError, receptive_fields, receptive_maps
+from rf_callback.selection import all_layers, mappable, resolve_layers
 
 
 def unit_value(output: torch.Tensor, grid: tuple[int, int], unit: tuple[int, int]) -> torch.Tensor:
@@ -223,3 +224,25 @@ def test_pooling_the_innermost_parts_leaves_a_coarser_grid():
         (3, 3),
     )  # 3x3, 2x2 pooling, 3x3
     assert_boxes_equal_gradient_support(MaskUnits(), (1, 8, 8))
+
+
+def test_token_and_channels_last_rows_have_maps_and_window_rows_do_not():
+    """Maps read a ViT's tokens and Swin's channels-last rows as grids; rows laid out as windows have none."""
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=12, mlp_dim=16)
+    table = receptive_fields(vit, (3, 32, 32))
+    layers = ["encoder.layers.encoder_layer_0.ln_1", "encoder"]
+    # One channel: the channel sum of a LayerNorm's output with its initial unit scale is a constant.
+    maps = receptive_maps(vit, torch.rand(2, 3, 32, 32), layers, channel=0, table=table)
+    local, spread = maps.maps[:, 0], maps.maps[:, 1]
+    assert maps.boxes[0, 0].tolist() == [16, 16, 24, 24]  # patch (2, 2) before attention: its own 8x8 pixels
+    assert local[:, :16].abs().sum() == 0 and local[:, 16:24, 16:24].abs().sum() > 0
+    assert spread[:, :8, :8].abs().sum() > 0  # after attention the centre token reads every patch
+    swin = small_swin()
+    table = receptive_fields(swin, (3, 24, 24))
+    assert table["features.1.0.attn"].tensor_shape == (1, 12, 12, 8) and mappable(table["features.1.0.attn"])
+    assert "features.1.0.attn" in all_layers(table)
+    window = WindowPool()
+    windows = receptive_fields(window, (1, 16, 16))
+    assert windows["attention"].tensor_shape == (16, 16, 4) and not mappable(windows["attention"])
+    with pytest.raises(ValueError, match=r"'attention' \(MultiheadAttention\) .* not one grid \(windows"):
+        resolve_layers(windows, ["attention"])

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from rf_callback.algebra import Field, MisalignedBranchesError, merge
 from rf_callback.errors import UnsupportedLayerError
 from rf_callback.tracing.layout import (
-    PREFIX,
+    FED,
     Factor,
     Layout,
     Part,
@@ -21,11 +21,12 @@ from rf_callback.tracing.layout import (
     Unsupported,
     _aligned,
     _axes,
-    _collapse_prefixes,
     _dim_size,
     _factors,
+    _fed,
     _forget_mixed_axes,
     _plain,
+    _prefix,
     _reason,
     _Reject,
     _sees_everything,
@@ -227,7 +228,7 @@ class Tracer(TorchDispatchMode):
         fields = []
         equivariant = all(info.equivariant for info in operands)
         axes = _axes(layout)
-        fed_prefix = False  # whether class tokens of the output receive values from the input
+        fed: set[int] = set()  # dimensions whose class tokens receive values from the input
         for info in operands:
             field = info.field
             own = _axes(info.layout)
@@ -241,15 +242,13 @@ class Tracer(TorchDispatchMode):
                     field, moved = _misplaced(field, info.layout, layout, axis, extent)
                     equivariant = equivariant and not moved
             fields.append(field)
-            fed_prefix = fed_prefix or any(
-                dim and dim[0][0] is PREFIX and info.layout[d] != dim for d, dim in enumerate(layout)
-            )
+            fed.update(d for d, dim in enumerate(layout) if _prefix(dim) is not None and info.layout[d] != dim)
         try:
             field = merge(fields)
         except MisalignedBranchesError as misaligned:  # named only now: formatting it every time costs
             raise MisalignedBranchesError(f"{where} in {self.describe()}", misaligned.branches) from None
         result = Traced(field, layout, equivariant)
-        return _collapse_prefixes(result) if fed_prefix else result
+        return _fed(result, sorted(fed)) if fed else result
 
     @staticmethod
     def varies_with_position(constants: Sequence[Sequence[int]], layout: Layout) -> bool:
@@ -273,7 +272,9 @@ class Tracer(TorchDispatchMode):
                 dim = info.layout[d]
                 if _dim_size(dim) == size and _spatial(dim):
                     if spatial is not None and spatial != dim:
-                        raise _Reject("it combines tensors whose spatial axes are laid out differently")
+                        if spatial[1:] != dim[1:] or _prefix(spatial) is None or _prefix(dim) is None:
+                            raise _Reject("it combines tensors whose spatial axes are laid out differently")
+                        dim = ((FED, dim[0][1]),) + dim[1:]  # constant and fed class tokens: fed
                     spatial = dim
             layout.append(spatial if spatial is not None else _plain(size))
         return tuple(layout)
@@ -297,8 +298,8 @@ class Tracer(TorchDispatchMode):
     def mix(self, info: Traced, dims: Sequence[int]) -> Traced:
         """Every position along ``dims`` now sees what all of them saw (softmax, normalisation...).
 
-        A :class:`Part` of a split axis mixes within its windows only; class tokens (:data:`PREFIX`)
-        in ``dims`` receive what the grid sees, and their dimension becomes non-spatial.
+        A :class:`Part` of a split axis mixes within its windows only; class tokens in ``dims``
+        receive what the grid sees (:data:`FED`).
         """
         field, equivariant = info.field, info.equivariant
         for d in dims:
@@ -308,8 +309,8 @@ class Tracer(TorchDispatchMode):
                 elif type(key) is Part:
                     field, equivariant = _mix_part(field, key, length), False
         result = replace(info, field=field, equivariant=equivariant)
-        if any(info.layout[d] and info.layout[d][0][0] is PREFIX for d in dims):
-            return _collapse_prefixes(result)
+        if any(_prefix(info.layout[d]) is not None for d in dims):
+            return _fed(result, dims)
         return result
 
     def window(self, info: Traced, result: torch.Tensor, kernel, stride, padding, dilation) -> Traced:
@@ -388,7 +389,8 @@ def _window_within_rows(
         or length % stride
         or dilation * (kernel - 1) + 1 > stride
         or size * stride != _dim_size(dim)
-        or any(type(key) is Part or key is PREFIX for key, _ in dim)
+        or any(type(key) is Part for key, _ in dim)
+        or _prefix(dim) is not None
     ):
         raise _Reject("it slides a window over a dimension that mixes a spatial axis with others")
     if axis is not None:

@@ -8,10 +8,11 @@ with the :class:`~rf_callback.algebra.Field` of the tensor's units. A key is
 * a :class:`Part` of an axis split across several factors by a view (a window partition): its
   index ``i`` is position ``i * step``; the axis's position is the sum over its parts, and the
   field is indexed by that position;
-* :data:`PREFIX`, only first in a dimension: ``length`` extra positions before the rest of the
-  dimension (a ViT's class and register tokens), which add to its size rather than multiply. They
-  hold constants: an operation that feeds them from the input mixes the whole dimension, which then
-  becomes non-spatial.
+* :data:`PREFIX` or :data:`FED`, only first in a dimension: ``length`` extra positions before the
+  rest of the dimension (a ViT's class and register tokens), which add to its size rather than
+  multiply. :data:`PREFIX` tokens hold constants; an operation that feeds them from the input
+  (attention) makes them :data:`FED`, allowed only where every position of the grid already sees
+  the same, which the tokens then see too.
 """
 
 from __future__ import annotations
@@ -37,12 +38,23 @@ class Part(NamedTuple):
 
 
 class _Prefix:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
     def __repr__(self) -> str:
-        return "PREFIX"
+        return self.name
 
 
-PREFIX = _Prefix()
-"""The key of a dimension's leading extra positions (class tokens): they add to its size."""
+PREFIX = _Prefix("PREFIX")
+"""The key of a dimension's leading class tokens that hold constants: they add to its size."""
+FED = _Prefix("FED")
+"""The key of a dimension's leading class tokens that see what every position of its grid sees."""
+
+
+def _prefix(dim: tuple[Factor, ...]) -> _Prefix | None:
+    """The class-token key in front of ``dim``, if any."""
+    return dim[0][0] if dim and type(dim[0][0]) is _Prefix else None  # type: ignore[return-value]
+
 
 # A tensor dimension is a product of factors; a factor is (key, length), see the module docstring.
 # Non-spatial factors of length 1 are dropped; an axis reduced away is absent from the layout.
@@ -93,7 +105,7 @@ class _Reject(Exception):
 
 
 def _dim_size(dim: tuple[Factor, ...]) -> int:
-    if dim and dim[0][0] is PREFIX:
+    if dim and type(dim[0][0]) is _Prefix:
         return dim[0][1] + _dim_size(dim[1:])
     size = 1
     for _, length in dim:
@@ -187,13 +199,13 @@ def _reshape(layout: Layout, shape: Sequence[int]) -> Layout:
     """Layout after a view/reshape to ``shape``.
 
     Spatial axes may be merged, and split into :class:`Part` s (``(56,) -> (8, 7)``: window ``i // 7``
-    and offset ``i % 7``); a dimension with :data:`PREFIX` tokens moves whole.
+    and offset ``i % 7``); a dimension with class tokens moves whole.
     """
     if tuple(shape) == tuple(_dim_size(dim) for dim in layout):
         return layout
     queue: list[Factor | tuple[tuple[Factor, ...], int]] = []  # factors; a prefixed dimension as (dim, size)
     for dim in layout:
-        if dim and dim[0][0] is PREFIX:
+        if _prefix(dim) is not None:
             queue.append((dim, _dim_size(dim)))
             continue
         for factor in dim:
@@ -257,13 +269,13 @@ def _forget_mixed_axes(info: Traced) -> Traced:
     for dim in info.layout:
         factors: list[Factor] = []
         for key, length in dim:
-            if key is PREFIX or (key is not None and _axis_of(key) not in mixed):
+            if type(key) is _Prefix or (key is not None and _axis_of(key) not in mixed):
                 factors.append((key, length))
             elif factors and factors[-1][0] is None:  # plain, merged with its plain neighbour
                 factors[-1] = (None, factors[-1][1] * length)
             elif length > 1:
                 factors.append((None, length))
-        if factors and factors[0][0] is PREFIX and not _spatial(tuple(factors[1:])):
+        if _prefix(tuple(factors)) is not None and not _spatial(tuple(factors[1:])):
             factors = list(_plain(_dim_size(tuple(factors))))  # class tokens among plain ones: plain
         layout.append(tuple(factors))
     return replace(info, layout=tuple(layout))
@@ -274,25 +286,44 @@ def _axis_of(key: int | Part | _Prefix | None) -> int | None:
     return key if type(key) is int else key.axis if type(key) is Part else None  # type: ignore[union-attr]
 
 
-def _collapse_prefixes(info: Traced) -> Traced:
-    """``info`` after an operation that fed class tokens from the input: their dimensions become plain.
+def _fed(info: Traced, dims: Sequence[int]) -> Traced:
+    """``info`` after an operation that fed the class tokens of ``dims`` from the input: they are :data:`FED`.
 
-    Exact when every grid position of such a dimension sees the same (after attention); otherwise
-    ``_Reject``, since one field cannot hold both what the tokens and what the grid see.
+    Exact when every grid position of such a dimension sees the same (after attention): the tokens
+    see that too. Otherwise ``_Reject``, since one field cannot hold what the tokens and the grid see.
     """
     layout = list(info.layout)
-    for d, dim in enumerate(layout):
-        if not dim or dim[0][0] is not PREFIX:
+    for d in dims:
+        dim = layout[d]
+        if _prefix(dim) is None:
             continue
         axes = {_axis_of(key) for key, _ in dim[1:]} - {None}
         if any(info.field.rfs[a].jump != 0 and info.field.length(a) > 1 for a in axes):  # type: ignore[index]
             raise _Reject("it feeds class tokens from positions that see different parts of the input")
-        layout[d] = _plain(_dim_size(dim))
-    return _forget_mixed_axes(replace(info, layout=tuple(layout)))
+        layout[d] = ((FED, dim[0][1]),) + dim[1:]
+    return replace(info, layout=tuple(layout))
 
 
-def _has_prefix(layout: Layout) -> bool:
-    return any(dim and dim[0][0] is PREFIX for dim in layout)
+GridDims = tuple[tuple[int, tuple[tuple[int | None, int], ...]], ...]
+"""Per tensor dimension after the batch: its class tokens, then its factors ``(axis or None, length)``."""
+
+
+def grid_dims(layout: Layout) -> GridDims | None:
+    """Where the positions of a tensor with ``layout`` are, if it holds each image axis whole and its batch first.
+
+    None for window layouts (an axis split across dimensions) and for a batch dimension that holds
+    more than the batch (windows, or tokens first).
+
+    Example::
+        >>> grid_dims(((), ((PREFIX, 1), (0, 14), (1, 14)), ((None, 768),)))  # a ViT's tokens
+        ((1, ((0, 14), (1, 14))), (0, ((None, 768),)))
+    """
+    if layout[0] or any(type(key) is Part for dim in layout for key, _ in dim):
+        return None
+    return tuple(
+        (dim[0][1], dim[1:]) if _prefix(dim) is not None else (0, dim)  # type: ignore[misc]
+        for dim in layout[1:]
+    )
 
 
 def settled(info: Traced) -> Traced:

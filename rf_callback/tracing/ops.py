@@ -23,6 +23,7 @@ from rf_callback.tracing.layout import (
     _dim_size,
     _normalize_dim,
     _plain,
+    _prefix,
     _Reject,
     _reshape,
     _spatial,
@@ -159,17 +160,20 @@ def _padding(tracer, func, bound, out):
 def _cut(tracer: Tracer, source: torch.Tensor, d: int, start: int, step: int, out: torch.Tensor) -> Traced | None:
     """A slice ``[start::step]`` of length ``out.shape[d]`` along dim ``d``.
 
-    Along a dimension with class tokens, a slice of tokens only is a constant (None), and the slice
-    of everything after them is the grid.
+    Along a dimension with class tokens, a slice of tokens only is a constant (None) or, once they
+    are fed, sees what the whole grid sees; the slice of everything after them is the grid.
     """
     info = tracer.traced(source)
     dim = info.layout[d]
     layout = list(info.layout)
     field, equivariant = info.field, info.equivariant
-    if dim and dim[0][0] is PREFIX:
+    if _prefix(dim) is not None:
         tokens = dim[0][1]
         if start + step * (out.shape[d] - 1) < tokens:
-            return None  # class tokens only: parameters, not the input
+            if _prefix(dim) is PREFIX:
+                return None  # class tokens only: parameters, not the input
+            layout[d] = _plain(out.shape[d])
+            return Traced(field, tuple(layout), False)
         if start != tokens or step != 1 or start + out.shape[d] != source.shape[d]:
             raise _Reject("it slices a dimension of class tokens and positions other than at their boundary")
         layout[d] = dim[1:]
@@ -317,10 +321,10 @@ def _class_tokens(tracer: Tracer, tensors: Sequence[torch.Tensor], d: int) -> Tr
     info = tracer.get(last)
     if type(info) is not Traced or not _spatial(info.layout[d]) or any(t in tracer.info for t in tokens):
         return None
-    dim, count = info.layout[d], sum(t.shape[d] for t in tokens)
-    if dim[0][0] is PREFIX:
-        count, dim = count + dim[0][1], dim[1:]
-    layout = info.layout[:d] + (((PREFIX, count),) + dim,) + info.layout[d + 1 :]
+    dim, count, key = info.layout[d], sum(t.shape[d] for t in tokens), PREFIX
+    if _prefix(dim) is not None:  # more tokens in front of class tokens: fed if any of them are
+        count, key, dim = count + dim[0][1], _prefix(dim), dim[1:]
+    layout = info.layout[:d] + (((key, count),) + dim,) + info.layout[d + 1 :]
     return Traced(info.field, layout, False)
 
 
