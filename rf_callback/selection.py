@@ -112,8 +112,10 @@ def default_layers(table: ReceptiveFieldTable) -> list[str]:
     resolution (a whole ``features`` block) and rows with a single output position (heads) are
     left out, and so are rows without an analytic field (name them, or pass ``"all"``); so is a
     flattened copy of the layer before it. torchvision's ResNets give ``relu, layer1, layer2,
-    layer3, layer4``; its Swins ``features.1, .3, .5, permute``; its ViTs, whose blocks all run at
-    one resolution, ``encoder`` only (name blocks to follow them).
+    layer3, layer4``; its Swins ``features.1, .3, .5, permute``. Where that gives fewer than three
+    layers (an isotropic network, whose blocks all run at one resolution: ViT, MLP-Mixer), four evenly
+    spaced blocks of its longest run of sibling modules of one type are added: a ViT-B/16 gets
+    ``encoder.layers.encoder_layer_0, _4, _7, _11`` and ``encoder``.
 
     Example::
         >>> from torch import nn
@@ -139,7 +141,31 @@ def default_layers(table: ReceptiveFieldTable) -> list[str]:
         if best is None or depth < best[0] or (depth == best[0] and not _flattened_copy(row, rows[best[1]])):
             chosen[row.output_shape] = (depth, key)
     keys = {key for _, key in chosen.values()}
+    if len(keys) < 3:  # an isotropic network (ViT, MLP-Mixer, ConvMixer): follow its repeated blocks too
+        keys.update(_spaced_blocks(rows))
     return [key for key in table if key in keys]
+
+
+def _spaced_blocks(rows: dict[str, LayerRF], count: int = 4) -> list[str]:
+    """``count`` evenly spaced rows of the longest run of sibling modules of one type (a ViT's encoder blocks).
+
+    Example::
+        >>> from torch import nn
+        >>> from rf_callback import receptive_fields
+        >>> blocks = [nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU()) for _ in range(8)]
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.Sequential(*blocks))
+        >>> default_layers(receptive_fields(net, (1, 16, 16)))  # one resolution: the blocks 0, 2, 5, 7 too
+        ['1', '1.0', '1.2', '1.5', '1.7']
+    """
+    runs: dict[tuple[str, str], list[str]] = {}  # (parent module, type) -> sibling keys in call order
+    for key, row in rows.items():
+        parsed = LayerKey.parse(key)
+        if parsed.call is None and parsed.output is None and "." in parsed.module and math.prod(row.output_shape) > 1:
+            runs.setdefault((parsed.module.rsplit(".", 1)[0], row.module_type), []).append(key)
+    longest = max(runs.values(), key=len, default=[])
+    if len(longest) < count:
+        return []
+    return [longest[round(i * (len(longest) - 1) / (count - 1))] for i in range(count)]
 
 
 def _flattened_copy(row: LayerRF, image: LayerRF) -> bool:

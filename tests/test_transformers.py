@@ -13,7 +13,7 @@ from torchvision.models import SwinTransformer, VisionTransformer
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
 
 from rf_callback import UnsupportedLayerError, receptive_fields, receptive_maps
-from rf_callback.selection import all_layers, mappable, resolve_layers
+from rf_callback.selection import all_layers, default_layers, mappable, resolve_layers
 
 
 def unit_value(output: torch.Tensor, grid: tuple[int, int], unit: tuple[int, int]) -> torch.Tensor:
@@ -246,3 +246,10 @@ def test_token_and_channels_last_rows_have_maps_and_window_rows_do_not():
     assert windows["attention"].tensor_shape == (16, 16, 4) and not mappable(windows["attention"])
     with pytest.raises(ValueError, match=r"'attention' \(MultiheadAttention\) .* not one grid \(windows"):
         resolve_layers(windows, ["attention"])
+
+
+def test_default_layers_follow_the_blocks_of_an_isotropic_network():
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=6, num_heads=2, hidden_dim=12, mlp_dim=16)
+    blocks = [f"encoder.layers.encoder_layer_{i}" for i in (0, 2, 3, 5)]
+    assert default_layers(receptive_fields(vit, (3, 32, 32))) == ["encoder", *blocks]
+    assert default_layers(receptive_fields(small_swin(), (3, 24, 24))) == ["features.1", "permute"]
