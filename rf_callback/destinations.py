@@ -82,11 +82,15 @@ class TensorBoardDestination:
         writer: SummaryWriter,
         log_metrics: LogMetrics | None = None,
         descriptions: Mapping[str, str] | None = None,
+        metric_prefix: str = "",
     ) -> None:
+        """``metric_prefix``: what ``log_metrics`` puts in front of a tag (a Lightning logger's
+        ``prefix`` and separator), so that a described first point lands in the same chart."""
         self.writer = writer
         self._log_metrics = log_metrics
         self._descriptions = dict(descriptions or {})
         self._described: set[str] = set()
+        self._metric_prefix = metric_prefix
 
     def add_image(self, tag: str, image: Tensor, step: int) -> None:
         self.writer.add_image(tag, image, step, dataformats="CHW")
@@ -109,8 +113,8 @@ class TensorBoardDestination:
     def _write_described(self, tag: str, value: float, description: str, step: int) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        point = Summary.Value(tag=tag, simple_value=value)
-        point.metadata.display_name = tag
+        point = Summary.Value(tag=self._metric_prefix + tag, simple_value=value)
+        point.metadata.display_name = self._metric_prefix + tag
         point.metadata.summary_description = description
         point.metadata.plugin_data.plugin_name = "scalars"
         self.writer._get_file_writer().add_summary(Summary(value=[point]), step)

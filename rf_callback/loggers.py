@@ -33,9 +33,12 @@ def destinations_for(trainer: Trainer) -> list[Destination]:
     others: list[Logger] = []
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            # descriptions go with the first point of each scalar, written as log_metrics would (no prefix)
-            descriptions = DESCRIPTIONS if not getattr(logger, "_prefix", "") else None
-            destinations.append(TensorBoardDestination(logger.experiment, logger.log_metrics, descriptions))
+            # descriptions go with the first point of each scalar, under the tag log_metrics would write
+            prefix = getattr(logger, "_prefix", "")
+            metric_prefix = f"{prefix}{logger.LOGGER_JOIN_CHAR}" if prefix else ""
+            destinations.append(
+                TensorBoardDestination(logger.experiment, logger.log_metrics, DESCRIPTIONS, metric_prefix)
+            )
         elif isinstance(logger, WandbLogger):
             destinations.append(WandbDestination(logger.experiment, logger.log_metrics))
         elif isinstance(logger, MLFlowLogger):

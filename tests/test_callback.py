@@ -85,6 +85,16 @@ def test_logs_table_maps_and_scalars_per_epoch(tmp_path):
         assert description.startswith(f"Share of the input (0-1) whose largest values hold {share}%")
 
 
+def test_a_logger_prefix_keeps_each_scalar_in_one_described_chart(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="run", prefix="exp")
+    trainer, _ = fit(tmp_path, [ReceptiveFieldMonitor(layers=["conv2"])], logger=logger)
+    events = read_events(trainer.logger.log_dir)
+    chart = "exp-receptive_field/00_conv2/erf_size"
+    assert [s.step for s in events.Scalars(chart)] == [0, 3, 7]  # the described first point and the rest
+    assert events.SummaryMetadata(chart).summary_description.startswith("ERF size: side (input px)")
+    assert not any(t.startswith("receptive_field/") for t in events.Tags()["scalars"])
+
+
 def test_default_probes_are_one_per_class_from_the_validation_set(tmp_path):
     monitor = ReceptiveFieldMonitor()
     fit(tmp_path, [monitor], max_epochs=1)
