@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -291,6 +292,28 @@ def _check_output(output: Tensor, channel: int | None, name: str, dims: int) -> 
         raise ValueError(f"receptive_maps(channel={channel}): layer '{name}' has {output.shape[1]} channels.")
 
 
+def _warn_if_constant_sum(name: str, output: Tensor) -> None:
+    """Warn when the channel sum of ``output`` is the same everywhere: its gradient, the map, is rounding noise.
+
+    That is the output of a LayerNorm whose scale is uniform (every transformer at initialization):
+    its channels always sum to the same value.
+    """
+    values = output.detach()
+    sums = values.sum(1)
+    if sums.numel() < 2 or values.shape[1] < 2:
+        return
+    spread = float(sums.max() - sums.min())
+    # How much each channel varies over probes and positions: 0 for a dead layer, whose maps are flagged so.
+    scale = float(values.float().transpose(0, 1).reshape(values.shape[1], -1).std(1).mean()) * values.shape[1] ** 0.5
+    if 0 < scale and spread <= 1e-4 * scale:
+        warnings.warn(
+            f"receptive_maps: the channels of layer '{name}' sum to the same value at every position (a LayerNorm"
+            " with a uniform scale?), so the gradient of their sum is rounding noise. HINT: pass channel=k to follow"
+            " one channel.",
+            stacklevel=2,
+        )
+
+
 def _unit_sum(output: Tensor, units: Sequence[tuple[int, ...]], channel: Pick) -> Tensor:
     """Sum over probes of each probe's unit (its channel sum, one channel, or each probe's own channel)."""
     if len(set(units)) == 1:
@@ -369,6 +392,8 @@ def _pass_gradients(
             positions = output.shape[2:]
             if layout is not None and not all(0 <= i < n for unit in local[name] for i, n in zip(unit, positions)):
                 raise _CropFailed(f"layer '{name}' gives {tuple(positions)} positions on {layout.size}")
+            if pick is None:
+                _warn_if_constant_sum(name, output)
             return _unit_sum(output, local[name], pick)
 
         targets = _capture(model, modules, fields, members, leaf, unit_sum, cropped=layout is not None)
@@ -496,6 +521,8 @@ def receptive_maps(
 
             def strongest(name: str, output: Tensor) -> Tensor:
                 _check_output(output, channel, name, len(spatial))
+                if channel is None and unit == "max":
+                    _warn_if_constant_sum(name, output)
                 units[name], chosen = _strongest(output, channel, unit == "max_logit")
                 if chosen is not None:
                     picks[name] = chosen

@@ -6,6 +6,8 @@ window (or everything) through a softmax whose gradient is nonzero almost surely
 the wrap-around of its shifted windows with -100 (not -inf), so those pixels are in the support too.
 """
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -253,3 +255,15 @@ def test_default_layers_follow_the_blocks_of_an_isotropic_network():
     blocks = [f"encoder.layers.encoder_layer_{i}" for i in (0, 2, 3, 5)]
     assert default_layers(receptive_fields(vit, (3, 32, 32))) == ["encoder", *blocks]
     assert default_layers(receptive_fields(small_swin(), (3, 24, 24))) == ["features.1", "permute"]
+
+
+def test_a_constant_channel_sum_is_named_with_a_hint():
+    """After a LayerNorm with its initial unit scale the channels sum to a constant: the map would be noise."""
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=12, mlp_dim=16)
+    probes = torch.rand(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match=r"'encoder.layers.encoder_layer_0.ln_1' sum to the same value.*channel=k"):
+        receptive_maps(vit, probes, ["encoder.layers.encoder_layer_0.ln_1"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        receptive_maps(vit, probes, ["encoder.layers.encoder_layer_0.ln_1"], channel=0)
+        receptive_maps(vit, probes, ["conv_proj", "encoder.layers.encoder_layer_0"])
