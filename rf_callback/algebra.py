@@ -356,7 +356,7 @@ def _monotone_window(lows: list[int], highs: list[int], first: int, kernel: int,
 def _covers(big: Boxes, small: Boxes) -> bool:
     if big == small:  # shared or equal boxes (most branches): one C-level comparison
         return True
-    if None not in big and None not in small:  # position by position, at C speed
+    if len(big) > 1 and None not in big and None not in small:  # whole axes at C speed; one box: the generator
         return all(map(operator.le, map(_low, big), map(_low, small))) and all(
             map(operator.ge, map(_high, big), map(_high, small))
         )
@@ -387,14 +387,20 @@ def _prune(branches: Iterable[tuple[Boxes, ...]]) -> tuple[tuple[Boxes, ...], ..
     partial: list[tuple[Boxes, ...]] = []
     for branch in branches:
         (full if all(None not in axis for axis in branch) else partial).append(branch)
+    full = _uncovered(full)  # a residual's skip, a gated path's input: folding them would change nothing
     if len(full) > 1:  # shifted copies (patch merging, space-to-depth) would multiply otherwise
         full = [_fold(full)]
+    return tuple(_uncovered(full + partial))
+
+
+def _uncovered(branches: list[tuple[Boxes, ...]]) -> list[tuple[Boxes, ...]]:
+    """``branches`` without those that another one covers on every axis (of equal ones, the first)."""
     kept: list[tuple[Boxes, ...]] = []
-    for branch in full + partial:
-        if any(other == branch or all(_covers(a, b) for a, b in zip(other, branch)) for other in kept):
+    for branch in branches:
+        if any(other == branch or all(map(_covers, other, branch)) for other in kept):
             continue
-        kept = [other for other in kept if not all(_covers(a, b) for a, b in zip(branch, other))] + [branch]
-    return tuple(kept)
+        kept = [other for other in kept if not all(map(_covers, branch, other))] + [branch]
+    return kept
 
 
 @dataclass(frozen=True)
