@@ -514,8 +514,9 @@ def merge(fields: Sequence[Field], where: str = "a merge") -> Field:
     Raises:
         MisalignedBranchesError: if, on some axis, branches move at different effective strides, so
             that no single size / stride / padding describes the result (Google's receptive_field
-            raises here too). A mixed branch (stride 0) merges with local ones only when it already
-            sees everything they see.
+            raises here too). A mixed branch (stride 0) merged with local ones is not misaligned: where
+            it sees everything they see, every unit sees it (stride 0); elsewhere each unit sees its own
+            field and the fixed one, a geometry with one phase per position.
 
     Example::
         >>> image = Field.of_input((8,))
@@ -537,12 +538,18 @@ def merge(fields: Sequence[Field], where: str = "a merge") -> Field:
         if len({rf.jump for rf in local}) > 1:
             raise MisalignedBranchesError(where, axis_rfs)
         if local and spread:
-            # A fixed field merges with moving ones only if it already holds everything they see.
+            # A fixed field that holds everything the moving ones see makes every unit see it; one that
+            # does not (keys pooled past the last rows) adds it to each unit's own: per position.
             whole = _union(branch[axis][0] for field in spread for branch in field.branches)
             seen = (box for field in fields for branch in field.branches for box in branch[axis])
-            if whole is None or any(box is not None and not _covers((whole,), (box,)) for box in seen):
+            if whole is not None and all(box is None or _covers((whole,), (box,)) for box in seen):
+                rfs.append(_hull([field.rfs[axis] for field in spread], 0))
+                continue
+            n, jump = fields[0].length(axis), local[0].jump
+            if (jump * n) % 1:
                 raise MisalignedBranchesError(where, axis_rfs)
-            rfs.append(_hull([field.rfs[axis] for field in spread], 0))
+            intervals = [_union(rf.interval(u) for rf in axis_rfs) for u in range(n)]
+            rfs.append(periodic(intervals, int(jump * n)))
         else:
             rfs.append(_hull(axis_rfs, axis_rfs[0].jump))
     return Field(tuple(rfs), _prune(branch for field in fields for branch in field.branches))

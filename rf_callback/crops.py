@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from rf_callback.table import ReceptiveFieldTable
+from rf_callback.table import LayerRF, ReceptiveFieldTable
 
 
 def _per_unit(units: Tensor, function: Callable[..., tuple]) -> list[tuple]:
@@ -28,7 +28,6 @@ def _per_unit(units: Tensor, function: Callable[..., tuple]) -> list[tuple]:
             cache[unit] = function(*unit)
         results.append(cache[unit])
     return results
-
 
 
 _PASS_OVERHEAD = 1024
@@ -94,7 +93,10 @@ def _crop(
 def _hull(boxes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
     """The smallest box ``(lows..., highs...)`` holding all of ``boxes``."""
     dims = len(boxes[0]) // 2
-    return (*(min(b[a] for b in boxes) for a in range(dims)), *(max(b[a] for b in boxes) for a in range(dims, 2 * dims)))
+    return (
+        *(min(b[a] for b in boxes) for a in range(dims)),
+        *(max(b[a] for b in boxes) for a in range(dims, 2 * dims)),
+    )
 
 
 def _mosaic(names: Sequence[str], fields: ReceptiveFieldTable, boxes: dict[str, list[tuple]]) -> _Layout:
@@ -198,13 +200,27 @@ def _passes(
     return plan
 
 
+def _croppable(row: LayerRF) -> bool:
+    """Whether a row's units can be computed from crops: shift-equivariant, moving, laid out as an image.
+
+    A flattened or token output's shape follows the input's, so crops would change its layout.
+    """
+    return (
+        row.supported
+        and row.equivariant
+        and min(row.stride) > 0
+        and row.placement is not None
+        and row.placement.is_image
+    )
+
+
 def _plan(
     names: Sequence[str], fields: ReceptiveFieldTable, units: dict[str, Tensor], image: tuple[int, ...], paid: bool
 ) -> list[tuple[list[str], _Layout | None]]:
     boxes = {
         name: _per_unit(units[name], lambda *unit, row=fields[name]: row.box(*unit, clip=False))
         for name in names
-        if fields[name].supported and fields[name].equivariant and min(fields[name].stride) > 0
+        if _croppable(fields[name])
     }
     whole = [name for name in names if name not in boxes]
     best = _grouped(list(boxes), fields, boxes, image, whole, paid)

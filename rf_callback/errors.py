@@ -35,11 +35,18 @@ class UnsupportedLayerError(ValueError):
         self.module_type = module_type
         self.operation = operation
         self.reason = reason
-        where = f"'{module_name}' ({module_type})" if module_name else f"the top-level forward ({module_type})"
         super().__init__(
-            f"Cannot compute receptive fields through {operation} in {where}: {reason}. HINT: pass"
+            f"Cannot compute receptive fields through {self.cause}. HINT: pass"
             " strict=False to get the table with the layers that depend on it flagged as unsupported."
         )
+
+
+    @property
+    def cause(self) -> str:
+        """The operation, where it ran and why: ``aten.grid_sampler_2d.default in 'up' (Warp): <reason>``."""
+        name, kind = self.module_name, self.module_type
+        where = f"'{name}' ({kind})" if name else f"the top-level forward ({kind})"
+        return f"{self.operation} in {where}: {self.reason}"
 
 
 class MisalignedBranchesError(ValueError):

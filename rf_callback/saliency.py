@@ -168,6 +168,7 @@ the cache never keeps a model alive)."""
 def _capture(
     model: nn.Module,
     modules: dict[str, nn.Module],
+    fields: ReceptiveFieldTable,
     layers: Sequence[str],
     probes: Tensor,
     pick: Callable[[str, Tensor], Tensor],
@@ -176,13 +177,15 @@ def _capture(
 ) -> dict[str, Tensor]:
     """Run ``model(probes)`` until every wanted layer is seen; return ``pick(layer, output)`` by layer.
 
-    ``pick`` runs inside the forward hook, on the output as the layer returned it. The model may
+    ``pick`` runs inside the forward hook, on the output viewed as ``(N, C, *grid)`` (its row's
+    :class:`~rf_callback.table.Placement`: channels-last and token outputs too). The model may
     later modify that tensor in place (``out += branch(x)``, ``out.relu_()``); what ``pick`` took
     from it (an indexed copy, tied by autograd to the output's history at that moment) does not
     change, so a layer's result never depends on how far the forward runs. ``pick``'s own errors
     are raised as they are; with ``cropped``, an error of the model's forward (an input-size check,
     a fixed reshape) is raised as :class:`_CropFailed`.
     """
+    views = {key: fields[key].placement.view for key in layers}  # type: ignore[union-attr]  # mappable rows
     wanted: dict[str, dict[int, list[tuple[str, int]]]] = {}
     for key in layers:
         parsed = LayerKey.parse(key)  # the model's own output row hooks the model itself
@@ -197,7 +200,7 @@ def _capture(
             calls[name] = index + 1
             for key, position in wanted[name].get(index, ()):
                 try:
-                    captured[key] = pick(key, _input_dependent(output)[position])
+                    captured[key] = pick(key, views[key](_input_dependent(output)[position]))
                 except Exception as error:  # ours, not the model's: stop, and raise it below as it is
                     errors.append(error)
                     raise _Stop from None
@@ -368,7 +371,7 @@ def _pass_gradients(
                 raise _CropFailed(f"layer '{name}' gives {tuple(positions)} positions on {layout.size}")
             return _unit_sum(output, local[name], pick)
 
-        targets = _capture(model, modules, members, leaf, unit_sum, cropped=layout is not None)
+        targets = _capture(model, modules, fields, members, leaf, unit_sum, cropped=layout is not None)
     if layout is not None and layout.together:
         (gradient,) = torch.autograd.grad(torch.stack([targets[name] for name in members]).sum(), leaf)
         gradients = dict.fromkeys(members, gradient)
@@ -486,7 +489,10 @@ def receptive_maps(
         signed = torch.zeros(count, len(names), *probes.shape[1:])  # (N, L, C, *spatial), float32 on the CPU
         into = {name: signed[:, index] for index, name in enumerate(names)}
         reuse = None
-        if unit in ("max", "max_logit"):  # units come from the activations on whole inputs; layers not cropped reuse that pass
+        if unit in (
+            "max",
+            "max_logit",
+        ):  # units come from the activations on whole inputs; layers not cropped reuse that pass
 
             def strongest(name: str, output: Tensor) -> Tensor:
                 _check_output(output, channel, name, len(spatial))
@@ -496,7 +502,7 @@ def receptive_maps(
                 return _unit_sum(output, list(map(tuple, units[name].tolist())), picks[name])
 
             image = pixels.clone().requires_grad_(True)
-            reuse = (image, _capture(model, modules, names, image, strongest))
+            reuse = (image, _capture(model, modules, fields, names, image, strongest))
         layer_set = frozenset(names)
         whole: list[str] = []
         for members, layout in _passes(names, fields, units, spatial, reuse is not None):
@@ -540,5 +546,3 @@ def _center_of(row: LayerRF) -> Callable[..., tuple[float, ...]]:
         return row.center
     scales = [n / m for n, m in zip(row.input_shape, row.output_shape)]
     return lambda *unit: tuple((i + 0.5) * scale - 0.5 for i, scale in zip(unit, scales))
-
-

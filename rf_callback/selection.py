@@ -12,7 +12,16 @@ from typing import Literal
 
 from rf_callback.table import LayerKey, LayerRF, ReceptiveFieldTable
 
-__all__ = ["Unit", "all_layers", "check_channel", "check_unit", "check_unit_fits", "default_layers", "mappable", "resolve_layers"]
+__all__ = [
+    "Unit",
+    "all_layers",
+    "check_channel",
+    "check_unit",
+    "check_unit_fits",
+    "default_layers",
+    "mappable",
+    "resolve_layers",
+]
 
 
 Unit = Literal["center", "max", "max_logit"] | tuple[int, ...]
@@ -82,11 +91,13 @@ def check_channel(channel: object) -> int | None:
 
 
 def mappable(row: LayerRF) -> bool:
-    """Whether a row can have a receptive map: its output is laid out as the input, ``(N, C, *spatial)``.
+    """Whether a row can have a receptive map: its positions form one grid in its output.
 
-    Rows without an analytic field (after an upsampling, say) qualify too: gradients need no geometry.
+    That is ``(N, C, *spatial)``, channels-last, or tokens (a ViT's, class tokens first); not
+    windows. Rows without an analytic field qualify when laid out as the input: gradients need no
+    geometry.
     """
-    return len(row.tensor_shape) == len(row.input_shape) + 2 and tuple(row.tensor_shape[2:]) == row.output_shape
+    return row.placement is not None
 
 
 _SHAPES = {1: "a sequence (N, C, l)", 2: "an image (N, C, h, w)", 3: "a volume (N, C, d, h, w)"}
@@ -99,8 +110,12 @@ def default_layers(table: ReceptiveFieldTable) -> list[str]:
     ``features.1`` of a ConvNeXt) wins over the layers inside it and over the first layer of the
     next stage that still runs at its resolution. Containers holding more than one change of
     resolution (a whole ``features`` block) and rows with a single output position (heads) are
-    left out, and so are rows without an analytic field (name them, or pass ``"all"``). torchvision's
-    ResNets give ``relu, layer1, layer2, layer3, layer4``.
+    left out, and so are rows without an analytic field (name them, or pass ``"all"``); so is a
+    flattened copy of the layer before it. torchvision's ResNets give ``relu, layer1, layer2,
+    layer3, layer4``; its Swins ``features.1, .3, .5, permute``. Where that gives fewer than three
+    layers (an isotropic network, whose blocks all run at one resolution: ViT, MLP-Mixer), four evenly
+    spaced blocks of its longest run of sibling modules of one type are added: a ViT-B/16 gets
+    ``encoder.layers.encoder_layer_0, _4, _7, _11`` and ``encoder``.
 
     Example::
         >>> from torch import nn
@@ -123,10 +138,39 @@ def default_layers(table: ReceptiveFieldTable) -> list[str]:
             continue  # a head, or a container of several stages
         depth = module.count(".")
         best = chosen.get(row.output_shape)
-        if best is None or depth <= best[0]:
+        if best is None or depth < best[0] or (depth == best[0] and not _flattened_copy(row, rows[best[1]])):
             chosen[row.output_shape] = (depth, key)
     keys = {key for _, key in chosen.values()}
+    if len(keys) < 3:  # an isotropic network (ViT, MLP-Mixer, ConvMixer): follow its repeated blocks too
+        keys.update(_spaced_blocks(rows))
     return [key for key in table if key in keys]
+
+
+def _spaced_blocks(rows: dict[str, LayerRF], count: int = 4) -> list[str]:
+    """``count`` evenly spaced rows of the longest run of sibling modules of one type (a ViT's encoder blocks).
+
+    Example::
+        >>> from torch import nn
+        >>> from rf_callback import receptive_fields
+        >>> blocks = [nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU()) for _ in range(8)]
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.Sequential(*blocks))
+        >>> default_layers(receptive_fields(net, (1, 16, 16)))  # one resolution: the blocks 0, 2, 5, 7 too
+        ['1', '1.0', '1.2', '1.5', '1.7']
+    """
+    runs: dict[tuple[str, str], list[str]] = {}  # (parent module, type) -> sibling keys in call order
+    for key, row in rows.items():
+        parsed = LayerKey.parse(key)
+        if parsed.call is None and parsed.output is None and "." in parsed.module and math.prod(row.output_shape) > 1:
+            runs.setdefault((parsed.module.rsplit(".", 1)[0], row.module_type), []).append(key)
+    longest = max(runs.values(), key=len, default=[])
+    if len(longest) < count:
+        return []
+    return [longest[round(i * (len(longest) - 1) / (count - 1))] for i in range(count)]
+
+
+def _flattened_copy(row: LayerRF, image: LayerRF) -> bool:
+    """Whether ``row`` sees what the image-shaped ``image`` row sees, only laid out otherwise (a flatten)."""
+    return image.placement.is_image and not row.placement.is_image and row.field == image.field  # type: ignore[union-attr]
 
 
 def all_layers(table: ReceptiveFieldTable) -> list[str]:
@@ -164,7 +208,7 @@ def resolve_layers(table: ReceptiveFieldTable, layers: str | Sequence[str] | Non
         if not mappable(row):
             raise ValueError(
                 f"layers={names!r}: '{name}' ({row.module_type}) gives an output of shape"
-                f" {tuple(row.tensor_shape)} for one input, not {_SHAPES.get(len(row.input_shape), 'laid out as the input')},"
-                f" so it has no receptive map. Layers that have maps: {valid}."
+                f" {tuple(row.tensor_shape)} for one input whose positions are not one grid (windows, a flattened"
+                f" output or one whose batch is not first), so it has no receptive map. Layers that have maps: {valid}."
             )
     return list(dict.fromkeys(names))

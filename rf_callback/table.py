@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import gc
+import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,18 +20,29 @@ from fractions import Fraction
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from rf_callback.algebra import Field, MisalignedBranchesError
 from rf_callback.errors import TraceError, UnsupportedLayerError
 from rf_callback.report import format_rows
-from rf_callback.tracing import FunctionInterceptor, Traced, Tracer, Unsupported, axis_length, flat_tensors, refusal
+from rf_callback.tracing import (
+    FunctionInterceptor,
+    GridDims,
+    Traced,
+    Tracer,
+    Unsupported,
+    axis_length,
+    flat_tensors,
+    grid_dims,
+    refusal,
+)
 
 __all__ = [
     "OUTPUT_ROW",
     "LayerKey",
     "LayerRF",
+    "Placement",
     "ReceptiveFieldTable",
     "TraceError",
     "UnsupportedLayerError",
@@ -101,6 +113,56 @@ def _key(module: str, call: int | None, output: int | None) -> str:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where a row's positions are in its output tensor: ``(N, C, H, W)``, channels-last, or tokens.
+
+    ``dims[d]`` describes tensor dimension ``d + 1`` (after the batch): the class tokens in front
+    of it, then its factors ``(axis or None, length)`` in row-major order (``((0, 14), (1, 14))``
+    for 196 patch tokens). :meth:`view` turns such an output into ``(N, C, *grid)``.
+    """
+
+    dims: GridDims
+    grid: tuple[int, ...]
+
+    @classmethod
+    def image(cls, tensor_shape: Sequence[int]) -> Placement:
+        """The usual ``(N, C, *spatial)`` layout."""
+        channels = ((None, tensor_shape[1]),) if tensor_shape[1] > 1 else ()
+        grid = tuple(tensor_shape[2:])
+        return cls(((0, channels), *((0, ((a, n),)) for a, n in enumerate(grid))), grid)
+
+    @property
+    def is_image(self) -> bool:
+        """Whether outputs are already ``(N, C, *grid)``."""
+        return self == Placement.image((1, _size(self.dims[0][1]), *self.grid)) if self.dims else False
+
+    def view(self, output: Tensor) -> Tensor:
+        """``output`` (any batch size) as ``(N, C, *grid)``: class tokens dropped, channels first, axes in order.
+
+        Example::
+            >>> tokens = torch.arange(2 * 5 * 3.0).reshape(2, 5, 3)  # a class token + 2x2 patches, 3 features
+            >>> grid = Placement(((1, ((0, 2), (1, 2))), (0, ((None, 3),))), (2, 2)).view(tokens)
+            >>> tuple(grid.shape), grid[0, :, 0, 1].tolist()  # patch (0, 1) is token 2
+            ((2, 3, 2, 2), [6.0, 7.0, 8.0])
+        """
+        if self.is_image:
+            return output
+        for d, (tokens, _) in enumerate(self.dims):
+            if tokens:
+                output = output.narrow(d + 1, tokens, output.shape[d + 1] - tokens)
+        factors = [factor for _, dim in self.dims for factor in dim]
+        output = output.reshape(output.shape[0], *(length for _, length in factors))
+        plain = [1 + i for i, (axis, _) in enumerate(factors) if axis is None]
+        axes = {axis: 1 + i for i, (axis, _) in enumerate(factors) if axis is not None}
+        output = output.permute(0, *plain, *(axes[a] for a in sorted(axes)))
+        return output.reshape(output.shape[0], -1, *self.grid)
+
+
+def _size(factors: Sequence[tuple[int | None, int]]) -> int:
+    return math.prod(length for _, length in factors)
+
+
+@dataclass(frozen=True)
 class LayerRF:
     """Receptive field of one module's output, in input pixels.
 
@@ -115,6 +177,8 @@ class LayerRF:
         module_type: the module's class name (the model's own for ``"(output)"``).
         input_shape: spatial shape of the model input, e.g. ``(28, 28)``.
         output_shape: spatial shape of this output; 1 on an axis the layer reduced or flattened away.
+            It counts grid positions only: a ViT's class tokens and a window partition's layout are
+            in ``tensor_shape``, not here.
         field: the geometry (:class:`~rf_callback.algebra.Field`): ``field.rfs[a]`` is Distill's
             triple of axis ``a`` (size, jump = stride, start = -padding), ``field.box`` the exact boxes.
         equivariant: whether this output shifts with the input (no global mixing, fixed-position
@@ -123,6 +187,8 @@ class LayerRF:
         unsupported: why this row has no receptive field (``None`` when it has one).
         tensor_shape: the whole output tensor's shape for a batch of one, e.g. ``(1, 64, 56, 56)``;
             it tells an image-shaped ``(N, C, H, W)`` output from a flattened or channels-last one.
+        placement: where the positions are in that tensor (:class:`Placement`), so that maps can
+            read channels-last and token outputs; None where they are not one grid (windows).
 
     Example::
         >>> from torch import nn
@@ -142,6 +208,7 @@ class LayerRF:
     equivariant: bool = False
     unsupported: UnsupportedLayerError | None = None
     tensor_shape: tuple[int, ...] = ()
+    placement: Placement | None = None
 
     def _geometry(self) -> Field:
         if self.unsupported is not None or self.field is None:
@@ -214,7 +281,7 @@ class LayerRF:
         """A JSON-ready dict of this row; a fractional stride is a string such as ``"1/2"`` (``Fraction("1/2")`` reads it)."""
         record: dict[str, Any] = {"name": self.name, "type": self.module_type, "output_shape": list(self.output_shape)}
         if self.unsupported is not None:
-            record["unsupported"] = self.unsupported.reason
+            record["unsupported"] = self.unsupported.cause
             return record
         record.update(
             size=list(self.size),
@@ -395,7 +462,7 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
             wrappers are unwrapped).
         input_shape: ``(C, H, W)`` without the batch; ``(C, L)`` for 1-D models.
         strict: raise :class:`UnsupportedLayerError` at the first row that depends on an operation
-            without a receptive field (window partitions, sampling grids, misaligned branches...),
+            without a receptive field (sampling grids, misaligned branches...),
             naming that operation. Such an operation is harmless, and refused nowhere, where every
             unit of its inputs already sees the same interval along the axes it touches (global
             pooling, attention, a squeeze-excitation gate upstream). With ``False`` the table still
@@ -564,15 +631,29 @@ def _build_table(calls: list[_Call], counts: dict[str, int], shape: tuple[int, .
         for k, (output, info) in enumerate(outputs):
             key = _key(name, call.index if name in reused else None, k if len(outputs) > 1 else None)
             if refusal(info) is not None:
-                output_shape = tuple(output.shape[2:]) if output.dim() == len(shape) + 1 else (1,) * len(spatial)
+                image = output.dim() == len(shape) + 1
+                output_shape = tuple(output.shape[2:]) if image else (1,) * len(spatial)
+                placement = Placement.image(output.shape) if image else None
                 rows.append(
                     LayerRF(
-                        key, module_type, spatial, output_shape, unsupported=refusal(info), tensor_shape=output.shape
+                        key, module_type, spatial, output_shape, None, False, refusal(info), output.shape, placement
                     )
                 )
             else:
                 output_shape = tuple(axis_length(info.layout, axis) for axis in range(len(spatial)))
+                dims = grid_dims(info.layout)
+                placement = Placement(dims, output_shape) if dims is not None else None
                 rows.append(
-                    LayerRF(key, module_type, spatial, output_shape, info.field, info.equivariant, None, output.shape)
+                    LayerRF(
+                        key,
+                        module_type,
+                        spatial,
+                        output_shape,
+                        info.field,
+                        info.equivariant,
+                        None,
+                        output.shape,
+                        placement,
+                    )
                 )
     return ReceptiveFieldTable(rows, shape, reused)

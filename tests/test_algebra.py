@@ -188,13 +188,21 @@ def test_misaligned_branches_raise_and_name_the_merge():
         merge([strided, cropped], where="block3.add")
 
 
-def test_a_global_branch_merges_only_when_it_covers_the_local_one():
+def test_a_global_branch_that_covers_the_local_one_makes_it_global():
     local = Field.of_input((8,)).window(0, kernel=3, stride=1, padding=1, length=8)
     everything = local.mix(0)
     assert merge([local, everything]).rfs == (AxisRF(size=10, jump=0, start=-1),)
-    corner = Field.of_input((8,)).take(0, start=0, step=1, length=1).broadcast(0, 8)
-    with pytest.raises(MisalignedBranchesError):
-        merge([local, corner])
+
+
+def test_a_global_branch_that_misses_part_of_the_local_one_is_added_per_position():
+    """MViT v2: keys pooled with stride 4 never read the last rows; each query sees its own and all the keys'."""
+    local = Field.of_input((8,)).window(0, kernel=3, stride=1, padding=1, length=8)
+    corner = Field.of_input((8,)).take(0, start=0, step=1, length=1).broadcast(0, 8)  # sees pixel 0 only
+    merged = merge([local, corner])
+    assert [merged.box((u,)) for u in range(8)] == [((0, 2),), ((0, 3),)] + [((0, u + 2),) for u in range(2, 7)] + [
+        ((0, 8),)
+    ]
+    assert merged.rfs[0].jump == 1 and merged.rfs[0].period == 8
 
 
 def test_a_branch_that_sees_only_padding_adds_nothing():

@@ -268,14 +268,13 @@ class StepCounting(TinyCNN):
     [
         (StepCounting, {"unit": (99, 99), "layers": ["conv2"]}, r"unit=\(99, 99\): layer 'conv2' has an output of 6x6"),
         (StepCounting, {"channel": 10_000, "layers": ["conv2"]}, r"channel=10000: layer 'conv2' has 8 channels"),
-        (StepCounting, {"layers": ["head"]}, r"'head' \(Linear\) gives an output of shape \(1, 4\).*not an image"),
         (StepCounting, {"layers": "conv9"}, r"'conv9'.*Layers that have maps: conv1, bn, pool, conv2"),
         (StepCounting, {"probes": [0, 1000]}, r"probes=\[0, 1000\]\): .*\[1000\] outside the dataset of 32 items"),
         (StepCounting, {"probes": torch.rand(2, 3, 12, 12)}, r"first convolution takes 1 channels, the probes have 3"),
         (NoConvolution, {}, r"no layer with a receptive field that varies across the input.*nothing to map"),
         (Signal1D, {"probes": torch.rand(2, 1, 32), "unit": (3, 3)}, r"unit=\(3, 3\): layer 'conv' has an output of 30"),
     ],
-    ids=["unit", "channel", "linear", "one-name", "index", "channels", "no-conv", "conv1d-unit"],
+    ids=["unit", "channel", "one-name", "index", "channels", "no-conv", "conv1d-unit"],
 )
 def test_bad_configurations_fail_before_the_first_step(tmp_path, model, kwargs, message):
     StepCounting.steps = 0

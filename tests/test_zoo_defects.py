@@ -331,11 +331,14 @@ def test_a_window_view_after_a_gate_is_global():
     assert_boxes_are_gradient_supports(model, (2, 8, 8), ["conv", "se", "mix", "head"])
 
 
-def test_a_window_view_of_local_features_is_still_refused():
+def test_a_window_view_of_local_features_is_followed_exactly():
+    """Without the gate the window partition splits H and W of local features: followed as window parts."""
     model = WindowsAfterGate()
     model.se = nn.Identity()
-    with pytest.raises(UnsupportedLayerError, match=r"aten\.view\.default in the top-level forward .*splits"):
-        receptive_fields(model, (2, 8, 8))
+    table = receptive_fields(model, (2, 8, 8))
+    assert table["mix"].size == (3, 3) and table["mix"].tensor_shape == (4, 16, 4)
+    assert (table["head"].size, table["head"].stride) == ((5, 5), (1, 1))
+    assert_boxes_are_gradient_supports(model, (2, 8, 8), ["conv", "head"])
 
 
 @pytest.mark.parametrize("kernel", [1, 3])

@@ -16,16 +16,18 @@ reported as unsupported, never guessed.
 """
 
 from rf_callback.tracing.engine import FunctionInterceptor, TensorInfos, Tracer
-from rf_callback.tracing.layout import Traced, Unsupported, axis_length, refusal
+from rf_callback.tracing.layout import GridDims, Traced, Unsupported, axis_length, grid_dims, refusal
 from rf_callback.tracing.shortcuts import flat_tensors
 
 __all__ = [
     "FunctionInterceptor",
+    "GridDims",
     "TensorInfos",
     "Traced",
     "Tracer",
     "Unsupported",
     "axis_length",
     "flat_tensors",
+    "grid_dims",
     "refusal",
 ]

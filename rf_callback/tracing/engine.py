@@ -15,21 +15,27 @@ from rf_callback.algebra import Field, MisalignedBranchesError, merge
 from rf_callback.errors import UnsupportedLayerError
 from rf_callback.tracing.fast import run_lowered
 from rf_callback.tracing.layout import (
+    FED,
     Factor,
     Layout,
+    Part,
     Traced,
     Unsupported,
     _aligned,
+    _axes,
     _dim_size,
+    _factors,
+    _fed,
     _forget_mixed_axes,
-    _home,
     _plain,
+    _prefix,
     _reason,
     _Reject,
     _sees_everything,
     _spatial,
-    axis_length,
+    _whole_axis,
     refusal,
+    settled,
 )
 from rf_callback.tracing.ops import _FUNCTIONS, _HANDLERS, _reduction
 from rf_callback.tracing.shortcuts import (
@@ -150,7 +156,7 @@ class Tracer(TorchDispatchMode):
                 self.info.pop(tensor, None)
             return
         bound = _bind(func, args, kwargs)
-        results = self.follow(func, tensors, lambda infos: self.handle(func, bound, infos, out))
+        results = self.follow(func, tensors, lambda infos: self.settle(self.handle(func, bound, infos, out)))
         if not isinstance(results, tuple):
             results = (results,) * len(outputs)
         for tensor, info in zip(outputs, results):
@@ -158,6 +164,14 @@ class Tracer(TorchDispatchMode):
                 self.info.pop(tensor, None)
             else:
                 self.info[tensor] = info
+
+    def settle(self, result: Any) -> Any:
+        """A handler's ``result`` with split axes made whole where parts were summed away (see :func:`settled`)."""
+        if type(result) is Traced:
+            return settled(result)
+        if type(result) is tuple:
+            return tuple(settled(r) if type(r) is Traced else r for r in result)
+        return result
 
     def follow(self, operation: Any, tensors: Sequence[torch.Tensor], step: Any) -> Any:
         """The info of an operation's output(s): ``step(infos of the followed inputs)``, with the refusal rules.
@@ -239,22 +253,28 @@ class Tracer(TorchDispatchMode):
         """
         fields = []
         equivariant = all(info.equivariant for info in operands)
+        axes = _axes(layout)
+        fed: set[int] = set()  # dimensions whose class tokens receive values from the input
         for info in operands:
             field = info.field
+            own = _axes(info.layout)
             for axis in range(len(self.image)):
-                home, extent, place = _home(layout, axis), axis_length(layout, axis), _home(info.layout, axis)
+                extent = axes[axis][1] if axis in axes else 1
                 if extent == 1:  # a single output position along this axis
                     field = field.first(axis)
-                elif place is None or axis_length(info.layout, axis) == 1:
+                elif axis not in own or own[axis][1] == 1:
                     field, equivariant = field.broadcast(axis, extent), False
-                elif place != home:
-                    field, equivariant = field.mix(axis).broadcast(axis, extent), False
+                elif own[axis][0] is None or own[axis][0] != axes[axis][0]:
+                    field, moved = _misplaced(field, info.layout, layout, axis, extent)
+                    equivariant = equivariant and not moved
             fields.append(field)
+            fed.update(d for d, dim in enumerate(layout) if _prefix(dim) is not None and info.layout[d] != dim)
         try:
             field = merge(fields)
         except MisalignedBranchesError as misaligned:  # named only now: formatting it every time costs
             raise MisalignedBranchesError(f"{where} in {self.describe()}", misaligned.branches) from None
-        return Traced(field, layout, equivariant)
+        result = Traced(field, layout, equivariant)
+        return _fed(result, sorted(fed)) if fed else result
 
     @staticmethod
     def varies_with_position(constants: Sequence[Sequence[int]], layout: Layout) -> bool:
@@ -278,7 +298,9 @@ class Tracer(TorchDispatchMode):
                 dim = info.layout[d]
                 if _dim_size(dim) == size and _spatial(dim):
                     if spatial is not None and spatial != dim:
-                        raise _Reject("it combines tensors whose spatial axes are laid out differently")
+                        if spatial[1:] != dim[1:] or _prefix(spatial) is None or _prefix(dim) is None:
+                            raise _Reject("it combines tensors whose spatial axes are laid out differently")
+                        dim = ((FED, dim[0][1]),) + dim[1:]  # constant and fed class tokens: fed
                     spatial = dim
             layout.append(spatial if spatial is not None else _plain(size))
         return tuple(layout)
@@ -300,13 +322,22 @@ class Tracer(TorchDispatchMode):
         return result
 
     def mix(self, info: Traced, dims: Sequence[int]) -> Traced:
-        """Every position along ``dims`` now sees what all of them saw (softmax, normalisation...)."""
+        """Every position along ``dims`` now sees what all of them saw (softmax, normalisation...).
+
+        A :class:`Part` of a split axis mixes within its windows only; class tokens in ``dims``
+        receive what the grid sees (:data:`FED`).
+        """
         field, equivariant = info.field, info.equivariant
         for d in dims:
-            for axis, _ in info.layout[d]:
-                if axis is not None:
-                    field, equivariant = field.mix(axis), False
-        return replace(info, field=field, equivariant=equivariant)
+            for key, length in info.layout[d]:
+                if type(key) is int:
+                    field, equivariant = field.mix(key), False
+                elif type(key) is Part:
+                    field, equivariant = _mix_part(field, key, length), False
+        result = replace(info, field=field, equivariant=equivariant)
+        if any(_prefix(info.layout[d]) is not None for d in dims):
+            return _fed(result, dims)
+        return result
 
     def window(self, info: Traced, result: torch.Tensor, kernel, stride, padding, dilation) -> Traced:
         """Sliding windows over the last ``len(kernel)`` dims (convolution, pooling).
@@ -328,13 +359,45 @@ class Tracer(TorchDispatchMode):
             elif kernel[i] == stride[i] == 1 and padding[i] == 0:
                 layout.append(dim)  # a 1x1 window is the identity, whatever the dimension holds
             elif len(dim) == 1:
-                axis = dim[0][0]
+                axis = _whole_axis(dim, "slides a window over")
                 field = field.window(axis, kernel[i], stride[i], padding[i], size, dilation[i])
                 layout.append(((axis, size),))
             else:
                 field, inner = _window_within_rows(field, dim, size, kernel[i], stride[i], padding[i], dilation[i])
                 layout.append(dim[:-1] + inner)
         return Traced(field, tuple(layout), info.equivariant)
+
+
+def _mix_part(field: Field, part: Part, length: int) -> Field:
+    """``field`` after each position along ``part.axis`` read the positions that differ from it only in ``part``.
+
+    That is attention within windows: with ``(56,)`` split into 8 windows of 7 (``Part(axis, 7)``, 8
+    and ``Part(axis, 1)``, 7), mixing the second part unites each window.
+    """
+    n = field.length(part.axis)
+    sources = []
+    for position in range(n):
+        base = position - (position // part.step) % length * part.step
+        sources.append(tuple(base + j * part.step for j in range(length)))
+    return field.resample(part.axis, sources)
+
+
+def _misplaced(field: Field, own: Layout, layout: Layout, axis: int, extent: int) -> tuple[Field, bool]:
+    """An operand's ``field`` seen from an output ``layout`` that holds some of its factors of ``axis`` elsewhere.
+
+    Every output unit sees what the operand's units that differ only in those factors see: the
+    whole axis if no factor stays in place, the windows of the factors moved otherwise. Returns the
+    field and whether any factor moved.
+    """
+    kept = [(d, factor) for d, factor in _factors(own, axis) if factor in layout[d]]
+    moved = [factor for d, factor in _factors(own, axis) if factor not in layout[d]]
+    if not moved:
+        return field, False
+    if not kept:
+        return field.mix(axis).broadcast(axis, extent), True
+    for key, length in moved:
+        field = _mix_part(field, key, length)
+    return field, True
 
 
 def _window_within_rows(
@@ -347,7 +410,14 @@ def _window_within_rows(
     ``1 x k`` pool of the image when ``k`` divides its width.
     """
     axis, length = dim[-1]
-    if padding or length % stride or dilation * (kernel - 1) + 1 > stride or size * stride != _dim_size(dim):
+    if (
+        padding
+        or length % stride
+        or dilation * (kernel - 1) + 1 > stride
+        or size * stride != _dim_size(dim)
+        or any(type(key) is Part for key, _ in dim)
+        or _prefix(dim) is not None
+    ):
         raise _Reject("it slides a window over a dimension that mixes a spatial axis with others")
     if axis is not None:
         field = field.window(axis, kernel, stride, 0, length // stride, dilation)
@@ -383,7 +453,7 @@ class FunctionInterceptor(TorchFunctionMode):
         traced = [t for t in inputs if t in self.tracer.info]
         if traced:
             outputs = flat_tensors(out)
-            results = self.tracer.follow(operation, traced, step)
+            results = self.tracer.follow(operation, traced, lambda infos: self.tracer.settle(step(infos)))
             results = results if isinstance(results, tuple) else (results,) * len(outputs)
             for tensor, info in zip(outputs, results):
                 self.tracer.info[tensor] = info

@@ -1,7 +1,18 @@
 """Layout algebra of the tracer: where a tensor's dimensions hold the input's spatial axes, and what it sees.
 
-A tensor dimension is a product of *factors*, each ``(spatial axis or None, length)``; :class:`Traced`
-pairs a layout with the :class:`~rf_callback.algebra.Field` of the tensor's units.
+A tensor dimension is a product of *factors*, each ``(key, length)``; :class:`Traced` pairs a layout
+with the :class:`~rf_callback.algebra.Field` of the tensor's units. A key is
+
+* ``None``: a non-spatial factor (channels, batch, heads);
+* an ``int`` axis: the whole of that spatial axis, positions ``0 .. length - 1``;
+* a :class:`Part` of an axis split across several factors by a view (a window partition): its
+  index ``i`` is position ``i * step``; the axis's position is the sum over its parts, and the
+  field is indexed by that position;
+* :data:`PREFIX` or :data:`FED`, only first in a dimension: ``length`` extra positions before the
+  rest of the dimension (a ViT's class and register tokens), which add to its size rather than
+  multiply. :data:`PREFIX` tokens hold constants; an operation that feeds them from the input
+  (attention) makes them :data:`FED`, allowed only where every position of the grid already sees
+  the same, which the tokens then see too.
 """
 
 from __future__ import annotations
@@ -9,6 +20,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
@@ -17,9 +29,36 @@ from rf_callback.errors import UnsupportedLayerError
 
 aten = torch.ops.aten
 
-# A tensor dimension is a product of factors; a factor is (spatial axis or None, length).
+
+class Part(NamedTuple):
+    """A factor of spatial ``axis`` split across dimensions: its index ``i`` is position ``i * step``."""
+
+    axis: int
+    step: int
+
+
+class _Prefix:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+PREFIX = _Prefix("PREFIX")
+"""The key of a dimension's leading class tokens that hold constants: they add to its size."""
+FED = _Prefix("FED")
+"""The key of a dimension's leading class tokens that see what every position of its grid sees."""
+
+
+def _prefix(dim: tuple[Factor, ...]) -> _Prefix | None:
+    """The class-token key in front of ``dim``, if any."""
+    return dim[0][0] if dim and type(dim[0][0]) is _Prefix else None  # type: ignore[return-value]
+
+
+# A tensor dimension is a product of factors; a factor is (key, length), see the module docstring.
 # Non-spatial factors of length 1 are dropped; an axis reduced away is absent from the layout.
-Factor = tuple[int | None, int]
+Factor = tuple["int | Part | _Prefix | None", int]
 Layout = tuple[tuple[Factor, ...], ...]
 
 
@@ -66,6 +105,8 @@ class _Reject(Exception):
 
 
 def _dim_size(dim: tuple[Factor, ...]) -> int:
+    if dim and type(dim[0][0]) is _Prefix:
+        return dim[0][1] + _dim_size(dim[1:])
     size = 1
     for _, length in dim:
         size *= length
@@ -81,9 +122,28 @@ def _plain(size: int) -> tuple[Factor, ...]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _axes(layout: Layout) -> dict[int, tuple[int, int]]:
-    """Where each spatial axis of ``layout`` lives: axis -> (dimension, length)."""
-    return {axis: (d, length) for d, dim in enumerate(layout) for axis, length in dim if axis is not None}
+def _axes(layout: Layout) -> dict[int, tuple[int | None, int]]:
+    """Where each spatial axis of ``layout`` lives: axis -> (dimension, length); dimension None when split."""
+    axes: dict[int, tuple[int | None, int]] = {}
+    for d, dim in enumerate(layout):
+        for key, length in dim:
+            if type(key) is int:
+                axes[key] = (d, length)
+            elif type(key) is Part:
+                home, total = axes.get(key.axis, (d, 1))
+                axes[key.axis] = (home if home == d else None, total * length)
+    return axes
+
+
+@functools.lru_cache(maxsize=4096)
+def _factors(layout: Layout, axis: int) -> tuple[tuple[int, Factor], ...]:
+    """The factors of ``axis`` in ``layout``, each with its dimension: ``((d, (key, length)), ...)``."""
+    return tuple(
+        (d, factor)
+        for d, dim in enumerate(layout)
+        for factor in dim
+        if factor[0] == axis and type(factor[0]) is int or type(factor[0]) is Part and factor[0].axis == axis
+    )
 
 
 def axis_length(layout: Layout, axis: int) -> int:
@@ -91,10 +151,43 @@ def axis_length(layout: Layout, axis: int) -> int:
     return 1 if place is None else place[1]
 
 
-def _home(layout: Layout, axis: int) -> int | None:
-    """The dimension holding ``axis``, or None when the axis is absent (length 1 there)."""
-    place = _axes(layout).get(axis)
-    return None if place is None else place[0]
+def _whole_axis(dim: tuple[Factor, ...], what: str) -> int:
+    """The axis a dimension holds whole and alone, or ``_Reject`` naming ``what`` the operation does to it."""
+    if len(dim) != 1 or type(dim[0][0]) is not int:
+        raise _Reject(f"it {what} a dimension that mixes a spatial axis with others")
+    return dim[0][0]
+
+
+def _merge_parts(layout: Layout) -> Layout:
+    """``layout`` with adjacent parts that form one run of positions joined (a window partition undone).
+
+    An axis left with a single part of step 1 is whole again.
+    """
+    if not any(type(key) is Part for dim in layout for key, _ in dim):
+        return layout
+    merged = []
+    for dim in layout:
+        factors: list[Factor] = []
+        for key, length in dim:
+            if factors and type(key) is Part and type(factors[-1][0]) is Part:
+                outer, count = factors[-1]
+                if outer.axis == key.axis and outer.step == key.step * length:
+                    factors[-1] = (key, count * length)
+                    continue
+            factors.append((key, length))
+        merged.append(factors)
+    counts: dict[int, int] = {}
+    for factors in merged:
+        for key, _ in factors:
+            if type(key) is Part:
+                counts[key.axis] = counts.get(key.axis, 0) + 1
+    return tuple(
+        tuple(
+            (key.axis, length) if type(key) is Part and key.step == 1 and counts[key.axis] == 1 else (key, length)
+            for key, length in factors
+        )
+        for factors in merged
+    )
 
 
 def _aligned(info: Traced, ndim: int) -> Traced:
@@ -103,11 +196,18 @@ def _aligned(info: Traced, ndim: int) -> Traced:
 
 
 def _reshape(layout: Layout, shape: Sequence[int]) -> Layout:
-    """Layout after a view/reshape to ``shape``; spatial axes may be merged, not split."""
+    """Layout after a view/reshape to ``shape``.
+
+    Spatial axes may be merged, and split into :class:`Part` s (``(56,) -> (8, 7)``: window ``i // 7``
+    and offset ``i % 7``); a dimension with class tokens moves whole.
+    """
     if tuple(shape) == tuple(_dim_size(dim) for dim in layout):
         return layout
-    queue: list[Factor] = []
+    queue: list[Factor | tuple[tuple[Factor, ...], int]] = []  # factors; a prefixed dimension as (dim, size)
     for dim in layout:
+        if _prefix(dim) is not None:
+            queue.append((dim, _dim_size(dim)))
+            continue
         for factor in dim:
             if factor[1] == 1:
                 continue
@@ -122,20 +222,31 @@ def _reshape(layout: Layout, shape: Sequence[int]) -> Layout:
         while remaining > 1:
             if not queue:
                 raise _Reject(f"a view to {tuple(shape)} that this engine cannot follow")
-            axis, length = queue[0]
-            if remaining % length == 0:
-                dim.append(queue.pop(0))
+            key, length = queue[0]
+            if type(key) is tuple:  # a dimension with class tokens: only as a whole dimension
+                if dim or remaining != length:
+                    raise _Reject(f"a view to {tuple(shape)} splits a dimension holding class tokens")
+                dim.extend(queue.pop(0)[0])  # type: ignore[arg-type]
+                remaining = 1
+            elif remaining % length == 0:
+                dim.append(queue.pop(0))  # type: ignore[arg-type]
                 remaining //= length
-            elif axis is None and length % remaining == 0:
-                dim.append((None, remaining))
-                queue[0] = (None, length // remaining)
+            elif length % remaining == 0:  # split: ``remaining`` outer positions, the rest inner
+                inner = length // remaining
+                if key is None:
+                    dim.append((None, remaining))
+                    queue[0] = (None, inner)
+                else:
+                    part = key if type(key) is Part else Part(key, 1)
+                    dim.append((Part(part.axis, part.step * inner), remaining))
+                    queue[0] = (part, inner)
                 remaining = 1
             else:
-                raise _Reject(f"a view to {tuple(shape)} splits a spatial axis (space-to-depth)")
+                raise _Reject(f"a view to {tuple(shape)} that this engine cannot follow")
         result.append(tuple(dim))
     if queue:
         raise _Reject(f"a view to {tuple(shape)} that this engine cannot follow")
-    return tuple(result)
+    return _merge_parts(tuple(result))
 
 
 def _normalize_dim(dim: int, ndim: int) -> int:
@@ -152,20 +263,94 @@ def _forget_mixed_axes(info: Traced) -> Traced:
     """
     field = info.field
     mixed = {a for a, rf in enumerate(field.rfs) if rf.jump == 0 or field.length(a) == 1}
-    if not any(axis in mixed for dim in info.layout for axis, _ in dim):
+    if not any(_axis_of(key) in mixed for dim in info.layout for key, _ in dim):
         return info
     layout = []
     for dim in info.layout:
         factors: list[Factor] = []
-        for axis, length in dim:
-            if axis not in mixed and axis is not None:
-                factors.append((axis, length))
+        for key, length in dim:
+            if type(key) is _Prefix or (key is not None and _axis_of(key) not in mixed):
+                factors.append((key, length))
             elif factors and factors[-1][0] is None:  # plain, merged with its plain neighbour
                 factors[-1] = (None, factors[-1][1] * length)
             elif length > 1:
                 factors.append((None, length))
+        if _prefix(tuple(factors)) is not None and not _spatial(tuple(factors[1:])):
+            factors = list(_plain(_dim_size(tuple(factors))))  # class tokens among plain ones: plain
         layout.append(tuple(factors))
     return replace(info, layout=tuple(layout))
+
+
+def _axis_of(key: int | Part | _Prefix | None) -> int | None:
+    """The spatial axis a factor's key belongs to (None for non-spatial factors and class tokens)."""
+    return key if type(key) is int else key.axis if type(key) is Part else None  # type: ignore[union-attr]
+
+
+def _fed(info: Traced, dims: Sequence[int]) -> Traced:
+    """``info`` after an operation that fed the class tokens of ``dims`` from the input: they are :data:`FED`.
+
+    Exact when every grid position of such a dimension sees the same (after attention): the tokens
+    see that too. Otherwise ``_Reject``, since one field cannot hold what the tokens and the grid see.
+    """
+    layout = list(info.layout)
+    for d in dims:
+        dim = layout[d]
+        if _prefix(dim) is None:
+            continue
+        axes = {_axis_of(key) for key, _ in dim[1:]} - {None}
+        if any(info.field.rfs[a].jump != 0 and info.field.length(a) > 1 for a in axes):  # type: ignore[index]
+            raise _Reject("it feeds class tokens from positions that see different parts of the input")
+        layout[d] = ((FED, dim[0][1]),) + dim[1:]
+    return replace(info, layout=tuple(layout))
+
+
+GridDims = tuple[tuple[int, tuple[tuple[int | None, int], ...]], ...]
+"""Per tensor dimension after the batch: its class tokens, then its factors ``(axis or None, length)``."""
+
+
+def grid_dims(layout: Layout) -> GridDims | None:
+    """Where the positions of a tensor with ``layout`` are, if it holds each image axis whole and its batch first.
+
+    None for window layouts (an axis split across dimensions) and for a batch dimension that holds
+    more than the batch (windows, or tokens first).
+
+    Example::
+        >>> grid_dims(((), ((PREFIX, 1), (0, 14), (1, 14)), ((None, 768),)))  # a ViT's tokens
+        ((1, ((0, 14), (1, 14))), (0, ((None, 768),)))
+    """
+    if layout[0] or any(type(key) is Part for dim in layout for key, _ in dim):
+        return None
+    return tuple(
+        (dim[0][1], dim[1:]) if _prefix(dim) is not None else (0, dim)  # type: ignore[misc]
+        for dim in layout[1:]
+    )
+
+
+def settled(info: Traced) -> Traced:
+    """``info`` with each split axis whose parts no longer cover its field made coarser, or ``_Reject``.
+
+    An operation that sums over the dimension of some parts (attention within windows, then a
+    reduction over the window; Hiera's max over its mask units) leaves the others. Every position
+    that differs only in the parts summed away saw the same, so when the parts left form one run of
+    every ``step``-th position, that run is the axis now (``take`` of every ``step``-th position).
+    """
+    field, layout = info.field, info.layout
+    for axis, (_, total) in _axes(layout).items():
+        if total == field.length(axis):
+            continue
+        factors = sorted(_factors(layout, axis), key=lambda found: -_step(found[1][0]))
+        steps = [_step(key) for _, (key, _) in factors]
+        chained = all(steps[i] == steps[i + 1] * length for i, (_, (_, length)) in enumerate(factors[1:]))
+        if total > field.length(axis) or not chained:
+            raise _Reject("it keeps part of a split spatial axis and sums over the rest")
+        field = field.take(axis, 0, steps[-1], total)
+        coarse = {factor: (Part(axis, _step(factor[0]) // steps[-1]), factor[1]) for _, factor in factors}
+        layout = _merge_parts(tuple(tuple(coarse.get(factor, factor) for factor in dim) for dim in layout))
+    return info if field is info.field else replace(info, field=field, layout=layout, equivariant=False)
+
+
+def _step(key: int | Part | _Prefix | None) -> int:
+    return key.step if type(key) is Part else 1  # type: ignore[union-attr]
 
 
 def _sees_everything(field: Field, image: Sequence[int]) -> bool:

@@ -14,17 +14,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from rf_callback.algebra import PadMode
+from rf_callback.algebra import PadMode, layer
 from rf_callback.tracing.layout import (
+    PREFIX,
     Traced,
     Unsupported,
     _aligned,
     _dim_size,
     _normalize_dim,
     _plain,
+    _prefix,
     _Reject,
     _reshape,
     _spatial,
+    _whole_axis,
 )
 from rf_callback.tracing.shortcuts import _first_output, _registry, _to_meta, flat_tensors
 
@@ -51,6 +54,23 @@ def _convolution(tracer: Tracer, func, bound, out):
     layout = list(result.layout)
     layout[1] = _plain(out.shape[1])
     return replace(result, layout=tuple(layout))
+
+
+@_register(aten.im2col.default)
+def _im2col(tracer, func, bound, out):
+    """``nn.Unfold``: each column holds one window (its offsets in the channels), like a convolution's."""
+    source = bound["self"]
+    lengths = [
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, k, d, p, s in zip(
+            source.shape[-2:], bound["kernel_size"], bound["dilation"], bound["padding"], bound["stride"]
+        )
+    ]
+    info = tracer.mix(tracer.traced(source), [source.dim() - 3])  # a column holds every channel
+    grid = torch.empty(lengths, device="meta")
+    result = tracer.window(info, grid, bound["kernel_size"], bound["stride"], bound["padding"], bound["dilation"])
+    layout = result.layout[:-3] + (_plain(out.shape[-2]), result.layout[-2] + result.layout[-1])
+    return replace(result, layout=layout)
 
 
 def _pool(tracer, bound, out, has_dilation: bool) -> Traced:
@@ -112,9 +132,7 @@ def _pad(tracer: Tracer, source: torch.Tensor, pad: Sequence[int], out: torch.Te
         before = pad[2 * i]
         dim = info.layout[d]
         if _spatial(dim):
-            if len(dim) != 1:
-                raise _Reject("it pads a dimension that mixes a spatial axis with others")
-            axis = dim[0][0]
+            axis = _whole_axis(dim, "pads")
             field = field.pad(axis, before, out.shape[d], mode)
             layout[d] = ((axis, out.shape[d]),)
         else:
@@ -139,16 +157,29 @@ def _padding(tracer, func, bound, out):
     return _pad(tracer, bound["self"], bound.get("pad") or bound.get("padding"), out, mode)
 
 
-def _cut(tracer: Tracer, source: torch.Tensor, d: int, start: int, step: int, out: torch.Tensor) -> Traced:
-    """A slice ``[start::step]`` of length ``out.shape[d]`` along dim ``d``."""
+def _cut(tracer: Tracer, source: torch.Tensor, d: int, start: int, step: int, out: torch.Tensor) -> Traced | None:
+    """A slice ``[start::step]`` of length ``out.shape[d]`` along dim ``d``.
+
+    Along a dimension with class tokens, a slice of tokens only is a constant (None) or, once they
+    are fed, sees what the whole grid sees; the slice of everything after them is the grid.
+    """
     info = tracer.traced(source)
     dim = info.layout[d]
     layout = list(info.layout)
     field, equivariant = info.field, info.equivariant
+    if _prefix(dim) is not None:
+        tokens = dim[0][1]
+        if start + step * (out.shape[d] - 1) < tokens:
+            if _prefix(dim) is PREFIX:
+                return None  # class tokens only: parameters, not the input
+            layout[d] = _plain(out.shape[d])
+            return Traced(field, tuple(layout), False)
+        if start != tokens or step != 1 or start + out.shape[d] != source.shape[d]:
+            raise _Reject("it slices a dimension of class tokens and positions other than at their boundary")
+        layout[d] = dim[1:]
+        return Traced(field, tuple(layout), False)
     if _spatial(dim):
-        if len(dim) != 1:
-            raise _Reject("it slices a dimension that mixes a spatial axis with others")
-        axis = dim[0][0]
+        axis = _whole_axis(dim, "slices")
         field = field.take(axis, start, step, out.shape[d])
         layout[d] = ((axis, out.shape[d]),)
         # Only [::step] shifts with the input; a cut at fixed positions does not.
@@ -174,7 +205,7 @@ def _select(tracer, func, bound, out):
     d = _normalize_dim(bound["dim"], source.dim())
     index = bound["index"] % source.shape[d]
     result = _cut(tracer, source, d, index, 1, source.narrow(d, index, 1))
-    return replace(result, layout=result.layout[:d] + result.layout[d + 1 :])
+    return None if result is None else replace(result, layout=result.layout[:d] + result.layout[d + 1 :])
 
 
 @_register(aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int)
@@ -185,7 +216,7 @@ def _split(tracer, func, bound, out):
     for piece in out:
         length = 1 if func is aten.unbind.int else piece.shape[d]
         result = _cut(tracer, source, d, start, 1, source.narrow(d, start, length))
-        if func is aten.unbind.int:
+        if func is aten.unbind.int and result is not None:
             result = replace(result, layout=result.layout[:d] + result.layout[d + 1 :])
         results.append(result)
         start += length
@@ -283,9 +314,27 @@ def _repeat(tracer, func, bound, out):
     return replace(info, layout=tuple(layout))
 
 
+def _class_tokens(tracer: Tracer, tensors: Sequence[torch.Tensor], d: int) -> Traced | None:
+    """``cat([tokens, x], d)`` where ``x`` holds positions along ``d`` and the tokens are constants (a ViT's
+    class token): ``x`` with :data:`PREFIX` tokens in front. None for any other concatenation."""
+    *tokens, last = tensors
+    info = tracer.get(last)
+    if type(info) is not Traced or not _spatial(info.layout[d]) or any(t in tracer.info for t in tokens):
+        return None
+    dim, count, key = info.layout[d], sum(t.shape[d] for t in tokens), PREFIX
+    if _prefix(dim) is not None:  # more tokens in front of class tokens: fed if any of them are
+        count, key, dim = count + dim[0][1], _prefix(dim), dim[1:]
+    layout = info.layout[:d] + (((key, count),) + dim,) + info.layout[d + 1 :]
+    return Traced(info.field, layout, False)
+
+
 @_register(aten.cat.default, aten.stack.default)
 def _cat(tracer, func, bound, out):
     d = _normalize_dim(bound["dim"], out.dim())
+    if func is aten.cat.default:
+        prefixed = _class_tokens(tracer, bound["tensors"], d)
+        if prefixed is not None:
+            return prefixed
     operands, constants = [], []
     for tensor in bound["tensors"]:
         info = tracer.get(tensor)
@@ -528,9 +577,7 @@ def _resampled(tracer: Tracer, info: Traced, out: torch.Tensor, count: int, sour
         if not _spatial(dim):
             layout.append(_plain(m))
             continue
-        if len(dim) != 1:
-            raise _Reject("it resamples a dimension that mixes a spatial axis with others")
-        axis, n = dim[0]
+        axis, n = _whole_axis(dim, "resamples"), dim[0][1]
         sources = sources_of(i, n, m)
         if not any(sources):
             raise _Reject("none of its output positions reads an input position")
@@ -591,7 +638,11 @@ def _pixel_shuffle(tracer, func, bound, out):
 
 @_register(aten.roll.default)
 def _roll(tracer, func, bound, out):
-    """A circular shift (Swin's shifted windows): output position ``u`` reads ``(u - shift) mod n``."""
+    """A circular shift (Swin's shifted windows): output position ``u`` reads ``(u - shift) mod n``.
+
+    The boxes are exact, wrap-around included; the geometry (size, stride, padding) is the shift's
+    in the interior, as interpolation's is, not the whole axis that the wrap-around makes one period.
+    """
     source = bound["self"]
     info = tracer.traced(source)
     shifts, dims = list(bound["shifts"]), list(bound["dims"] or [])
@@ -604,10 +655,8 @@ def _roll(tracer, func, bound, out):
         dim = info.layout[d]
         if not _spatial(dim) or shift % source.shape[d] == 0:
             continue
-        if len(dim) != 1:
-            raise _Reject("it rolls a dimension that mixes a spatial axis with others")
-        axis, n = dim[0]
-        field = field.resample(axis, tuple(((u - shift) % n,) for u in range(n)))
+        axis, n = _whole_axis(dim, "rolls"), dim[0][1]
+        field = field.resample(axis, tuple(((u - shift) % n,) for u in range(n)), layer(padding=shift))
     return Traced(field, tuple(layout), equivariant=False)
 
 

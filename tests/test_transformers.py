@@ -1,0 +1,255 @@
+"""Transformers (issue 11): class tokens, window partitions and shifted windows, exactly.
+
+The oracle is the gradient support: with random weights in float64, the bounding box of the input
+pixels whose gradient is nonzero for a unit must equal ``box`` of that unit. Attention mixes its
+window (or everything) through a softmax whose gradient is nonzero almost surely, and Swin masks
+the wrap-around of its shifted windows with -100 (not -inf), so those pixels are in the support too.
+"""
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import SwinTransformer, VisionTransformer
+from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
+
+from rf_callback import UnsupportedLayerError, receptive_fields, receptive_maps
+from rf_callback.selection import all_layers, default_layers, mappable, resolve_layers
+
+
+def unit_value(output: torch.Tensor, grid: tuple[int, int], unit: tuple[int, int]) -> torch.Tensor:
+    """A random mix of the entries of ``output`` at grid position ``unit``: NCHW, NHWC, tokens (N, k + h * w, D)
+    or columns (N, D, h * w).
+
+    Random, not a plain sum: the channel sum of a LayerNorm's output is a constant.
+    """
+    (h, w), (i, j) = grid, unit
+    if h * w == 1:
+        entries = output.flatten()
+    elif output.dim() == 4 and tuple(output.shape[2:]) == grid:
+        entries = output[0, :, i, j]
+    elif output.dim() == 4 and tuple(output.shape[1:3]) == grid:
+        entries = output[0, i, j]
+    elif output.dim() == 3 and output.shape[2] == h * w and output.shape[1] != h * w:
+        entries = output[0, :, i * w + j]  # positions last: nn.Unfold's columns
+    else:
+        assert output.dim() == 3, output.shape
+        entries = output[0, output.shape[1] - h * w + i * w + j]  # tokens, class tokens first
+    weights = torch.rand(entries.shape, generator=torch.Generator().manual_seed(1), dtype=entries.dtype)
+    return (entries * weights).sum()
+
+
+def assert_boxes_equal_gradient_support(model: nn.Module, shape: tuple[int, ...], every: int = 1) -> int:
+    """Every row's box of every ``every``-th unit equals the gradient support; returns the units checked."""
+    torch.manual_seed(0)
+    model = model.double().eval()
+    with torch.no_grad():
+        for parameter in model.parameters():  # no zero-initialized head, no unit LayerNorm scale
+            parameter.normal_()
+    table = receptive_fields(model, shape)
+    outputs, modules = {}, dict(model.named_modules())
+    handles = [
+        modules[key].register_forward_hook(lambda m, a, out, key=key: outputs.__setitem__(key, out))
+        for key in table
+        if key in modules
+    ]
+    image = torch.randn(1, *shape, dtype=torch.float64, requires_grad=True)
+    try:
+        model(image)
+    finally:
+        for handle in handles:
+            handle.remove()
+    checked = 0
+    for key, output in outputs.items():
+        if not isinstance(output, torch.Tensor):
+            continue
+        row = table[key]
+        grid = row.output_shape
+        for index in range(0, grid[0] * grid[1], every):
+            unit = divmod(index, grid[1])
+            (gradient,) = torch.autograd.grad(unit_value(output, grid, unit), image, retain_graph=True)
+            reached = gradient[0].ne(0).any(0)
+            rows, cols = reached.any(1).nonzero().flatten(), reached.any(0).nonzero().flatten()
+            truth = (int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
+            assert row.box(*unit) == truth, (key, unit, row.field.rfs)
+            checked += 1
+    return checked
+
+
+def test_vit_class_token_rows_are_exact_until_attention_then_global():
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=12, mlp_dim=16)
+    table = receptive_fields(vit, (3, 32, 32))
+    before = table["encoder.layers.encoder_layer_0.ln_1"]  # class token + 4x4 patches, before any attention
+    assert (before.size, before.stride, before.output_shape) == ((8, 8), (8, 8), (4, 4))
+    assert before.tensor_shape == (1, 17, 12)
+    assert table["encoder.layers.encoder_layer_0.self_attention"].is_global
+    assert table["heads.head"].is_global
+    assert assert_boxes_equal_gradient_support(vit, (3, 32, 32)) > 50
+
+
+class ClassTokens(nn.Module):
+    """Two prefix tokens, then positions: patch tokens dropped back to a grid (``x[:, 2:]``) for a dense head."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(1, 8, 4, stride=4)
+        self.tokens = nn.Parameter(torch.randn(1, 2, 8))
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = self.norm(torch.cat([self.tokens.expand(x.shape[0], -1, -1), x], dim=1))
+        self.cls = x[:, 0]  # a parameter, normalized: it depends on no pixel
+        grid = x[:, 2:].transpose(1, 2).reshape(x.shape[0], 8, 4, 4)
+        return self.head(grid)
+
+
+def test_class_tokens_can_be_dropped_back_to_the_grid():
+    table = receptive_fields(ClassTokens(), (1, 16, 16))
+    assert table["norm"].size == (4, 4) and table["norm"].tensor_shape == (1, 18, 8)
+    assert table["head"].size == (12, 12) and table["head"].stride == (4, 4)
+    assert_boxes_equal_gradient_support(ClassTokens(), (1, 16, 16))
+
+
+def small_swin(v2: bool = False) -> SwinTransformer:
+    extra = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
+    return SwinTransformer(patch_size=[2, 2], embed_dim=8, depths=[2, 2], num_heads=[2, 2], window_size=[3, 3], **extra)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin-v2"])
+def test_swin_windows_and_shifted_windows_are_exact(v2):
+    """12x12 tokens in 3x3 windows, then windows shifted by 1 (rolls, masked wrap-around), merging, 6x6."""
+    model = small_swin(v2)
+    table = receptive_fields(model, (3, 24, 24))
+    plain = table["features.1.0.attn"]  # a 3x3 window of 2x2 patches: 6 pixels, at the patches' stride 2
+    assert (plain.size, plain.stride) == ((6, 6), (2, 2))
+    assert plain.box(4, 4) == (6, 6, 12, 12) and plain.box(5, 5) == (6, 6, 12, 12)  # the same window
+    shifted = table["features.1.1.attn"]
+    assert shifted.box(4, 4) == (6, 6, 18, 18)  # tokens 4..6 (shifted by 1), which saw windows 3..5 and 6..8
+    assert shifted.box(0, 0) == (0, 0, 24, 24)  # a border unit's window wraps around the image
+    assert assert_boxes_equal_gradient_support(model, (3, 24, 24), every=5) > 100
+
+
+class WindowPool(nn.Module):
+    """Attention within 4x4 windows, then each window averaged to one position: a coarser grid."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(1, 4, 3, padding=1)
+        self.attention = nn.MultiheadAttention(4, 1, batch_first=True)
+
+    def forward(self, x):
+        x = self.embed(x).permute(0, 2, 3, 1)  # (1, 16, 16, 4)
+        windows = x.reshape(1, 4, 4, 4, 4, 4).permute(0, 1, 3, 2, 4, 5).reshape(16, 16, 4)
+        mixed = self.attention(windows, windows, windows, need_weights=False)[0]
+        return mixed.mean(1).reshape(1, 4, 4, 4).permute(0, 3, 1, 2)  # (1, 4, 4, 4): one position per window
+
+
+def test_a_window_averaged_to_one_position_is_a_coarser_grid():
+    table = receptive_fields(WindowPool(), (1, 16, 16))
+    row = table["(output)"]
+    assert (row.size, row.stride, row.padding, row.output_shape) == ((6, 6), (4, 4), (1, 1), (4, 4))
+    assert_boxes_equal_gradient_support(WindowPool(), (1, 16, 16))
+
+
+class SpaceToDepth(nn.Module):
+    """``pixel_unshuffle`` written as a view, a permute and a view, then a 1x1 convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        blocks = x.reshape(1, 1, 4, 2, 4, 2).permute(0, 1, 3, 5, 2, 4).reshape(1, 4, 4, 4)
+        return self.conv(blocks)
+
+
+def test_space_to_depth_by_views_is_exact():
+    table = receptive_fields(SpaceToDepth(), (1, 8, 8))
+    assert (table["conv"].size, table["conv"].stride, table["conv"].output_shape) == ((2, 2), (2, 2), (4, 4))
+    assert_boxes_equal_gradient_support(SpaceToDepth(), (1, 8, 8))
+
+
+class StridedSum(nn.Module):
+    """Rows split as (2, 2, 2) and summed over the middle factor: rows {0, 2}, {1, 3}, {4, 6}, {5, 7} pooled."""
+
+    def forward(self, x):
+        return x.reshape(1, 1, 2, 2, 2, 8).sum(3)
+
+
+def test_a_sum_over_a_middle_part_of_a_split_axis_is_named():
+    with pytest.raises(UnsupportedLayerError, match=r"aten.sum.* keeps part of a split spatial axis"):
+        receptive_fields(StridedSum(), (1, 8, 8))
+
+
+class Unfolded(nn.Module):
+    """TNT's pixel embedding: ``nn.Unfold`` windows as columns, then a linear map and back to a grid."""
+
+    def __init__(self):
+        super().__init__()
+        self.unfold = nn.Unfold(kernel_size=3, dilation=2, padding=1, stride=2)
+        self.linear = nn.Linear(2 * 9, 4)
+
+    def forward(self, x):
+        columns = self.unfold(x)  # (1, 2 * 9, 5 * 5)
+        return self.linear(columns.transpose(1, 2)).transpose(1, 2).reshape(1, 4, 5, 5)
+
+
+def test_unfold_columns_see_their_windows():
+    table = receptive_fields(Unfolded(), (2, 12, 12))
+    assert (table["unfold"].size, table["unfold"].stride, table["unfold"].padding) == ((5, 5), (2, 2), (1, 1))
+    assert_boxes_equal_gradient_support(Unfolded(), (2, 12, 12))
+
+
+class MaskUnits(nn.Module):
+    """Hiera-like: each axis split three ways (2 x 2 x 2), the innermost parts pooled away, the rest kept split."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(1, 2, 3, padding=1)
+        self.head = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        x = self.embed(x).view(1, 2, 2, 2, 2, 2, 2, 2)  # (n, c, h_outer, h_mid, h_inner, w_outer, w_mid, w_inner)
+        units = x.permute(0, 1, 4, 7, 2, 5, 3, 6).mean((2, 3))  # (n, c, h_outer, w_outer, h_mid, w_mid)
+        grid = units.permute(0, 1, 2, 4, 3, 5).reshape(1, 2, 4, 4)
+        return self.head(grid)
+
+
+def test_pooling_the_innermost_parts_leaves_a_coarser_grid():
+    table = receptive_fields(MaskUnits(), (1, 8, 8))
+    assert (table["head"].size, table["head"].stride, table["head"].padding) == (
+        (8, 8),
+        (2, 2),
+        (3, 3),
+    )  # 3x3, 2x2 pooling, 3x3
+    assert_boxes_equal_gradient_support(MaskUnits(), (1, 8, 8))
+
+
+def test_token_and_channels_last_rows_have_maps_and_window_rows_do_not():
+    """Maps read a ViT's tokens and Swin's channels-last rows as grids; rows laid out as windows have none."""
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=12, mlp_dim=16)
+    table = receptive_fields(vit, (3, 32, 32))
+    layers = ["encoder.layers.encoder_layer_0.ln_1", "encoder"]
+    # One channel: the channel sum of a LayerNorm's output with its initial unit scale is a constant.
+    maps = receptive_maps(vit, torch.rand(2, 3, 32, 32), layers, channel=0, table=table)
+    local, spread = maps.maps[:, 0], maps.maps[:, 1]
+    assert maps.boxes[0, 0].tolist() == [16, 16, 24, 24]  # patch (2, 2) before attention: its own 8x8 pixels
+    assert local[:, :16].abs().sum() == 0 and local[:, 16:24, 16:24].abs().sum() > 0
+    assert spread[:, :8, :8].abs().sum() > 0  # after attention the centre token reads every patch
+    swin = small_swin()
+    table = receptive_fields(swin, (3, 24, 24))
+    assert table["features.1.0.attn"].tensor_shape == (1, 12, 12, 8) and mappable(table["features.1.0.attn"])
+    assert "features.1.0.attn" in all_layers(table)
+    window = WindowPool()
+    windows = receptive_fields(window, (1, 16, 16))
+    assert windows["attention"].tensor_shape == (16, 16, 4) and not mappable(windows["attention"])
+    with pytest.raises(ValueError, match=r"'attention' \(MultiheadAttention\) .* not one grid \(windows"):
+        resolve_layers(windows, ["attention"])
+
+
+def test_default_layers_follow_the_blocks_of_an_isotropic_network():
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=6, num_heads=2, hidden_dim=12, mlp_dim=16)
+    blocks = [f"encoder.layers.encoder_layer_{i}" for i in (0, 2, 3, 5)]
+    assert default_layers(receptive_fields(vit, (3, 32, 32))) == ["encoder", *blocks]
+    assert default_layers(receptive_fields(small_swin(), (3, 24, 24))) == ["features.1", "permute"]
