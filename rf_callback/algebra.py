@@ -45,6 +45,7 @@ without torch.
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from collections.abc import Callable, Iterable, Sequence
@@ -541,8 +542,8 @@ def merge(fields: Sequence[Field], where: str = "a merge") -> Field:
             # A fixed field that holds everything the moving ones see makes every unit see it; one that
             # does not (keys pooled past the last rows) adds it to each unit's own: per position.
             whole = _union(branch[axis][0] for field in spread for branch in field.branches)
-            seen = (box for field in fields for branch in field.branches for box in branch[axis])
-            if whole is not None and all(box is None or _covers((whole,), (box,)) for box in seen):
+            seen = _union(itertools.chain.from_iterable(branch[axis] for field in fields for branch in field.branches))
+            if whole is not None and (seen is None or whole[0] <= seen[0] and seen[1] <= whole[1]):
                 rfs.append(_hull([field.rfs[axis] for field in spread], 0))
                 continue
             n, jump = fields[0].length(axis), local[0].jump
