@@ -438,8 +438,8 @@ class Field:
 
     def _along(self, axis: int, rf: AxisRF, step: Callable[[Boxes], Boxes]) -> Field:
         rfs = self.rfs[:axis] + (rf,) + self.rfs[axis + 1 :]
-        branches = (branch[:axis] + (step(branch[axis]),) + branch[axis + 1 :] for branch in self.branches)
-        return Field(rfs, _prune(branches))
+        branches = tuple(branch[:axis] + (step(branch[axis]),) + branch[axis + 1 :] for branch in self.branches)
+        return Field(rfs, branches if len(branches) == 1 else _prune(branches))  # one branch: nothing to prune
 
     def window(self, axis: int, kernel: int, stride: int, padding: int, length: int, dilation: int = 1) -> Field:
         """After a sliding window (convolution, pooling) along ``axis`` producing ``length`` positions."""

@@ -49,20 +49,22 @@ def run_lowered(tracer: Tracer, func: Any, types: tuple, args: tuple, kwargs: di
     if lowering is None:
         return None
     operation, operation_args, operation_kwargs = lowering
-    with torch._C._DisableTorchDispatch():  # as inside the dispatch mode: the tracer does not see its own work
+    # Activations and BatchNorm of an input followed exactly, nothing else input-dependent: its very info.
+    result_info = tracer.info.get(operation_args[0]) if operation in _SAME_UNITS else None
+    exact = type(result_info) is Traced and result_info.lost is None
+    if not exact or any(t in tracer.info for t in _operands(operation_args[1:], {})):
+        result_info = None
+    # As inside the dispatch mode, the tracer does not see its own work (the meta output, the
+    # tensors a handler makes to measure a piece).
+    with torch._C._DisableTorchDispatch():
         out = _shortcut(operation, operation_args, operation_kwargs)
         if out is None:
             out = operation(*_to_meta(operation_args), **{k: _to_meta(v) for k, v in operation_kwargs.items()})
-    result = out[0] if operation in _FIRST_OUTPUT else tuple(out) if isinstance(out, list) else out
-    info = tracer.info.get(operation_args[0]) if operation in _SAME_UNITS else None
-    if (
-        type(info) is Traced
-        and info.lost is None
-        and not any(t in tracer.info for t in _operands(operation_args[1:], {}))
-    ):
-        tracer.info[result] = info  # what the handler would answer: the input's very info
-    else:
-        tracer.record(operation, operation_args, operation_kwargs, out)
+        result = out[0] if operation in _FIRST_OUTPUT else tuple(out) if isinstance(out, list) else out
+        if result_info is not None:
+            tracer.info[result] = result_info  # what the handler would answer
+        else:
+            tracer.record(operation, operation_args, operation_kwargs, out)
     return result
 
 
