@@ -626,6 +626,7 @@ def _build_table(calls: list[_Call], counts: dict[str, int], shape: tuple[int, .
     spatial = shape[1:]
     rows = []
     reused = {name: count for name, count in counts.items() if count > 1}
+    placed: dict[int, tuple[tuple[int, ...], Placement | None]] = {}  # id(info) -> output shape, placement
     for call in calls:
         name, module_type, outputs = call.name, call.module_type, call.outputs
         for k, (output, info) in enumerate(outputs):
@@ -640,9 +641,11 @@ def _build_table(calls: list[_Call], counts: dict[str, int], shape: tuple[int, .
                     )
                 )
             else:
-                output_shape = tuple(axis_length(info.layout, axis) for axis in range(len(spatial)))
-                dims = grid_dims(info.layout)
-                placement = Placement(dims, output_shape) if dims is not None else None
+                if id(info) not in placed:  # a module's output often is its last child's (Sequential, BN, ReLU)
+                    output_shape = tuple(axis_length(info.layout, axis) for axis in range(len(spatial)))
+                    dims = grid_dims(info.layout)
+                    placed[id(info)] = output_shape, Placement(dims, output_shape) if dims is not None else None
+                output_shape, placement = placed[id(info)]
                 rows.append(
                     LayerRF(
                         key,
