@@ -125,6 +125,31 @@ def test_each_lowering_is_the_operation_the_dispatcher_runs(function, args, kwar
     assert layouts(out) == layouts(real)
 
 
+DECLINED = [
+    (torch.conv2d, (meta(8, 6, 6), weight(4, 8, 3, 3)), {}),  # unbatched: ATen adds the batch itself
+    (torch.conv2d, (meta(1, 8, 6), weight(4, 8, 3)), {}),  # conv2d of 1-D tensors fails for real
+    (torch.conv2d, (x, weight(4, 8, 3, 3)), {"padding": "same"}),
+    (F.batch_norm, (x, None, None), {"training": True}),
+    (torch.Tensor.add, (x, 1), {}),  # a wrapped number
+    (torch.add, (2, x), {}),
+    (torch.Tensor.add, (x, x), {"alpha": 2}),
+    (F.adaptive_avg_pool2d, (x, 2), {}),
+    (F.adaptive_avg_pool2d, (meta(1, 8, 6, 6, channels_last=True), 1), {}),
+    (torch.flatten, (x.transpose(2, 3), 1), {}),  # a copy, not a view
+    (torch.Tensor.flatten, (x, 1, 1), {}),  # the tensor itself
+    (torch.Tensor.contiguous, (x,), {}),
+    (torch.Tensor.view, (x, torch.float16), {}),
+    (torch.Tensor.mean, (x, [2, 3]), {"dtype": torch.float64}),
+]
+
+
+@pytest.mark.parametrize(
+    ("function", "args", "kwargs"), DECLINED, ids=[f"{f.__name__}-{i}" for i, (f, _, _) in enumerate(DECLINED)]
+)
+def test_lowerings_decline_what_they_cannot_name_for_sure(function, args, kwargs):
+    assert fast.run_lowered(Tracer((6, 6)), function, (torch.Tensor,), args, kwargs) is None
+
+
 class Everything(nn.Module):
     """Each lowered function, on views, channels-last copies, constants, and downstream of a refused operation."""
 

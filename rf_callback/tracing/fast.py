@@ -100,16 +100,22 @@ def _sizes(value: Any, count: int) -> list[int] | None:
     return None
 
 
-@_lowers(torch.conv1d, torch.conv2d, torch.conv3d)
-def _convolution(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> Lowering | None:
-    """A batched, real-valued convolution with numeric padding: ``aten.convolution``."""
-    count = weight.dim() - 2
-    if input.dim() != count + 2 or input.is_complex() or type(groups) is not int:
-        return None
-    sizes = [_sizes(value, count) for value in (stride, padding, dilation)]
-    if any(size is None for size in sizes) or (bias is not None and bias.dtype != input.dtype):
-        return None
-    return aten.convolution.default, (input, weight, bias, *sizes, False, [0] * count, groups), {}
+def _convolution(count: int) -> Any:
+    """The lowering of ``conv{count}d``: a batched, real-valued convolution with numeric padding is ``aten.convolution``."""
+
+    def lower(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> Lowering | None:
+        if input.dim() != count + 2 or weight.dim() != count + 2 or input.is_complex() or type(groups) is not int:
+            return None
+        sizes = [_sizes(value, count) for value in (stride, padding, dilation)]
+        if any(size is None for size in sizes) or (bias is not None and bias.dtype != input.dtype):
+            return None
+        return aten.convolution.default, (input, weight, bias, *sizes, False, [0] * count, groups), {}
+
+    return lower
+
+
+for _count, _function in enumerate((torch.conv1d, torch.conv2d, torch.conv3d), start=1):
+    _LOWERINGS[_function] = _convolution(_count)
 
 
 @_lowers(F.batch_norm)
@@ -158,7 +164,8 @@ def _sigmoid(input) -> Lowering:
 
 def _binary(operation: Any) -> Any:
     def lower(input, other) -> Lowering | None:
-        return (operation, (input, other), {}) if isinstance(other, torch.Tensor) else None
+        both = isinstance(input, torch.Tensor) and isinstance(other, torch.Tensor)  # not x + 1: a wrapped number
+        return (operation, (input, other), {}) if both else None
 
     return lower
 
