@@ -45,7 +45,9 @@ without torch.
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -287,11 +289,14 @@ Box = tuple[int, int] | None
 PadMode = Literal["constant", "reflect", "replicate", "circular"]
 
 
+_low, _high = operator.itemgetter(0), operator.itemgetter(1)
+
+
 def _union(boxes: Iterable[Box]) -> Box:
-    found = [box for box in boxes if box is not None]
+    found = list(filter(None, boxes))  # a box is a non-empty tuple: only None is dropped
     if not found:
         return None
-    return min(low for low, _ in found), max(high for _, high in found)
+    return min(found)[0], max(map(_high, found))  # the least (low, high) has the lowest low
 
 
 def _source(v: int, n: int, mode: PadMode) -> int | None:
@@ -314,30 +319,48 @@ Boxes = tuple[Box, ...]
 
 
 def _window(boxes: Boxes, kernel: int, stride: int, padding: int, length: int, dilation: int) -> Boxes:
-    n = len(boxes)
-    monotone = all(
-        a is not None and b is not None and a[0] <= b[0] and a[1] <= b[1] for a, b in zip(boxes, boxes[1:])
-    ) and (n == 0 or boxes[0] is not None)
-    result: list[Box] = []
-    for u in range(length):
-        first = u * stride - padding
-        if monotone:  # the union is the first real read's low and the last real read's high
-            first_j = -(first // dilation) if first < 0 else 0  # the first read at a position >= 0
-            last_j = min(kernel - 1, (n - 1 - first) // dilation) if first <= n - 1 else -1  # the last one < n
-            if first_j <= last_j:
-                result.append((boxes[first + first_j * dilation][0], boxes[first + last_j * dilation][1]))
-            else:
-                result.append(None)
-        else:
-            result.append(
-                _union(boxes[v] for v in range(first, first + dilation * (kernel - 1) + 1, dilation) if 0 <= v < n)
+    n, span = len(boxes), dilation * (kernel - 1)
+    monotone = None not in boxes
+    if monotone:
+        lows, highs = list(map(_low, boxes)), list(map(_high, boxes))
+        monotone = lows == sorted(lows) and highs == sorted(highs)
+    if not monotone:
+        return tuple(
+            _union(
+                boxes[v] for v in range(u * stride - padding, u * stride - padding + span + 1, dilation) if 0 <= v < n
             )
+            for u in range(length)
+        )
+    # Monotone boxes: a unit sees from its first real read's low to its last real read's high. Units
+    # whose reads all lie inside the axis take both from strided slices, at C speed; the others one by one.
+    inner_start = min(length, max(0, -(-padding // stride)))
+    inner_stop = max(inner_start, min(length, (n - 1 - span + padding) // stride + 1))
+    first = inner_start * stride - padding
+    result: list[Box] = [
+        _monotone_window(lows, highs, u * stride - padding, kernel, dilation) for u in range(inner_start)
+    ]
+    result += zip(lows[first : first + (inner_stop - inner_start) * stride : stride], highs[first + span :: stride])
+    result += [_monotone_window(lows, highs, u * stride - padding, kernel, dilation) for u in range(inner_stop, length)]
     return tuple(result)
+
+
+def _monotone_window(lows: list[int], highs: list[int], first: int, kernel: int, dilation: int) -> Box:
+    """The box of a window whose reads start at ``first``, over monotone boxes; None if it reads only padding."""
+    n = len(lows)
+    first_j = -(first // dilation) if first < 0 else 0  # the first read at a position >= 0
+    last_j = min(kernel - 1, (n - 1 - first) // dilation) if first <= n - 1 else -1  # the last one < n
+    if first_j > last_j:
+        return None
+    return lows[first + first_j * dilation], highs[first + last_j * dilation]
 
 
 def _covers(big: Boxes, small: Boxes) -> bool:
     if big == small:  # shared or equal boxes (most branches): one C-level comparison
         return True
+    if len(big) > 1 and None not in big and None not in small:  # whole axes at C speed; one box: the generator
+        return all(map(operator.le, map(_low, big), map(_low, small))) and all(
+            map(operator.ge, map(_high, big), map(_high, small))
+        )
     return all(b is None or (a is not None and a[0] <= b[0] and b[1] <= a[1]) for a, b in zip(big, small))
 
 
@@ -348,10 +371,15 @@ def _fold(branches: list[tuple[Boxes, ...]]) -> tuple[Boxes, ...]:
     a rectangle at every unit (no None), that is the union of their intervals on each axis, and
     every later window, pad, slice or mix acts on each axis alike, so the fold stays exact.
     """
-    return tuple(
-        tuple((min(box[0] for box in column), max(box[1] for box in column)) for column in zip(*axis))
-        for axis in zip(*branches)
-    )
+    folded = []
+    for axis in zip(*branches):
+        lows, highs = list(map(_low, axis[0])), list(map(_high, axis[0]))
+        for boxes in axis[1:]:
+            if boxes != axis[0]:  # conditionals, not min() / max(): a call per position costs twice as much
+                lows = [a if a <= b else b for a, b in zip(lows, map(_low, boxes))]  # noqa: FURB136
+                highs = [a if a >= b else b for a, b in zip(highs, map(_high, boxes))]  # noqa: FURB136
+        folded.append(tuple(zip(lows, highs)))
+    return tuple(folded)
 
 
 def _prune(branches: Iterable[tuple[Boxes, ...]]) -> tuple[tuple[Boxes, ...], ...]:
@@ -360,14 +388,20 @@ def _prune(branches: Iterable[tuple[Boxes, ...]]) -> tuple[tuple[Boxes, ...], ..
     partial: list[tuple[Boxes, ...]] = []
     for branch in branches:
         (full if all(None not in axis for axis in branch) else partial).append(branch)
+    full = _uncovered(full)  # a residual's skip, a gated path's input: folding them would change nothing
     if len(full) > 1:  # shifted copies (patch merging, space-to-depth) would multiply otherwise
         full = [_fold(full)]
+    return tuple(_uncovered(full + partial))
+
+
+def _uncovered(branches: list[tuple[Boxes, ...]]) -> list[tuple[Boxes, ...]]:
+    """``branches`` without those that another one covers on every axis (of equal ones, the first)."""
     kept: list[tuple[Boxes, ...]] = []
-    for branch in full + partial:
-        if any(other == branch or all(_covers(a, b) for a, b in zip(other, branch)) for other in kept):
+    for branch in branches:
+        if any(other == branch or all(map(_covers, other, branch)) for other in kept):
             continue
-        kept = [other for other in kept if not all(_covers(a, b) for a, b in zip(branch, other))] + [branch]
-    return tuple(kept)
+        kept = [other for other in kept if not all(map(_covers, branch, other))] + [branch]
+    return kept
 
 
 @dataclass(frozen=True)
@@ -404,8 +438,8 @@ class Field:
 
     def _along(self, axis: int, rf: AxisRF, step: Callable[[Boxes], Boxes]) -> Field:
         rfs = self.rfs[:axis] + (rf,) + self.rfs[axis + 1 :]
-        branches = (branch[:axis] + (step(branch[axis]),) + branch[axis + 1 :] for branch in self.branches)
-        return Field(rfs, _prune(branches))
+        branches = tuple(branch[:axis] + (step(branch[axis]),) + branch[axis + 1 :] for branch in self.branches)
+        return Field(rfs, branches if len(branches) == 1 else _prune(branches))  # one branch: nothing to prune
 
     def window(self, axis: int, kernel: int, stride: int, padding: int, length: int, dilation: int = 1) -> Field:
         """After a sliding window (convolution, pooling) along ``axis`` producing ``length`` positions."""
@@ -508,8 +542,8 @@ def merge(fields: Sequence[Field], where: str = "a merge") -> Field:
             # A fixed field that holds everything the moving ones see makes every unit see it; one that
             # does not (keys pooled past the last rows) adds it to each unit's own: per position.
             whole = _union(branch[axis][0] for field in spread for branch in field.branches)
-            seen = (box for field in fields for branch in field.branches for box in branch[axis])
-            if whole is not None and all(box is None or _covers((whole,), (box,)) for box in seen):
+            seen = _union(itertools.chain.from_iterable(branch[axis] for field in fields for branch in field.branches))
+            if whole is not None and (seen is None or whole[0] <= seen[0] and seen[1] <= whole[1]):
                 rfs.append(_hull([field.rfs[axis] for field in spread], 0))
                 continue
             n, jump = fields[0].length(axis), local[0].jump

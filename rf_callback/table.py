@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from rf_callback.algebra import Field, MisalignedBranchesError
 from rf_callback.errors import TraceError, UnsupportedLayerError
@@ -96,9 +97,14 @@ class LayerKey:
         return "" if self.module == OUTPUT_ROW else self.module
 
     def __str__(self) -> str:
-        call = "" if self.call is None else f"[{self.call}]"
-        output = "" if self.output is None else f":{self.output}"
-        return f"{self.module}{call}{output}"
+        return _key(self.module, self.call, self.output)
+
+
+def _key(module: str, call: int | None, output: int | None) -> str:
+    """``str(LayerKey(module, call, output))``, without building the key (a table writes one per row)."""
+    if call is None and output is None:
+        return module
+    return f"{module}{'' if call is None else f'[{call}]'}{'' if output is None else f':{output}'}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,7 +404,8 @@ def named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         ['', '0']
     """
     for name, module in model.named_modules():
-        if not (hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module)):
+        # A compile wrapper holds its module in _modules; hasattr would cost an AttributeError per module.
+        if not isinstance(module._modules.get("_orig_mod"), nn.Module):
             yield name.replace("._orig_mod", "").removeprefix("_orig_mod."), module
 
 
@@ -483,33 +490,49 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
     shape = _check_input_shape(input_shape)
     spatial = shape[1:]
     tracer = Tracer(spatial, type(model).__name__)
-    calls: dict[str, list[list[tuple[torch.Tensor, Any]]]] = {}  # name -> per call: traced outputs
-    order: list[tuple[str, int, str]] = []  # (name, call index, module type) in call order
-    running: list[tuple[str, int]] = []
+    calls: list[_Call] = []  # in call order
+    counts: dict[str, int] = {}  # calls so far, by module name
+    running: list[_Call] = []
+    places: dict[int, tuple[str, str]] = {}  # id(module) -> (name, module type), for the global hooks
     handles = []
 
-    def before(name: str, kind: str):
-        def hook(_module, _args):
-            index = len(calls.setdefault(name, []))
-            calls[name].append([])
-            order.append((name, index, kind))
-            running.append((name, index))
-            tracer.stack.append((name, kind))
+    def enter(name: str, kind: str) -> None:
+        index = counts.get(name, 0)
+        counts[name] = index + 1
+        call = _Call(name, kind, index, [])
+        calls.append(call)
+        running.append(call)
+        tracer.stack.append((name, kind))
 
-        return hook
-
-    def after(_module, _args, output):
+    def leave(output: Any) -> None:
         tracer.stack.pop()
-        name, index = running.pop()
-        calls[name][index] = _traced_outputs(tracer, output, strict)
+        running.pop().outputs = _traced_outputs(tracer, output, strict)
+
+    def before(module: nn.Module, _args: Any) -> None:
+        place = places.get(id(module))
+        if place is not None:
+            enter(*place)
+
+    def after(module: nn.Module, _args: Any, output: Any) -> None:
+        if id(module) in places:
+            leave(output)
 
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     failure: Exception | None = None
     try:
         for name, module in named_modules(model):
-            if name:
-                handles.append(module.register_forward_pre_hook(before(name, type(module).__name__)))
-                handles.append(module.register_forward_hook(after))
+            if not name:
+                continue
+            kind = type(module).__name__
+            if module._forward_pre_hooks or module._forward_hooks:
+                # Hooks of its own run first, as they always have: one may replace the module's output.
+                handles.append(module.register_forward_pre_hook(lambda _m, _a, name=name, kind=kind: enter(name, kind)))
+                handles.append(module.register_forward_hook(lambda _m, _a, output: leave(output)))
+            else:
+                places[id(module)] = (name, kind)
+        # One pair of global hooks: two hooks registered on each module cost more than a mobile network's forward.
+        handles.append(register_module_forward_pre_hook(before))
+        handles.append(register_module_forward_hook(after))
         # Outside inference mode and autocast, so that composite operations decompose as usual.
         with (
             evaluating(model),
@@ -537,12 +560,12 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
     if failure is not None:
         raise _trace_error(model, shape, dtype, failure) from failure
     # The model's outputs that no module returned (computed in the top-level forward) get rows too.
-    returned = {(id(t), id(info)) for outputs in calls.values() for call in outputs for t, info in call}
+    returned = {(id(t), id(info)) for call in calls for t, info in call.outputs}
     final = _traced_outputs(tracer, output, strict)
     if any((id(t), id(info)) not in returned for t, info in final):
-        calls[OUTPUT_ROW] = [final]
-        order.append((OUTPUT_ROW, 0, type(model).__name__))
-    return _build_table(calls, order, shape)
+        calls.append(_Call(OUTPUT_ROW, type(model).__name__, 0, final))
+        counts[OUTPUT_ROW] = 1
+    return _build_table(calls, counts, shape)
 
 
 def _trace_error(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, error: Exception) -> TraceError:
@@ -581,21 +604,33 @@ def _traced_outputs(tracer: Tracer, output: Any, strict: bool) -> list[tuple[tor
         UnsupportedLayerError: with ``strict``, when one of them has no exact receptive field: the
             error names the operation that could not be followed, where it ran.
     """
-    found = [(t, tracer.get(t)) for t in flat_tensors(output) if tracer.get(t) is not None]
-    error = next((refusal(info) for _, info in found if refusal(info) is not None), None)
-    if strict and error is not None:
-        raise error
+    found = [(t, info) for t in flat_tensors(output) if (info := tracer.info.get(t)) is not None]
+    if strict:
+        for _, info in found:
+            if refusal(info) is not None:
+                raise refusal(info)
     return found
 
 
-def _build_table(calls, order, shape) -> ReceptiveFieldTable:
+@dataclass
+class _Call:
+    """One call of a module during the trace, and the input-dependent tensors it returned."""
+
+    name: str
+    module_type: str
+    index: int  # among the calls of this module
+    outputs: list[tuple[torch.Tensor, Traced | Unsupported]]
+
+
+def _build_table(calls: list[_Call], counts: dict[str, int], shape: tuple[int, ...]) -> ReceptiveFieldTable:
     spatial = shape[1:]
     rows = []
-    reused = {name: len(entries) for name, entries in calls.items() if len(entries) > 1}
-    for name, index, module_type in order:
-        outputs = calls[name][index]
+    reused = {name: count for name, count in counts.items() if count > 1}
+    placed: dict[int, tuple[tuple[int, ...], Placement | None]] = {}  # id(info) -> output shape, placement
+    for call in calls:
+        name, module_type, outputs = call.name, call.module_type, call.outputs
         for k, (output, info) in enumerate(outputs):
-            key = str(LayerKey(name, index if name in reused else None, k if len(outputs) > 1 else None))
+            key = _key(name, call.index if name in reused else None, k if len(outputs) > 1 else None)
             if refusal(info) is not None:
                 image = output.dim() == len(shape) + 1
                 output_shape = tuple(output.shape[2:]) if image else (1,) * len(spatial)
@@ -606,9 +641,11 @@ def _build_table(calls, order, shape) -> ReceptiveFieldTable:
                     )
                 )
             else:
-                output_shape = tuple(axis_length(info.layout, axis) for axis in range(len(spatial)))
-                dims = grid_dims(info.layout)
-                placement = Placement(dims, output_shape) if dims is not None else None
+                if id(info) not in placed:  # a module's output often is its last child's (Sequential, BN, ReLU)
+                    output_shape = tuple(axis_length(info.layout, axis) for axis in range(len(spatial)))
+                    dims = grid_dims(info.layout)
+                    placed[id(info)] = output_shape, Placement(dims, output_shape) if dims is not None else None
+                output_shape, placement = placed[id(info)]
                 rows.append(
                     LayerRF(
                         key,

@@ -8,7 +8,16 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from rf_callback.algebra import IDENTITY, AxisRF, Field, MisalignedBranchesError, compose, layer, merge
+from rf_callback.algebra import (
+    IDENTITY,
+    AxisRF,
+    Field,
+    MisalignedBranchesError,
+    _window,
+    compose,
+    layer,
+    merge,
+)
 
 rfs = st.builds(AxisRF, size=st.integers(1, 50), jump=st.integers(1, 8), start=st.integers(-30, 30))
 # (kernel, stride, padding before, padding after, dilation, ceil_mode)
@@ -144,6 +153,32 @@ def test_padding_modes_against_the_oracle(n, before, after, mode):
         padded = [-v if v < 0 else 2 * (n - 1) - v if v >= n else v for v in range(-before, n + after)]
     assert boxes(field, length) == [hull({padded[u], padded[u + 1], padded[u + 2]}) for u in range(length)]
     assert field.rfs == (AxisRF(size=3, jump=1, start=-before),)
+
+
+intervals = st.tuples(st.integers(-5, 30), st.integers(1, 8)).map(lambda t: (t[0], t[0] + t[1]))
+
+
+@given(
+    st.lists(st.one_of(st.none(), intervals), max_size=20),
+    st.booleans(),
+    st.integers(1, 5),
+    st.integers(1, 4),
+    st.integers(-3, 6),
+    st.integers(0, 16),
+    st.integers(1, 3),
+)
+def test_window_boxes_are_the_unions_of_the_boxes_read(boxes, monotone, kernel, stride, padding, length, dilation):
+    """The window's C-speed path for monotone boxes (slices) agrees with its definition, and so does the general one."""
+    if monotone:  # both ends non-decreasing, as after any stack of windows
+        lows = sorted(low for low, _ in filter(None, boxes))
+        highs = sorted(high for _, high in filter(None, boxes))
+        boxes = [(low, max(high, low + 1)) for low, high in zip(lows, highs)]
+    expected = []
+    for u in range(length):
+        read = [boxes[v] for j in range(kernel) if 0 <= (v := u * stride - padding + j * dilation) < len(boxes)]
+        read = [box for box in read if box is not None]
+        expected.append((min(low for low, _ in read), max(high for _, high in read)) if read else None)
+    assert _window(tuple(boxes), kernel, stride, padding, length, dilation) == tuple(expected)
 
 
 def test_misaligned_branches_raise_and_name_the_merge():

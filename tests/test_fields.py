@@ -9,6 +9,7 @@ import torchvision
 from hypothesis import given, reject
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.modules import module as module_globals
 
 from rf_callback import LayerRF, TraceError, UnsupportedLayerError, receptive_fields
 from tests.nets import build, specs, well_defined
@@ -253,14 +254,26 @@ def test_the_model_is_left_as_found():
     rng = torch.get_rng_state()
     model.features[0].weight.requires_grad_(False)
 
+    global_hooks = (dict(module_globals._global_forward_pre_hooks), dict(module_globals._global_forward_hooks))
+
     receptive_fields(model, (1, 8, 8))
 
+    assert (module_globals._global_forward_pre_hooks, module_globals._global_forward_hooks) == global_hooks
     assert {name: m.training for name, m in model.named_modules()} == modes
     assert all(torch.equal(state[k], v) and v.device.type == "cpu" for k, v in model.state_dict().items())
     assert torch.equal(torch.get_rng_state(), rng)
     assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()] == [0, 1, 0, 0, 0, 0]
     assert not model.features[0].weight.requires_grad and model.head.weight.requires_grad
     assert seen == ["user hook"]  # the user's hook ran once, on the meta tensors
+
+
+def test_a_module_whose_own_hook_replaces_its_output_gets_the_replacement():
+    """The table describes what the model's forward sees, after the user's hooks: here every other column."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1))
+    model[0].register_forward_hook(lambda module, args, output: output[..., ::2])
+    table = receptive_fields(model, (1, 8, 8))
+    assert geometry(table["0"]) == ((3, 3), (1, 2), (1, 1))
+    assert geometry(table["1"]) == ((5, 7), (1, 2), (2, 3))
 
 
 def test_a_forward_that_reads_values_fails_clearly():

@@ -40,12 +40,14 @@ def dense(shape, order) -> torch.Tensor:
 
 @st.composite
 def meta_tensors(draw, ndim: int | None = None) -> torch.Tensor:
-    """A meta tensor with small (often length-1) dimensions: contiguous, channels-last, permuted, expanded, sliced."""
+    """A meta tensor with small (often length-1) dimensions: contiguous, channels-last, permuted, expanded, sliced,
+    or a part of a larger one (narrowed)."""
     ndim = ndim or draw(st.sampled_from([2, 3, 4, 4, 4, 5]))  # 4: where channels-last is a standard layout
     shape = draw(st.lists(st.integers(1, 3), min_size=ndim, max_size=ndim))
-    kind = draw(st.sampled_from(["contiguous", "channels_last", "channels_last", "permuted", "expanded", "sliced"]))
+    kinds = ["contiguous", "channels_last", "channels_last", "permuted", "expanded", "sliced", "narrowed"]
+    kind = draw(st.sampled_from(kinds))
     order = list(range(ndim))
-    if kind == "channels_last" and ndim >= 3:
+    if kind in ("channels_last", "narrowed") and ndim >= 3 and (kind == "channels_last" or draw(st.booleans())):
         order = [0, *range(2, ndim), 1]
     elif kind == "permuted":
         order = draw(st.permutations(order))
@@ -54,6 +56,9 @@ def meta_tensors(draw, ndim: int | None = None) -> torch.Tensor:
         tensor = tensor.expand([n if n > 1 else 2 for n in shape])
     elif kind == "sliced" and shape[-1] > 1:
         tensor = tensor[..., ::2]
+    elif kind == "narrowed":  # a part of a larger tensor along one dim, as torch.chunk gives
+        d = draw(st.integers(0, ndim - 1))
+        tensor = dense([n * 2 if i == d else n for i, n in enumerate(shape)], order).narrow(d, 0, shape[d])
     return tensor
 
 

@@ -10,6 +10,8 @@ reported as unsupported, never guessed.
 * :mod:`~rf_callback.tracing.layout`: layouts, :class:`Traced`, refusals;
 * :mod:`~rf_callback.tracing.shortcuts`: meta outputs without Python meta kernels;
 * :mod:`~rf_callback.tracing.ops`: the operation handlers and their registry;
+* :mod:`~rf_callback.tracing.fast`: the commonest functions lowered to their ATen operation, so
+  that they skip the dispatcher;
 * :mod:`~rf_callback.tracing.engine`: the dispatch mode that runs them.
 """
 

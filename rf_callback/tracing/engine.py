@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -12,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from rf_callback.algebra import Field, MisalignedBranchesError, merge
 from rf_callback.errors import UnsupportedLayerError
+from rf_callback.tracing.fast import run_lowered
 from rf_callback.tracing.layout import (
     FED,
     Factor,
@@ -47,6 +49,31 @@ from rf_callback.tracing.shortcuts import (
 )
 
 aten = torch.ops.aten
+
+
+_META = torch.device("meta")
+
+
+@functools.cache
+def _takes_device(func: Any) -> bool:
+    """Whether ``func`` has a keyword-only ``device`` argument (a factory)."""
+    return any(a.name == "device" for a in func._schema.arguments if a.kwarg_only)
+
+
+@functools.cache
+def _handler(func: Any) -> Any:
+    """What follows ``func``: its registered handler, the elementwise or the reduction rule; None if none.
+
+    Cached: an ``OpOverload`` hashes in Python, and the trace asks for every operation.
+    """
+    handler = _HANDLERS.get(func) or _HANDLERS.get(func.overloadpacket)
+    if handler is not None:
+        return handler
+    if elementwise(func):
+        return Tracer.pointwise
+    if torch.Tag.reduction in func.tags:
+        return _reduction
+    return None
 
 
 class TensorInfos:
@@ -110,20 +137,24 @@ class Tracer(TorchDispatchMode):
 
     # ---- dispatch ----------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if "device" in kwargs or any(a.name == "device" for a in func._schema.arguments if a.kwarg_only):
-            kwargs["device"] = torch.device("meta")  # factories must not allocate, compute or draw
+        kwargs = kwargs or {}
+        if "device" in kwargs or _takes_device(func):
+            kwargs = {**kwargs, "device": _META}  # factories must not allocate, compute or draw
         out = _shortcut(func, args, kwargs)
         if out is None:
             out = func(*_to_meta(args), **{key: _to_meta(value) for key, value in kwargs.items()})
-        if self.transparent:
-            return out
+        if not self.transparent:
+            self.record(func, args, kwargs, out)
+        return out
+
+    def record(self, func, args: tuple, kwargs: dict, out: Any) -> None:
+        """Files what ``out`` sees, the output of the ATen operation ``func`` on ``args`` and ``kwargs``."""
         tensors = [t for t in _operands(args, kwargs) if t in self.info]
         outputs = flat_tensors(out)
         if not tensors:
             for tensor in outputs:  # an in-place write of constants (x.zero_()) forgets the input
                 self.info.pop(tensor, None)
-            return out
+            return
         bound = _bind(func, args, kwargs)
         results = self.follow(func, tensors, lambda infos: self.settle(self.handle(func, bound, infos, out)))
         if not isinstance(results, tuple):
@@ -133,7 +164,6 @@ class Tracer(TorchDispatchMode):
                 self.info.pop(tensor, None)
             else:
                 self.info[tensor] = info
-        return out
 
     def settle(self, result: Any) -> Any:
         """A handler's ``result`` with split axes made whole where parts were summed away (see :func:`settled`)."""
@@ -203,13 +233,9 @@ class Tracer(TorchDispatchMode):
         return replace(result, equivariant=False, lost=lost)
 
     def handle(self, func, bound: dict[str, Any], inputs: list, out: Any) -> Any:
-        handler = _HANDLERS.get(func) or _HANDLERS.get(func.overloadpacket)
+        handler = _handler(func)
         if handler is not None:
             return handler(self, func, bound, out)
-        if elementwise(func):
-            return self.pointwise(func, bound, out)
-        if torch.Tag.reduction in func.tags:
-            return _reduction(self, func, bound, out)
         if all(not any(_spatial(dim) for dim in info.layout) for info in inputs):
             # No spatial position is left to tell apart: whatever the operation does, each output
             # depends on the union of what the inputs see (classifier heads, argmax, indexing...).
@@ -399,11 +425,12 @@ def _window_within_rows(
 
 
 class FunctionInterceptor(TorchFunctionMode):
-    """Catches the functions registered with ``_intercept`` before they reach ATen.
+    """Catches functions before they reach ATen: the lowered ones and those registered with ``_intercept``.
 
-    A handler ``(tracer, func, args, kwargs) -> (out, operation, inputs, step)`` makes the meta
-    output unseen by the tracer; ``step`` then says what the output sees, through
-    :meth:`Tracer.follow` and its refusal rules.
+    A lowered function (:mod:`~rf_callback.tracing.fast`) is followed as the one ATen operation it
+    runs, without the dispatcher. A handler ``(tracer, func, args, kwargs) -> (out, operation,
+    inputs, step)`` makes the meta output unseen by the tracer; ``step`` then says what the output
+    sees, through :meth:`Tracer.follow` and its refusal rules.
     """
 
     def __init__(self, tracer: Tracer) -> None:
@@ -412,6 +439,9 @@ class FunctionInterceptor(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        out = run_lowered(self.tracer, func, types, args, kwargs)
+        if out is not None:
+            return out
         handler = _FUNCTIONS.get(func)
         if handler is None:
             return func(*args, **kwargs)

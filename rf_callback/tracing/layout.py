@@ -192,6 +192,8 @@ def _merge_parts(layout: Layout) -> Layout:
 
 def _aligned(info: Traced, ndim: int) -> Traced:
     """``info`` with its layout right-aligned to ``ndim`` dimensions, as broadcasting does."""
+    if len(info.layout) == ndim:  # most operands: no copy
+        return info
     return replace(info, layout=((),) * (ndim - len(info.layout)) + info.layout)
 
 

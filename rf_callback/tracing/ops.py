@@ -48,7 +48,9 @@ _register = _registry(_HANDLERS)
 def _convolution(tracer: Tracer, func, bound, out):
     if bound["transposed"]:
         return _transposed_convolution(tracer, bound, out)
-    info = tracer.mix(tracer.traced(bound["input"]), [1])  # channels are summed over
+    info = tracer.traced(bound["input"])
+    if _spatial(info.layout[1]):  # channels are summed over; plain ones mix nothing
+        info = tracer.mix(info, [1])
     kernel = list(bound["weight"].shape[2:])
     result = tracer.window(info, out, kernel, bound["stride"], bound["padding"], bound["dilation"])
     layout = list(result.layout)

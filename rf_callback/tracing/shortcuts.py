@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch._prims_common import are_strides_like_channels_last_or_false
 
 from rf_callback.tracing.layout import _normalize_dim
 
@@ -115,6 +116,12 @@ def _format_of(shape: torch.Size, strides: tuple[int, ...]) -> torch.memory_form
     return None
 
 
+@functools.lru_cache(maxsize=4096)
+def _suggests_contiguous(shape: torch.Size, strides: tuple[int, ...]) -> bool:
+    """Whether ``Tensor.suggest_memory_format()`` is ``contiguous_format`` for these sizes and strides."""
+    return not are_strides_like_channels_last_or_false(shape, strides)
+
+
 def _like(tensor: torch.Tensor, memory_format: torch.memory_format = torch.preserve_format) -> torch.Tensor:
     """An empty meta tensor like ``tensor``, with its very strides or those of ``memory_format``."""
     if memory_format == torch.preserve_format:
@@ -146,7 +153,7 @@ def _floating(value: Any) -> bool:
 
 
 def _floating_meta(value: Any) -> bool:
-    return _floating(value) and value.device.type == "meta"
+    return _floating(value) and value.is_meta
 
 
 _FORMATS = {True: (torch.contiguous_format, torch.channels_last), False: (torch.contiguous_format,)}
@@ -177,7 +184,8 @@ def _shortcut(func: Any, args: tuple, kwargs: dict) -> Any:
     if func is aten.clone.default and kwargs.get("memory_format") == torch.contiguous_format:
         return _like(first, torch.contiguous_format)  # x.contiguous(), whatever x's strides
     operands = [first, *(a for a in (*args[1:], *kwargs.values()) if isinstance(a, torch.Tensor))]
-    full = first if _writes_first(func) else max(operands, key=lambda t: (t.dim(), t.numel()))
+    in_place = _writes_first(func)
+    full = first if in_place or len(operands) == 1 else max(operands, key=lambda t: (t.dim(), t.numel()))
     # Every operand has a say in the output's layout: all must share the full one's (contiguous unless it is first).
     layout = _standard_format(full)
     if any(t.dtype != first.dtype for t in operands) or layout not in _FORMATS[full is first]:
@@ -188,7 +196,7 @@ def _shortcut(func: Any, args: tuple, kwargs: dict) -> Any:
                 return None
         elif not _broadcasts(other.shape, full.shape) or _standard_format(other) is not layout:
             return None
-    if _writes_first(func):
+    if in_place:
         return first
     if func.overloadpacket.__name__ in _BOOLEAN_RESULTS or len(func._schema.returns) != 1:
         return None
@@ -224,24 +232,28 @@ def _normalized(func: Any, args: tuple, kwargs: dict) -> Any:
     if not _floating_meta(first) or _standard_format(first) is None or (len(args) > 5 and args[5] is True):
         return None
     channels = (first.shape[1],) if first.dim() > 1 else (0,)
-    stats = torch.empty(channels, dtype=first.dtype, device="meta")
-    return _like(first), stats, torch.empty_like(stats)
+    return _like(first), *(torch.empty(channels, dtype=first.dtype, device="meta") for _ in range(2))
 
 
 @_shortcut_for(aten.cat.default)
 def _concatenated(func: Any, args: tuple, kwargs: dict) -> Any:
-    """Contiguous tensors of one dtype, concatenated: a contiguous tensor."""
+    """Tensors of one dtype and rank concatenated, one of them not laid out like channels-last: a contiguous tensor.
+
+    The kernel keeps a layout only that all its inputs suggest (``suggest_memory_format``); any
+    other mix, such as a channel split of a contiguous tensor (ShuffleNet's halves), is contiguous.
+    """
     tensors = args[0]
     first = tensors[0] if tensors else None
     if not _floating_meta(first) or first.dim() == 0:
         return None
     d = _normalize_dim(args[1] if len(args) > 1 else kwargs.get("dim", 0), first.dim())
     for tensor in tensors:
-        if tensor.dtype != first.dtype or _standard_format(tensor) is not torch.contiguous_format:
+        if tensor.dtype != first.dtype or tensor.dim() != first.dim():
             return None
-        others = [n != m for i, (n, m) in enumerate(zip(tensor.shape, first.shape)) if i != d]
-        if tensor.dim() != first.dim() or any(others):
+        if any(n != m for i, (n, m) in enumerate(zip(tensor.shape, first.shape)) if i != d):
             return None
+    if not any(_suggests_contiguous(tensor.shape, tensor.stride()) for tensor in tensors):
+        return None
     shape = list(first.shape)
     shape[d] = sum(tensor.shape[d] for tensor in tensors)
     return torch.empty(shape, dtype=first.dtype, device="meta")
@@ -318,8 +330,9 @@ def _parameters(func: Any) -> tuple[tuple[str, Any], ...]:
 
 
 def _bind(func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
-    bound = dict(zip((name for name, _ in _parameters(func)), args))
-    for name, default in _parameters(func)[len(args) :]:
+    parameters = _parameters(func)
+    bound = {name: value for (name, _), value in zip(parameters, args)}
+    for name, default in parameters[len(args) :]:
         bound[name] = kwargs.get(name, default)
     return bound
 
