@@ -57,6 +57,7 @@ from rf_callback.errors import MisalignedBranchesError
 
 __all__ = [
     "IDENTITY",
+    "OnlyHolesError",
     "AxisRF",
     "Box",
     "Field",
@@ -205,6 +206,11 @@ def compose(first: AxisRF, then: AxisRF) -> AxisRF:
     return periodic(intervals, advance)
 
 
+class OnlyHolesError(ValueError):
+    """Every unit of a geometry reads only the holes of an upsampling (a transposed convolution whose kernel
+    is smaller than its stride): nothing it computes depends on the input."""
+
+
 def periodic(intervals: Sequence[tuple[int, int] | None], advance: int) -> AxisRF:
     """The geometry whose units ``0 .. P - 1`` see ``intervals``, each next ``P`` units the same shifted by ``advance``.
 
@@ -218,7 +224,7 @@ def periodic(intervals: Sequence[tuple[int, int] | None], advance: int) -> AxisR
     """
     count = len(intervals)
     if not any(interval is not None for interval in intervals):
-        raise ValueError("periodic needs at least one unit that reads some input.")
+        raise OnlyHolesError("no unit reads a position that sees the input: it reads only holes of an upsampling")
     period, step = count, advance
     for candidate in range(1, count):
         if count % candidate or (advance * candidate) % count:
@@ -261,6 +267,9 @@ def resampling(sources: Sequence[Sequence[int]], length: int, margin: int = 2) -
     whole = periodic(hulls, length)
     if whole.period < count:  # periodic up to the ends (nearest, transposed convolution, pixel shuffle)
         return whole
+    exact = _repeating(hulls)
+    if exact is not None:  # periodic, with a last period cut short (a stride that does not divide the axis)
+        return exact
     for period in range(1, count // 4 + 1):
         first, last = margin, count - margin - period  # compare u with u + period, clear of the ends
         if last - first < max(2 * period, 4) or hulls[first] is None or hulls[first + period] is None:
@@ -270,6 +279,31 @@ def resampling(sources: Sequence[Sequence[int]], length: int, margin: int = 2) -
             block = -(-first // period)
             return periodic([_shifted(hulls[block * period + r], -block * step) for r in range(period)], step)
     return whole
+
+
+def _repeating(hulls: Sequence[tuple[int, int] | None]) -> AxisRF | None:
+    """The shortest pattern of at most half the units that every unit repeats exactly, shifted by a fixed step.
+
+    Example::
+        >>> _repeating([(0, 1), None, None, (1, 2), None, None, (2, 3)])  # a stride-3 transposed convolution
+        AxisRF(size=1, jump=Fraction(1, 3), start=0, phases=((0, 1), None, None))
+    """
+    count = len(hulls)
+    for period in range(1, count // 2 + 1):
+        step = None
+        for u in range(count - period):
+            a, b = hulls[u], hulls[u + period]
+            if a is None or b is None:
+                if a is not b:
+                    break
+                continue
+            if b[0] - a[0] != b[1] - a[1] or (step is not None and b[0] - a[0] != step):
+                break
+            step = b[0] - a[0]
+        else:
+            if step is not None and step > 0 and any(hulls[:period]):
+                return periodic(hulls[:period], step)
+    return None
 
 
 def _hull(rfs: Sequence[AxisRF], jump: int | Fraction) -> AxisRF:

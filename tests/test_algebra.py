@@ -13,6 +13,7 @@ from rf_callback.algebra import (
     AxisRF,
     Field,
     MisalignedBranchesError,
+    OnlyHolesError,
     _window,
     compose,
     layer,
@@ -249,11 +250,15 @@ def test_upsampling_against_a_brute_force_oracle(n, stack):
     for step in stack:
         sources = reads(len(seen), step)
         assume(1 <= len(sources) <= 120 and any(sources))
-        if step[0] == "window":
-            field = field.window(0, step[1], step[2], step[3], len(sources))
-        else:
-            field = field.resample(0, sources)
         seen = [set().union(*(seen[v] for v in s)) for s in sources]
+        try:
+            if step[0] == "window":
+                field = field.window(0, step[1], step[2], step[3], len(sources))
+            else:
+                field = field.resample(0, sources)
+        except OnlyHolesError:  # every unit reads only holes of an earlier upsampling
+            assert not any(seen)
+            return
     rf = field.rfs[0]
     for u, truth in enumerate(seen):
         assert boxes(field, len(seen))[u] == hull(truth)

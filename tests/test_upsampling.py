@@ -17,7 +17,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 
-from rf_callback import receptive_fields
+from rf_callback import UnsupportedLayerError, receptive_fields
 from rf_callback.algebra import AxisRF, Field, merge
 from rf_callback.report import pair
 from tests.nets import model_examples
@@ -101,7 +101,11 @@ def test_transposed_convolution_boxes_equal_the_gradient_support(case):
         net(torch.zeros(1, 1, *spatial, dtype=torch.float64))
     except RuntimeError:
         assume(False)  # a negative output length, or reflect padding wider than the map
-    assert_exact_boxes(net, spatial, ["1", "2"])
+    try:
+        assert_exact_boxes(net, spatial, ["1", "2"])
+    except UnsupportedLayerError as refused:  # padding cut every position that reads the input: nothing to map
+        assert "none of its output positions reads an input position" in str(refused)
+        assert not jacobian_supports(net, spatial, ["1"])["1"].any()
 
 
 class Interpolate(nn.Module):
@@ -356,3 +360,28 @@ def test_rolls_are_followed_exactly(shifts, dims):
     """Swin's shifted windows roll the feature map: each position reads ``(u - shift) mod n``."""
     net = nn.Sequential(nn.Conv2d(1, 2, 3, stride=2, padding=1), Roll(shifts, dims), nn.Conv2d(2, 2, 3, padding=1))
     assert_exact_boxes(linearized(net), (10, 13), ["1", "2"])
+
+
+def test_antialiasing_when_another_axis_ends_at_one_position():
+    """PyTorch's antialiased bilinear kernel gives every output row the first row's inputs when the
+    other axis ends at one position (4x3 -> 2x1): the boxes follow the kernel, not the formula."""
+    options = {"mode": "bilinear", "scale_factor": 0.5, "antialias": True}
+    net = nn.Sequential(nn.Conv2d(1, 2, 1), Interpolate(**options), nn.Conv2d(2, 2, 3, padding=1))
+    assert_exact_boxes(linearized(net), (4, 3), ["1", "2"])
+    assert receptive_fields(net, (1, 4, 3))["1"].box(1, 0) == (0, 0, 3, 3)
+
+
+class Holes(nn.Module):
+    """Keeps only the holes of a transposed convolution whose kernel (1) is smaller than its stride (3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(1, 1, 1, stride=3)
+
+    def forward(self, x):
+        return self.up(x)[..., 1::3, 1::3]
+
+
+def test_keeping_only_the_holes_of_an_upsampling_is_named():
+    with pytest.raises(UnsupportedLayerError, match=r"aten\.slice.* reads only holes of an upsampling"):
+        receptive_fields(Holes(), (1, 4, 4))

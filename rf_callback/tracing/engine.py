@@ -11,7 +11,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rf_callback.algebra import Field, MisalignedBranchesError, merge
+from rf_callback.algebra import Field, MisalignedBranchesError, OnlyHolesError, merge
 from rf_callback.errors import UnsupportedLayerError
 from rf_callback.tracing.fast import run_lowered
 from rf_callback.tracing.layout import (
@@ -209,7 +209,7 @@ class Tracer(TorchDispatchMode):
         """``step`` on the followed ``tensors``; again with their mixed axes forgotten if it refuses."""
         try:
             return step(infos)
-        except (_Reject, MisalignedBranchesError) as refused:
+        except (_Reject, MisalignedBranchesError, OnlyHolesError) as refused:
             error = self.error(str(operation), _reason(refused))
         forgotten = [_forget_mixed_axes(info) for info in infos]
         if all(new is old for new, old in zip(forgotten, infos)):
@@ -218,7 +218,7 @@ class Tracer(TorchDispatchMode):
             for tensor, info in zip(tensors, forgotten):
                 self.info[tensor] = info
             return step(forgotten)
-        except (_Reject, MisalignedBranchesError):
+        except (_Reject, MisalignedBranchesError, OnlyHolesError):
             return Unsupported(error)
         finally:
             for tensor, info in zip(tensors, infos):

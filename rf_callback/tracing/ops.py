@@ -576,7 +576,9 @@ def _resampled(tracer: Tracer, info: Traced, out: torch.Tensor, count: int, sour
     layout = list(info.layout[:lead])
     for i in range(count):
         dim, m = info.layout[lead + i], out.shape[out.dim() - count + i]
-        if not _spatial(dim):
+        if not _spatial(dim):  # one position, or an axis every unit sees whole: the same field everywhere
+            if not any(sources_of(i, _dim_size(dim), m)):
+                raise _Reject("none of its output positions reads an input position")
             layout.append(_plain(m))
             continue
         axis, n = _whole_axis(dim, "resamples"), dim[0][1]
@@ -675,19 +677,20 @@ def _axis_scales(value: Any, count: int) -> list[Any]:
 _SOURCES: dict[tuple, Sources] = {}
 
 
-def _probed_sources(key: tuple, count: int, axis: int, n: int, m: int, dtype: torch.dtype, run: Any) -> Sources:
+def _probed_sources(
+    key: tuple, count: int, axis: int, n: int, m: int, dtype: torch.dtype, run: Any, lengths: Sequence[int]
+) -> Sources:
     """Which of ``n`` inputs each of ``m`` outputs of an interpolation reads with a nonzero weight along ``axis``.
 
     Interpolation is separable, so the real operation ``run`` on the ``n`` one-hot signals along
-    ``axis`` (the other axes short and scaled by 1) answers it exactly, as the kernel computes it
-    (clamping, ``align_corners`` and its floating-point index arithmetic included), for ``dtype``.
-    ``key`` names everything the answer depends on; answers are kept.
+    ``axis`` (the other axes of ``lengths``, see :func:`_probe_lengths`) answers it exactly, as the
+    kernel computes it (clamping, ``align_corners`` and its floating-point index arithmetic
+    included), for ``dtype``. ``key`` names everything the answer depends on; answers are kept.
     """
     found = _SOURCES.get(key)
     if found is not None:
         return found
-    # The other axes have length 2, not 1: the antialiasing kernels mishandle a length-1 axis.
-    lengths = [n if b == axis else 2 for b in range(count)]
+    lengths = [n if b == axis else lengths[b] for b in range(count)]
     with _disable_current_modes(), torch.no_grad():
         signals = torch.eye(n, dtype=dtype).reshape(n, 1, *(n if b == axis else 1 for b in range(count)))
         result = run(signals.expand(n, 1, *lengths).contiguous())
@@ -697,6 +700,16 @@ def _probed_sources(key: tuple, count: int, axis: int, n: int, m: int, dtype: to
         nonzero = weights.ne(0).T.tolist()
     found = _SOURCES[key] = tuple(tuple(i for i, read in enumerate(row) if read) for row in nonzero)
     return found
+
+
+def _real_axes(axis: int, out: torch.Tensor, count: int) -> list[bool]:
+    """The other axes a probe along ``axis`` keeps as they are: those that end at one output position.
+
+    The others get length 2 and scale 1 (cheap, and the weights along ``axis`` are the same); but
+    PyTorch's antialiasing kernels weigh ``axis`` differently when another axis ends at one position
+    (every output row then reads the first row's inputs), and the probe must see what the kernel does.
+    """
+    return [b != axis and out.shape[out.dim() - count + b] == 1 for b in range(count)]
 
 
 def _probe_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -716,13 +729,18 @@ def _interpolate(tracer: Tracer, func, args, kwargs):
     dtype = _probe_dtype(source)
 
     def sources_of(i: int, n: int, m: int) -> Sources:
-        size = None if sizes[i] is None else tuple(sizes[i] if b == i else 2 for b in range(count))
-        scale = None if size is not None else tuple(float(scales[i]) if b == i else 1.0 for b in range(count))
+        real = _real_axes(i, out, count)
+        size = None if sizes[i] is None else tuple(sizes[b] if b == i or real[b] else 2 for b in range(count))
+        scale = (
+            None if size is not None else tuple(float(scales[b]) if b == i or real[b] else 1.0 for b in range(count))
+        )
+        lengths = [source.shape[2 + b] if real[b] else 2 for b in range(count)]
 
         def run(signals):
             return func(signals, size, scale, mode, options[1], options[2], options[3])
 
-        return _probed_sources(("interpolate", count, i, n, m, dtype, size, scale, options), count, i, n, m, dtype, run)
+        key = ("interpolate", count, i, n, m, dtype, size, scale, options, tuple(lengths))
+        return _probed_sources(key, count, i, n, m, dtype, run, lengths)
 
     def step(infos):
         return _resampled(tracer, tracer.traced(source), out, count, sources_of)
@@ -762,20 +780,24 @@ def _upsampling(tracer, func, bound, out):
     dtype = _probe_dtype(source)
 
     def sources_of(i: int, n: int, m: int) -> Sources:
+        real = _real_axes(i, out, count)
         values = []
         for name in names[1:]:
             value = bound[name]
             if name == "output_size" and value is not None:
-                value = [m if b == i else 2 for b in range(count)]
+                value = [m if b == i else 1 if real[b] else 2 for b in range(count)]
             elif name == "scale_factors" and value is not None:
-                value = [float(value[i]) if b == i else 1.0 for b in range(count)]
+                value = [float(value[b]) if b == i or real[b] else 1.0 for b in range(count)]
             elif name in scale_names:
-                value = value if scale_names.index(name) == i else None
+                index = scale_names.index(name)
+                value = value if index == i or real[index] else None
             values.append(tuple(value) if isinstance(value, list) else value)
+        lengths = [source.shape[2 + b] if real[b] else 2 for b in range(count)]
 
         def run(signals):
             return func(signals, *(list(v) if isinstance(v, tuple) else v for v in values))
 
-        return _probed_sources((str(func), count, i, n, m, dtype, *values), count, i, n, m, dtype, run)
+        key = (str(func), count, i, n, m, dtype, *values, tuple(lengths))
+        return _probed_sources(key, count, i, n, m, dtype, run, lengths)
 
     return _resampled(tracer, tracer.traced(source), out, count, sources_of)
