@@ -106,6 +106,8 @@ _SHAPES = {1: "a sequence (N, C, l)", 2: "an image (N, C, h, w)", 3: "a volume (
 def default_layers(table: ReceptiveFieldTable) -> list[str]:
     """One layer per resolution stage: for each output resolution, the last layer of the shallowest depth.
 
+    They come in the order their outputs are computed (a container after the blocks inside it).
+
     Depth counts the dots of the module name, so a stage's container (``layer1`` of a ResNet,
     ``features.1`` of a ConvNeXt) wins over the layers inside it and over the first layer of the
     next stage that still runs at its resolution. Containers holding more than one change of
@@ -143,7 +145,7 @@ def default_layers(table: ReceptiveFieldTable) -> list[str]:
     keys = {key for _, key in chosen.values()}
     if len(keys) < 3:  # an isotropic network (ViT, MLP-Mixer, ConvMixer): follow its repeated blocks too
         keys.update(_spaced_blocks(rows))
-    return [key for key in table if key in keys]
+    return [key for key in table.output_order if key in keys]
 
 
 def _spaced_blocks(rows: dict[str, LayerRF], count: int = 4) -> list[str]:
@@ -155,7 +157,7 @@ def _spaced_blocks(rows: dict[str, LayerRF], count: int = 4) -> list[str]:
         >>> blocks = [nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU()) for _ in range(8)]
         >>> net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.Sequential(*blocks))
         >>> default_layers(receptive_fields(net, (1, 16, 16)))  # one resolution: the blocks 0, 2, 5, 7 too
-        ['1', '1.0', '1.2', '1.5', '1.7']
+        ['1.0', '1.2', '1.5', '1.7', '1']
     """
     runs: dict[tuple[str, str], list[str]] = {}  # (parent module, type) -> sibling keys in call order
     for key, row in rows.items():
@@ -174,8 +176,8 @@ def _flattened_copy(row: LayerRF, image: LayerRF) -> bool:
 
 
 def all_layers(table: ReceptiveFieldTable) -> list[str]:
-    """Every row that can have a receptive map (an output laid out as the input), in call order."""
-    return [key for key, row in table.items() if mappable(row)]
+    """Every row that can have a receptive map (its positions form one grid), in the order outputs are computed."""
+    return [key for key in table.output_order if mappable(table[key])]
 
 
 def resolve_layers(table: ReceptiveFieldTable, layers: str | Sequence[str] | None) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import gc
+import itertools
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -296,13 +297,22 @@ class ReceptiveFieldTable(Mapping[str, LayerRF]):
     """Receptive fields by module name, in the order the modules were called.
 
     A module called ``k > 1`` times in one forward has rows ``name[0]`` ... ``name[k-1]``; its bare
-    name raises a ``KeyError`` that lists them, so calls are never merged silently.
+    name raises a ``KeyError`` that lists them, so calls are never merged silently. ``output_order``
+    lists the rows in the order their outputs were computed: a container after the modules inside it.
     """
 
-    def __init__(self, rows: Sequence[LayerRF], input_shape: tuple[int, ...], reused: Mapping[str, int]) -> None:
+    def __init__(
+        self,
+        rows: Sequence[LayerRF],
+        input_shape: tuple[int, ...],
+        reused: Mapping[str, int],
+        output_order: Sequence[str] | None = None,
+    ) -> None:
         self._rows = {row.name: row for row in rows}
         self.input_shape = input_shape
         self.reused = dict(reused)
+        order = list(self._rows) if output_order is None else output_order
+        self.output_order = tuple(key for key in order if key in self._rows)
 
     def __getitem__(self, name: str) -> LayerRF:
         try:
@@ -355,7 +365,7 @@ class ReceptiveFieldTable(Mapping[str, LayerRF]):
             for key, row in self._rows.items()
             if (kinds is None or row.module_type in kinds) and (keys is None or key in keys)
         ]
-        return ReceptiveFieldTable(rows, self.input_shape, self.reused)
+        return ReceptiveFieldTable(rows, self.input_shape, self.reused, self.output_order)
 
     @property
     def unsupported(self) -> list[LayerRF]:
@@ -493,6 +503,7 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
     calls: list[_Call] = []  # in call order
     counts: dict[str, int] = {}  # calls so far, by module name
     running: list[_Call] = []
+    clock = itertools.count()  # orders the calls by when their outputs were computed
     places: dict[int, tuple[str, str]] = {}  # id(module) -> (name, module type), for the global hooks
     handles = []
 
@@ -506,7 +517,8 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
 
     def leave(output: Any) -> None:
         tracer.stack.pop()
-        running.pop().outputs = _traced_outputs(tracer, output, strict)
+        call = running.pop()
+        call.outputs, call.finished = _traced_outputs(tracer, output, strict), next(clock)
 
     def before(module: nn.Module, _args: Any) -> None:
         place = places.get(id(module))
@@ -563,7 +575,7 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
     returned = {(id(t), id(info)) for call in calls for t, info in call.outputs}
     final = _traced_outputs(tracer, output, strict)
     if any((id(t), id(info)) not in returned for t, info in final):
-        calls.append(_Call(OUTPUT_ROW, type(model).__name__, 0, final))
+        calls.append(_Call(OUTPUT_ROW, type(model).__name__, 0, final, next(clock)))
         counts[OUTPUT_ROW] = 1
     return _build_table(calls, counts, shape)
 
@@ -620,6 +632,7 @@ class _Call:
     module_type: str
     index: int  # among the calls of this module
     outputs: list[tuple[torch.Tensor, Traced | Unsupported]]
+    finished: int = 0  # when its outputs were computed, among all calls
 
 
 def _build_table(calls: list[_Call], counts: dict[str, int], shape: tuple[int, ...]) -> ReceptiveFieldTable:
@@ -627,10 +640,12 @@ def _build_table(calls: list[_Call], counts: dict[str, int], shape: tuple[int, .
     rows = []
     reused = {name: count for name, count in counts.items() if count > 1}
     placed: dict[int, tuple[tuple[int, ...], Placement | None]] = {}  # id(info) -> output shape, placement
+    finished: list[tuple[int, int, str]] = []  # (when computed, position, key)
     for call in calls:
         name, module_type, outputs = call.name, call.module_type, call.outputs
         for k, (output, info) in enumerate(outputs):
             key = _key(name, call.index if name in reused else None, k if len(outputs) > 1 else None)
+            finished.append((call.finished, len(finished), key))
             if refusal(info) is not None:
                 image = output.dim() == len(shape) + 1
                 output_shape = tuple(output.shape[2:]) if image else (1,) * len(spatial)
@@ -659,4 +674,4 @@ def _build_table(calls: list[_Call], counts: dict[str, int], shape: tuple[int, .
                         placement,
                     )
                 )
-    return ReceptiveFieldTable(rows, shape, reused)
+    return ReceptiveFieldTable(rows, shape, reused, [key for _, _, key in sorted(finished)])
