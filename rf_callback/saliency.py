@@ -304,7 +304,8 @@ def _warn_if_constant_sum(name: str, output: Tensor) -> None:
         return
     spread = float(sums.max() - sums.min())
     # How much each channel varies over probes and positions: 0 for a dead layer, whose maps are flagged so.
-    scale = float(values.float().transpose(0, 1).reshape(values.shape[1], -1).std(1).mean()) * values.shape[1] ** 0.5
+    others = [0, *range(2, values.dim())]  # per channel, without copying the output
+    scale = float(values.float().std(dim=others).mean()) * values.shape[1] ** 0.5
     if 0 < scale and spread <= 1e-4 * scale:
         warnings.warn(
             f"receptive_maps: the channels of layer '{name}' sum to the same value at every position (a LayerNorm"

@@ -249,11 +249,14 @@ class Tracer(TorchDispatchMode):
 
         Each operand's layout must already be aligned to the output's dimensions. An operand axis
         that is absent there (broadcast) or sits in another dimension than in the output (attention
-        scores) is seen whole by every output position.
+        scores) is seen whole by every output position; a window part that does (attention within
+        windows), window by window. Class tokens of the output fed by an operand without them
+        become :data:`FED`.
         """
         fields = []
         equivariant = all(info.equivariant for info in operands)
         axes = _axes(layout)
+        prefixed = [d for d, dim in enumerate(layout) if _prefix(dim) is not None]  # mostly none
         fed: set[int] = set()  # dimensions whose class tokens receive values from the input
         for info in operands:
             field = info.field
@@ -268,7 +271,7 @@ class Tracer(TorchDispatchMode):
                     field, moved = _misplaced(field, info.layout, layout, axis, extent)
                     equivariant = equivariant and not moved
             fields.append(field)
-            fed.update(d for d, dim in enumerate(layout) if _prefix(dim) is not None and info.layout[d] != dim)
+            fed.update(d for d in prefixed if info.layout[d] != layout[d])
         try:
             field = merge(fields)
         except MisalignedBranchesError as misaligned:  # named only now: formatting it every time costs
@@ -389,11 +392,11 @@ def _misplaced(field: Field, own: Layout, layout: Layout, axis: int, extent: int
     whole axis if no factor stays in place, the windows of the factors moved otherwise. Returns the
     field and whether any factor moved.
     """
-    kept = [(d, factor) for d, factor in _factors(own, axis) if factor in layout[d]]
-    moved = [factor for d, factor in _factors(own, axis) if factor not in layout[d]]
+    factors = _factors(own, axis)
+    moved = [factor for d, factor in factors if factor not in layout[d]]
     if not moved:
         return field, False
-    if not kept:
+    if len(moved) == len(factors):
         return field.mix(axis).broadcast(axis, extent), True
     for key, length in moved:
         field = _mix_part(field, key, length)
