@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from rf_callback.algebra import Field, MisalignedBranchesError
 from rf_callback.errors import TraceError, UnsupportedLayerError
@@ -36,7 +35,9 @@ from rf_callback.tracing import (
     axis_length,
     flat_tensors,
     grid_dims,
+    module_lowering,
     refusal,
+    run_module_lowered,
 )
 
 __all__ = [
@@ -442,6 +443,10 @@ def evaluating(model: nn.Module) -> Iterator[None]:
                 module.training = mode
 
 
+_ABSENT = object()
+"""No instance attribute of that name (as opposed to one set to None)."""
+
+
 def _no_autocast() -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     for device_type in ("cpu", "cuda"):
@@ -504,8 +509,8 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
     counts: dict[str, int] = {}  # calls so far, by module name
     running: list[_Call] = []
     clock = itertools.count()  # orders the calls by when their outputs were computed
-    places: dict[int, tuple[str, str]] = {}  # id(module) -> (name, module type), for the global hooks
     handles = []
+    wrapped: list[tuple[nn.Module, Any]] = []  # modules whose forward announces its calls, and what to restore
 
     def enter(name: str, kind: str) -> None:
         index = counts.get(name, 0)
@@ -520,14 +525,18 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
         call = running.pop()
         call.outputs, call.finished = _traced_outputs(tracer, output, strict), next(clock)
 
-    def before(module: nn.Module, _args: Any) -> None:
-        place = places.get(id(module))
-        if place is not None:
-            enter(*place)
+    def announcing(module: nn.Module, name: str, kind: str) -> Any:
+        forward, lowering = module.forward, module_lowering(module)
 
-    def after(module: nn.Module, _args: Any, output: Any) -> None:
-        if id(module) in places:
+        def traced_forward(*args: Any, **kwargs: Any) -> Any:
+            enter(name, kind)
+            output = None if lowering is None else run_module_lowered(tracer, lowering, module, args, kwargs)
+            if output is None:
+                output = forward(*args, **kwargs)
             leave(output)
+            return output
+
+        return traced_forward
 
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     failure: Exception | None = None
@@ -536,15 +545,16 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
             if not name:
                 continue
             kind = type(module).__name__
-            if module._forward_pre_hooks or module._forward_hooks:
+            if module._forward_pre_hooks or module._forward_hooks or isinstance(module, torch.jit.ScriptModule):
                 # Hooks of its own run first, as they always have: one may replace the module's output.
                 handles.append(module.register_forward_pre_hook(lambda _m, _a, name=name, kind=kind: enter(name, kind)))
                 handles.append(module.register_forward_hook(lambda _m, _a, output: leave(output)))
             else:
-                places[id(module)] = (name, kind)
-        # One pair of global hooks: two hooks registered on each module cost more than a mobile network's forward.
-        handles.append(register_module_forward_pre_hook(before))
-        handles.append(register_module_forward_hook(after))
+                # Its forward, wrapped for the trace in the instance's own dict (restored below): hooks, even
+                # global ones, send every module call down PyTorch's slow path, which costs more than a mobile
+                # network's forward.
+                wrapped.append((module, module.__dict__.get("forward", _ABSENT)))
+                module.__dict__["forward"] = announcing(module, name, kind)
         # Outside inference mode and autocast, so that composite operations decompose as usual.
         with (
             evaluating(model),
@@ -569,6 +579,11 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
     finally:
         for handle in handles:
             handle.remove()
+        for module, forward in wrapped:
+            if forward is _ABSENT:
+                del module.__dict__["forward"]
+            else:
+                module.__dict__["forward"] = forward
     if failure is not None:
         raise _trace_error(model, shape, dtype, failure) from failure
     # The model's outputs that no module returned (computed in the top-level forward) get rows too.

@@ -1,5 +1,7 @@
 """The tracer's fast path (``rf_callback/tracing/fast.py``) answers exactly what the dispatcher's path answers."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -150,6 +152,86 @@ def test_lowerings_decline_what_they_cannot_name_for_sure(function, args, kwargs
     assert fast.run_lowered(Tracer((6, 6)), function, (torch.Tensor,), args, kwargs) is None
 
 
+MODULES = [
+    (nn.Conv2d(8, 4, 3, stride=2, padding=1), x),
+    (nn.Conv2d(8, 8, (3, 1), padding=(1, 0), dilation=2, groups=8, bias=False), x),
+    (nn.Conv1d(8, 4, 3, padding=1), meta(1, 8, 6)),
+    (nn.Conv3d(8, 4, 1), meta(1, 8, 2, 3, 3)),
+    (nn.BatchNorm2d(8), x),
+    (nn.BatchNorm2d(8), meta(1, 8, 6, 6, channels_last=True)),
+    (nn.BatchNorm1d(8), meta(2, 8)),
+    (nn.BatchNorm1d(8, eps=1e-3, momentum=0.3), meta(1, 8, 6)),
+    (nn.BatchNorm3d(8), meta(1, 8, 2, 3, 3)),
+    (nn.ReLU(), x),
+    (nn.ReLU(inplace=True), halves[0]),
+    (nn.ReLU6(), x),
+    (nn.Hardswish(inplace=True), x),
+    (nn.Hardsigmoid(), x),
+    (nn.SiLU(), meta(1, 8, 6, 6, channels_last=True)),
+]
+
+
+@pytest.mark.parametrize(
+    ("module", "input"), MODULES, ids=[f"{type(m).__name__}-{i}" for i, (m, _) in enumerate(MODULES)]
+)
+def test_each_module_lowering_is_the_operation_its_forward_runs(module, input):
+    """As for functions: the eval-mode forward runs exactly the lowered operation, and the fast path's
+    output has the real one's shape, strides and dtype."""
+    module = module.eval()
+    on_meta = copy.deepcopy(module).to("meta")
+    recorder = Recorder()
+    with torch.no_grad(), recorder:
+        real = on_meta(input)
+    reads = [(func, a, k) for func, a, k in recorder.calls if not func._schema.name.startswith("aten::empty")]
+    lowering = fast.module_lowering(module)
+    assert lowering is not None
+    operation, lowered_args, lowered_kwargs = lowering(on_meta, input)
+    assert [func for func, _, _ in reads] == [operation]
+    assert comparable(_bind(operation, lowered_args, lowered_kwargs)) == comparable(_bind(*reads[0]))
+
+    with torch.no_grad():
+        out = fast.run_module_lowered(Tracer((6, 6)), lowering, module, (input,), {})
+    assert layouts(out) == layouts(real)
+
+
+class PatchedReLU(nn.ReLU):
+    pass
+
+
+PATCHED = nn.ReLU()
+PATCHED.forward = lambda input: input[..., ::2]  # an instance's own forward
+
+
+@pytest.mark.parametrize(
+    ("module", "input"),
+    [
+        (nn.Conv2d(8, 4, 3, padding="same"), x),
+        (nn.Conv2d(8, 4, 3, padding=1, padding_mode="reflect"), x),
+        (nn.Conv2d(8, 4, 3), meta(8, 6, 6)),  # unbatched
+        (nn.BatchNorm2d(8).train(), x),
+        (nn.BatchNorm2d(8, momentum=None), x),
+        (nn.BatchNorm2d(8, track_running_stats=False), x),
+        (nn.BatchNorm2d(8), meta(1, 8, 6)),  # the module's own error, from its forward
+    ],
+    ids=["same", "reflect", "unbatched", "training", "cumulative", "batch-statistics", "wrong-rank"],
+)
+def test_module_lowerings_decline_what_their_forward_must_run(module, input):
+    lowering = fast.module_lowering(module)
+    assert fast.run_module_lowered(Tracer((6, 6)), lowering, module, (input,), {}) is None
+
+
+def test_only_forwards_pytorch_defines_are_lowered(monkeypatch):
+    """A subclass, a forward patched on the instance or on the class: the module's own forward runs, and the
+    table describes it."""
+    assert fast.module_lowering(PatchedReLU()) is None and fast.module_lowering(PATCHED) is None
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), PATCHED, nn.Conv2d(1, 1, 3, padding=1))
+    assert receptive_fields(net, (1, 8, 8))["2"].output_shape == (8, 4)
+    monkeypatch.setattr(nn.Hardswish, "forward", lambda self, input: input[..., ::2])
+    assert fast.module_lowering(nn.Hardswish()) is None
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.Hardswish(), nn.Conv2d(1, 1, 3, padding=1))
+    assert receptive_fields(net, (1, 8, 8))["2"].output_shape == (8, 4)
+
+
 class Everything(nn.Module):
     """Each lowered function, on views, channels-last copies, constants, and downstream of a refused operation."""
 
@@ -197,6 +279,7 @@ def test_tables_are_the_same_without_the_fast_path(build, shape, monkeypatch):
     model = build().eval()
     fast_rows = rows(receptive_fields(model, shape, strict=False))
     monkeypatch.setattr(fast, "_LOWERINGS", {})
+    monkeypatch.setattr(fast, "_MODULE_LOWERINGS", {})
     assert fast_rows == rows(receptive_fields(model, shape, strict=False))
 
 

@@ -255,6 +255,8 @@ def test_the_model_is_left_as_found():
     model.features[0].weight.requires_grad_(False)
 
     global_hooks = (dict(module_globals._global_forward_pre_hooks), dict(module_globals._global_forward_hooks))
+    patched = model.features[2].forward  # a forward some library set on the instance stays the instance's
+    model.features[2].forward = patched
 
     receptive_fields(model, (1, 8, 8))
 
@@ -265,6 +267,8 @@ def test_the_model_is_left_as_found():
     assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()] == [0, 1, 0, 0, 0, 0]
     assert not model.features[0].weight.requires_grad and model.head.weight.requires_grad
     assert seen == ["user hook"]  # the user's hook ran once, on the meta tensors
+    assert [m for m in model.modules() if "forward" in vars(m)] == [model.features[2]]
+    assert vars(model.features[2])["forward"] is patched
 
 
 def test_a_module_whose_own_hook_replaces_its_output_gets_the_replacement():
@@ -281,8 +285,10 @@ def test_a_forward_that_reads_values_fails_clearly():
         def forward(self, x):
             return x if x.sum() > 0 else -x
 
-    with pytest.raises(TraceError, match=r"DataDependent\.forward on the meta device.*must not read tensor values"):
-        receptive_fields(DataDependent(), (1, 8, 8))
+    model = nn.Sequential(nn.Conv2d(1, 1, 3), DataDependent())
+    with pytest.raises(TraceError, match=r"Sequential\.forward on the meta device.*must not read tensor values"):
+        receptive_fields(model, (1, 8, 8))
+    assert not any("forward" in vars(m) for m in model.modules())  # the trace's wrappers are gone
 
 
 def test_wrappers_are_unwrapped_and_shapes_validated():

@@ -16,6 +16,7 @@ reported as unsupported, never guessed.
 """
 
 from rf_callback.tracing.engine import FunctionInterceptor, TensorInfos, Tracer
+from rf_callback.tracing.fast import module_lowering, run_module_lowered
 from rf_callback.tracing.layout import GridDims, Traced, Unsupported, axis_length, grid_dims, refusal
 from rf_callback.tracing.shortcuts import flat_tensors
 
@@ -29,5 +30,7 @@ __all__ = [
     "axis_length",
     "flat_tensors",
     "grid_dims",
+    "module_lowering",
     "refusal",
+    "run_module_lowered",
 ]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from rf_callback.tracing.layout import Traced
-from rf_callback.tracing.shortcuts import _operands, _registry, _shortcut, _to_meta
+from rf_callback.tracing.shortcuts import _like, _operands, _registry, _shortcut, _standard_format, _to_meta
 
 if TYPE_CHECKING:
     from rf_callback.tracing.engine import Tracer
@@ -46,8 +46,34 @@ def run_lowered(tracer: Tracer, func: Any, types: tuple, args: tuple, kwargs: di
         lowering = lower(*args, **kwargs)
     except TypeError:  # arguments the lowering does not take (alpha=, out=...): the usual path handles them
         return None
-    if lowering is None:
+    return None if lowering is None else _run(tracer, lowering)
+
+
+def module_lowering(module: torch.nn.Module) -> Any:
+    """``(module, args, kwargs) -> Lowering | None`` for a module whose whole forward is one ATen operation, or None.
+
+    Only the exact classes, running the ``forward`` PyTorch defines (not one patched on the class or
+    the instance), called on one plain tensor.
+    """
+    found = _MODULE_LOWERINGS.get(type(module))
+    if found is None or "forward" in vars(module) or type(module).forward is not found[0]:
         return None
+    return found[1]
+
+
+def run_module_lowered(tracer: Tracer, lowering: Any, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """``module(*args, **kwargs)``'s output followed through its lowering, or None where its forward must run it.
+
+    Skips the forward's Python and the function mode, as :func:`run_lowered` skips the dispatcher.
+    """
+    if tracer.transparent or kwargs or len(args) != 1 or type(args[0]) is not torch.Tensor:
+        return None
+    with torch._C.DisableTorchFunction():  # what the tracer reads and makes, the function mode does not see
+        found = lowering(module, args[0])
+        return None if found is None else _run(tracer, found)
+
+
+def _run(tracer: Tracer, lowering: Lowering) -> Any:
     operation, operation_args, operation_kwargs = lowering
     # Activations and BatchNorm of an input followed exactly, nothing else input-dependent: its very info.
     result_info = tracer.info.get(operation_args[0]) if operation in _SAME_UNITS else None
@@ -57,7 +83,10 @@ def run_lowered(tracer: Tracer, func: Any, types: tuple, args: tuple, kwargs: di
     # As inside the dispatch mode, the tracer does not see its own work (the meta output, the
     # tensors a handler makes to measure a piece).
     with torch._C._DisableTorchDispatch():
-        out = _shortcut(operation, operation_args, operation_kwargs)
+        if result_info is not None and operation in _FIRST_OUTPUT and _standard_format(operation_args[0]) is not None:
+            out = (_like(operation_args[0]),)  # only the output is returned: no statistics to make
+        else:
+            out = _shortcut(operation, operation_args, operation_kwargs)
         if out is None:
             out = operation(*_to_meta(operation_args), **{k: _to_meta(v) for k, v in operation_kwargs.items()})
         result = out[0] if operation in _FIRST_OUTPUT else tuple(out) if isinstance(out, list) else out
@@ -272,3 +301,72 @@ def _mean(input, dim, keepdim=False) -> Lowering | None:
     if not dims or type(keepdim) is not bool:
         return None
     return aten.mean.dim, (input, dims, True) if keepdim else (input, dims), {}
+
+
+# --------------------------------------------------------------------------------------------
+# Modules whose forward is one lowered function (in eval mode, as the trace runs them)
+# --------------------------------------------------------------------------------------------
+
+_MODULE_LOWERINGS: dict[type, tuple[Any, Any]] = {}
+"""Module class -> (its ``forward`` as PyTorch defines it, the lowering of a call)."""
+
+
+def _lowers_module(kind: type, lower: Any) -> None:
+    _MODULE_LOWERINGS[kind] = (kind.forward, lower)
+
+
+def _module_convolution(count: int) -> Any:
+    lower = _convolution(count)
+
+    def lower_module(module, input) -> Lowering | None:
+        if module.padding_mode != "zeros":
+            return None
+        return lower(input, module.weight, module.bias, module.stride, module.padding, module.dilation, module.groups)
+
+    return lower_module
+
+
+for _count, _kind in enumerate((torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d), start=1):
+    _lowers_module(_kind, _module_convolution(_count))
+
+
+def _module_batch_norm(dims: tuple[int, ...]) -> Any:
+    def lower_module(module, input) -> Lowering | None:
+        """BatchNorm with running statistics, as ``_BatchNorm.forward`` runs it in eval mode."""
+        if module.training or input.dim() not in dims or module.momentum is None:
+            return None
+        return _batch_norm(
+            input,
+            module.running_mean,
+            module.running_var,
+            module.weight,
+            module.bias,
+            False,
+            module.momentum,
+            module.eps,
+        )
+
+    return lower_module
+
+
+for _dims, _kind in (((2, 3), torch.nn.BatchNorm1d), ((4,), torch.nn.BatchNorm2d), ((5,), torch.nn.BatchNorm3d)):
+    _lowers_module(_kind, _module_batch_norm(_dims))
+
+
+def _module_activation(function: Any) -> Any:
+    lower = _LOWERINGS[function]
+
+    def lower_module(module, input) -> Lowering:
+        return lower(input, module.inplace)
+
+    return lower_module
+
+
+for _kind, _function in (
+    (torch.nn.ReLU, F.relu),
+    (torch.nn.ReLU6, F.relu6),
+    (torch.nn.Hardswish, F.hardswish),
+    (torch.nn.Hardsigmoid, F.hardsigmoid),
+    (torch.nn.SiLU, F.silu),
+):
+    _lowers_module(_kind, _module_activation(_function))
