@@ -307,6 +307,8 @@ def _repeating(hulls: Sequence[tuple[int, int] | None]) -> AxisRF | None:
 
 
 def _hull(rfs: Sequence[AxisRF], jump: int | Fraction) -> AxisRF:
+    if all(rf is rfs[0] for rf in rfs) and rfs[0].jump == jump:
+        return rfs[0]
     if isinstance(jump, int) and all(not rf.phases for rf in rfs):
         low = min(rf.start for rf in rfs)
         high = max(rf.start + rf.size for rf in rfs)
@@ -405,14 +407,20 @@ def _fold(branches: list[tuple[Boxes, ...]]) -> tuple[Boxes, ...]:
     a rectangle at every unit (no None), that is the union of their intervals on each axis, and
     every later window, pad, slice or mix acts on each axis alike, so the fold stays exact.
     """
-    folded = []
+    folded: list[Boxes] = []
+    done: dict[tuple[int, ...], Boxes] = {}  # axes that hold the very same boxes (a square image's) fold once
     for axis in zip(*branches):
+        key = tuple(map(id, axis))
+        if key in done:
+            folded.append(done[key])
+            continue
         lows, highs = list(map(_low, axis[0])), list(map(_high, axis[0]))
         for boxes in axis[1:]:
             if boxes != axis[0]:  # conditionals, not min() / max(): a call per position costs twice as much
                 lows = [a if a <= b else b for a, b in zip(lows, map(_low, boxes))]  # noqa: FURB136
                 highs = [a if a >= b else b for a, b in zip(highs, map(_high, boxes))]  # noqa: FURB136
-        folded.append(tuple(zip(lows, highs)))
+        done[key] = tuple(zip(lows, highs))
+        folded.append(done[key])
     return tuple(folded)
 
 
@@ -465,20 +473,48 @@ class Field:
     @classmethod
     def of_input(cls, shape: Sequence[int]) -> Field:
         """The input itself: each position sees only itself."""
-        return cls((IDENTITY,) * len(shape), (tuple(tuple((i, i + 1) for i in range(n)) for n in shape),))
+        identities = {n: tuple((i, i + 1) for i in range(n)) for n in set(shape)}  # one per length: axes share
+        return cls((IDENTITY,) * len(shape), (tuple(identities[n] for n in shape),))
 
     def length(self, axis: int) -> int:
         return len(self.branches[0][axis])
 
-    def _along(self, axis: int, rf: AxisRF, step: Callable[[Boxes], Boxes]) -> Field:
+    def _along(self, axis: int, rf: AxisRF, step: Callable[[Boxes], Boxes] | None, source: int = 0) -> Field:
+        """``rf`` on ``axis``, whose boxes become ``step(boxes)`` in each branch (without ``step``: ``source``'s boxes)."""
         rfs = self.rfs[:axis] + (rf,) + self.rfs[axis + 1 :]
-        branches = tuple(branch[:axis] + (step(branch[axis]),) + branch[axis + 1 :] for branch in self.branches)
+        branches = tuple(
+            branch[:axis] + (step(branch[axis]) if step is not None else branch[source],) + branch[axis + 1 :]
+            for branch in self.branches
+        )
         return Field(rfs, branches if len(branches) == 1 else _prune(branches))  # one branch: nothing to prune
 
     def window(self, axis: int, kernel: int, stride: int, padding: int, length: int, dilation: int = 1) -> Field:
         """After a sliding window (convolution, pooling) along ``axis`` producing ``length`` positions."""
         rf = compose(self.rfs[axis], layer(kernel, stride, padding, dilation))
         return self._along(axis, rf, lambda boxes: _window(boxes, kernel, stride, padding, length, dilation))
+
+    def windows(self, windows: Sequence[tuple[int, int, int, int, int, int]]) -> Field:
+        """After sliding windows along several axes (a 2-D convolution), each ``(axis, kernel, stride, padding,
+        length, dilation)`` as :meth:`window` takes them.
+
+        An axis that holds the very boxes of one already done, and takes the same window, gets its
+        result without computing it again (a square image through square kernels: half the work).
+
+        Example::
+            >>> square = Field.of_input((8, 8)).windows([(0, 3, 2, 1, 4, 1), (1, 3, 2, 1, 4, 1)])
+            >>> square.branches[0][1] is square.branches[0][0]
+            True
+        """
+        field, done = self, {}
+        for axis, *window in windows:
+            key = (id(self.rfs[axis]), *(id(branch[axis]) for branch in self.branches), *window)
+            source = done.get(key)
+            if source is None:
+                field = field.window(axis, *window)
+                done[key] = axis
+            else:
+                field = field._along(axis, field.rfs[source], None, source)
+        return field
 
     def pad(self, axis: int, before: int, length: int, mode: PadMode = "constant") -> Field:
         """After padding ``before`` positions in front of ``axis`` (negative crops), ``length`` in all.
@@ -562,6 +598,8 @@ def merge(fields: Sequence[Field], where: str = "a merge") -> Field:
     """
     if not fields:
         raise ValueError("merge needs at least one branch.")
+    if all(field is fields[0] for field in fields):  # x * sigmoid(x), a tensor added to itself
+        return fields[0]
     rfs = []
     for axis in range(len(fields[0].rfs)):
         axis_rfs = [field.rfs[axis] for field in fields]

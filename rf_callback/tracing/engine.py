@@ -240,7 +240,7 @@ class Tracer(TorchDispatchMode):
             # No spatial position is left to tell apart: whatever the operation does, each output
             # depends on the union of what the inputs see (classifier heads, argmax, indexing...).
             shape = _first_output(out).shape
-            return self.combine([replace(i, layout=()) for i in inputs], tuple(_plain(n) for n in shape), func)
+            return self.combine([i.with_layout(()) for i in inputs], tuple(_plain(n) for n in shape), func)
         raise _Reject("it is not a known spatial operation; only operations whose geometry is known are followed")
 
     # ---- shared rules --------------------------------------------------------------------------
@@ -348,12 +348,13 @@ class Tracer(TorchDispatchMode):
         ``stride`` may be empty (defaults to the kernel); one-element lists apply to every axis.
         """
         count = len(kernel)
-        stride = list(stride) if len(stride) else list(kernel)
-        kernel, stride, padding, dilation = (
-            list(value) * count if len(value) == 1 else list(value) for value in (kernel, stride, padding, dilation)
-        )
+        stride = stride if len(stride) else kernel
+        kernel, stride, padding, dilation = [
+            value * count if len(value) == 1 else value for value in (kernel, stride, padding, dilation)
+        ]
         field = info.field
         layout = list(info.layout[: len(info.layout) - count])
+        windows = []  # along whole axes: done together, so that equal axes share the work
         for i in range(count):
             dim = info.layout[len(info.layout) - count + i]
             size = result.shape[result.dim() - count + i]
@@ -363,11 +364,14 @@ class Tracer(TorchDispatchMode):
                 layout.append(dim)  # a 1x1 window is the identity, whatever the dimension holds
             elif len(dim) == 1:
                 axis = _whole_axis(dim, "slides a window over")
-                field = field.window(axis, kernel[i], stride[i], padding[i], size, dilation[i])
+                windows.append((axis, kernel[i], stride[i], padding[i], size, dilation[i]))
                 layout.append(((axis, size),))
             else:
+                field, windows = field.windows(windows), []  # in order
                 field, inner = _window_within_rows(field, dim, size, kernel[i], stride[i], padding[i], dilation[i])
                 layout.append(dim[:-1] + inner)
+        if windows:
+            field = field.windows(windows)
         return Traced(field, tuple(layout), info.equivariant)
 
 

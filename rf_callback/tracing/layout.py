@@ -82,6 +82,10 @@ class Traced:
     equivariant: bool = True
     lost: UnsupportedLayerError | None = None
 
+    def with_layout(self, layout: Layout) -> Traced:
+        """The same units seen through another layout (``dataclasses.replace`` costs several times more)."""
+        return Traced(self.field, layout, self.equivariant, self.lost)
+
 
 @dataclass(frozen=True)
 class Unsupported:
@@ -194,9 +198,10 @@ def _aligned(info: Traced, ndim: int) -> Traced:
     """``info`` with its layout right-aligned to ``ndim`` dimensions, as broadcasting does."""
     if len(info.layout) == ndim:  # most operands: no copy
         return info
-    return replace(info, layout=((),) * (ndim - len(info.layout)) + info.layout)
+    return info.with_layout(((),) * (ndim - len(info.layout)) + info.layout)
 
 
+@functools.lru_cache(maxsize=4096)  # blocks of a stage view the same layouts alike
 def _reshape(layout: Layout, shape: Sequence[int]) -> Layout:
     """Layout after a view/reshape to ``shape``.
 
@@ -280,7 +285,7 @@ def _forget_mixed_axes(info: Traced) -> Traced:
         if _prefix(tuple(factors)) is not None and not _spatial(tuple(factors[1:])):
             factors = list(_plain(_dim_size(tuple(factors))))  # class tokens among plain ones: plain
         layout.append(tuple(factors))
-    return replace(info, layout=tuple(layout))
+    return info.with_layout(tuple(layout))
 
 
 def _axis_of(key: int | Part | _Prefix | None) -> int | None:
@@ -303,7 +308,7 @@ def _fed(info: Traced, dims: Sequence[int]) -> Traced:
         if any(info.field.rfs[a].jump != 0 and info.field.length(a) > 1 for a in axes):  # type: ignore[index]
             raise _Reject("it feeds class tokens from positions that see different parts of the input")
         layout[d] = ((FED, dim[0][1]),) + dim[1:]
-    return replace(info, layout=tuple(layout))
+    return info.with_layout(tuple(layout))
 
 
 GridDims = tuple[tuple[int, tuple[tuple[int | None, int], ...]], ...]

@@ -51,11 +51,9 @@ def _convolution(tracer: Tracer, func, bound, out):
     info = tracer.traced(bound["input"])
     if _spatial(info.layout[1]):  # channels are summed over; plain ones mix nothing
         info = tracer.mix(info, [1])
-    kernel = list(bound["weight"].shape[2:])
-    result = tracer.window(info, out, kernel, bound["stride"], bound["padding"], bound["dilation"])
-    layout = list(result.layout)
-    layout[1] = _plain(out.shape[1])
-    return replace(result, layout=tuple(layout))
+    result = tracer.window(info, out, bound["weight"].shape[2:], bound["stride"], bound["padding"], bound["dilation"])
+    layout = result.layout
+    return Traced(result.field, (layout[0], _plain(out.shape[1]), *layout[2:]), result.equivariant, result.lost)
 
 
 @_register(aten.im2col.default)
@@ -72,7 +70,7 @@ def _im2col(tracer, func, bound, out):
     grid = torch.empty(lengths, device="meta")
     result = tracer.window(info, grid, bound["kernel_size"], bound["stride"], bound["padding"], bound["dilation"])
     layout = result.layout[:-3] + (_plain(out.shape[-2]), result.layout[-2] + result.layout[-1])
-    return replace(result, layout=layout)
+    return result.with_layout(layout)
 
 
 def _pool(tracer, bound, out, has_dilation: bool) -> Traced:
@@ -159,8 +157,8 @@ def _padding(tracer, func, bound, out):
     return _pad(tracer, bound["self"], bound.get("pad") or bound.get("padding"), out, mode)
 
 
-def _cut(tracer: Tracer, source: torch.Tensor, d: int, start: int, step: int, out: torch.Tensor) -> Traced | None:
-    """A slice ``[start::step]`` of length ``out.shape[d]`` along dim ``d``.
+def _cut(tracer: Tracer, source: torch.Tensor, d: int, start: int, step: int, length: int) -> Traced | None:
+    """A slice ``[start::step]`` of ``length`` positions along dim ``d``.
 
     Along a dimension with class tokens, a slice of tokens only is a constant (None) or, once they
     are fed, sees what the whole grid sees; the slice of everything after them is the grid.
@@ -171,23 +169,23 @@ def _cut(tracer: Tracer, source: torch.Tensor, d: int, start: int, step: int, ou
     field, equivariant = info.field, info.equivariant
     if _prefix(dim) is not None:
         tokens = dim[0][1]
-        if start + step * (out.shape[d] - 1) < tokens:
+        if start + step * (length - 1) < tokens:
             if _prefix(dim) is PREFIX:
                 return None  # class tokens only: parameters, not the input
-            layout[d] = _plain(out.shape[d])
+            layout[d] = _plain(length)
             return Traced(field, tuple(layout), False)
-        if start != tokens or step != 1 or start + out.shape[d] != source.shape[d]:
+        if start != tokens or step != 1 or start + length != source.shape[d]:
             raise _Reject("it slices a dimension of class tokens and positions other than at their boundary")
         layout[d] = dim[1:]
         return Traced(field, tuple(layout), False)
     if _spatial(dim):
         axis = _whole_axis(dim, "slices")
-        field = field.take(axis, start, step, out.shape[d])
-        layout[d] = ((axis, out.shape[d]),)
+        field = field.take(axis, start, step, length)
+        layout[d] = ((axis, length),)
         # Only [::step] shifts with the input; a cut at fixed positions does not.
-        equivariant = equivariant and start == 0 and out.shape[d] == -(-source.shape[d] // step)
+        equivariant = equivariant and start == 0 and length == -(-source.shape[d] // step)
     else:
-        layout[d] = _plain(out.shape[d])
+        layout[d] = _plain(length)
     return Traced(field, tuple(layout), equivariant)
 
 
@@ -198,7 +196,7 @@ def _slice(tracer, func, bound, out):
     n = source.shape[d]
     start = bound["start"] if bound["start"] is not None else 0
     start = min(max(start + n if start < 0 else start, 0), n)
-    return _cut(tracer, source, d, start, bound["step"], out)
+    return _cut(tracer, source, d, start, bound["step"], out.shape[d])
 
 
 @_register(aten.select.int)
@@ -206,8 +204,8 @@ def _select(tracer, func, bound, out):
     source = bound["self"]
     d = _normalize_dim(bound["dim"], source.dim())
     index = bound["index"] % source.shape[d]
-    result = _cut(tracer, source, d, index, 1, source.narrow(d, index, 1))
-    return None if result is None else replace(result, layout=result.layout[:d] + result.layout[d + 1 :])
+    result = _cut(tracer, source, d, index, 1, 1)
+    return None if result is None else result.with_layout(result.layout[:d] + result.layout[d + 1 :])
 
 
 @_register(aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int)
@@ -217,9 +215,9 @@ def _split(tracer, func, bound, out):
     results, start = [], 0
     for piece in out:
         length = 1 if func is aten.unbind.int else piece.shape[d]
-        result = _cut(tracer, source, d, start, 1, source.narrow(d, start, length))
+        result = _cut(tracer, source, d, start, 1, length)
         if func is aten.unbind.int and result is not None:
-            result = replace(result, layout=result.layout[:d] + result.layout[d + 1 :])
+            result = result.with_layout(result.layout[:d] + result.layout[d + 1 :])
         results.append(result)
         start += length
     return tuple(results)
@@ -234,7 +232,7 @@ def _split(tracer, func, bound, out):
 )
 def _view(tracer, func, bound, out):
     info = tracer.traced(bound["self"])
-    return replace(info, layout=_reshape(info.layout, out.shape))
+    return info.with_layout(_reshape(info.layout, out.shape))
 
 
 @_register(
@@ -268,14 +266,14 @@ def _permute(tracer, func, bound, out):
     else:
         a, b = _normalize_dim(bound["source"], source.dim()), _normalize_dim(bound["destination"], source.dim())
         order.insert(b, order.pop(a))
-    return replace(info, layout=tuple(info.layout[d] for d in order))
+    return info.with_layout(tuple(info.layout[d] for d in order))
 
 
 @_register(aten.unsqueeze.default)
 def _unsqueeze(tracer, func, bound, out):
     info = tracer.traced(bound["self"])
     d = _normalize_dim(bound["dim"], out.dim())
-    return replace(info, layout=info.layout[:d] + ((),) + info.layout[d:])
+    return info.with_layout(info.layout[:d] + ((),) + info.layout[d:])
 
 
 @_register(aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims)
@@ -288,7 +286,7 @@ def _squeeze(tracer, func, bound, out):
         dims = bound["dim"] if isinstance(bound["dim"], (list, tuple)) else [bound["dim"]]
         dims = {_normalize_dim(d, source.dim()) for d in dims}
     layout = tuple(dim for d, dim in enumerate(info.layout) if not (d in dims and source.shape[d] == 1))
-    return replace(info, layout=layout)
+    return info.with_layout(layout)
 
 
 @_register(aten.expand.default)
@@ -300,7 +298,7 @@ def _expand(tracer, func, bound, out):
     for d, dim in enumerate(info.layout):
         size = out.shape[lead + d]
         layout.append(dim if _dim_size(dim) == size else _plain(size))
-    return replace(info, layout=tuple(layout))
+    return info.with_layout(tuple(layout))
 
 
 @_register(aten.repeat.default)
@@ -313,7 +311,7 @@ def _repeat(tracer, func, bound, out):
         if bound["repeats"][lead + d] != 1 and _spatial(dim):
             raise _Reject("it tiles the tensor along a spatial axis")
         layout.append(dim if _dim_size(dim) == out.shape[lead + d] else _plain(out.shape[lead + d]))
-    return replace(info, layout=tuple(layout))
+    return info.with_layout(tuple(layout))
 
 
 def _class_tokens(tracer: Tracer, tensors: Sequence[torch.Tensor], d: int) -> Traced | None:
@@ -352,7 +350,7 @@ def _cat(tracer, func, bound, out):
         elif _spatial(layout[d]):
             raise _Reject("it concatenates along a spatial axis")
         layout[d] = ()  # the concatenated dimension carries no position
-        operands.append(replace(info, layout=tuple(layout)))
+        operands.append(info.with_layout(tuple(layout)))
     layout = list(tracer.broadcast(operands, [1 if i == d else n for i, n in enumerate(out.shape)]))
     layout[d] = _plain(out.shape[d])
     result = tracer.combine(operands, tuple(layout), func)
@@ -396,7 +394,7 @@ def _along_channels(tracer, func, bound, out):
     d = _normalize_dim(bound.get("dim", 1), source.dim())
     if _spatial(info.layout[d]):
         raise _Reject("it rearranges values along a spatial axis")
-    return replace(info, layout=info.layout[:d] + (_plain(out.shape[d]),) + info.layout[d + 1 :])
+    return info.with_layout(info.layout[:d] + (_plain(out.shape[d]),) + info.layout[d + 1 :])
 
 
 @_register(aten.native_dropout.default, aten.log_sigmoid_forward.default)
@@ -457,7 +455,7 @@ def _reduction(tracer: Tracer, func, bound, out):
         layout = tuple(() if d in dims else dim for d, dim in enumerate(info.layout))
     else:
         layout = tuple(dim for d, dim in enumerate(info.layout) if d not in dims)
-    info = replace(info, layout=layout)
+    info = info.with_layout(layout)
     return (info,) * len(out) if isinstance(out, (tuple, list)) else info
 
 
@@ -474,15 +472,15 @@ def _matmul(tracer, func, bound, out):
     if left in tracer.info:
         info = tracer.mix(tracer.traced(left), [left.dim() - 1])
         tail = ((),) if right.dim() > 1 else ()
-        operands.append(replace(info, layout=info.layout[:-1] + tail))
+        operands.append(info.with_layout(info.layout[:-1] + tail))
     if right in tracer.info:
         info = tracer.traced(right)
         if right.dim() == 1:
-            operands.append(replace(tracer.mix(info, [0]), layout=((),) * out.dim()))
+            operands.append(tracer.mix(info, [0]).with_layout(((),) * out.dim()))
         else:
             info = tracer.mix(info, [right.dim() - 2])
             middle = ((),) if left.dim() > 1 else ()
-            operands.append(replace(info, layout=info.layout[:-2] + middle + info.layout[-1:]))
+            operands.append(info.with_layout(info.layout[:-2] + middle + info.layout[-1:]))
     if func in (aten.addmm.default, aten.baddbmm.default) and bound["self"] in tracer.info:
         operands.append(_aligned(tracer.traced(bound["self"]), out.dim()))
     operands = [_aligned(info, out.dim()) for info in operands]
@@ -546,12 +544,12 @@ def _recurrent(tracer: Tracer, func, args, kwargs):
         final = tracer.mix(info, [time, 2])
         if bidirectional or not _spatial(info.layout[time]):
             sequence = tracer.mix(info, [time, 2] if bidirectional else [2])
-            results: list[Any] = [replace(sequence, layout=info.layout[:2] + (_plain(out[0].shape[2]),))]
+            results: list[Any] = [sequence.with_layout(info.layout[:2] + (_plain(out[0].shape[2]),))]
         else:  # the final states still read the whole sequence
             reason = "a one-directional recurrent layer's step t sees steps 0 .. t: no single receptive field"
             results = [Unsupported(tracer.error(name, reason))]
         for state in out[1:]:
-            results.append(replace(final, layout=(_plain(state.shape[0]), info.layout[batch], _plain(state.shape[2]))))
+            results.append(final.with_layout((_plain(state.shape[0]), info.layout[batch], _plain(state.shape[2]))))
         return tuple(results)
 
     return out, name, [source, *states], step
@@ -617,7 +615,7 @@ def _transposed_convolution(tracer: Tracer, bound, out) -> Traced:
     result = _resampled(tracer, info, out, count, sources_of)
     layout = list(result.layout)
     layout[1] = _plain(out.shape[1])
-    return replace(result, layout=tuple(layout))
+    return result.with_layout(tuple(layout))
 
 
 @_register(aten.pixel_shuffle.default, aten.pixel_unshuffle.default)
@@ -637,7 +635,7 @@ def _pixel_shuffle(tracer, func, bound, out):
         )
     layout = list(result.layout)
     layout[-3] = _plain(out.shape[-3])
-    return replace(result, layout=tuple(layout))
+    return result.with_layout(tuple(layout))
 
 
 @_register(aten.roll.default)

@@ -30,7 +30,7 @@ def _to_meta(value: Any) -> Any:
         if value.device.type == "meta":
             return value
         return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
-    if isinstance(value, (tuple, list)):
+    if isinstance(value, (tuple, list)) and not all(type(item) is int for item in value):  # not sizes, strides
         return type(value)(_to_meta(item) for item in value)
     return value
 
@@ -307,9 +307,13 @@ def _layer_normalized(func: Any, args: tuple, kwargs: dict) -> Any:
     return _like(first), *(torch.empty(stats, dtype=first.dtype, device="meta") for _ in range(2))
 
 
-@_shortcut_for(aten._unsafe_view.default)
+@_shortcut_for(aten._unsafe_view.default, aten.view.default)
 def _viewed(func: Any, args: tuple, kwargs: dict) -> Any:
-    """A contiguous tensor seen in another shape (``reshape`` inside ``matmul``): a contiguous tensor."""
+    """A contiguous tensor seen in another shape (``x.view``, ``reshape`` inside ``matmul``): a contiguous tensor.
+
+    Meta tensors hold no data, and the tracer follows tensors, not storage: that the output is not
+    a view of its input changes nothing it records.
+    """
     first, shape = args[0], list(args[1])
     if not _floating_meta(first) or _standard_format(first) is not torch.contiguous_format or shape.count(-1) > 1:
         return None
