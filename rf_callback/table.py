@@ -417,12 +417,14 @@ def named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         # A compile wrapper holds its module in _modules; hasattr would cost an AttributeError per module.
         if not isinstance(module._modules.get("_orig_mod"), nn.Module):
-            yield name.replace("._orig_mod", "").removeprefix("_orig_mod."), module
+            yield (name.replace("._orig_mod", "").removeprefix("_orig_mod.") if "_orig_mod" in name else name), module
 
 
 @contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
+def evaluating(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> Iterator[None]:
     """Eval mode for the duration; every module's own ``training`` flag restored afterwards.
+
+    ``modules`` are ``model.modules()`` where the caller has them already (a walk costs).
 
     Example::
         >>> net = nn.Sequential(nn.Dropout(), nn.BatchNorm1d(2).eval())
@@ -432,7 +434,7 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         >>> net.training, net[1].training
         (True, False)
     """
-    modes = [(module, module.training) for module in model.modules()]
+    modes = [(module, module.training) for module in (model.modules() if modules is None else modules)]
     try:
         if any(mode for _, mode in modes):
             model.eval()
@@ -540,8 +542,9 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
 
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     failure: Exception | None = None
+    walked = list(named_modules(model))
     try:
-        for name, module in named_modules(model):
+        for name, module in walked:
             if not name:
                 continue
             kind = type(module).__name__
@@ -557,7 +560,7 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
                 module.__dict__["forward"] = announcing(module, name, kind)
         # Outside inference mode and autocast, so that composite operations decompose as usual.
         with (
-            evaluating(model),
+            evaluating(model, [module for _, module in walked]),
             _gc_paused(),  # the trace allocates many small tuples; the cyclic collector would double its time
             torch.inference_mode(False),
             torch.no_grad(),

@@ -52,6 +52,7 @@ aten = torch.ops.aten
 
 
 _META = torch.device("meta")
+_REFUSED = object()  # no result yet: the operation goes through Tracer.follow
 
 
 @functools.cache
@@ -156,7 +157,14 @@ class Tracer(TorchDispatchMode):
                 self.info.pop(tensor, None)
             return
         bound = _bind(func, args, kwargs)
-        results = self.follow(func, tensors, lambda infos: self.settle(self.handle(func, bound, infos, out)))
+        results = _REFUSED
+        if len(tensors) == 1 and type(info := self.info[tensors[0]]) is Traced and info.lost is None:
+            try:  # the usual case, as follow() runs it; a refusal goes through follow() and its rules
+                results = self.settle(self.handle(func, bound, [info], out))
+            except (_Reject, MisalignedBranchesError, OnlyHolesError):
+                pass
+        if results is _REFUSED:
+            results = self.follow(func, tensors, lambda infos: self.settle(self.handle(func, bound, infos, out)))
         if not isinstance(results, tuple):
             results = (results,) * len(outputs)
         for tensor, info in zip(outputs, results):
