@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -46,6 +45,7 @@ from rf_callback.tracing.shortcuts import (
     _to_meta,
     elementwise,
     flat_tensors,
+    per_operation,
 )
 
 aten = torch.ops.aten
@@ -55,18 +55,15 @@ _META = torch.device("meta")
 _REFUSED = object()  # no result yet: the operation goes through Tracer.follow
 
 
-@functools.cache
+@per_operation
 def _takes_device(func: Any) -> bool:
     """Whether ``func`` has a keyword-only ``device`` argument (a factory)."""
     return any(a.name == "device" for a in func._schema.arguments if a.kwarg_only)
 
 
-@functools.cache
+@per_operation
 def _handler(func: Any) -> Any:
-    """What follows ``func``: its registered handler, the elementwise or the reduction rule; None if none.
-
-    Cached: an ``OpOverload`` hashes in Python, and the trace asks for every operation.
-    """
+    """What follows ``func``: its registered handler, the elementwise or the reduction rule; None if none."""
     handler = _HANDLERS.get(func) or _HANDLERS.get(func.overloadpacket)
     if handler is not None:
         return handler

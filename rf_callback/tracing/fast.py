@@ -19,7 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from rf_callback.tracing.layout import Traced
-from rf_callback.tracing.shortcuts import _like, _operands, _registry, _shortcut, _standard_format, _to_meta
+from rf_callback.tracing.shortcuts import (
+    _like,
+    _operands,
+    _registry,
+    _shortcut,
+    _standard_format,
+    _to_meta,
+    per_operation,
+)
 
 if TYPE_CHECKING:
     from rf_callback.tracing.engine import Tracer
@@ -76,20 +84,21 @@ def run_module_lowered(tracer: Tracer, lowering: Any, module: torch.nn.Module, a
 def _run(tracer: Tracer, lowering: Lowering) -> Any:
     operation, operation_args, operation_kwargs = lowering
     # Activations and BatchNorm of an input followed exactly, nothing else input-dependent: its very info.
-    result_info = tracer.info.get(operation_args[0]) if operation in _SAME_UNITS else None
+    result_info = tracer.info.get(operation_args[0]) if _same_units(operation) else None
     exact = type(result_info) is Traced and result_info.lost is None
     if not exact or any(t in tracer.info for t in _operands(operation_args[1:], {})):
         result_info = None
     # As inside the dispatch mode, the tracer does not see its own work (the meta output, the
     # tensors a handler makes to measure a piece).
     with torch._C._DisableTorchDispatch():
-        if result_info is not None and operation in _FIRST_OUTPUT and _standard_format(operation_args[0]) is not None:
+        first_output = _first_output(operation)
+        if result_info is not None and first_output and _standard_format(operation_args[0]) is not None:
             out = (_like(operation_args[0]),)  # only the output is returned: no statistics to make
         else:
             out = _shortcut(operation, operation_args, operation_kwargs)
         if out is None:
             out = operation(*_to_meta(operation_args), **{k: _to_meta(v) for k, v in operation_kwargs.items()})
-        result = out[0] if operation in _FIRST_OUTPUT else tuple(out) if isinstance(out, list) else out
+        result = out[0] if first_output else tuple(out) if isinstance(out, list) else out
         if result_info is not None:
             tracer.info[result] = result_info  # what the handler would answer
         else:
@@ -118,6 +127,9 @@ without them, where that input has been followed exactly and nothing else depend
 
 _FIRST_OUTPUT = {aten.native_batch_norm.default}
 """Operations of several outputs whose function returns the first (the others are saved statistics)."""
+
+_same_units = per_operation(_SAME_UNITS.__contains__)
+_first_output = per_operation(_FIRST_OUTPUT.__contains__)
 
 
 def _sizes(value: Any, count: int) -> list[int] | None:

@@ -19,6 +19,25 @@ from rf_callback.tracing.layout import _normalize_dim
 aten = torch.ops.aten
 _EVAL_BATCH_NORMS = (aten.native_batch_norm.default, aten._native_batch_norm_legit_no_training.default)
 
+
+def per_operation(compute: Any) -> Any:
+    """``compute(func)`` computed once per ATen operation, looked up by identity.
+
+    ``functools.cache`` would hash the ``OpOverload`` in Python at every lookup, which a trace does
+    several times per operation; the cache holds each operation, so that its ``id`` is never reused.
+    """
+    cache: dict[int, tuple[Any, Any]] = {}
+
+    @functools.wraps(compute)
+    def cached(func: Any) -> Any:
+        found = cache.get(id(func))
+        if found is None:
+            found = cache[id(func)] = (func, compute(func))
+        return found[1]
+
+    return cached
+
+
 # --------------------------------------------------------------------------------------------
 # The tracer
 # --------------------------------------------------------------------------------------------
@@ -51,7 +70,7 @@ _UNTAGGED_ELEMENTWISE = {
 }
 
 
-@functools.cache
+@per_operation
 def elementwise(func: Any) -> bool:
     """Whether ``func`` computes each output element from the same element of its (broadcast) inputs.
 
@@ -72,7 +91,7 @@ def elementwise(func: Any) -> bool:
     )
 
 
-@functools.cache
+@per_operation
 def _writes_first(func: Any) -> bool:
     """Whether ``func`` writes into its first argument and returns it (``relu_``, ``add_``...)."""
     arguments, returns = func._schema.arguments, func._schema.returns
@@ -159,6 +178,7 @@ def _floating_meta(value: Any) -> bool:
 _FORMATS = {True: (torch.contiguous_format, torch.channels_last), False: (torch.contiguous_format,)}
 _SHORTCUTS: dict[Any, Any] = {}
 _shortcut_for = _registry(_SHORTCUTS)
+_special_shortcut = per_operation(_SHORTCUTS.get)  # filled at import, before any lookup
 
 
 def _shortcut(func: Any, args: tuple, kwargs: dict) -> Any:
@@ -175,7 +195,7 @@ def _shortcut(func: Any, args: tuple, kwargs: dict) -> Any:
       matrix products, concatenation, reductions over some dimensions, ``_unsafe_view``) answer
       what their kernels would.
     """
-    special = _SHORTCUTS.get(func)
+    special = _special_shortcut(func)
     if special is not None:
         return special(func, args, kwargs)
     first = args[0] if args else None
@@ -327,7 +347,7 @@ def _viewed(func: Any, args: tuple, kwargs: dict) -> Any:
     return torch.empty(shape, dtype=first.dtype, device="meta")
 
 
-@functools.cache
+@per_operation
 def _parameters(func: Any) -> tuple[tuple[str, Any], ...]:
     """``func``'s argument names with their defaults (None where there is none)."""
     return tuple((a.name, a.default_value if a.has_default_value() else None) for a in func._schema.arguments)
