@@ -159,6 +159,22 @@ for _count, _function in enumerate((torch.conv1d, torch.conv2d, torch.conv3d), s
     _LOWERINGS[_function] = _convolution(_count)
 
 
+@_lowers(F.linear)
+def _linear(input, weight, bias=None) -> Lowering | None:
+    """``input @ weight.T + bias`` over the last dim of a batched input, with parameters: ``aten.linear`` whole.
+
+    Unlike the other lowerings this is not the operation the dispatcher runs: it splits the composite
+    ``aten.linear`` into a transpose, views and a matrix product, which cost several times more to
+    follow. The tracer follows it whole (its handler: the input's last dimension mixes). A weight or
+    bias that is itself traced (on the meta device) takes the usual path.
+    """
+    if input.dim() < 2 or input.is_complex() or weight.dim() != 2 or weight.is_meta or weight.dtype != input.dtype:
+        return None
+    if bias is not None and (bias.is_meta or bias.dtype != input.dtype or bias.dim() != 1):
+        return None
+    return aten.linear.default, (input, weight, bias), {}
+
+
 @_lowers(F.batch_norm)
 def _batch_norm(
     input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
@@ -372,6 +388,13 @@ def _module_activation(function: Any) -> Any:
         return lower(input, module.inplace)
 
     return lower_module
+
+
+def _module_linear(module, input) -> Lowering | None:
+    return _linear(input, module.weight, module.bias)
+
+
+_lowers_module(torch.nn.Linear, _module_linear)
 
 
 for _kind, _function in (

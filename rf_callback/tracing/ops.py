@@ -497,6 +497,17 @@ def _matmul(tracer, func, bound, out):
     return tracer.combine(operands, tuple(layout), func)
 
 
+@_register(aten.linear.default)
+def _linear(tracer, func, bound, out):
+    """``nn.Linear`` (reached only through the fast path, which checks that its weight and bias are parameters):
+    each output feature sums the input's last dimension; the other dimensions stay as they are."""
+    source = bound["input"]
+    info = tracer.mix(tracer.traced(source), [source.dim() - 1])
+    return tracer.combine(
+        [info.with_layout(info.layout[:-1] + ((),))], info.layout[:-1] + (_plain(out.shape[-1]),), func
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Functions caught before they decompose: F.pad (mode='circular' becomes copies) and the
 # recurrent layers (their kernels refuse meta inputs with real weights).

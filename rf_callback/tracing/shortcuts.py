@@ -313,6 +313,15 @@ def _multiplied(func: Any, args: tuple, kwargs: dict) -> Any:
     return torch.empty(shape, dtype=left.dtype, device="meta")
 
 
+@_shortcut_for(aten.linear.default)
+def _linear_output(func: Any, args: tuple, kwargs: dict) -> Any:
+    """``nn.Linear`` of a batched input (as the fast path lowers it): a contiguous tensor of ``out_features``."""
+    first, weight = args[0], args[1]
+    if not _floating_meta(first) or first.dim() < 2 or weight.dim() != 2 or first.shape[-1] != weight.shape[1]:
+        return None
+    return torch.empty((*first.shape[:-1], weight.shape[0]), dtype=first.dtype, device="meta")
+
+
 @_shortcut_for(aten.native_layer_norm.default)
 def _layer_normalized(func: Any, args: tuple, kwargs: dict) -> Any:
     """LayerNorm of a contiguous float32/64 tensor: a tensor like it, and its per-row mean and 1 / std."""
