@@ -416,7 +416,7 @@ def named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """
     for name, module in model.named_modules():
         # A compile wrapper holds its module in _modules; hasattr would cost an AttributeError per module.
-        if not isinstance(module._modules.get("_orig_mod"), nn.Module):
+        if "_orig_mod" not in module._modules or not isinstance(module._modules["_orig_mod"], nn.Module):
             yield (name.replace("._orig_mod", "").removeprefix("_orig_mod.") if "_orig_mod" in name else name), module
 
 
@@ -548,14 +548,14 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
             if not name:
                 continue
             kind = type(module).__name__
-            if module._forward_pre_hooks or module._forward_hooks or isinstance(module, torch.jit.ScriptModule):
+            if module._forward_pre_hooks or module._forward_hooks:
                 # Hooks of its own run first, as they always have: one may replace the module's output.
                 handles.append(module.register_forward_pre_hook(lambda _m, _a, name=name, kind=kind: enter(name, kind)))
                 handles.append(module.register_forward_hook(lambda _m, _a, output: leave(output)))
             else:
-                # Its forward, wrapped for the trace in the instance's own dict (restored below): hooks, even
-                # global ones, send every module call down PyTorch's slow path, which costs more than a mobile
-                # network's forward.
+                # Its forward, wrapped for the trace in the instance's own dict (restored below, a TorchScript
+                # module's compiled forward too: those take no hooks): hooks, even global ones, send every
+                # module call down PyTorch's slow path, which costs more than a mobile network's forward.
                 wrapped.append((module, module.__dict__.get("forward", _ABSENT)))
                 module.__dict__["forward"] = announcing(module, name, kind)
         # Outside inference mode and autocast, so that composite operations decompose as usual.

@@ -271,6 +271,17 @@ def test_the_model_is_left_as_found():
     assert vars(model.features[2])["forward"] is patched
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_a_scripted_submodule_is_traced_and_left_as_found():
+    """TorchScript modules take no hooks and hold their compiled forward in the instance: the trace wraps and
+    restores it like any other (their own children run inside TorchScript, so they have no rows)."""
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), torch.jit.script(nn.Sequential(nn.Conv2d(2, 2, 3), nn.ReLU())))
+    forwards = [vars(m).get("forward") for m in net.modules()]
+    table = receptive_fields(net, (1, 16, 16))
+    assert list(table.keys()) == ["0", "1"] and table["1"].size == (5, 5)
+    assert [vars(m).get("forward") for m in net.modules()] == forwards
+
+
 def test_a_module_whose_own_hook_replaces_its_output_gets_the_replacement():
     """The table describes what the model's forward sees, after the user's hooks: here every other column."""
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1))

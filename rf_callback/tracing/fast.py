@@ -8,6 +8,14 @@ inplace=True)`` is ``aten.relu_.default(x)``); :func:`run_lowered` then does wha
 mode would do with that operation (the same meta output, the same handler, the same refusal
 rules), without the trip. A lowering returns None wherever it is not certain of the operation
 (unusual arguments or layouts): the function then runs as usual.
+
+Two extensions of the same idea:
+
+* ``F.linear`` is lowered to the composite ``aten.linear`` itself, which the dispatcher would split
+  into a transpose, views and a matrix product; the tracer has a handler for it whole.
+* A module whose whole ``forward`` is one lowered function (``nn.Conv2d``, eval ``nn.BatchNorm2d``,
+  ``nn.ReLU``, ``nn.Linear``...) is followed by :func:`run_module_lowered` from the trace's wrapper
+  of its forward, skipping the forward's Python and the function mode as well.
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ def run_lowered(tracer: Tracer, func: Any, types: tuple, args: tuple, kwargs: di
 
 
 def module_lowering(module: torch.nn.Module) -> Any:
-    """``(module, args, kwargs) -> Lowering | None`` for a module whose whole forward is one ATen operation, or None.
+    """``(module, input) -> Lowering | None`` for a module whose whole forward is one lowered function, or None.
 
     Only the exact classes, running the ``forward`` PyTorch defines (not one patched on the class or
     the instance), called on one plain tensor.
