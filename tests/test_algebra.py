@@ -139,6 +139,32 @@ def test_residual_merge_against_the_oracle(n, stack, radius, dilation):
     assert boxes(merged, length) == [hull(a | b) for a, b in zip(truth_trunk, truth_branch)]
 
 
+@given(st.integers(4, 24), st.integers(0, 2), st.lists(layers, min_size=1, max_size=4))
+def test_windows_on_equal_axes_equal_one_window_at_a_time(n, extra, stack):
+    """``Field.windows`` (an axis holding another's very boxes reuses its result) gives the field of windowing
+    each axis in turn: square and not, through residual merges, and the boxes match the 1-D oracle."""
+    shape = (n, n + extra)
+    together, apart = Field.of_input(shape), Field.of_input(shape)
+    lengths = list(shape)
+    for kernel, stride, before, after, dilation, ceil in stack:
+        lengths = [out_length(m, kernel, stride, before, after, dilation, ceil) for m in lengths]
+        assume(min(lengths) >= 1)
+        windows = [(axis, kernel, stride, before, lengths[axis], dilation) for axis in range(2)]
+        together, apart = together.windows(windows), apart.window(*windows[0]).window(*windows[1])
+        if kernel % 2 and before == after == dilation * (kernel // 2) and stride == 1:  # 'same': add it to the trunk
+            skip = (kernel, 1, before, before, dilation, False)
+            together = merge([together, together.windows([(a, *skip[:3], lengths[a], dilation) for a in range(2)])])
+            apart = merge(
+                [apart, apart.window(0, *skip[:3], lengths[0], dilation).window(1, *skip[:3], lengths[1], dilation)]
+            )
+    assert together == apart
+    truth = oracle(n, stack)
+    if not extra and all(k % 2 == 0 or not (b == a == d * (k // 2) and s == 1) for k, s, b, a, d, _ in stack):
+        assert [together.box((u, u)) for u in range(lengths[0])] == [
+            None if not seen else (hull(seen), hull(seen)) for seen in truth
+        ]
+
+
 @given(st.integers(2, 12), st.integers(0, 4), st.integers(0, 4), st.sampled_from(["reflect", "replicate", "circular"]))
 def test_padding_modes_against_the_oracle(n, before, after, mode):
     """Reflect, replicate and circular padding copy real pixels: the boxes follow the copies."""
