@@ -634,7 +634,11 @@ def _traced_outputs(tracer: Tracer, output: Any, strict: bool) -> list[tuple[tor
         UnsupportedLayerError: with ``strict``, when one of them has no exact receptive field: the
             error names the operation that could not be followed, where it ran.
     """
-    found = [(t, info) for t in flat_tensors(output) if (info := tracer.info.get(t)) is not None]
+    if type(output) is Tensor:  # most modules: one tensor
+        info = tracer.info.get(output)
+        found = [] if info is None else [(output, info)]
+    else:
+        found = [(t, info) for t in flat_tensors(output) if (info := tracer.info.get(t)) is not None]
     if strict:
         for _, info in found:
             if refusal(info) is not None:

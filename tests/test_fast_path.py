@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rf_callback import receptive_fields
-from rf_callback.tracing import Tracer, fast
+from rf_callback.algebra import Field
+from rf_callback.tracing import Traced, Tracer, fast, flat_tensors
 from rf_callback.tracing.shortcuts import _bind
 
 aten = torch.ops.aten
@@ -97,6 +98,17 @@ def comparable(value):
     return value
 
 
+def following(*tensors) -> Tracer:
+    """A tracer that follows ``tensors`` exactly, as inputs of their own: batch and channels, then spatial axes."""
+    tensors = [t for t in flat_tensors(tensors) if t.dim() >= 2]
+    tracer = Tracer(tuple(tensors[0].shape[2:]))
+    for tensor in tensors:
+        spatial = tuple(tensor.shape[2:])
+        plain = tuple(((None, n),) if n > 1 else () for n in tensor.shape[:2])
+        tracer.info[tensor] = Traced(Field.of_input(spatial), plain + tuple(((a, n),) for a, n in enumerate(spatial)))
+    return tracer
+
+
 def layouts(out):
     return [(t.shape, t.stride(), t.dtype) for t in (out if isinstance(out, (tuple, list)) else (out,))]
 
@@ -122,9 +134,10 @@ def test_each_lowering_is_the_operation_the_dispatcher_runs(function, args, kwar
     assert [func for func, _, _ in reads] == [operation]
     assert comparable(_bind(operation, lowered_args, lowered_kwargs)) == comparable(_bind(*reads[0]))
 
-    with torch.no_grad():  # as in a trace: parameters stay on their device
-        out = fast.run_lowered(Tracer((6, 6)), function, (torch.Tensor,), args, kwargs)
-    assert layouts(out) == layouts(real)
+    for tracer in (Tracer((6, 6)), following(args[0])):  # inputs not followed, and followed exactly
+        with torch.no_grad():  # as in a trace: parameters stay on their device
+            out = fast.run_lowered(tracer, function, (torch.Tensor,), args, kwargs)
+        assert layouts(out) == layouts(real)
 
 
 DECLINED = [
@@ -191,9 +204,10 @@ def test_each_module_lowering_is_the_operation_its_forward_runs(module, input):
     assert [func for func, _, _ in reads] == [operation]
     assert comparable(_bind(operation, lowered_args, lowered_kwargs)) == comparable(_bind(*reads[0]))
 
-    with torch.no_grad():
-        out = fast.run_module_lowered(Tracer((6, 6)), lowering, module, (input,), {})
-    assert layouts(out) == layouts(real)
+    for tracer in (Tracer((6, 6)), following(input)):
+        with torch.no_grad():
+            out = fast.run_module_lowered(tracer, lowering, module, (input,), {})
+        assert layouts(out) == layouts(real)
 
 
 class PatchedReLU(nn.ReLU):

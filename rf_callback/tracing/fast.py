@@ -34,6 +34,7 @@ from rf_callback.tracing.shortcuts import (
     _shortcut,
     _standard_format,
     _to_meta,
+    _writes_first,
     per_operation,
 )
 
@@ -94,14 +95,18 @@ def _run(tracer: Tracer, lowering: Lowering) -> Any:
     # Activations and BatchNorm of an input followed exactly, nothing else input-dependent: its very info.
     result_info = tracer.info.get(operation_args[0]) if _same_units(operation) else None
     exact = type(result_info) is Traced and result_info.lost is None
-    if not exact or any(t in tracer.info for t in _operands(operation_args[1:], {})):
+    # (Traced tensors are meta tensors: a module's parameters, on their device, need no lookup.)
+    if not exact or any(t.is_meta and t in tracer.info for t in _operands(operation_args[1:], {})):
         result_info = None
     # As inside the dispatch mode, the tracer does not see its own work (the meta output, the
     # tensors a handler makes to measure a piece).
     with torch._C._DisableTorchDispatch():
-        first_output = _first_output(operation)
-        if result_info is not None and first_output and _standard_format(operation_args[0]) is not None:
-            out = (_like(operation_args[0]),)  # only the output is returned: no statistics to make
+        first, first_output = operation_args[0], _first_output(operation)
+        if result_info is not None and _standard_format(first) is not None:
+            # What the shortcuts answer for these (an in-place one its input, the others a tensor like it),
+            # without their checks; BatchNorm's statistics are not made, as nobody reads them.
+            out = first if _writes_first(operation) else _like(first)
+            out = (out,) if first_output else out
         else:
             out = _shortcut(operation, operation_args, operation_kwargs)
         if out is None:
@@ -352,12 +357,18 @@ def _lowers_module(kind: type, lower: Any) -> None:
 
 
 def _module_convolution(count: int) -> Any:
-    lower = _convolution(count)
-
     def lower_module(module, input) -> Lowering | None:
-        if module.padding_mode != "zeros":
+        padding, bias = module.padding, module.bias
+        if module.padding_mode != "zeros" or type(padding) is str or input.dim() != count + 2 or input.is_complex():
+            return None  # the weight is the module's own: its rank and groups are right
+        if bias is not None and bias.dtype != input.dtype:
             return None
-        return lower(input, module.weight, module.bias, module.stride, module.padding, module.dilation, module.groups)
+        stride, dilation = list(module.stride), list(module.dilation)
+        return (
+            aten.convolution.default,
+            (input, module.weight, bias, stride, list(padding), dilation, False, [0] * count, module.groups),
+            {},
+        )
 
     return lower_module
 
@@ -371,12 +382,13 @@ def _module_batch_norm(dims: tuple[int, ...]) -> Any:
         """BatchNorm with running statistics, as ``_BatchNorm.forward`` runs it in eval mode."""
         if module.training or input.dim() not in dims or module.momentum is None:
             return None
+        buffers, parameters = module._buffers, module._parameters  # not through Module.__getattr__
         return _batch_norm(
             input,
-            module.running_mean,
-            module.running_var,
-            module.weight,
-            module.bias,
+            buffers["running_mean"],
+            buffers["running_var"],
+            parameters["weight"],
+            parameters["bias"],
             False,
             module.momentum,
             module.eps,

@@ -118,7 +118,10 @@ def _dim_size(dim: tuple[Factor, ...]) -> int:
 
 
 def _spatial(dim: tuple[Factor, ...]) -> bool:
-    return any(axis is not None for axis, _ in dim)
+    for axis, _ in dim:  # a loop, not any(): the trace asks this several times per operation
+        if axis is not None:
+            return True
+    return False
 
 
 def _plain(size: int) -> tuple[Factor, ...]:

@@ -228,20 +228,21 @@ def _shortcut(func: Any, args: tuple, kwargs: dict) -> Any:
 @_shortcut_for(aten.convolution.default)
 def _convolved(func: Any, args: tuple, kwargs: dict) -> Any:
     """A plain convolution of contiguous tensors: a contiguous tensor (the meta kernel spends ~0.3 ms on checks)."""
-    first, weight = args[0], args[1]
-    if not _floating_meta(first) or args[6] or first.dim() != weight.dim():
-        return None
+    first, weight, stride, padding, dilation = args[0], args[1], args[3], args[4], args[5]
     count = first.dim() - 2
-    stride, padding, dilation = (list(v) * count if len(v) == 1 else list(v) for v in (args[3], args[4], args[5]))
-    if not len(stride) == len(padding) == len(dilation) == count:
+    if count < 1 or not _floating_meta(first) or args[6] or weight.dim() != count + 2:
         return None
+    if not len(stride) == len(padding) == len(dilation) == count:
+        if not all(len(v) in (1, count) for v in (stride, padding, dilation)):
+            return None
+        stride, padding, dilation = (v * count if len(v) == 1 else v for v in (stride, padding, dilation))
+    shape, kernel = first.shape, weight.shape
     spatial = [
-        (n + 2 * p - d * (k - 1) - 1) // s + 1
-        for n, k, s, p, d in zip(first.shape[2:], weight.shape[2:], stride, padding, dilation)
+        (shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[2 + i] - 1) - 1) // stride[i] + 1 for i in range(count)
     ]
-    usual = _standard_format(first) == _standard_format(weight) == torch.contiguous_format
-    if usual and weight.shape[1] * args[8] == first.shape[1] and min(spatial) > 0:
-        return torch.empty((first.shape[0], weight.shape[0], *spatial), dtype=first.dtype, device="meta")
+    usual = _standard_format(first) is torch.contiguous_format and _standard_format(weight) is torch.contiguous_format
+    if usual and kernel[1] * args[8] == shape[1] and min(spatial) > 0:
+        return torch.empty((shape[0], kernel[0], *spatial), dtype=first.dtype, device="meta")
     return None
 
 
