@@ -49,7 +49,7 @@ import itertools
 import math
 import operator
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
 
@@ -561,7 +561,8 @@ class Field:
 
     def broadcast(self, axis: int, length: int) -> Field:
         """A length-1 axis repeated to ``length`` positions: each sees what position 0 saw."""
-        return self._along(axis, replace(self.rfs[axis], jump=0), lambda boxes: boxes[:1] * length)
+        rf = self.rfs[axis]
+        return self._along(axis, AxisRF(rf.size, 0, rf.start, rf.phases), lambda boxes: boxes[:1] * length)
 
     def first(self, axis: int) -> Field:
         """Only position 0 of ``axis`` (an axis that ends up with a single position)."""

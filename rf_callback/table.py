@@ -29,6 +29,7 @@ from rf_callback.report import format_rows
 from rf_callback.tracing import (
     FunctionInterceptor,
     GridDims,
+    Layout,
     Traced,
     Tracer,
     Unsupported,
@@ -661,39 +662,29 @@ def _build_table(calls: list[_Call], counts: dict[str, int], shape: tuple[int, .
     spatial = shape[1:]
     rows = []
     reused = {name: count for name, count in counts.items() if count > 1}
-    placed: dict[int, tuple[tuple[int, ...], Placement | None]] = {}  # id(info) -> output shape, placement
+    placed: dict[Layout, tuple[tuple[int, ...], Placement | None]] = {}  # layout -> output shape, placement
     finished: list[tuple[int, int, str]] = []  # (when computed, position, key)
     for call in calls:
         name, module_type, outputs = call.name, call.module_type, call.outputs
         for k, (output, info) in enumerate(outputs):
             key = _key(name, call.index if name in reused else None, k if len(outputs) > 1 else None)
             finished.append((call.finished, len(finished), key))
-            if refusal(info) is not None:
+            refused = refusal(info)
+            if refused is not None:
                 image = output.dim() == len(shape) + 1
                 output_shape = tuple(output.shape[2:]) if image else (1,) * len(spatial)
                 placement = Placement.image(output.shape) if image else None
                 rows.append(
-                    LayerRF(
-                        key, module_type, spatial, output_shape, None, False, refusal(info), output.shape, placement
-                    )
+                    LayerRF(key, module_type, spatial, output_shape, None, False, refused, output.shape, placement)
                 )
-            else:
-                if id(info) not in placed:  # a module's output often is its last child's (Sequential, BN, ReLU)
-                    output_shape = tuple(axis_length(info.layout, axis) for axis in range(len(spatial)))
-                    dims = grid_dims(info.layout)
-                    placed[id(info)] = output_shape, Placement(dims, output_shape) if dims is not None else None
-                output_shape, placement = placed[id(info)]
-                rows.append(
-                    LayerRF(
-                        key,
-                        module_type,
-                        spatial,
-                        output_shape,
-                        info.field,
-                        info.equivariant,
-                        None,
-                        output.shape,
-                        placement,
-                    )
-                )
+                continue
+            layout = info.layout
+            found = placed.get(layout)
+            if found is None:  # many outputs share a layout (a stage's blocks, BN and ReLU after a conv)
+                output_shape = tuple(axis_length(layout, axis) for axis in range(len(spatial)))
+                dims = grid_dims(layout)
+                found = placed[layout] = output_shape, Placement(dims, output_shape) if dims is not None else None
+            rows.append(
+                LayerRF(key, module_type, spatial, found[0], info.field, info.equivariant, None, output.shape, found[1])
+            )
     return ReceptiveFieldTable(rows, shape, reused, [key for _, _, key in sorted(finished)])

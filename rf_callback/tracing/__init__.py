@@ -17,12 +17,13 @@ reported as unsupported, never guessed.
 
 from rf_callback.tracing.engine import FunctionInterceptor, TensorInfos, Tracer
 from rf_callback.tracing.fast import module_lowering, run_module_lowered
-from rf_callback.tracing.layout import GridDims, Traced, Unsupported, axis_length, grid_dims, refusal
+from rf_callback.tracing.layout import GridDims, Layout, Traced, Unsupported, axis_length, grid_dims, refusal
 from rf_callback.tracing.shortcuts import flat_tensors
 
 __all__ = [
     "FunctionInterceptor",
     "GridDims",
+    "Layout",
     "TensorInfos",
     "Traced",
     "Tracer",
