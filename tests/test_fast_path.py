@@ -31,6 +31,7 @@ CALLS = [
     (torch.conv2d, (x, weight(4, 8, 3, 3), weight(4), 2, 1), {}),
     (torch.conv2d, (x, weight(8, 1, 3, 3), None, (1, 2), [1, 0], 2, 8), {}),
     (torch.conv2d, (meta(1, 8, 6, 6, channels_last=True), weight(4, 8, 1, 1)), {}),
+    (torch.conv2d, (halves[1], weight(8, 1, 3, 3), None, 1, 1, 1, 8), {}),  # a channel half (ShuffleNet)
     (torch.conv1d, (meta(1, 8, 6), weight(4, 8, 3)), {"padding": 1}),
     (F.batch_norm, (x, weight(8), weight(8)), {"weight": weight(8), "bias": weight(8), "eps": 1e-3}),
     (F.relu, (x,), {}),
@@ -59,12 +60,14 @@ CALLS = [
     (torch.Tensor.flatten, (x,), {}),
     (torch.transpose, (x, 1, 2), {}),
     (torch.Tensor.transpose, (x, -1, -2), {}),
+    (torch.Tensor.transpose, (halves[0], 0, 1), {}),  # a view's strides, swapped
     (torch.Tensor.permute, (x, 0, 2, 3, 1), {}),
     (torch.permute, (x, (0, 2, 3, 1)), {}),
     (torch.Tensor.contiguous, (x.transpose(1, 2),), {}),
     (torch.Tensor.contiguous, (x,), {"memory_format": torch.channels_last}),
     (torch.Tensor.chunk, (x, 2), {"dim": 1}),
     (torch.chunk, (x, 3, -3), {}),
+    (torch.chunk, (x.transpose(1, 2), 2, 1), {}),  # pieces of a strided view keep its strides
     (torch.Tensor.chunk, (meta(5, 2), 2), {}),
     (torch.cat, ([x, x],), {}),
     (torch.cat, ((halves[0], halves[1]), 1), {}),
