@@ -490,7 +490,15 @@ class Field:
 
     def window(self, axis: int, kernel: int, stride: int, padding: int, length: int, dilation: int = 1) -> Field:
         """After a sliding window (convolution, pooling) along ``axis`` producing ``length`` positions."""
-        rf = compose(self.rfs[axis], layer(kernel, stride, padding, dilation))
+        first = self.rfs[axis]
+        if first.phases or kernel < 1 or stride < 1 or dilation < 1:  # layer() names what is wrong
+            rf = compose(first, layer(kernel, stride, padding, dilation))
+        else:  # compose() of an ordinary geometry, inlined: a network has hundreds of windows
+            rf = AxisRF(
+                first.size + dilation * (kernel - 1) * first.jump,
+                first.jump * stride,
+                first.start - padding * first.jump,
+            )
         return self._along(axis, rf, lambda boxes: _window(boxes, kernel, stride, padding, length, dilation))
 
     def windows(self, windows: Sequence[tuple[int, int, int, int, int, int]]) -> Field:

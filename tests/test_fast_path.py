@@ -180,6 +180,8 @@ MODULES = [
     (nn.BatchNorm1d(8), meta(2, 8)),
     (nn.BatchNorm1d(8, eps=1e-3, momentum=0.3), meta(1, 8, 6)),
     (nn.BatchNorm3d(8), meta(1, 8, 2, 3, 3)),
+    (nn.AdaptiveAvgPool2d(1), x),
+    (nn.AdaptiveAvgPool2d((1, 1)), x),
     (nn.ReLU(), x),
     (nn.ReLU(inplace=True), halves[0]),
     (nn.ReLU6(), x),
@@ -231,8 +233,20 @@ PATCHED.forward = lambda input: input[..., ::2]  # an instance's own forward
         (nn.BatchNorm2d(8, momentum=None), x),
         (nn.BatchNorm2d(8, track_running_stats=False), x),
         (nn.BatchNorm2d(8), meta(1, 8, 6)),  # the module's own error, from its forward
+        (nn.AdaptiveAvgPool2d(2), x),  # not global
+        (nn.AdaptiveAvgPool2d(1), meta(1, 8, 6, 6, channels_last=True)),
     ],
-    ids=["same", "reflect", "unbatched", "training", "cumulative", "batch-statistics", "wrong-rank"],
+    ids=[
+        "same",
+        "reflect",
+        "unbatched",
+        "training",
+        "cumulative",
+        "batch-statistics",
+        "wrong-rank",
+        "pool-2",
+        "pool-cl",
+    ],
 )
 def test_module_lowerings_decline_what_their_forward_must_run(module, input):
     lowering = fast.module_lowering(module)

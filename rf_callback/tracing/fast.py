@@ -410,6 +410,13 @@ def _module_activation(function: Any) -> Any:
     return lower_module
 
 
+def _module_global_pool(module, input) -> Lowering | None:
+    return _adaptive_avg_pool2d(input, module.output_size)
+
+
+_lowers_module(torch.nn.AdaptiveAvgPool2d, _module_global_pool)
+
+
 def _module_linear(module, input) -> Lowering | None:
     return _linear(input, module.weight, module.bias)
 
