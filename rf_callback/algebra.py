@@ -564,7 +564,11 @@ class Field:
 
     def mix(self, axis: int) -> Field:
         """After an operation where every position along ``axis`` reads all of them (softmax, statistics)."""
-        rf = compose(self.rfs[axis], mixed(self.length(axis)))
+        first = self.rfs[axis]
+        if first.phases:
+            rf = compose(first, mixed(self.length(axis)))
+        else:  # compose() with mixed(), inlined
+            rf = AxisRF(first.size + (self.length(axis) - 1) * first.jump, 0, first.start)
         return self._along(axis, rf, lambda boxes: (_union(boxes),) * len(boxes))
 
     def broadcast(self, axis: int, length: int) -> Field:

@@ -515,24 +515,24 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
     handles = []
     wrapped: list[tuple[nn.Module, Any]] = []  # modules whose forward announces its calls, and what to restore
 
-    def enter(name: str, kind: str) -> None:
-        index = counts.get(name, 0)
-        counts[name] = index + 1
-        call = _Call(name, kind, index, [])
+    def enter(place: tuple[str, str]) -> None:
+        index = counts.get(place[0], 0)
+        counts[place[0]] = index + 1
+        call = _Call(place[0], place[1], index, [])
         calls.append(call)
         running.append(call)
-        tracer.stack.append((name, kind))
+        tracer.stack.append(place)
 
     def leave(output: Any) -> None:
         tracer.stack.pop()
         call = running.pop()
         call.outputs, call.finished = _traced_outputs(tracer, output, strict), next(clock)
 
-    def announcing(module: nn.Module, name: str, kind: str) -> Any:
+    def announcing(module: nn.Module, place: tuple[str, str]) -> Any:
         forward, lowering = module.forward, module_lowering(module)
 
         def traced_forward(*args: Any, **kwargs: Any) -> Any:
-            enter(name, kind)
+            enter(place)
             output = None if lowering is None else run_module_lowered(tracer, lowering, module, args, kwargs)
             if output is None:
                 output = forward(*args, **kwargs)
@@ -548,17 +548,17 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
         for name, module in walked:
             if not name:
                 continue
-            kind = type(module).__name__
+            place = (name, type(module).__name__)
             if module._forward_pre_hooks or module._forward_hooks:
                 # Hooks of its own run first, as they always have: one may replace the module's output.
-                handles.append(module.register_forward_pre_hook(lambda _m, _a, name=name, kind=kind: enter(name, kind)))
+                handles.append(module.register_forward_pre_hook(lambda _m, _a, place=place: enter(place)))
                 handles.append(module.register_forward_hook(lambda _m, _a, output: leave(output)))
             else:
                 # Its forward, wrapped for the trace in the instance's own dict (restored below, a TorchScript
                 # module's compiled forward too: those take no hooks): hooks, even global ones, send every
                 # module call down PyTorch's slow path, which costs more than a mobile network's forward.
                 wrapped.append((module, module.__dict__.get("forward", _ABSENT)))
-                module.__dict__["forward"] = announcing(module, name, kind)
+                module.__dict__["forward"] = announcing(module, place)
         # Outside inference mode and autocast, so that composite operations decompose as usual.
         with (
             evaluating(model, [module for _, module in walked]),
@@ -647,7 +647,7 @@ def _traced_outputs(tracer: Tracer, output: Any, strict: bool) -> list[tuple[tor
     return found
 
 
-@dataclass
+@dataclass(slots=True)
 class _Call:
     """One call of a module during the trace, and the input-dependent tensors it returned."""
 
@@ -667,7 +667,11 @@ def _build_table(calls: list[_Call], counts: dict[str, int], shape: tuple[int, .
     for call in calls:
         name, module_type, outputs = call.name, call.module_type, call.outputs
         for k, (output, info) in enumerate(outputs):
-            key = _key(name, call.index if name in reused else None, k if len(outputs) > 1 else None)
+            key = (
+                name
+                if len(outputs) == 1 and name not in reused
+                else _key(name, call.index if name in reused else None, k if len(outputs) > 1 else None)
+            )
             finished.append((call.finished, len(finished), key))
             refused = refusal(info)
             if refused is not None:

@@ -342,7 +342,7 @@ class Tracer(TorchDispatchMode):
                     field, equivariant = field.mix(key), False
                 elif type(key) is Part:
                     field, equivariant = _mix_part(field, key, length), False
-        result = replace(info, field=field, equivariant=equivariant)
+        result = Traced(field, info.layout, equivariant, info.lost)
         if any(_prefix(info.layout[d]) is not None for d in dims):
             return _fed(result, dims)
         return result
