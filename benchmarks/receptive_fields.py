@@ -3,11 +3,11 @@
 Target (issue 10): at most one real forward pass at 224x224 on one CPU thread, for every torchvision
 classification model. Both are timed in turn within each repeat (medians), on one thread.
 
-Measured (2 shared cores, torch 2.14.1, 7 repeats): 78 of the 80 torchvision classifiers at most 1x
-(resnet50 0.08x, densenet121 0.30x, efficientnet_b0 0.53x, mobilenet_v3_large 0.64x, mnasnet0_5
-0.82x, shufflenet_v2_x1_0 0.91x); above it mobilenet_v3_small 1.17x and shufflenet_v2_x0_5 1.25x,
-and timm's lcnet_050 1.05x (21 repeats). The rest is the geometry's Python (see the README's
-Performance).
+Measured (2 shared cores, torch 2.14.1, 7 repeats): all 80 torchvision classifiers at most 1x
+(resnet50 0.07x, densenet121 0.28x, efficientnet_b0 0.49x, mobilenet_v3_large 0.54x, mnasnet0_5
+0.73x, shufflenet_v2_x1_0 0.70x), the smallest at the line: mobilenet_v3_small 0.99x,
+shufflenet_v2_x0_5 0.98x (21 repeats: 1.00x, 0.98x; timm's lcnet_050 0.95x). What is left is the
+models' own Python and the geometry's (see the README's Performance).
 
     python benchmarks/receptive_fields.py [--repeats 7] [--models resnet50 timm:lcnet_050 ...]
     python benchmarks/receptive_fields.py --torchvision   # every torchvision classification model
