@@ -515,10 +515,11 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
     handles = []
     wrapped: list[tuple[nn.Module, Any]] = []  # modules whose forward announces its calls, and what to restore
 
-    def enter(place: tuple[str, str]) -> None:
-        index = counts.get(place[0], 0)
-        counts[place[0]] = index + 1
-        call = _Call(place[0], place[1], index, [])
+    def enter(place: tuple[str, str]) -> None:  # (module name, module type)
+        name, kind = place
+        index = counts.get(name, 0)
+        counts[name] = index + 1
+        call = _Call(name, kind, index, [])
         calls.append(call)
         running.append(call)
         tracer.stack.append(place)
@@ -667,11 +668,7 @@ def _build_table(calls: list[_Call], counts: dict[str, int], shape: tuple[int, .
     for call in calls:
         name, module_type, outputs = call.name, call.module_type, call.outputs
         for k, (output, info) in enumerate(outputs):
-            key = (
-                name
-                if len(outputs) == 1 and name not in reused
-                else _key(name, call.index if name in reused else None, k if len(outputs) > 1 else None)
-            )
+            key = _key(name, call.index if name in reused else None, k if len(outputs) > 1 else None)
             finished.append((call.finished, len(finished), key))
             refused = refusal(info)
             if refused is not None:
