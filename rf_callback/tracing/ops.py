@@ -52,8 +52,7 @@ def _convolution(tracer: Tracer, func, bound, out):
     if _spatial(info.layout[1]):  # channels are summed over; plain ones mix nothing
         info = tracer.mix(info, [1])
     result = tracer.window(info, out, bound["weight"].shape[2:], bound["stride"], bound["padding"], bound["dilation"])
-    layout = result.layout
-    return Traced(result.field, (layout[0], _plain(out.shape[1]), *layout[2:]), result.equivariant, result.lost)
+    return result.with_layout((result.layout[0], _plain(out.shape[1]), *result.layout[2:]))
 
 
 @_register(aten.im2col.default)
