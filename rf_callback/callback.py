@@ -13,7 +13,6 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import XLAFSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -51,8 +50,8 @@ class ReceptiveFieldMonitor(Callback):
     zero only; parameters' gradients, BatchNorm statistics, hooks, modes, random state and callback
     metrics are left as found. Under sharded parameters (FSDP2 through ``ModelParallelStrategy``,
     ``FSDPStrategy``, DeepSpeed ZeRO-3) every rank gathers the parameters at the same steps and rank
-    zero computes, draws and writes (:mod:`rf_callback.sharding`); tensor parallelism and XLA's FSDP
-    are refused when fitting starts.
+    zero computes, draws and writes (:mod:`rf_callback.sharding`); tensor parallelism is refused when
+    fitting starts.
 
     Args:
         layers: layer keys of :func:`~rf_callback.receptive_fields` (module names, ``name[k]`` for the
@@ -125,12 +124,6 @@ class ReceptiveFieldMonitor(Callback):
             raise MisconfigurationException(
                 f"{type(self).__name__} logs images and scalars, but the Trainer has no logger (logger=False)."
                 " HINT: Trainer(logger=TensorBoardLogger('lightning_logs')), or remove the callback."
-            )
-        if isinstance(trainer.strategy, XLAFSDPStrategy):
-            raise MisconfigurationException(
-                f"{type(self).__name__} does not support {type(trainer.strategy).__name__}: torch_xla flattens and"
-                " shards the parameters in a way the maps cannot gather. HINT: XLAStrategy (whole parameters on each"
-                " core), or leave the callback out of this run."
             )
 
     @override

@@ -299,10 +299,22 @@ def _full_tensors(model: nn.Module, keep: bool) -> dict[int, Tensor]:
     full = {}
     for parameter in model.parameters():  # the same order on every rank
         if isinstance(parameter, dtensor):
-            value = parameter.full_tensor()
+            value = _on_mesh_device(parameter, dtensor).full_tensor()
             if keep:
                 full[id(parameter)] = value
     return full
+
+
+def _on_mesh_device(parameter: Tensor, dtensor: type) -> Tensor:
+    """The DTensor with its local shard where its mesh communicates: FSDP2's CPU offload keeps shards on the CPU,
+    and NCCL gathers GPU tensors only."""
+    mesh = parameter.device_mesh
+    if parameter.device.type == mesh.device_type:
+        return parameter
+    local = parameter.to_local().to(mesh.device_type)  # the current device of that type
+    return dtensor.from_local(
+        local, mesh, parameter.placements, run_check=False, shape=parameter.shape, stride=parameter.stride()
+    )
 
 
 def _gather_zero3(model: nn.Module, stack: contextlib.ExitStack, keep: bool) -> None:
