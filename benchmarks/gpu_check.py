@@ -324,25 +324,24 @@ def fsdp_strategy(device: str) -> Report:
     return _callback_check(device, "fsdp_strategy", strategy=strategy)
 
 
-def model_parallel_fsdp2(device: str) -> Report:
+def _model_parallel(device: str, check: str, shard: str) -> Report:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     def strategy() -> ModelParallelStrategy:
         return ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
 
-    return _callback_check(device, "model_parallel_fsdp2", strategy, shard="fsdp2")
+    return _callback_check(device, check, strategy, shard=shard)
+
+
+def model_parallel_fsdp2(device: str) -> Report:
+    return _model_parallel(device, "model_parallel_fsdp2", "fsdp2")
 
 
 def model_parallel_fsdp2_offload(device: str) -> Report:
     """FSDP2 with ``CPUOffloadPolicy``: the shards live on the CPU, the gathering on the GPU."""
     if device != "cuda":
         return ["SKIP model_parallel_fsdp2_offload: CPU offload moves shards between a GPU and the CPU"]
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    def strategy() -> ModelParallelStrategy:
-        return ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
-
-    return _callback_check(device, "model_parallel_fsdp2_offload", strategy, shard="fsdp2_offload")
+    return _model_parallel(device, "model_parallel_fsdp2_offload", "fsdp2_offload")
 
 
 def deepspeed_stage_3(device: str) -> Report:

@@ -26,18 +26,11 @@ from rf_callback import ProbeMonitor, ReceptiveFieldMonitor, receptive_fields, r
 from rf_callback.callback import _sharded_root
 from rf_callback.sharding import UnsupportedShardingError, gathered, sharding_of, structure_twin
 from tests.lightning_helpers import TinyCNN, loaders, read_events
+from tests.sharded_run import tiny_net as net
 
 ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`:UserWarning")  # one process
 LAYERS = ["0", "1", "4"]
-
-
-def net() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +152,7 @@ def test_maps_of_a_sharded_model_equal_those_of_one_process(group, make):
     probes = torch.rand(3, 1, 12, 12)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     reference_optimizer = torch.optim.SGD(plain.parameters(), lr=0.1)
-    x, y = torch.rand(8, 1, 12, 12), torch.randint(0, 3, (8,))
+    x, y = torch.rand(8, 1, 12, 12), torch.randint(0, 4, (8,))
     for trained, opt in ((model, optimizer), (plain, reference_optimizer)):
         nn.functional.cross_entropy(trained(x), y).backward()
         opt.step()  # the gradients stay: the maps must not touch them
