@@ -269,16 +269,17 @@ def gathered(model: nn.Module, sharding: Sharding | None = None) -> Iterator[nn.
     zero = _rank() == 0
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))  # inference tensors could not be used by the maps' autograd
-        stack.enter_context(torch.no_grad())
         full: dict[int, Tensor] = {}
-        if sharding == "fsdp2":
-            full = _full_tensors(model, keep=zero)
-        elif sharding == "fsdp":
-            from torch.distributed.fsdp import FullyShardedDataParallel
+        with torch.no_grad():  # gathering records no autograd history; what runs on the twin is the caller's choice
+            if sharding == "fsdp2":
+                full = _full_tensors(model, keep=zero)
+            elif sharding == "fsdp":
+                from torch.distributed.fsdp import FullyShardedDataParallel
 
-            stack.enter_context(FullyShardedDataParallel.summon_full_params(model, writeback=False, rank0_only=True))
-        elif sharding == "deepspeed":
-            _gather_zero3(model, stack, keep=zero)
+                summon = FullyShardedDataParallel.summon_full_params(model, writeback=False, rank0_only=True)
+                stack.enter_context(summon)
+            elif sharding == "deepspeed":
+                _gather_zero3(model, stack, keep=zero)
         if not zero:
             yield None
             return

@@ -10,7 +10,7 @@ Scenarios:
         ``fully_shard``, each fitted with and without the monitor.
     loops: plain loops with ``ProbeMonitor``: FSDP2 ``fully_shard`` and FSDP (``FullyShardedDataParallel``),
         each trained with and without the monitor.
-    deepspeed: a plain loop under DeepSpeed ZeRO-3, with and without the monitor.
+    deepspeed: a plain loop under DeepSpeed ZeRO-3, with and without the monitor; ZeRO-2 maps on rank zero alone.
 """
 
 from __future__ import annotations
@@ -210,12 +210,12 @@ def loops(rank: int, out: Path) -> dict:
     return report
 
 
-def zero3(model: nn.Module) -> nn.Module:
+def zero(model: nn.Module, stage: int = 3) -> nn.Module:
     import deepspeed
 
     config = {
         "train_micro_batch_size_per_gpu": 8,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
         "zero_allow_untested_optimizer": True,
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=config)
@@ -232,7 +232,7 @@ def deepspeed_loop(rank: int, out: Path) -> dict:
     report = {}
     states = {}
     for monitored in (True, False):
-        engine = zero3(tiny_net())
+        engine = zero(tiny_net())
         model = engine.module
         generator = torch.Generator().manual_seed(rank)
         probes = torch.rand(3, 1, 12, 12, generator=torch.Generator().manual_seed(7))
@@ -251,6 +251,7 @@ def deepspeed_loop(rank: int, out: Path) -> dict:
             writer.close()
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             states[monitored] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    report["zero2_whole"] = zero2_on_rank_zero(rank)
     if rank == 0:
         report.update(
             log_dir=str(out / "deepspeed"),
@@ -258,6 +259,26 @@ def deepspeed_loop(rank: int, out: Path) -> dict:
             expected_last=reference_scalars(states[True]),
         )
     return report
+
+
+def zero2_on_rank_zero(rank: int) -> bool:
+    """ZeRO-2 shards gradients and optimizer states, not parameters: rank zero maps alone, as under DDP."""
+    from rf_callback import ProbeMonitor, receptive_maps
+    from rf_callback.sharding import sharding_of
+
+    engine = zero(tiny_net(), stage=2)
+    x, y = torch.rand(8, 1, 12, 12), torch.randint(0, 4, (8,))
+    engine.backward(nn.functional.cross_entropy(engine(x), y))
+    engine.step()
+    whole = sharding_of(engine.module) is None
+    if rank == 0:  # no collective: the other rank is already at the barrier
+        probes = torch.rand(3, 1, 12, 12)
+        reference = tiny_net()
+        reference.load_state_dict(engine.module.state_dict())
+        maps = ProbeMonitor(engine.module, probes, ["0", "4"]).compute().maps
+        whole = whole and torch.equal(maps, receptive_maps(reference, probes, ["0", "4"]).maps)
+    dist.barrier()
+    return whole
 
 
 def main(rank: int, out: Path, port: int, scenario: str) -> None:

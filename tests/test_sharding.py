@@ -111,8 +111,20 @@ def test_hybrid_sharding_is_fsdp2_and_tensor_parallel_parameters_are_refused(gro
 
 
 # ---- the setup trace ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("make", [fsdp2, lambda: fsdp2(per_layer=False), fsdp1], ids=["fsdp2", "fsdp2-root", "fsdp"])
-def test_the_setup_trace_leaves_a_sharded_model_untouched_and_trainable(group, make):
+def ddp() -> nn.Module:
+    return nn.parallel.DistributedDataParallel(net())
+
+
+def compiled() -> nn.Module:
+    return torch.compile(net(), backend="eager")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [fsdp2, lambda: fsdp2(per_layer=False), fsdp1, ddp, compiled],
+    ids=["fsdp2", "fsdp2-root", "fsdp", "ddp", "compiled"],
+)
+def test_the_setup_trace_leaves_a_wrapped_or_sharded_model_untouched_and_trainable(group, make):
     model = make()
     before = snapshot(model)
     table = receptive_fields(model, (1, 12, 12))
@@ -173,6 +185,7 @@ def test_gathered_weights_are_detached_and_released(group):
 
     model = fsdp2()
     with gathered(model) as whole:
+        assert torch.is_grad_enabled()  # gathering's no_grad ends with the gathering
         assert not any(isinstance(p, DTensor) or p.requires_grad for p in whole.parameters())
         assert whole[0].weight.shape == (4, 1, 3, 3) and whole[1].running_mean is model[1].running_mean
     assert all(isinstance(p, DTensor) and p.requires_grad for p in model.parameters())
@@ -257,7 +270,7 @@ def test_plain_loops_under_fsdp2_and_fsdp(tmp_path):
 def test_a_plain_loop_under_deepspeed_zero3(tmp_path):
     pytest.importorskip("deepspeed")
     report = run_two_processes(tmp_path, "deepspeed")
-    assert report["bit_identical"]
+    assert report["bit_identical"] and report["zero2_whole"]
     assert report["last"] == pytest.approx(report["expected_last"], rel=1e-6)
     assert [image.step for image in read_events(report["log_dir"]).Images("receptive_field/00_0")] == [0, 1, 2]
 
