@@ -79,7 +79,7 @@ def fit(out: Path, model_class: type, monitored: bool, name: str) -> tuple[dict,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
-        num_sanity_val_steps=1,
+        num_sanity_val_steps=0 if model_class is WholeModel else 1,  # the baseline then gathers before any forward
     )
     model = model_class()
     trainer.fit(model, *loaders())
