@@ -8,8 +8,8 @@ would, and Lightning takes it as it is.
 Scenarios:
     lightning: ``ModelParallelStrategy`` (FSDP2 in ``configure_model``), per-layer and whole-model
         ``fully_shard``, each fitted with and without the monitor.
-    loops: plain loops with ``ProbeMonitor``: FSDP2 ``fully_shard`` and FSDP (``FullyShardedDataParallel``),
-        each trained with and without the monitor.
+    loops: plain loops with ``ProbeMonitor``: FSDP2 ``fully_shard`` and FSDP (``FullyShardedDataParallel``, with
+        and without ``use_orig_params``), each trained with and without the monitor.
     deepspeed: a plain loop under DeepSpeed ZeRO-3, with and without the monitor; ZeRO-2 maps on rank zero alone.
 """
 
@@ -186,18 +186,24 @@ def fsdp2(model: nn.Module) -> nn.Module:
     return fully_shard(model)
 
 
-def fsdp1(model: nn.Module) -> nn.Module:
+def fsdp1(model: nn.Module, use_orig_params: bool = True) -> nn.Module:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     def policy(module, recurse, nonwrapped_numel):
         return recurse or isinstance(module, nn.Conv2d)
 
-    return FullyShardedDataParallel(model, device_id=torch.device("cpu"), auto_wrap_policy=policy, use_orig_params=True)
+    device = torch.device("cpu")
+    return FullyShardedDataParallel(model, device_id=device, auto_wrap_policy=policy, use_orig_params=use_orig_params)
+
+
+def fsdp1_flat(model: nn.Module) -> nn.Module:
+    """FSDP with ``use_orig_params=False``: the modules no longer hold their parameters at all."""
+    return fsdp1(model, use_orig_params=False)
 
 
 def loops(rank: int, out: Path) -> dict:
     report = {}
-    for name, wrap in (("fsdp2", fsdp2), ("fsdp", fsdp1)):
+    for name, wrap in (("fsdp2", fsdp2), ("fsdp", fsdp1), ("fsdp_flat", fsdp1_flat)):
         monitored, scalars = train(rank, wrap, True, out, name)
         plain, _ = train(rank, wrap, False, out, f"{name}_plain")
         if rank == 0:

@@ -259,7 +259,7 @@ def test_lightning_model_parallel_strategy_per_layer_and_whole_model(tmp_path):
 @pytest.mark.timeout(300)
 def test_plain_loops_under_fsdp2_and_fsdp(tmp_path):
     report = run_two_processes(tmp_path, "loops")
-    for name in ("fsdp2", "fsdp"):
+    for name in ("fsdp2", "fsdp", "fsdp_flat"):
         run = report[name]
         assert run["bit_identical"]
         assert run["last"] == pytest.approx(run["expected_last"], rel=1e-6)
