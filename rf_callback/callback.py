@@ -26,6 +26,7 @@ from rf_callback.monitor import ProbeMonitor
 from rf_callback.probes import Probes, probe_source, probes_from_dataset
 from rf_callback.report import format_rows
 from rf_callback.selection import Unit, check_channel, check_unit
+from rf_callback.sharding import UnsupportedShardingError, sharding_of
 
 __all__ = ["ReceptiveFieldMonitor"]
 
@@ -47,7 +48,10 @@ class ReceptiveFieldMonitor(Callback):
     It leaves training alone: maps are computed in eval mode on a clone of the probes, with input
     gradients only, compiled submodules run eagerly, ``self.log`` inside ``forward`` silenced, on rank
     zero only; parameters' gradients, BatchNorm statistics, hooks, modes, random state and callback
-    metrics are left as found.
+    metrics are left as found. Under sharded parameters (FSDP2 through ``ModelParallelStrategy``,
+    ``FSDPStrategy``, DeepSpeed ZeRO-3) every rank gathers the parameters at the same steps and rank
+    zero computes, draws and writes (:mod:`rf_callback.sharding`); tensor parallelism is refused when
+    fitting starts.
 
     Args:
         layers: layer keys of :func:`~rf_callback.receptive_fields` (module names, ``name[k]`` for the
@@ -137,12 +141,17 @@ class ReceptiveFieldMonitor(Callback):
         name = type(self).__name__
         if self.probes is None:
             self.probes = self._read_probes(trainer)
+        model = _sharded_root(trainer, pl_module)
         try:
             with _quiet(pl_module):
                 self.monitor = ProbeMonitor(
-                    pl_module, self.probes, self.layers, unit=self.unit, channel=self.channel,
+                    model, self.probes, self.layers, unit=self.unit, channel=self.channel,
                     threshold=self.threshold, mass=self.mass,
                 )  # fmt: skip
+        except UnsupportedShardingError as error:
+            raise MisconfigurationException(
+                f"{name} under {type(trainer.strategy).__name__}: {error}"
+            ) from None
         except (TypeError, ValueError) as error:
             raise MisconfigurationException(
                 f"{name}(layers={self.layers!r}) on {type(pl_module).__name__}: {error}"
@@ -202,11 +211,18 @@ class ReceptiveFieldMonitor(Callback):
         return (epoch + 1) % self.every_n_epochs == 0 or last or trainer.should_stop
 
     def _log(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
-        if not trainer.is_global_zero or self.monitor is None or step in self._logged_steps:
+        if self.monitor is None or step in self._logged_steps:
+            return
+        # Whole parameters: rank zero alone, no collective. Sharded: every rank gathers, in every hook that logs
+        # (Lightning calls them on all ranks, and what decides - the epoch, the step, should_stop - is the same on
+        # every rank); rank zero computes and writes.
+        zero = trainer.is_global_zero
+        if not zero and not self.monitor.sharded:
             return
         self._logged_steps.add(step)
+        destinations = self._destinations if zero else None
         with _quiet(pl_module):
-            self._guarded(lambda: self.monitor.log(self._destinations, step, self._failed), step)
+            self._guarded(lambda: self.monitor.log(destinations, step, self._failed), step)
 
     def _guarded(self, work: Any, step: int | None = None) -> None:
         try:
@@ -270,6 +286,15 @@ def _quiet(pl_module: LightningModule) -> Iterator[None]:
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+def _sharded_root(trainer: Trainer, pl_module: LightningModule) -> Any:
+    """The module to monitor: the LightningModule, or FSDP's root wrapper around it (``FSDPStrategy``), which
+    holds the LightningModule's own parameters and must be the one gathered."""
+    root = trainer.strategy.model
+    if root is not None and root is not pl_module and sharding_of(root) == "fsdp":
+        return root
+    return pl_module
 
 
 def _validation_dataset(trainer: Trainer) -> Any:

@@ -16,6 +16,14 @@ plain PyTorch loop or Lightning Fabric uses it directly with a ``SummaryWriter``
 It never changes training: see :func:`~rf_callback.receptive_maps` for what is left as found. Compiled
 submodules (``torch.compile``) are run eagerly while it works, so their compiled code is neither
 retraced nor changed.
+
+Sharded models (FSDP2 ``fully_shard``, FSDP, DeepSpeed ZeRO-3) need every rank: build the monitor on
+every rank, then call ``log`` on every rank at the same steps, with rank zero's writer::
+
+    monitor = ProbeMonitor(model, probes)                      # every rank: traces a parameter-free twin
+    monitor.log(writer if rank == 0 else None, step=epoch)      # every rank: gathers, rank zero maps and writes
+
+(see :mod:`rf_callback.sharding`). Rank zero's probes are the ones used.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from rf_callback.render import figure_image, layer_image, mean_image, summary_fi
 from rf_callback.report import COLUMNS, table_rows, unsupported_notes
 from rf_callback.saliency import ReceptiveMaps, receptive_maps
 from rf_callback.selection import Unit, check_channel, check_unit, check_unit_fits, resolve_layers
+from rf_callback.sharding import gathered, sharding_of
 from rf_callback.table import ReceptiveFieldTable, receptive_fields, unwrap_model
 
 __all__ = ["DESCRIPTIONS", "STATISTICS", "TAG", "ProbeMonitor", "eager", "layer_tag"]
@@ -153,19 +162,35 @@ class ProbeMonitor:
                     " over channels, or monitor layers that have that channel."
                 )
 
-    def compute(self) -> ReceptiveMaps:
-        """The receptive maps of the probes at the monitored layers, for the model as it is now."""
-        with eager():
-            return receptive_maps(
-                self.model,
-                self.probes.images,
-                self.layers,
-                unit=self.unit,
-                channel=self.channel,
-                threshold=self.threshold,
-                mass=self.mass,
-                table=self.table,
-            )
+    @property
+    def sharded(self) -> bool:
+        """Whether the model's parameters are sharded across ranks now: then :meth:`compute` and :meth:`log`
+        are collectives (every rank calls them at the same point), and only rank zero gets maps."""
+        return sharding_of(unwrap_model(self.model)) is not None
+
+    def compute(self) -> ReceptiveMaps | None:
+        """The receptive maps of the probes at the monitored layers, for the model as it is now.
+
+        When the parameters are sharded (FSDP2, FSDP, DeepSpeed ZeRO-3) every rank must call it at the same
+        point: the full parameters are gathered (:func:`~rf_callback.sharding.gathered`), rank zero computes
+        the maps on a twin holding them and returns them; the other ranks return ``None`` at once.
+        """
+        model = unwrap_model(self.model)
+        sharding = sharding_of(model)
+        with gathered(model, sharding) if sharding is not None else contextlib.nullcontext(model) as whole:
+            if whole is None:
+                return None
+            with eager():
+                return receptive_maps(
+                    whole,
+                    self.probes.images,
+                    self.layers,
+                    unit=self.unit,
+                    channel=self.channel,
+                    threshold=self.threshold,
+                    mass=self.mass,
+                    table=self.table,
+                )
 
     def images(self, result: ReceptiveMaps) -> dict[str, Tensor]:
         """Two uint8 images ``(3, H, W)`` per layer: under its tag every probe with its heatmap, box, centre
@@ -198,16 +223,23 @@ class ProbeMonitor:
                     values[f"{self.tags[layer]}/{name}"] = value
         return values
 
-    def log(self, destinations: Any, step: int, on_error: OnError | None = None) -> ReceptiveMaps:
+    def log(self, destinations: Any, step: int, on_error: OnError | None = None) -> ReceptiveMaps | None:
         """Compute, draw and write this step's maps and statistics to each destination; return the maps.
 
+        Under sharded parameters every rank calls it (see :meth:`compute`); ranks other than zero pass
+        ``None`` and get ``None``.
+
         Args:
-            destinations: a ``SummaryWriter``, a :class:`~rf_callback.destinations.Destination`, or a list.
+            destinations: a ``SummaryWriter``, a :class:`~rf_callback.destinations.Destination`, a list, or
+                ``None`` (compute only).
             step: the step to log at.
             on_error: called with ``(destination, error)`` when one destination fails, so that the
                 others still get their share; ``None`` raises.
         """
         result = self.compute()
+        targets = self._as_destinations(destinations)
+        if result is None or not targets:
+            return result
         images, scalars = self.images(result), self.scalars(result)
 
         def write(destination: Destination) -> None:
@@ -215,7 +247,7 @@ class ProbeMonitor:
             for tag, image in images.items():
                 destination.add_image(tag, image, step)
 
-        _send(self._as_destinations(destinations), write, on_error)
+        _send(targets, write, on_error)
         return result
 
     def log_table(self, destinations: Any, step: int = 0, on_error: OnError | None = None) -> None:
@@ -237,7 +269,7 @@ class ProbeMonitor:
     def _as_destinations(self, value: Any) -> list[Destination]:
         """``value`` as destinations; a ``SummaryWriter`` becomes one :class:`TensorBoardDestination`, kept for
         the next calls, so that only each scalar's first point carries its description."""
-        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        items = list(value) if isinstance(value, (list, tuple)) else [] if value is None else [value]
         for item in items:
             if hasattr(item, "add_scalar") and id(item) not in self._wrapped:
                 self._wrapped[id(item)] = (item, TensorBoardDestination(item, descriptions=DESCRIPTIONS))

@@ -26,6 +26,7 @@ from rf_callback.crops import _Layout, _passes, _per_unit
 from rf_callback.erf import LUO_THRESHOLD, ERFStats, check_threshold_and_mass, erf_stats
 from rf_callback.report import format_table
 from rf_callback.selection import _SHAPES, Unit, check_channel, check_unit, check_unit_fits, resolve_layers
+from rf_callback.sharding import sharding_of
 from rf_callback.table import (
     LayerKey,
     LayerRF,
@@ -487,6 +488,14 @@ def receptive_maps(
         )
     check_threshold_and_mass(threshold, mass)
     model = unwrap_model(model)
+    sharding = sharding_of(model)
+    if sharding is not None:  # its forward is a collective: one rank alone would wait for the others forever
+        raise ValueError(
+            f"receptive_maps: the parameters of {type(model).__name__} are sharded across ranks ({sharding}), so"
+            " its forward needs every rank. HINT: ProbeMonitor(model, probes).compute() on every rank, or"
+            " `with rf_callback.sharding.gathered(model) as whole:` on every rank and receptive_maps(whole, ...)"
+            " where whole is not None (rank zero)."
+        )
     fields = table if table is not None else receptive_fields(model, tuple(probes.shape[1:]), strict=False)
     if tuple(fields.input_shape) != tuple(probes.shape[1:]):
         raise ValueError(

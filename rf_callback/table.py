@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from rf_callback.algebra import Field, MisalignedBranchesError
 from rf_callback.errors import TraceError, UnsupportedLayerError
 from rf_callback.report import format_rows
+from rf_callback.sharding import sharding_of, structure_twin
 from rf_callback.tracing import (
     FunctionInterceptor,
     GridDims,
@@ -475,6 +476,11 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
     activations. It is evaluated as in ``model.eval()`` (BatchNorm uses running statistics, dropout
     is off); every module's ``training`` flag, hooks, parameters and device are left as found.
 
+    A model whose parameters are sharded across ranks (FSDP2, FSDP, DeepSpeed ZeRO-3) is never run: its
+    structure is traced on a twin (:func:`~rf_callback.sharding.structure_twin`: the same modules and
+    forward, meta parameters of the full shapes, none of its hooks), so no collective, lazy
+    initialisation or framework state is involved and each rank can trace on its own.
+
     Args:
         model: any ``nn.Module`` whose ``forward`` takes one tensor (DDP and ``torch.compile``
             wrappers are unwrapped).
@@ -505,6 +511,9 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
         (9, 9)
     """
     model = unwrap_model(model)
+    sharding = sharding_of(model)
+    if sharding is not None:
+        model = structure_twin(model, sharding)
     shape = _check_input_shape(input_shape)
     spatial = shape[1:]
     tracer = Tracer(spatial, type(model).__name__)
@@ -590,7 +599,7 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
             else:
                 module.__dict__["forward"] = forward
     if failure is not None:
-        raise _trace_error(model, shape, dtype, failure) from failure
+        raise _trace_error(model, shape, dtype, failure, try_real=sharding is None) from failure
     # The model's outputs that no module returned (computed in the top-level forward) get rows too.
     returned = {(id(t), id(info)) for call in calls for t, info in call.outputs}
     final = _traced_outputs(tracer, output, strict)
@@ -600,9 +609,14 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
     return _build_table(calls, counts, shape)
 
 
-def _trace_error(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, error: Exception) -> TraceError:
-    """Why ``model`` could not be traced: its own forward fails at this size, or it reads values on the meta device."""
-    real = _real_forward_error(model, shape, dtype)
+def _trace_error(
+    model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, error: Exception, try_real: bool = True
+) -> TraceError:
+    """Why ``model`` could not be traced: its own forward fails at this size, or it reads values on the meta device.
+
+    ``try_real=False`` (a sharded model's twin, which has no real parameters) skips the real forward.
+    """
+    real = _real_forward_error(model, shape, dtype) if try_real else None
     name, batch = type(model).__name__, f"(1, {', '.join(map(str, shape))})"
     if real is not None:
         return TraceError(
@@ -610,10 +624,11 @@ def _trace_error(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, e
             f" {type(real).__name__}: {str(real).rstrip('.')}. HINT: pass an input_shape that the model accepts"
             " (the size it was built for, or a multiple of its total stride)."
         )
+    checked = f" (it runs on a real input of shape {batch})" if try_real else " (its parameters are sharded)"
     return TraceError(
-        f"Could not run {name}.forward on the meta device to trace receptive fields (it runs on a real input of"
-        f" shape {batch}): {type(error).__name__}: {str(error).rstrip('.')}. HINT: forward must take one tensor"
-        " and must not read tensor values (no .item(), no data-dependent control flow)."
+        f"Could not run {name}.forward on the meta device to trace receptive fields{checked}:"
+        f" {type(error).__name__}: {str(error).rstrip('.')}. HINT: forward must take one tensor and must not read"
+        " tensor values (no .item(), no data-dependent control flow)."
     )
 
 

@@ -20,6 +20,7 @@ LEVEL = {
     "report": 0,
     "algebra": 1,
     "tracing": 2,
+    "sharding": 2,
     "table": 3,
     "probes": 3,
     "erf": 4,
@@ -40,7 +41,7 @@ LEVEL = {
 }
 """Each core module may import only modules of a lower level."""
 
-FRAMEWORK_FREE = {"errors", "algebra", "report", "tracing", "table", "probes", "erf", "crops", "selection", "saliency", "render", "destinations", "monitor"}
+FRAMEWORK_FREE = {"errors", "algebra", "report", "tracing", "sharding", "table", "probes", "erf", "crops", "selection", "saliency", "render", "destinations", "monitor"}
 STANDARD_LIBRARY_ONLY = {"errors", "algebra", "report"}
 
 

@@ -1,7 +1,13 @@
 """The README's two commands are the ones that work: CI runs the test command, the config exists."""
 
+import os
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from tests.lightning_helpers import read_events
 
@@ -29,7 +35,7 @@ def runnable_blocks() -> list[str]:
 
 
 def test_the_readme_marks_its_runnable_snippets():
-    assert len(runnable_blocks()) == 3
+    assert len(runnable_blocks()) == 4
 
 
 def test_the_trainer_snippet_runs_as_pasted(tmp_path, monkeypatch):
@@ -62,3 +68,30 @@ def test_the_fabric_snippet_runs_as_pasted(tmp_path, monkeypatch):
     events = read_events(tmp_path / "runs" / "fabric")
     maps = [tag for tag in events.Tags()["images"] if tag != "receptive_field/summary"]
     assert maps and all([i.step for i in events.Images(tag)] == [0, 1] for tag in maps)
+
+
+@pytest.mark.timeout(300)
+def test_the_fsdp_snippet_runs_as_a_script_on_two_processes(tmp_path):
+    """Saved as the README says, run with ``python fsdp_example.py`` (on a free port): two gloo processes."""
+    code = runnable_blocks()[3]
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+    assert 'MASTER_PORT="29500"' in code
+    (tmp_path / "fsdp_example.py").write_text(code.replace('"29500"', f'"{port}"'))
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [sys.executable, "fsdp_example.py"],
+        check=False,
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    events = read_events(tmp_path / "runs" / "fsdp")
+    tags = events.Tags()["images"]
+    assert "receptive_field/summary" in tags
+    maps = [tag for tag in tags if tag != "receptive_field/summary"]
+    assert maps and all([i.step for i in events.Images(tag)] == [0, 1, 2] for tag in maps)
