@@ -248,15 +248,17 @@ class ReceptiveFieldMonitor(Callback):
             what = f"the receptive maps at step {step}" if step is not None else "the receptive-field table"
             self._warn(f"could not log {what}", error)
 
-    def _failed(self, destination: Destination, what: str, error: Exception) -> None:
-        """One item failed at one destination: the others still get written. Said once, not every pass."""
+    def _failed(self, destination: Destination | None, what: str, error: Exception) -> None:
+        """One item could not be drawn, or written to one destination: the others still are. Said once, not every
+        pass."""
         if self.strict:
             raise error
-        key = (destination.describe(), what, type(error).__name__)
+        where = "" if destination is None else destination.describe()
+        key = (where, what, type(error).__name__)
         if key in self._reported:
             return
         self._reported.add(key)
-        self._warn(f"could not write {what} to {destination.describe()}", error, repeated=False)
+        self._warn(f"could not write {what} to {where}" if where else f"could not draw {what}", error, repeated=False)
 
     def _warn(self, what: str, error: Exception, repeated: bool = True) -> None:
         again = "" if repeated else ", and this is not said again while it keeps failing"

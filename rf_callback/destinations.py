@@ -322,6 +322,7 @@ class MLflowDestination:
         self.run_id = run_id
         self._log_metrics = log_metrics
         self._stepped_images = "key" in inspect.signature(client.log_image).parameters
+        self._artifacts: tuple[Path | None] | None = None  # (where artifacts go on this machine,), once asked
 
     def add_image(self, tag: str, image: Tensor, step: int) -> None:
         key = mlflow_key(tag)
@@ -353,11 +354,13 @@ class MLflowDestination:
         return f"MLflow run {self.run_id} ({self.client.tracking_uri})"
 
     def local_folder(self) -> Path | None:
-        """The run's artifact folder when it is on this machine (``file:`` URIs), else ``None``."""
+        """The run's artifact folder when it is on this machine (``file:`` URIs), else ``None`` (asked once)."""
         from urllib.parse import unquote, urlparse
 
-        location = urlparse(self.client.get_run(self.run_id).info.artifact_uri)
-        return Path(unquote(location.path)) if location.scheme in ("", "file") else None
+        if self._artifacts is None:
+            location = urlparse(self.client.get_run(self.run_id).info.artifact_uri)
+            self._artifacts = (Path(unquote(location.path)) if location.scheme in ("", "file") else None,)
+        return self._artifacts[0]
 
 
 class PngFolderDestination:

@@ -44,8 +44,9 @@ from rf_callback.table import ReceptiveFieldTable, receptive_fields
 
 __all__ = ["DESCRIPTIONS", "MIN_FREE_MB", "STATISTICS", "TAG", "ProbeMonitor", "eager", "layer_tag"]
 
-OnError = Callable[["Destination", str, Exception], None]
-"""Called with the destination, what could not be written (in words, naming the layer) and the error."""
+OnError = Callable[["Destination | None", str, Exception], None]
+"""Called with the destination (``None`` for a picture that could not be drawn), what could not be written or
+drawn (in words, naming the layer) and the error."""
 
 MIN_FREE_MB = 64.0
 """Disk space (MB) images never eat into: a destination's images stop for the run rather than leave less than
@@ -100,8 +101,8 @@ class ProbeMonitor:
     costs only itself, and ``on_error`` names it. A pass's images take at most ``max_image_mb`` MB of
     pixels (PNG writes them in less); the layers beyond are not drawn, with one warning. Before writing
     images to a folder on this machine, the free space is checked: a destination's images stop for the
-    run, with one ``on_error`` call, rather than leave less than :data:`MIN_FREE_MB` free, or when a write
-    finds the disk full (its scalars still go).
+    run, with one ``on_error`` call, rather than leave less than :data:`MIN_FREE_MB` free (its scalars
+    still go). When a write finds the disk full all the same, nothing more goes to that destination.
 
     Args:
         model: the network; ``model(probes)`` must run.
@@ -158,7 +159,8 @@ class ProbeMonitor:
         self._check_units_and_channels()
         self.tags = {layer: layer_tag(index, layer) for index, layer in enumerate(self.layers)}
         self._wrapped: dict[int, tuple[Any, Destination]] = {}  # id(SummaryWriter) -> (it, its destination)
-        self._images_stopped: set[int] = set()  # id() of the destinations whose disk is full
+        self._images_stopped: set[int] = set()  # id() of the destinations whose disk is nearly full: no more images
+        self._full: set[int] = set()  # id() of the destinations whose disk is full: nothing more at all
         self._said: set[str] = set()  # the warnings given, not repeated every pass
 
     def _trace(self) -> ReceptiveFieldTable:
@@ -201,29 +203,26 @@ class ProbeMonitor:
             self._say(non_finite, NonFiniteMapWarning)
         return result
 
-    def images(self, result: ReceptiveMaps) -> dict[str, Tensor]:
+    def images(self, result: ReceptiveMaps, on_error: OnError | None = None) -> dict[str, Tensor]:
         """Two uint8 images ``(3, H, W)`` per layer: under its tag every probe with its heatmap, box, centre
         and caption; under ``<tag>/mean`` the probes' mean map, with the box when every unit has the same.
 
         Probes whose map holds NaN or inf are drawn marked so, and left out of the mean. Layers are drawn in
-        order while their pixels fit ``max_image_mb``; the rest are left out with one warning.
+        order while their pixels fit ``max_image_mb``; the rest are left out with one warning. A layer that
+        cannot be drawn is left out and given to ``on_error`` (``None`` raises).
         """
-        images, labels = self.probes.images, self.probes.labels
         drawn: dict[str, Tensor] = {}
         means = result.mean_maps
         budget, used = self.max_image_mb * 1e6, 0
         for k, layer in enumerate(result.layers):
-            tag, analytic, finite = self.tags[layer], result.analytic[k], result.finite[:, k]
-            grid = layer_image(
-                images, result.maps[:, k], result.boxes[:, k], result.centers[:, k],
-                labels=labels, tile=self.tile, analytic=analytic, finite=finite,
-            )  # fmt: skip
-            same = bool((result.units[:, k] == result.units[0, k]).all())
-            center = result.centers[0, k] if same or not bool(finite.any()) else _peak(means[k])
-            mean = mean_image(
-                means[k], result.boxes[0, k] if same else None, center,
-                probes=int(finite.sum()), analytic=analytic, tile=self.tile,
-            )  # fmt: skip
+            tag = self.tags[layer]
+            try:
+                grid, mean = self._draw(result, k, means[k])
+            except Exception as error:  # one layer's picture costs only itself, and is reported
+                if on_error is None:
+                    raise
+                on_error(None, f"the images of layer {layer!r} ({tag})", error)
+                continue
             used += grid.numel() + mean.numel()
             if used > budget:
                 left = result.layers[k:]
@@ -236,6 +235,21 @@ class ProbeMonitor:
                 break
             drawn[tag], drawn[f"{tag}/mean"] = grid, mean
         return drawn
+
+    def _draw(self, result: ReceptiveMaps, k: int, mean: Tensor) -> tuple[Tensor, Tensor]:
+        """The ``k``-th layer's two pictures: every probe, and the probes' ``mean`` map."""
+        analytic, finite = result.analytic[k], result.finite[:, k]
+        grid = layer_image(
+            self.probes.images, result.maps[:, k], result.boxes[:, k], result.centers[:, k],
+            labels=self.probes.labels, tile=self.tile, analytic=analytic, finite=finite,
+        )  # fmt: skip
+        same = bool((result.units[:, k] == result.units[0, k]).all())
+        center = result.centers[0, k] if same or not bool(finite.any()) else _peak(mean)
+        mean_picture = mean_image(
+            mean, result.boxes[0, k] if same else None, center,
+            probes=int(finite.sum()), analytic=analytic, tile=self.tile,
+        )  # fmt: skip
+        return grid, mean_picture
 
     def scalars(self, result: ReceptiveMaps) -> dict[str, float]:
         """The ERF statistics, averaged over the probes whose map is finite, by tag (``dead_fraction`` and
@@ -256,11 +270,12 @@ class ProbeMonitor:
             destinations: a ``SummaryWriter``, a :class:`~rf_callback.destinations.Destination`, or a list.
             step: the step to log at.
             on_error: called with ``(destination, what, error)`` for each item a destination fails to write
-                (``what`` names it: the scalars, the image of a layer...), so that the other items and
-                destinations still get written; ``None`` raises.
+                (``what`` names it: the scalars, the image of a layer...), and with ``(None, what, error)``
+                for a layer whose picture cannot be drawn, so that the other items and destinations still
+                get written; ``None`` raises.
         """
         result = self.compute()
-        images, scalars = self.images(result), self.scalars(result)
+        images, scalars = self.images(result, on_error), self.scalars(result)
         layers = {tag: layer for layer, tag in self.tags.items()}
         items = [_Item("the ERF statistics (scalars)", lambda d: d.add_scalars(scalars, step))]
         for tag, image in images.items():
@@ -294,9 +309,12 @@ class ProbeMonitor:
     def _send(self, destinations: list[Destination], items: list[_Item], on_error: OnError | None) -> None:
         """Each item to each destination, on its own, then flush it; with ``on_error``, a failure costs only its
         item (all of the destination's remaining items when it raises the very same error again: a broken
-        writer). A destination's images stop for the run when its disk is (nearly) full."""
+        writer). A destination's images stop for the run when its disk is nearly full; everything stops when a
+        write finds it full, so that the room left stays for the run's own logs."""
         pixels = sum(item.image_bytes for item in items)
         for destination in destinations:
+            if id(destination) in self._full:
+                continue
             seen: list[Exception] = []
             if pixels and id(destination) not in self._images_stopped:
                 short = _short_of_space(destination, pixels)
@@ -311,6 +329,8 @@ class ProbeMonitor:
                 except Exception as error:  # noqa: BLE001 - each destination's failure is reported, never swallowed
                     if self._failed(destination, item.what, error, seen, on_error):
                         break
+            if id(destination) in self._full:
+                continue
             try:
                 destination.flush()
             except Exception as error:  # noqa: BLE001 - as above
@@ -319,23 +339,24 @@ class ProbeMonitor:
     def _failed(
         self, destination: Destination, what: str, error: Exception, seen: list[Exception], on_error: OnError | None
     ) -> bool:
-        """Report a failed write (raise it without ``on_error``); True when this error was already seen at this
-        destination in this pass: it is broken, and its remaining items are skipped."""
+        """Report a failed write (raise it without ``on_error``); True when the destination's remaining items are to
+        be skipped: this error was already seen there in this pass (a broken writer), or its disk is full."""
         if on_error is None:
             raise error
         if any(error is earlier for earlier in seen):
             return True
         seen.append(error)
         if no_space_left(error) and not isinstance(error, DiskSpaceError):
-            self._images_stopped.add(id(destination))
+            self._full.add(id(destination))
             recovery = getattr(destination, "recovery", None)
             full = DiskSpaceError(
-                f"no space left on the disk while writing {what}: images to {destination.describe()} stop for the"
-                f" rest of this run; scalars still go{f' ({recovery})' if recovery else ''}. HINT: free space on"
-                " that disk, or log to another one."
+                f"no space left on the disk while writing {what}: nothing more goes to {destination.describe()} in"
+                " this run (images, scalars, tables), so that the room left stays for the run's own logs"
+                f"{f'; {recovery}' if recovery else ''}. HINT: free space on that disk, or log to another one."
             )
             full.__cause__ = error
-            error = full
+            on_error(destination, what, full)
+            return True
         on_error(destination, what, error)
         return False
 

@@ -1,6 +1,7 @@
 """ReceptiveFieldMonitor inside real Lightning runs, checked through the files it writes."""
 
 import io
+import itertools
 import json
 import subprocess
 import sys
@@ -166,18 +167,30 @@ def test_without_tensorboard_images_are_png_files_with_one_warning(tmp_path):
     assert "receptive_field/00_conv2/erf_size" in metrics
 
 
-def test_a_failure_while_rendering_warns_and_training_goes_on(tmp_path, monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("renderer exploded")
+def test_a_failure_while_rendering_costs_only_that_layer_and_training_goes_on(tmp_path, monkeypatch):
+    draw, calls = rf_callback.monitor.layer_image, itertools.count(1)
 
-    monkeypatch.setattr(rf_callback.monitor, "layer_image", broken)
-    with pytest.warns(
-        UserWarning, match=r"could not log the receptive maps at step 0; training goes on(.|\n)*renderer exploded"
-    ):
-        trainer, _ = fit(tmp_path, [ReceptiveFieldMonitor()], max_epochs=1)
-    assert trainer.current_epoch == 1
+    def broken_for_pool(*args, **kwargs):
+        if next(calls) % len(LAYERS) == 2:  # pool, the second layer drawn in each pass
+            raise RuntimeError("renderer exploded")
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(rf_callback.monitor, "layer_image", broken_for_pool)
+    with pytest.warns(UserWarning) as caught:
+        trainer, _ = fit(tmp_path, [ReceptiveFieldMonitor(LAYERS)], max_epochs=2)
+    failures = [str(w.message) for w in caught if "could not" in str(w.message)]
+    assert len(failures) == 1 and "renderer exploded" in failures[0]  # once, not at every pass
+    assert failures[0].startswith(
+        "ReceptiveFieldMonitor could not draw the images of layer 'pool' (receptive_field/01_pool); training goes on,"
+        " and this is not said again while it keeps failing."
+    )
+    assert trainer.current_epoch == 2
+    events = read_events(trainer.logger.log_dir)
+    assert "receptive_field/01_pool" not in events.Tags()["images"]
+    assert [i.step for i in events.Images(tag("conv2"))] == [0, 3, 7]  # the other layers' pictures
+    assert [s.step for s in events.Scalars(f"{tag('pool')}/erf_size")] == [0, 3, 7]  # and its own statistics
     with pytest.raises(RuntimeError, match="renderer exploded"):
-        fit(tmp_path / "strict", [ReceptiveFieldMonitor(strict=True)], max_epochs=1)
+        fit(tmp_path / "strict", [ReceptiveFieldMonitor(LAYERS, strict=True)], max_epochs=1)
 
 
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")
