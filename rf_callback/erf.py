@@ -21,6 +21,7 @@ __all__ = [
     "ERFStats",
     "check_threshold_and_mass",
     "erf_stats",
+    "finite_maps",
     "finite_mean",
     "mass_areas",
     "mean_area_key",
@@ -151,9 +152,10 @@ def erf_stats(
     count_probes, layers, *spatial = maps.shape
     dims = len(spatial)
     expand = (1,) * dims
-    finite = torch.isfinite(maps).flatten(2).all(2)
+    finite = finite_maps(maps)
     mean_map = finite_mean(maps, finite)
-    maps = torch.where(finite.view(count_probes, layers, *expand), maps, 0.0)  # their statistics are NaN below
+    if not bool(finite.all()):
+        maps = torch.where(finite.view(count_probes, layers, *expand), maps, 0.0)  # their statistics are NaN below
     peak = maps.flatten(2).amax(2)
     dead = ~(peak > 0) & finite
     limit = threshold * peak.view(count_probes, layers, *expand)
@@ -216,6 +218,21 @@ def erf_stats(
     )
 
 
+def finite_maps(maps: Tensor) -> Tensor:
+    """(N, L) bool: whether each map of ``maps`` ``(N, L, *spatial)`` holds only finite values.
+
+    One sum first: a NaN or an infinity anywhere makes it non-finite, so a finite sum (nearly always) needs no
+    look at each value.
+
+    Example::
+        >>> finite_maps(torch.tensor([[[1.0, -2.0]], [[math.inf, 0.0]]])).tolist()
+        [[True], [False]]
+    """
+    if bool(torch.isfinite(maps.sum())):
+        return torch.ones(maps.shape[:2], dtype=torch.bool)
+    return torch.isfinite(maps).flatten(2).all(2).cpu()
+
+
 def finite_mean(maps: Tensor, finite: Tensor) -> Tensor:
     """The mean over probes of maps ``(N, L, *spatial)`` whose ``finite`` (N, L) is True: (L, *spatial), NaN
     for a layer without one.
@@ -224,6 +241,8 @@ def finite_mean(maps: Tensor, finite: Tensor) -> Tensor:
         >>> finite_mean(torch.tensor([[[1.0, 3.0]], [[math.nan, 0.0]]]), torch.tensor([[True], [False]])).tolist()
         [[1.0, 3.0]]
     """
+    if bool(finite.all()):
+        return maps.mean(0)
     expand = (1,) * (maps.dim() - 2)
     kept = torch.where(finite.view(*finite.shape, *expand), maps, 0.0)
     return kept.sum(0) / finite.sum(0).view(-1, *expand)

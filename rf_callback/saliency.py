@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from rf_callback.crops import _Layout, _passes, _per_unit
-from rf_callback.erf import LUO_THRESHOLD, ERFStats, check_threshold_and_mass, erf_stats, finite_mean
+from rf_callback.erf import LUO_THRESHOLD, ERFStats, check_threshold_and_mass, erf_stats, finite_maps, finite_mean
 from rf_callback.probes import check_finite
 from rf_callback.report import format_table
 from rf_callback.selection import _SHAPES, Unit, check_channel, check_unit, check_unit_fits, resolve_layers
@@ -585,7 +585,7 @@ def _receptive_maps(
         if whole:
             whole.sort(key=names.index)
             _pass_gradients(model, modules, whole, fields, pixels, units, None, picks, into, reuse)
-        finite = torch.isfinite(signed).flatten(2).all(2)  # (N, L)
+        finite = finite_maps(signed)  # (N, L)
         if not bool(finite.all()):
             non_finite = _non_finite(model, modules, fields, names, pixels, units, picks, finite)
 

@@ -434,3 +434,25 @@ def test_a_class_already_imported_needs_no_permission(runs):
     """In the process that trained it (or a notebook that imported it), the named class is found, not imported."""
     comparison = compare_checkpoints(runs["tiny"][:1])
     assert comparison.checkpoints[0].model_class == "tests.lightning_helpers.TinyCNN"
+
+
+class Planted:
+    """A pickled object whose unpickling would write a file: what a crafted checkpoint could hide."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pickled code ran"))
+
+
+def test_a_crafted_pickle_is_refused_and_runs_nothing(runs, tmp_path, capsys):
+    contents = torch.load(runs["tiny"][0], weights_only=True)
+    contents["hyper_parameters"] = {"planted": Planted(tmp_path / "ran.txt")}
+    torch.save(contents, tmp_path / "crafted.ckpt")  # a valid archive: its checksums match
+    crafted = str(tmp_path / "crafted.ckpt")
+    for argv in ([crafted], [str(runs["tiny"][0]), "--probes", crafted]):
+        assert main(["compare", *argv, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert "crafted.ckpt" in err and "cannot be read" in err and err.count("\n") == 1
+    assert not (tmp_path / "ran.txt").exists()
