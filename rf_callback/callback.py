@@ -55,7 +55,8 @@ class ReceptiveFieldMonitor(Callback):
             laid out as the input (``(N, C, h, w)`` for images), a dense prediction after upsampling included.
         probes: ``None`` (default): the first validation image of each class, at most ``num_probes``;
             validation-dataset indices; or a tensor ``(N, C, H, W)`` (``(N, C, L)``, ``(N, C, D, H, W)``) as the
-            model takes it.
+            model takes it. A run resumed from a checkpoint looks through the probes stored in it, unless
+            probes are given here: given probes always win.
         num_probes: how many default probes at most.
         every_n_epochs: log maps after every n-th training epoch (and after the last one).
         unit: ``"center"`` (or ``"centre"``), ``"max"``, ``"max_logit"`` (each probe's largest single value:

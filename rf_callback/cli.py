@@ -288,9 +288,13 @@ def _parser() -> argparse.ArgumentParser:
     output.add_argument("--markdown", action="store_true", help="a Markdown table")
     table.add_argument("--strict", action="store_true", help="fail at the first unsupported layer")
     table.add_argument("--kwargs", nargs="+", default=[], metavar="KEY=VALUE", help="arguments for the factory")
-    table.add_argument("--layers", nargs="+", metavar="PATTERN", help="only rows whose name matches (glob)")
+    table.add_argument(
+        "--layers", nargs="+", metavar="PATTERN", help="only rows whose name (or module's name) matches (glob)"
+    )
     table.add_argument("--types", nargs="+", metavar="TYPE", help="only rows of these module types, e.g. Conv2d")
-    table.add_argument("--all", action="store_true", help="every row, BatchNorm, activations and dropout included")
+    table.add_argument(
+        "--all", action="store_true", help="also the rows hidden by default: BatchNorm, activations, dropout"
+    )
     table.set_defaults(run=_table)
 
     compare = commands.add_parser(
