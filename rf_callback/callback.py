@@ -59,7 +59,8 @@ class ReceptiveFieldMonitor(Callback):
             laid out as the input (``(N, C, h, w)`` for images), a dense prediction after upsampling included.
         probes: ``None`` (default): the first validation image of each class, at most ``num_probes``;
             validation-dataset indices; or a tensor ``(N, C, H, W)`` (``(N, C, L)``, ``(N, C, D, H, W)``) as the
-            model takes it.
+            model takes it. A run resumed from a checkpoint looks through the probes stored in it, unless
+            probes are given here: given probes always win.
         num_probes: how many default probes at most.
         every_n_epochs: log maps after every n-th training epoch (and after the last one).
         unit: ``"center"`` (or ``"centre"``), ``"max"``, ``"max_logit"`` (each probe's largest single value:
@@ -69,6 +70,8 @@ class ReceptiveFieldMonitor(Callback):
         mass: fraction of the saliency the ERF mass square must hold.
         log_baseline: log the untrained maps at step 0, before the first training step.
         strict: raise errors met while logging maps, instead of one warning each.
+        max_image_mb: the most image pixels (3 bytes each, in MB) one logging pass draws and writes; layers
+            beyond are left out of the images (not of the scalars), with one warning.
 
     Raises:
         MisconfigurationException: for bad arguments (here) and for everything that does not fit the
@@ -91,6 +94,7 @@ class ReceptiveFieldMonitor(Callback):
         mass: float = 0.95,
         log_baseline: bool = True,
         strict: bool = False,
+        max_image_mb: float = 64.0,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -103,9 +107,14 @@ class ReceptiveFieldMonitor(Callback):
         for option, value in (("num_probes", num_probes), ("every_n_epochs", every_n_epochs)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise MisconfigurationException(f"{name}({option}={value!r}): must be an int >= 1.")
+        if not isinstance(max_image_mb, (int, float)) or isinstance(max_image_mb, bool) or not max_image_mb > 0:
+            raise MisconfigurationException(f"{name}(max_image_mb={max_image_mb!r}): must be a number > 0.")
         self.layers = layers
         self.num_probes, self.every_n_epochs = num_probes, every_n_epochs
-        self.log_baseline, self.strict = log_baseline, strict
+        self.log_baseline, self.strict, self.max_image_mb = log_baseline, strict, max_image_mb
+        self._given = probes is not None  # given probes (images or indices) win over those a checkpoint stored
+        self._stored: Probes | None = None  # the probes of the checkpoint resumed from
+        self._reported: set[tuple[str, str, str]] = set()  # (destination, item, error type) already warned about
         self.model_class: str | None = None
         self.monitor: ProbeMonitor | None = None
         self._destinations: list[Any] = []
@@ -137,22 +146,36 @@ class ReceptiveFieldMonitor(Callback):
             self._prepare(trainer, pl_module)
 
     def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Probes (restored, given, or read from the validation data), the monitor and the destinations."""
+        """Probes (given, restored, or read from the validation data), the monitor and the destinations."""
         name = type(self).__name__
+        restored = not self._given and self._stored is not None
+        if restored:
+            self.probes = self._stored
         if self.probes is None:
             self.probes = self._read_probes(trainer)
+        if self._stored is not None:
+            rank_zero_info(f"{name}: resumed from a checkpoint, {self._probes_phrase(restored)}.")
         model = _sharded_root(trainer, pl_module)
         try:
             with _quiet(pl_module):
                 self.monitor = ProbeMonitor(
                     model, self.probes, self.layers, unit=self.unit, channel=self.channel,
-                    threshold=self.threshold, mass=self.mass,
+                    threshold=self.threshold, mass=self.mass, max_image_mb=self.max_image_mb,
                 )  # fmt: skip
         except UnsupportedShardingError as error:
             raise MisconfigurationException(
                 f"{name} under {type(trainer.strategy).__name__}: {error}"
             ) from None
         except (TypeError, ValueError) as error:
+            if restored:
+                shape = tuple(self.probes.images.shape)
+                why = str(error).partition(" HINT:")[0].removeprefix(f"probes of shape {shape}: ")
+                raise MisconfigurationException(
+                    f"{name}: the {shape[0]} probes stored in the checkpoint, of shape {shape}, do not fit"
+                    f" {type(pl_module).__name__} now: {why} HINT: pass probes=<a"
+                    " tensor the model takes> or probes=[validation-dataset indices]: probes given to the callback"
+                    " always replace the stored ones."
+                ) from None
             raise MisconfigurationException(
                 f"{name}(layers={self.layers!r}) on {type(pl_module).__name__}: {error}"
             ) from None
@@ -169,6 +192,15 @@ class ReceptiveFieldMonitor(Callback):
                 + format_rows([self.monitor.table[layer].to_record() for layer in self.monitor.layers])
             )
             self._guarded(lambda: self.monitor.log_table(self._destinations, trainer.global_step, self._failed))
+
+    def _probes_phrase(self, restored: bool) -> str:
+        """Which probes a resumed run looks through, in words."""
+        stored = self._stored.images  # type: ignore[union-attr]
+        if restored:
+            return f"looking through the {len(stored)} probes stored in it (shape {tuple(stored.shape)})"
+        given = f"probes={self.indices!r}" if self.indices is not None else "the probes given"
+        shape = tuple(self.probes.images.shape)  # type: ignore[union-attr]
+        return f"looking through {given} (shape {shape}), not the {len(stored)} stored in it"
 
     def _read_probes(self, trainer: Trainer) -> Probes:
         dataset = _validation_dataset(trainer)
@@ -233,15 +265,22 @@ class ReceptiveFieldMonitor(Callback):
             what = f"the receptive maps at step {step}" if step is not None else "the receptive-field table"
             self._warn(f"could not log {what}", error)
 
-    def _failed(self, destination: Destination, error: Exception) -> None:
-        """One destination failed: the others still get their share."""
+    def _failed(self, destination: Destination | None, what: str, error: Exception) -> None:
+        """One item could not be drawn, or written to one destination: the others still are. Said once, not every
+        pass."""
         if self.strict:
             raise error
-        self._warn(f"could not log to {destination.describe()}", error)
+        where = "" if destination is None else destination.describe()
+        key = (where, what, type(error).__name__)
+        if key in self._reported:
+            return
+        self._reported.add(key)
+        self._warn(f"could not write {what} to {where}" if where else f"could not draw {what}", error, repeated=False)
 
-    def _warn(self, what: str, error: Exception) -> None:
+    def _warn(self, what: str, error: Exception, repeated: bool = True) -> None:
+        again = "" if repeated else ", and this is not said again while it keeps failing"
         rank_zero_warn(
-            f"{type(self).__name__} {what}; training goes on. Pass strict=True to stop instead.\n"
+            f"{type(self).__name__} {what}; training goes on{again}. Pass strict=True to stop instead.\n"
             + "".join(traceback.format_exception(error))
         )
 
@@ -252,7 +291,7 @@ class ReceptiveFieldMonitor(Callback):
     # ---- checkpoint ---------------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        probes = self.probes
+        probes = self.probes if self.probes is not None else self._stored
         return {
             "format": STATE_FORMAT,
             "probes": probes.images if probes is not None else None,
@@ -266,11 +305,12 @@ class ReceptiveFieldMonitor(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the stored probes; they are used when fitting starts, unless probes were given to the callback."""
         images = state_dict.get("probes")
         if isinstance(images, Tensor):
             labels, indices = state_dict.get("labels"), state_dict.get("indices")
             labels = tuple(map(str, labels)) if isinstance(labels, (list, tuple)) else None  # old: a label tensor
-            self.probes = Probes(images, labels, tuple(indices) if indices is not None else None)
+            self._stored = Probes(images, labels, tuple(indices) if indices is not None else None)
         self.model_class = state_dict.get("model_class", self.model_class)
 
 

@@ -1,16 +1,23 @@
 """Lightning checkpoints loaded for comparison: the model rebuilt on the CPU, its run, epoch and step.
 
-:func:`load_checkpoint` reads a file with ``torch.load(..., weights_only=True)`` (no code from the file
-runs) and rebuilds the LightningModule it names; :func:`monitor_state` finds what a
-:class:`~rf_callback.ReceptiveFieldMonitor` (or a subclass) stored in it; :func:`load_probes` reads
-probe images from a tensor file or a checkpoint.
+:func:`load_checkpoint` checks the archive's checksums, reads the file with ``torch.load(...,
+weights_only=True)`` (no code from the file runs) and rebuilds the LightningModule; :func:`monitor_state`
+finds what a :class:`~rf_callback.ReceptiveFieldMonitor` (or a subclass) stored in it; :func:`load_probes`
+reads probe images from a tensor file or a checkpoint.
+
+A file never chooses what code runs: the model class a checkpoint names is taken only from modules that
+are already imported, unless the caller allows importing it (``import_class=True``, ``--import-class``)
+or names the class itself (``model_class=``, ``--model``).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import pkgutil
+import sys
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,23 +68,32 @@ class Checkpoint:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, model_class: type[LightningModule] | None = None, label: str | None = None
+    path: str | os.PathLike,
+    model_class: type[LightningModule] | None = None,
+    label: str | None = None,
+    *,
+    import_class: bool = False,
 ) -> Checkpoint:
     """Load a Lightning checkpoint and rebuild its model on the CPU, in eval mode.
 
-    The file is read with ``torch.load(..., weights_only=True)`` (no code from the file runs), then the
-    model with ``model_class.load_from_checkpoint``. Without ``model_class``, the class is the one the
-    checkpoint names: the ``model_class`` its ReceptiveFieldMonitor state holds, else LightningCLI's
-    ``_class_path`` hyper-parameter; its module is imported.
+    The archive's checksums are verified, the file is read with ``torch.load(..., weights_only=True)``
+    (no code from the file runs), then the model is rebuilt with ``model_class.load_from_checkpoint``.
+    Without ``model_class``, the class is the one the checkpoint names: the ``model_class`` its
+    ReceptiveFieldMonitor state holds, else LightningCLI's ``_class_path`` hyper-parameter. A file must
+    not choose what code runs, so that class is looked up only in modules already imported (as in the
+    notebook or script that trained it), unless ``import_class`` allows importing its module.
 
     Args:
         path: the ``.ckpt`` file.
         model_class: the LightningModule subclass to rebuild, instead of the one the checkpoint names.
         label: the checkpoint's name in figures and tables (default: the file name without suffix).
+        import_class: import the module of the class the checkpoint names, if it is not imported yet:
+            that runs the module's code, so only for files you trust.
 
     Raises:
-        CheckpointError: if the file is missing, unreadable or not a Lightning checkpoint, if it names no
-            model class or one that cannot be imported, or if the model cannot be rebuilt from it.
+        CheckpointError: if the file is missing, damaged (a checksum does not match), unreadable or not a
+            Lightning checkpoint, if it names no model class, one whose module is not imported (without
+            ``import_class``) or one that cannot be imported, or if the model cannot be rebuilt from it.
 
     Example::
 
@@ -87,7 +103,7 @@ def load_checkpoint(
     path = Path(path)
     contents = _read(path)
     monitor = monitor_state(contents)
-    cls = model_class if model_class is not None else _named_class(path, contents, monitor)
+    cls = model_class if model_class is not None else _named_class(path, contents, monitor, import_class)
     if not (isinstance(cls, type) and issubclass(cls, LightningModule)):
         raise CheckpointError(
             path, f"{_name_of(cls)} is not a LightningModule subclass. HINT: give the LightningModule that was trained."
@@ -121,7 +137,9 @@ def _read(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise CheckpointError(path, "is a folder, not a checkpoint file. HINT: name the .ckpt files inside it.")
     try:
-        contents = torch.load(path, map_location="cpu", weights_only=True)
+        contents = _load_verified(path)
+    except CheckpointError:
+        raise
     except Exception as error:  # noqa: BLE001 - whatever torch.load meets, the file cannot be read as a checkpoint
         hint = (
             "it is not a checkpoint, or holds objects other than tensors and plain values, which torch.load(...,"
@@ -144,6 +162,33 @@ def _read(path: Path) -> dict[str, Any]:
     return contents
 
 
+def _load_verified(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` of a file whose archive checksums all match.
+
+    ``torch.save`` writes a zip archive, each record with a CRC-32 of its bytes: a file damaged after it
+    was written (a bad disk, an interrupted copy, bytes overwritten) is refused before anything is read
+    from it. Files in torch's old, non-zip format carry no checksum and are read as they are.
+
+    Raises:
+        CheckpointError: naming the damaged record.
+    """
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+        except Exception as error:  # zipfile and zlib raise several kinds for a damaged archive
+            raise CheckpointError(
+                path, f"is a damaged archive ({brief(error)}). HINT: use another copy of it; it cannot be trusted."
+            ) from error
+        if damaged is not None:
+            raise CheckpointError(
+                path,
+                f"is damaged: the checksum of '{damaged}' inside it does not match its bytes (it changed after it was"
+                " written). HINT: use another copy of it; its numbers cannot be trusted.",
+            )
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def monitor_state(contents: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """The state a ReceptiveFieldMonitor (or a subclass of it) stored in the checkpoint, if any."""
     callbacks = contents.get("callbacks")
@@ -163,7 +208,7 @@ def monitor_state(contents: Mapping[str, Any]) -> Mapping[str, Any] | None:
     )
 
 
-def _named_class(path: Path, contents: Mapping[str, Any], monitor: Mapping[str, Any] | None) -> Any:
+def _named_class(path: Path, contents: Mapping[str, Any], monitor: Mapping[str, Any] | None, import_class: bool) -> Any:
     hyper_parameters = contents.get("hyper_parameters")
     candidates = [
         (monitor or {}).get("model_class"),
@@ -176,6 +221,17 @@ def _named_class(path: Path, contents: Mapping[str, Any], monitor: Mapping[str, 
             "does not name its model class (no ReceptiveFieldMonitor state, no LightningCLI '_class_path')."
             " HINT: name it: model_class=MyModule, or --model package.module:MyModule on the command line.",
         )
+    if not import_class:
+        found = _imported(name)
+        if found is None:
+            raise CheckpointError(
+                path,
+                f"it names its model class '{name}', from a module that is not imported here; importing it would run"
+                " that module's code, which a file must not choose. HINT: name the class yourself: --model"
+                f" {name} (model_class=... in Python), or add --import-class (import_class=True) for a file you"
+                " trust.",
+            )
+        return found
     try:
         return pkgutil.resolve_name(name)
     except (ImportError, AttributeError, ValueError) as error:
@@ -184,6 +240,30 @@ def _named_class(path: Path, contents: Mapping[str, Any], monitor: Mapping[str, 
             f"its model class '{name}' cannot be imported ({brief(error)}). HINT: run"
             " from the project that defines it (or install it), or name the class: --model package.module:Class.",
         ) from error
+
+
+def _imported(name: str) -> Any:
+    """The object ``package.module.Name`` (or ``package.module:Name``) names, found in the modules already imported
+    without running any code (no import, no module ``__getattr__``, no descriptor); ``None`` if it is not there.
+
+    Example::
+        >>> _imported("collections.OrderedDict").__name__, _imported("this.Zen"), _imported("collections.nope")
+        ('OrderedDict', None, None)
+    """
+    module_name, colon, attributes = name.partition(":")
+    parts = module_name.split(".")
+    if colon:
+        start, rest = module_name, attributes.split(".") if attributes else []
+    else:
+        start = next((".".join(parts[:i]) for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in sys.modules), "")
+        rest = parts[len(start.split(".")) :] if start else []
+    obj = sys.modules.get(start)
+    for attribute in rest:
+        try:
+            obj = inspect.getattr_static(obj, attribute)
+        except AttributeError:
+            return None
+    return obj
 
 
 def _name_of(cls: Any) -> str:
@@ -230,7 +310,9 @@ def load_probes(path: str | os.PathLike) -> Tensor:
             " checkpoint with ReceptiveFieldMonitor state."
         )
     try:
-        contents = torch.load(path, map_location="cpu", weights_only=True)
+        contents = _load_verified(path)
+    except CheckpointError as error:
+        raise CompareError(f"probes {error}") from error
     except Exception as error:  # noqa: BLE001 - any failure to read is said in one line
         raise CompareError(f"probes '{path}': cannot be read ({brief(error)}).") from error
     if isinstance(contents, Tensor):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import fnmatch
 import json
 import os
@@ -15,6 +16,7 @@ import pkgutil
 import shlex
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
 
 __all__ = ["main"]
@@ -37,13 +39,44 @@ def import_object(path: str) -> Any:
         sys.path.insert(0, os.getcwd())
     try:
         return pkgutil.resolve_name(path)
-    except ModuleNotFoundError as error:
-        raise CommandError(
-            f"cannot import '{path}': {error}. HINT: run from the folder that holds the module, install its package,"
-            " or write package.module:Name."
-        ) from None
-    except (ImportError, AttributeError, ValueError) as error:
-        raise CommandError(f"cannot import '{path}': {error}. HINT: write package.module:Name.") from None
+    except Exception as error:  # noqa: BLE001 - the module's own code may raise anything: said in one line
+        raise CommandError(f"cannot import '{path}': {_import_problem(path, error)}") from None
+
+
+def _import_problem(path: str, error: Exception) -> str:
+    """What was wrong with ``path``, with close matches where there are some.
+
+    Example::
+        >>> try:
+        ...     pkgutil.resolve_name("collections.OrderdDict")
+        ... except AttributeError as error:
+        ...     print(_import_problem("collections.OrderdDict", error))
+        module 'collections' has no attribute 'OrderdDict'. Did you mean: OrderedDict, UserDict?
+    """
+    dotted = path.replace(":", ".")
+    if isinstance(error, ModuleNotFoundError) and error.name and f"{dotted}.".startswith(f"{error.name}."):
+        parent_name, _, leaf = error.name.rpartition(".")
+        parent = sys.modules.get(parent_name)
+        names = [m.name for m in pkgutil.iter_modules(parent.__path__)] if hasattr(parent, "__path__") else []
+        if not parent_name:
+            return (
+                f"there is no module '{leaf}' here. HINT: give the full path, package.module.Name (e.g."
+                " torchvision.models.resnet18), from the folder that holds the module or with its package installed."
+            )
+        return f"package '{parent_name}' has no module '{leaf}'.{_did_you_mean(leaf, names)}"
+    if isinstance(error, AttributeError) and getattr(error, "name", None) is not None:
+        owner = getattr(error, "obj", None)
+        where = f"module '{owner.__name__}'" if isinstance(owner, ModuleType) else f"'{type(owner).__name__}'"
+        names = [name for name in dir(owner) if not name.startswith("_")]
+        return f"{where} has no attribute '{error.name}'.{_did_you_mean(error.name, names)}"
+    if isinstance(error, ValueError) and "invalid format" in str(error):
+        return "not a Python name. HINT: write package.module.Name or package.module:Name."
+    return f"importing it failed: {type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def _did_you_mean(name: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=5)
+    return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
 def parse_kwargs(pairs: Sequence[str]) -> dict[str, Any]:
@@ -119,8 +152,7 @@ def _table(args: argparse.Namespace) -> int:
         table = receptive_fields(model, args.input_shape, strict=args.strict)
     except (ValueError, TraceError) as error:
         raise CommandError(" ".join(str(error).split())) from None
-    rows = [row for row in table.values() if args.all or _shown(row, args.layers, args.types)]
-    records = [row.to_record() for row in rows]
+    records = [row.to_record() for row in _rows(table, args.layers, args.types, args.all)]
     if args.json:
         print(json.dumps({"model": args.model, "input_shape": list(table.input_shape), "layers": records}, indent=2))
     else:
@@ -150,12 +182,54 @@ ELEMENTWISE = {
 """Module types hidden by default: they never change a receptive field."""
 
 
-def _shown(row: Any, layers: Sequence[str] | None, types: Sequence[str] | None) -> bool:
-    if layers and not any(fnmatch.fnmatchcase(row.name, pattern) for pattern in layers):
-        return False
-    if types:
-        return row.module_type in types
-    return row.module_type not in ELEMENTWISE
+def _rows(table: Any, layers: Sequence[str] | None, types: Sequence[str] | None, every: bool) -> list[Any]:
+    """The rows to print: those whose name (or module name: ``relu`` for ``relu[0]``) matches one of the ``layers``
+    patterns (all rows without any), of one of the ``types`` (any type without any), less the elementwise ones
+    unless ``every`` or ``types`` asks for them.
+
+    Raises:
+        CommandError: for a pattern or type that matches no row (with close matches), or filters that leave no
+            row together.
+    """
+    from rf_callback.table import LayerKey
+
+    rows = list(table.values())
+    names = [row.name for row in rows]
+
+    def matches(name: str, pattern: str) -> bool:  # the row's key or its module's name: relu matches relu[0], relu[1]
+        return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(LayerKey.parse(name).module, pattern)
+
+    for pattern in layers or ():
+        if not any(matches(name, pattern) for name in names):
+            raise CommandError(
+                f"--layers {pattern}: no layer matches.{_did_you_mean(pattern, names)} HINT: names are"
+                " model.named_modules() paths (glob patterns such as 'layer4*'); --json lists them all."
+            )
+    kinds = list(dict.fromkeys(row.module_type for row in rows))
+    for kind in types or ():
+        if kind not in kinds:
+            raise CommandError(
+                f"--types {kind}: no layer of that type.{_did_you_mean(kind, kinds)} Types here: {', '.join(kinds)}."
+            )
+    chosen = [
+        row
+        for row in rows
+        if (not layers or any(matches(row.name, pattern) for pattern in layers))
+        and (not types or row.module_type in types)
+    ]
+    if not chosen:
+        raise CommandError(
+            f"--layers {' '.join(layers or ())} --types {' '.join(types or ())}: no layer matches both. HINT: drop"
+            " one of them, or widen it."
+        )
+    shown = chosen if every or types else [row for row in chosen if row.module_type not in ELEMENTWISE]
+    if not shown:
+        hidden = ", ".join(dict.fromkeys(row.module_type for row in chosen))
+        raise CommandError(
+            f"--layers {' '.join(layers or ())}: matches only rows hidden by default ({hidden}: they never change a"
+            " receptive field). HINT: add --all to show them."
+        )
+    return shown
 
 
 def _unit(text: str) -> str | tuple[int, int]:
@@ -188,6 +262,7 @@ def _compare(args: argparse.Namespace) -> int:
             unit=unit,
             channel=args.channel,
             probes=args.probes,
+            import_class=args.import_class,
         )
         written = write_comparison(comparison, args.out, tensorboard=args.tensorboard)
     except CompareError as error:
@@ -213,9 +288,13 @@ def _parser() -> argparse.ArgumentParser:
     output.add_argument("--markdown", action="store_true", help="a Markdown table")
     table.add_argument("--strict", action="store_true", help="fail at the first unsupported layer")
     table.add_argument("--kwargs", nargs="+", default=[], metavar="KEY=VALUE", help="arguments for the factory")
-    table.add_argument("--layers", nargs="+", metavar="PATTERN", help="only rows whose name matches (glob)")
+    table.add_argument(
+        "--layers", nargs="+", metavar="PATTERN", help="only rows whose name (or module's name) matches (glob)"
+    )
     table.add_argument("--types", nargs="+", metavar="TYPE", help="only rows of these module types, e.g. Conv2d")
-    table.add_argument("--all", action="store_true", help="every row, BatchNorm, activations and dropout included")
+    table.add_argument(
+        "--all", action="store_true", help="also the rows hidden by default: BatchNorm, activations, dropout"
+    )
     table.set_defaults(run=_table)
 
     compare = commands.add_parser(
@@ -225,6 +304,11 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", required=True, metavar="DIR", help="folder for the figures and tables")
     compare.add_argument(
         "--model", metavar="CLASS", help="the LightningModule, package.module:Class (default: named in the checkpoint)"
+    )
+    compare.add_argument(
+        "--import-class",
+        action="store_true",
+        help="import the module of the class the checkpoint names (runs its code: only for files you trust)",
     )
     compare.add_argument(
         "--layers",

@@ -155,12 +155,14 @@ def compare_checkpoints(
     unit: Unit | None = None,
     channel: int | None = None,
     probes: Tensor | str | os.PathLike | None = None,
+    import_class: bool = False,
 ) -> Comparison:
     """Load checkpoints and compute the receptive maps of the same probes at the layers they share.
 
     Args:
         checkpoints: Lightning checkpoint files, in the order to show them.
-        model_class: the LightningModule class of every checkpoint (default: the one each names).
+        model_class: the LightningModule class of every checkpoint (default: the one each names, found
+            among the modules already imported).
         layers: layer names (keys of :func:`~rf_callback.receptive_fields`); each must be in every
             checkpoint. Default: the layers each checkpoint's ReceptiveFieldMonitor watched (else every
             convolution and pooling layer), those all share compared, the others listed in ``missing``.
@@ -170,6 +172,8 @@ def compare_checkpoints(
         probes: a tensor ``(N, C, H, W)``; a file holding one (``torch.save``) or a checkpoint with
             ReceptiveFieldMonitor state. Default: the probes the first checkpoint's
             ReceptiveFieldMonitor stored.
+        import_class: import the module of the class a checkpoint names when it is not imported yet (that
+            runs its code: only for files you trust; see :func:`~rf_callback.checkpoints.load_checkpoint`).
 
     Returns:
         A :class:`Comparison`.
@@ -187,7 +191,10 @@ def compare_checkpoints(
     if not checkpoints:
         raise CompareError("compare_checkpoints: give at least one checkpoint file.")
     paths = [Path(path) for path in checkpoints]
-    loaded = tuple(load_checkpoint(p, model_class, label) for p, label in zip(paths, checkpoint_labels(paths)))
+    loaded = tuple(
+        load_checkpoint(p, model_class, label, import_class=import_class)
+        for p, label in zip(paths, checkpoint_labels(paths))
+    )
     first = loaded[0].monitor or {}
     if unit is None:
         unit = first.get("unit", "center")

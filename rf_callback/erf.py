@@ -8,6 +8,7 @@ of shape ``(N, L, *spatial)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ __all__ = [
     "ERFStats",
     "check_threshold_and_mass",
     "erf_stats",
+    "finite_maps",
+    "finite_mean",
     "mass_areas",
     "mean_area_key",
 ]
@@ -51,8 +54,12 @@ class ERFStats:
         mass_fraction: ``mass_side / rf_side`` (may exceed 1 near the border, where cubes are cut).
         extent: (N, L, d): per axis, the length of the interval that bounds the pixels above the threshold.
         dead: True where the map is all zero (a dead unit); every statistic is 0 there.
-        mean_areas: (L, S): for the probes' mean map, the fraction of the input that holds each of
-            ``shares`` of its mass, pixels taken from the largest down (:func:`mass_areas`).
+        finite: False where the map holds NaN or infinite values (the model's values or gradients
+            overflowed or divided by zero): every per-probe statistic is NaN there, and the map is left
+            out of the means and of ``mean_areas``; it is not dead.
+        mean_areas: (L, S): for the probes' mean map (of the finite maps), the fraction of the input that
+            holds each of ``shares`` of its mass, pixels taken from the largest down (:func:`mass_areas`);
+            NaN for a layer without a finite map.
         threshold: the fraction of the peak used for ``count``.
         mass: the fraction of the total used for ``mass_side``.
         shares: the shares of ``mean_areas``.
@@ -69,25 +76,32 @@ class ERFStats:
     mass: float
     extent: Tensor
     mean_areas: Tensor
+    finite: Tensor
     shares: tuple[float, ...] = MASS_SHARES
 
     def mean(self) -> dict[str, Tensor]:
-        """Each statistic averaged over the probes whose unit is alive, shape (L,); 0 where all are dead.
+        """Each statistic averaged over the probes whose map is finite and alive, shape (L,); 0 where all
+        finite maps are dead, NaN where no map is finite.
 
         Keys: ``count``, ``size``, ``mass_side``, ``rf_side``, ``size_fraction``, ``mass_fraction`` (the
         attributes above), ``extent`` (shape (L, d)), ``dead_fraction`` (the share of probes whose map is
-        all zero) and ``mean_area_<p>`` for each share ``p`` percent of :attr:`shares` (already per layer).
+        all zero), ``non_finite_fraction`` (the share whose map holds NaN or inf) and ``mean_area_<p>`` for
+        each share ``p`` percent of :attr:`shares` (already per layer).
         """
-        alive = (~self.dead).to(self.size.dtype)
+        alive = (~self.dead & self.finite).to(self.size.dtype)
         counted = alive.sum(0)
+        none_finite = ~self.finite.any(0)
         result = {}
         for name in ("count", "size", "mass_side", "rf_side", "size_fraction", "mass_fraction", "extent"):
             values = getattr(self, name)
             weights = alive if values.dim() == 2 else alive[..., None]
-            total = (values * weights).sum(0)
+            total = torch.nan_to_num(values * weights).sum(0)  # NaN * 0 is NaN: a non-finite map weighs nothing
             alive_layers = counted if values.dim() == 2 else counted[..., None]
-            result[name] = torch.where(alive_layers > 0, total / alive_layers.clamp(min=1), torch.zeros_like(total))
+            mean = torch.where(alive_layers > 0, total / alive_layers.clamp(min=1), torch.zeros_like(total))
+            unknown = none_finite if values.dim() == 2 else none_finite[..., None]
+            result[name] = mean.masked_fill(unknown, math.nan)
         result["dead_fraction"] = self.dead.to(self.size.dtype).mean(0)
+        result["non_finite_fraction"] = (~self.finite).to(self.size.dtype).mean(0)
         for index, share in enumerate(self.shares):
             result[mean_area_key(share)] = self.mean_areas[:, index]
         return result
@@ -125,6 +139,8 @@ def erf_stats(
 ) -> ERFStats:
     """ERF statistics of saliency maps (N, L, *spatial), with the boxes (N, L, 2d) and centres (N, L, d).
 
+    A map holding NaN or inf values gets NaN statistics and is left out of the means (``finite``).
+
     Example::
         >>> maps = torch.zeros(1, 2, 9, 9)
         >>> maps[0, 0, 3:6, 3:6] = 1.0  # a 3x3 plateau; the second map is dead
@@ -136,8 +152,12 @@ def erf_stats(
     count_probes, layers, *spatial = maps.shape
     dims = len(spatial)
     expand = (1,) * dims
+    finite = finite_maps(maps)
+    mean_map = finite_mean(maps, finite)
+    if not bool(finite.all()):
+        maps = torch.where(finite.view(count_probes, layers, *expand), maps, 0.0)  # their statistics are NaN below
     peak = maps.flatten(2).amax(2)
-    dead = ~(peak > 0)
+    dead = ~(peak > 0) & finite
     limit = threshold * peak.view(count_probes, layers, *expand)
     count = (maps > limit).flatten(2).sum(2).float()
     count = torch.where(dead, torch.zeros_like(count), count)
@@ -176,20 +196,56 @@ def erf_stats(
     rf_side = _side(volume, dims)
     safe = rf_side.clamp(min=1)
     zero = torch.zeros_like(size)
+    unknown = ~finite
+
+    def per_probe(values: Tensor) -> Tensor:
+        return values.masked_fill(unknown if values.dim() == 2 else unknown[..., None], math.nan)
+
     return ERFStats(
-        count=count,
-        size=size,
-        mass_side=mass_side,
+        count=per_probe(count),
+        size=per_probe(size),
+        mass_side=per_probe(mass_side),
         rf_side=rf_side,
-        size_fraction=torch.where(rf_side > 0, size / safe, zero),
-        mass_fraction=torch.where(rf_side > 0, mass_side / safe, zero),
+        size_fraction=per_probe(torch.where(rf_side > 0, size / safe, zero)),
+        mass_fraction=per_probe(torch.where(rf_side > 0, mass_side / safe, zero)),
         dead=dead,
         threshold=threshold,
         mass=mass,
-        extent=extent,
-        mean_areas=mass_areas(maps.mean(0), shares),
+        extent=per_probe(extent),
+        mean_areas=mass_areas(mean_map, shares),
+        finite=finite,
         shares=tuple(shares),
     )
+
+
+def finite_maps(maps: Tensor) -> Tensor:
+    """(N, L) bool: whether each map of ``maps`` ``(N, L, *spatial)`` holds only finite values.
+
+    One sum first: a NaN or an infinity anywhere makes it non-finite, so a finite sum (nearly always) needs no
+    look at each value.
+
+    Example::
+        >>> finite_maps(torch.tensor([[[1.0, -2.0]], [[math.inf, 0.0]]])).tolist()
+        [[True], [False]]
+    """
+    if bool(torch.isfinite(maps.sum())):
+        return torch.ones(maps.shape[:2], dtype=torch.bool)
+    return torch.isfinite(maps).flatten(2).all(2).cpu()
+
+
+def finite_mean(maps: Tensor, finite: Tensor) -> Tensor:
+    """The mean over probes of maps ``(N, L, *spatial)`` whose ``finite`` (N, L) is True: (L, *spatial), NaN
+    for a layer without one.
+
+    Example::
+        >>> finite_mean(torch.tensor([[[1.0, 3.0]], [[math.nan, 0.0]]]), torch.tensor([[True], [False]])).tolist()
+        [[1.0, 3.0]]
+    """
+    if bool(finite.all()):
+        return maps.mean(0)
+    expand = (1,) * (maps.dim() - 2)
+    kept = torch.where(finite.view(*finite.shape, *expand), maps, 0.0)
+    return kept.sum(0) / finite.sum(0).view(-1, *expand)
 
 
 def _side(volume: Tensor, dims: int) -> Tensor:
@@ -203,7 +259,7 @@ def mass_areas(maps: Tensor, shares: Sequence[float] = MASS_SHARES) -> Tensor:
     """For each map (L, *spatial), the fraction of its pixels, largest first, that holds each share of its mass.
 
     A compact map (a peak) needs few pixels, a flat one many: for a uniform map, a share ``p`` of the
-    mass needs a share ``p`` of the pixels. An all-zero map gives 0.
+    mass needs a share ``p`` of the pixels. An all-zero map gives 0, a map holding NaN or inf NaN.
 
     Returns:
         float32 (L, len(shares)), each in (0, 1].
@@ -218,6 +274,9 @@ def mass_areas(maps: Tensor, shares: Sequence[float] = MASS_SHARES) -> Tensor:
     flat = maps.float().flatten(1)
     fractions = torch.zeros(len(flat), len(shares))
     for row, values in enumerate(flat):  # only the nonzero pixels are sorted: shallow layers' maps are small
+        if not torch.isfinite(values).all():
+            fractions[row] = math.nan
+            continue
         values = values[values > 0].sort(descending=True).values
         if len(values):
             cumulative = values.cumsum(0)

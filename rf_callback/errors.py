@@ -13,6 +13,7 @@ from typing import Any
 __all__ = [
     "CheckpointError",
     "CompareError",
+    "DiskSpaceError",
     "MisalignedBranchesError",
     "TraceError",
     "UnsupportedLayerError",
@@ -65,6 +66,10 @@ class MisalignedBranchesError(ValueError):
             " line up and no single receptive field describes the result. HINT: resample the branches to"
             " the same stride before merging them, or leave this layer out."
         )
+
+
+class DiskSpaceError(OSError):
+    """A destination's disk is full, or nearly: its images stop for the rest of the run (its scalars go on)."""
 
 
 class TraceError(RuntimeError):

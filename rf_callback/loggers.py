@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
 from lightning.pytorch import Trainer
@@ -11,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from rf_callback.destinations import (
     Destination,
+    MetricsDestination,
     MLflowDestination,
     PngFolderDestination,
     TensorBoardDestination,
@@ -26,8 +26,9 @@ def destinations_for(trainer: Trainer) -> list[Destination]:
 
     TensorBoard, Weights & Biases and MLflow loggers get images, scalars and tables in their own run;
     scalars go through the logger's ``log_metrics``, so its prefix and step bookkeeping apply. The
-    other loggers (``CSVLogger``, custom ones) get the scalars, and the images and tables, which they
-    cannot hold, go as files to one folder under the first one's log directory, with one warning.
+    other loggers (``CSVLogger``, custom ones) get the scalars, each as a destination of its own (one
+    that fails is named, and stops no other), and the images and tables, which they cannot hold, go as
+    files to one folder under the first one's log directory, with one warning.
     """
     destinations: list[Destination] = []
     others: list[Logger] = []
@@ -47,12 +48,11 @@ def destinations_for(trainer: Trainer) -> list[Destination]:
             others.append(logger)
     if others:
         folder = Path(getattr(others[0], "log_dir", None) or others[0].save_dir or trainer.default_root_dir)
-
-        def log_metrics(values: Mapping[str, float], step: int) -> None:
-            for logger in others:
-                logger.log_metrics(values, step)
-
-        destinations.append(PngFolderDestination(folder, log_metrics))
+        for logger in others:
+            where = getattr(logger, "log_dir", None) or logger.save_dir
+            name = f"{type(logger).__name__}{f' ({where})' if where else ''}"
+            destinations.append(MetricsDestination(logger.log_metrics, name))
+        destinations.append(PngFolderDestination(folder, scalars=False))
         kinds = ", ".join(type(logger).__name__ for logger in others)
         rank_zero_warn(
             f"ReceptiveFieldMonitor: {kinds} cannot hold images, so they are written as"

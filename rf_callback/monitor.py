@@ -29,26 +29,37 @@ every rank, then call ``log`` on every rank at the same steps, with rank zero's 
 from __future__ import annotations
 
 import contextlib
+import math
+import shutil
+import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from rf_callback.destinations import Destination, TensorBoardDestination
+from rf_callback.destinations import Destination, TensorBoardDestination, no_space_left
 from rf_callback.erf import LUO_THRESHOLD, MASS_SHARES, check_threshold_and_mass, mean_area_key
-from rf_callback.errors import TraceError
+from rf_callback.errors import DiskSpaceError, TraceError
 from rf_callback.probes import Probes, as_probes
 from rf_callback.render import figure_image, layer_image, mean_image, summary_figure
 from rf_callback.report import COLUMNS, table_rows, unsupported_notes
-from rf_callback.saliency import ReceptiveMaps, receptive_maps
+from rf_callback.saliency import NonFiniteMapWarning, ReceptiveMaps, _receptive_maps
 from rf_callback.selection import Unit, check_channel, check_unit, check_unit_fits, resolve_layers
 from rf_callback.sharding import gathered, sharding_of
 from rf_callback.table import ReceptiveFieldTable, receptive_fields, unwrap_model
 
-__all__ = ["DESCRIPTIONS", "STATISTICS", "TAG", "ProbeMonitor", "eager", "layer_tag"]
+__all__ = ["DESCRIPTIONS", "MIN_FREE_MB", "STATISTICS", "TAG", "ProbeMonitor", "eager", "layer_tag"]
 
-OnError = Callable[["Destination", Exception], None]
+OnError = Callable[["Destination | None", str, Exception], None]
+"""Called with the destination (``None`` for a picture that could not be drawn), what could not be written or
+drawn (in words, naming the layer) and the error."""
+
+MIN_FREE_MB = 64.0
+"""Disk space (MB) images never eat into: a destination's images stop for the run rather than leave less than
+this free on its disk, for the run's own logs and checkpoints."""
 
 TAG = "receptive_field"
 """Every tag starts with this: images ``receptive_field/<k>_<layer>`` (and ``.../mean``), scalars ``.../<statistic>``."""
@@ -59,6 +70,10 @@ STATISTICS = {
     "erf_mass_side": ("mass_side", "Side (input px) of the square around the unit's centre holding 95% of the map."),
     "erf_mass_fraction": ("mass_fraction", "ERF mass side divided by the side of the analytic receptive field."),
     "dead_fraction": ("dead_fraction", "Share of probes whose unit has an all-zero map (logged only when nonzero)."),
+    "non_finite_fraction": (
+        "non_finite_fraction",
+        "Share of probes whose map holds NaN or inf, left out of the other statistics (logged only when nonzero).",
+    ),
     **{
         f"erf_{mean_area_key(share)}": (
             mean_area_key(share),
@@ -91,6 +106,13 @@ class ProbeMonitor:
     one of the probes' mean map (``.../mean``, Luo et al.'s averaged ERF) and the ERF statistics.
     Images, 1-D signals and 3-D volumes alike (see :func:`~rf_callback.render.layer_image`).
 
+    Every item (the scalars, each image, each table) goes to each destination on its own: one that fails
+    costs only itself, and ``on_error`` names it. A pass's images take at most ``max_image_mb`` MB of
+    pixels (PNG writes them in less); the layers beyond are not drawn, with one warning. Before writing
+    images to a folder on this machine, the free space is checked: a destination's images stop for the
+    run, with one ``on_error`` call, rather than leave less than :data:`MIN_FREE_MB` free (its scalars
+    still go). When a write finds the disk full all the same, nothing more goes to that destination.
+
     Args:
         model: the network; ``model(probes)`` must run.
         probes: a tensor ``(N, C, H, W)`` (``(N, C, L)`` or ``(N, C, D, H, W)`` for 1-D or 3-D models) or
@@ -103,6 +125,7 @@ class ProbeMonitor:
         threshold: fraction of a map's peak for the ERF pixel count (Luo et al.'s 1 - 95.45%).
         mass: fraction of the saliency the ERF mass square must hold.
         tile: screen pixels per probe side in the images (inputs are scaled by a whole factor to fit).
+        max_image_mb: the most image pixels (3 bytes each, in MB) one pass draws and writes.
 
     Raises:
         ValueError: for a bad argument, unknown layers (listed with the valid ones), a unit or
@@ -127,13 +150,17 @@ class ProbeMonitor:
         threshold: float = LUO_THRESHOLD,
         mass: float = 0.95,
         tile: int = 128,
+        max_image_mb: float = 64.0,
     ) -> None:
         self.unit = check_unit(unit)
         self.channel = check_channel(channel)
         self.threshold, self.mass = check_threshold_and_mass(threshold, mass)
         if not isinstance(tile, int) or tile < 16:
             raise ValueError(f"tile={tile!r}: screen pixels per probe side, an int >= 16.")
+        if not isinstance(max_image_mb, (int, float)) or isinstance(max_image_mb, bool) or not max_image_mb > 0:
+            raise ValueError(f"max_image_mb={max_image_mb!r}: the most MB of image pixels per pass, a number > 0.")
         self.tile = tile
+        self.max_image_mb = float(max_image_mb)
         self.model = model
         self.probes = as_probes(probes)
         self.table = self._trace()
@@ -141,6 +168,9 @@ class ProbeMonitor:
         self._check_units_and_channels()
         self.tags = {layer: layer_tag(index, layer) for index, layer in enumerate(self.layers)}
         self._wrapped: dict[int, tuple[Any, Destination]] = {}  # id(SummaryWriter) -> (it, its destination)
+        self._images_stopped: set[int] = set()  # id() of the destinations whose disk is nearly full: no more images
+        self._full: set[int] = set()  # id() of the destinations whose disk is full: nothing more at all
+        self._said: set[str] = set()  # the warnings given, not repeated every pass
 
     def _trace(self) -> ReceptiveFieldTable:
         shape = tuple(self.probes.images.shape[1:])
@@ -148,8 +178,7 @@ class ProbeMonitor:
             with eager():
                 return receptive_fields(self.model, shape, strict=False)
         except TraceError as error:
-            hint = _channel_hint(self.model, shape)
-            raise ValueError(f"probes of shape {tuple(self.probes.images.shape)}: {hint}{error}") from error
+            raise ValueError(f"probes of shape {tuple(self.probes.images.shape)}: {error}") from error
 
     def _check_units_and_channels(self) -> None:
         for layer in self.layers:
@@ -173,7 +202,9 @@ class ProbeMonitor:
 
         When the parameters are sharded (FSDP2, FSDP, DeepSpeed ZeRO-3) every rank must call it at the same
         point: the full parameters are gathered (:func:`~rf_callback.sharding.gathered`), rank zero computes
-        the maps on a twin holding them and returns them; the other ranks return ``None`` at once.
+        the maps on a twin holding them and returns them; the other ranks return ``None`` at once. Maps
+        holding NaN or inf get one :class:`~rf_callback.saliency.NonFiniteMapWarning`, repeated only when
+        what it says changes.
         """
         model = unwrap_model(self.model)
         sharding = sharding_of(model)
@@ -181,7 +212,7 @@ class ProbeMonitor:
             if whole is None:
                 return None
             with eager():
-                return receptive_maps(
+                result, non_finite = _receptive_maps(
                     whole,
                     self.probes.images,
                     self.layers,
@@ -191,35 +222,67 @@ class ProbeMonitor:
                     mass=self.mass,
                     table=self.table,
                 )
+        if non_finite is not None:
+            self._say(non_finite, NonFiniteMapWarning)
+        return result
 
-    def images(self, result: ReceptiveMaps) -> dict[str, Tensor]:
+    def images(self, result: ReceptiveMaps, on_error: OnError | None = None) -> dict[str, Tensor]:
         """Two uint8 images ``(3, H, W)`` per layer: under its tag every probe with its heatmap, box, centre
-        and caption; under ``<tag>/mean`` the probes' mean map, with the box when every unit has the same."""
-        images, labels = self.probes.images, self.probes.labels
-        drawn = {}
+        and caption; under ``<tag>/mean`` the probes' mean map, with the box when every unit has the same.
+
+        Probes whose map holds NaN or inf are drawn marked so, and left out of the mean. Layers are drawn in
+        order while their pixels fit ``max_image_mb``; the rest are left out with one warning. A layer that
+        cannot be drawn is left out and given to ``on_error`` (``None`` raises).
+        """
+        drawn: dict[str, Tensor] = {}
         means = result.mean_maps
+        budget, used = self.max_image_mb * 1e6, 0
         for k, layer in enumerate(result.layers):
-            tag, analytic = self.tags[layer], result.analytic[k]
-            drawn[tag] = layer_image(
-                images, result.maps[:, k], result.boxes[:, k], result.centers[:, k],
-                labels=labels, tile=self.tile, analytic=analytic,
-            )  # fmt: skip
-            same = bool((result.units[:, k] == result.units[0, k]).all())
-            center = result.centers[0, k] if same else _peak(means[k])
-            drawn[f"{tag}/mean"] = mean_image(
-                means[k], result.boxes[0, k] if same else None, center,
-                probes=len(images), analytic=analytic, tile=self.tile,
-            )  # fmt: skip
+            tag = self.tags[layer]
+            try:
+                grid, mean = self._draw(result, k, means[k])
+            except Exception as error:  # one layer's picture costs only itself, and is reported
+                if on_error is None:
+                    raise
+                on_error(None, f"the images of layer {layer!r} ({tag})", error)
+                continue
+            used += grid.numel() + mean.numel()
+            if used > budget:
+                left = result.layers[k:]
+                self._say(
+                    f"ProbeMonitor: the images of {len(left)} layer{'s' * (len(left) > 1)} ({', '.join(left[:5])}"
+                    f"{', ...' if len(left) > 5 else ''}) are not drawn: one pass's images would take more than"
+                    f" max_image_mb={self.max_image_mb:g} MB of pixels. Their scalars are logged. HINT: raise"
+                    " max_image_mb, or monitor fewer layers or probes."
+                )
+                break
+            drawn[tag], drawn[f"{tag}/mean"] = grid, mean
         return drawn
 
+    def _draw(self, result: ReceptiveMaps, k: int, mean: Tensor) -> tuple[Tensor, Tensor]:
+        """The ``k``-th layer's two pictures: every probe, and the probes' ``mean`` map."""
+        analytic, finite = result.analytic[k], result.finite[:, k]
+        grid = layer_image(
+            self.probes.images, result.maps[:, k], result.boxes[:, k], result.centers[:, k],
+            labels=self.probes.labels, tile=self.tile, analytic=analytic, finite=finite,
+        )  # fmt: skip
+        same = bool((result.units[:, k] == result.units[0, k]).all())
+        center = result.centers[0, k] if same or not bool(finite.any()) else _peak(mean)
+        mean_picture = mean_image(
+            mean, result.boxes[0, k] if same else None, center,
+            probes=int(finite.sum()), analytic=analytic, tile=self.tile,
+        )  # fmt: skip
+        return grid, mean_picture
+
     def scalars(self, result: ReceptiveMaps) -> dict[str, float]:
-        """The ERF statistics, averaged over the probes, by tag (``dead_fraction`` only where nonzero)."""
+        """The ERF statistics, averaged over the probes whose map is finite, by tag (``dead_fraction`` and
+        ``non_finite_fraction`` only where nonzero; none of a layer without a finite map but the latter)."""
         means = result.erf.mean()
         values = {}
         for k, layer in enumerate(result.layers):
             for name, (key, _) in STATISTICS.items():
                 value = float(means[key][k])
-                if name != "dead_fraction" or value > 0:
+                if not math.isnan(value) and (name not in ("dead_fraction", "non_finite_fraction") or value > 0):
                     values[f"{self.tags[layer]}/{name}"] = value
         return values
 
@@ -233,21 +296,23 @@ class ProbeMonitor:
             destinations: a ``SummaryWriter``, a :class:`~rf_callback.destinations.Destination`, a list, or
                 ``None`` (compute only).
             step: the step to log at.
-            on_error: called with ``(destination, error)`` when one destination fails, so that the
-                others still get their share; ``None`` raises.
+            on_error: called with ``(destination, what, error)`` for each item a destination fails to write
+                (``what`` names it: the scalars, the image of a layer...), and with ``(None, what, error)``
+                for a layer whose picture cannot be drawn, so that the other items and destinations still
+                get written; ``None`` raises.
         """
         result = self.compute()
         targets = self._as_destinations(destinations)
         if result is None or not targets:
             return result
-        images, scalars = self.images(result), self.scalars(result)
-
-        def write(destination: Destination) -> None:
-            destination.add_scalars(scalars, step)
-            for tag, image in images.items():
-                destination.add_image(tag, image, step)
-
-        _send(targets, write, on_error)
+        images, scalars = self.images(result, on_error), self.scalars(result)
+        layers = {tag: layer for layer, tag in self.tags.items()}
+        items = [_Item("the ERF statistics (scalars)", lambda d: d.add_scalars(scalars, step))]
+        for tag, image in images.items():
+            layer = layers[tag.removesuffix("/mean")]
+            what = f"the {'mean image' if tag.endswith('/mean') else 'image'} of layer {layer!r} ({tag})"
+            items.append(_Item(what, lambda d, tag=tag, image=image: d.add_image(tag, image, step), image.numel()))
+        self._send(targets, items, on_error)
         return result
 
     def log_table(self, destinations: Any, step: int = 0, on_error: OnError | None = None) -> None:
@@ -256,15 +321,80 @@ class ProbeMonitor:
         every = [row.to_record() for row in self.table.values()]
         notes = unsupported_notes(every)
         chart = figure_image(summary_figure(monitored))
+        items = [
+            _Item(f"the table {TAG}/table", lambda d: d.add_table(f"{TAG}/table", COLUMNS, table_rows(monitored), step)),
+            _Item(
+                f"the table {TAG}/table_all_layers",
+                lambda d: d.add_table(f"{TAG}/table_all_layers", COLUMNS, table_rows(every), step),
+            ),
+        ]
+        if notes:
+            text = "\n".join(f"* {note}" for note in notes)
+            items.append(_Item(f"the notes {TAG}/unsupported", lambda d: d.add_text(f"{TAG}/unsupported", text, step)))
+        items.append(
+            _Item(f"the chart {TAG}/summary", lambda d: d.add_image(f"{TAG}/summary", chart, step), chart.numel())
+        )
+        self._send(self._as_destinations(destinations), items, on_error)
 
-        def write(destination: Destination) -> None:
-            destination.add_table(f"{TAG}/table", COLUMNS, table_rows(monitored), step)
-            destination.add_table(f"{TAG}/table_all_layers", COLUMNS, table_rows(every), step)
-            if notes:
-                destination.add_text(f"{TAG}/unsupported", "\n".join(f"* {note}" for note in notes), step)
-            destination.add_image(f"{TAG}/summary", chart, step)
+    def _send(self, destinations: list[Destination], items: list[_Item], on_error: OnError | None) -> None:
+        """Each item to each destination, on its own, then flush it; with ``on_error``, a failure costs only its
+        item (all of the destination's remaining items when it raises the very same error again: a broken
+        writer). A destination's images stop for the run when its disk is nearly full; everything stops when a
+        write finds it full, so that the room left stays for the run's own logs."""
+        pixels = sum(item.image_bytes for item in items)
+        for destination in destinations:
+            if id(destination) in self._full:
+                continue
+            seen: list[Exception] = []
+            if pixels and id(destination) not in self._images_stopped:
+                short = _short_of_space(destination, pixels)
+                if short is not None:
+                    self._images_stopped.add(id(destination))
+                    self._failed(destination, "images", DiskSpaceError(short), seen, on_error)
+            for item in items:
+                if item.image_bytes and id(destination) in self._images_stopped:
+                    continue
+                try:
+                    item.write(destination)
+                except Exception as error:  # noqa: BLE001 - each destination's failure is reported, never swallowed
+                    if self._failed(destination, item.what, error, seen, on_error):
+                        break
+            if id(destination) in self._full:
+                continue
+            try:
+                destination.flush()
+            except Exception as error:  # noqa: BLE001 - as above
+                self._failed(destination, "what it buffered", error, seen, on_error)
 
-        _send(self._as_destinations(destinations), write, on_error)
+    def _failed(
+        self, destination: Destination, what: str, error: Exception, seen: list[Exception], on_error: OnError | None
+    ) -> bool:
+        """Report a failed write (raise it without ``on_error``); True when the destination's remaining items are to
+        be skipped: this error was already seen there in this pass (a broken writer), or its disk is full."""
+        if on_error is None:
+            raise error
+        if any(error is earlier for earlier in seen):
+            return True
+        seen.append(error)
+        if no_space_left(error) and not isinstance(error, DiskSpaceError):
+            self._full.add(id(destination))
+            recovery = getattr(destination, "recovery", None)
+            full = DiskSpaceError(
+                f"no space left on the disk while writing {what}: nothing more goes to {destination.describe()} in"
+                " this run (images, scalars, tables), so that the room left stays for the run's own logs"
+                f"{f'; {recovery}' if recovery else ''}. HINT: free space on that disk, or log to another one."
+            )
+            full.__cause__ = error
+            on_error(destination, what, full)
+            return True
+        on_error(destination, what, error)
+        return False
+
+    def _say(self, message: str, category: type[Warning] = UserWarning) -> None:
+        """Warn, once per message."""
+        if message not in self._said:
+            self._said.add(message)
+            warnings.warn(message, category, stacklevel=3)
 
     def _as_destinations(self, value: Any) -> list[Destination]:
         """``value`` as destinations; a ``SummaryWriter`` becomes one :class:`TensorBoardDestination`, kept for
@@ -301,26 +431,38 @@ def _peak(values: Tensor) -> Tensor:
     return torch.tensor(coordinates[::-1], dtype=torch.float32)
 
 
-def _channel_hint(model: nn.Module, shape: tuple[int, ...]) -> str:
-    """A sentence naming the channels the model's first convolution or linear layer takes, when it disagrees."""
-    first = next(
-        (m for m in unwrap_model(model).modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))), None
+@dataclass(frozen=True)
+class _Item:
+    """One thing a pass writes to each destination."""
+
+    what: str  # in words, for messages: "the image of layer 'conv1' (receptive_field/00_conv1)"
+    write: Callable[[Destination], None]
+    image_bytes: int = 0  # its pixels' bytes, for an image: stopped with the others when the disk is full
+
+
+def _short_of_space(destination: Destination, image_bytes: int) -> str | None:
+    """Why ``image_bytes`` more would leave less than :data:`MIN_FREE_MB` free on the destination's disk, or None."""
+    where = getattr(destination, "local_folder", None)
+    folder = where() if callable(where) else None
+    if folder is None:
+        return None
+    free = _free_bytes(Path(folder))
+    if free is None or free - image_bytes >= MIN_FREE_MB * 1e6:
+        return None
+    return (
+        f"only {free / 1e6:.1f} MB free on the disk of {folder}; this pass's images take up to {image_bytes / 1e6:.1f}"
+        f" MB and {MIN_FREE_MB:g} MB are left for the run's own logs and checkpoints: images to"
+        f" {destination.describe()} stop for the rest of this run; scalars still go. HINT: free space on that disk,"
+        " or log to another one."
     )
-    wanted = getattr(first, "in_channels", None)
-    if wanted is not None and wanted != shape[0]:
-        return f"the model's first convolution takes {wanted} channels, the probes have {shape[0]}. "
-    return ""
 
 
-def _send(destinations: list[Destination], write: Callable[[Destination], None], on_error: OnError | None) -> None:
-    """``write`` to every destination, then flush it; with ``on_error``, one that fails stops no other."""
-    for destination in destinations:
-        try:
+def _free_bytes(folder: Path) -> int | None:
+    """Free bytes on the disk holding ``folder`` (or its nearest existing parent); None if that cannot be known."""
+    for candidate in (folder, *folder.absolute().parents):
+        if candidate.exists():
             try:
-                write(destination)
-            finally:
-                destination.flush()
-        except Exception as error:
-            if on_error is None:
-                raise
-            on_error(destination, error)
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, Subset, TensorDataset
 
-__all__ = ["Probes", "as_probes", "probe_source", "probes_from_dataset"]
+__all__ = ["Probes", "as_probes", "check_finite", "probe_source", "probes_from_dataset"]
 
 SCAN_ITEMS = 20_000
 """At most this many items are read to find the classes of a dataset without a label array."""
@@ -60,6 +60,27 @@ class Probes:
             value = getattr(self, name)
             if value is not None and len(value) != len(self.images):
                 raise ValueError(f"Probes: {len(self.images)} images but {len(value)} {name}.")
+        check_finite(self.images)
+
+
+def check_finite(images: Tensor) -> None:
+    """A ``ValueError`` naming the probes of ``images`` ``(N, C, ...)`` that hold NaN or infinite values.
+
+    Example::
+        >>> check_finite(torch.tensor([[[0.0, 1.0]], [[float("nan"), 0.0]]]))
+        Traceback (most recent call last):
+        ValueError: probes hold NaN or infinite values (probe 1), so every map of them would too. HINT: give finite \
+images (torch.nan_to_num), or other probes.
+    """
+    if not images.is_floating_point() and not images.is_complex():
+        return
+    bad = (~torch.isfinite(images.detach()).flatten(1).all(1)).nonzero().flatten().tolist()
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise ValueError(
+            f"probes hold NaN or infinite values (probe{'s' if len(bad) > 1 else ''} {shown}), so every map of them"
+            " would too. HINT: give finite images (torch.nan_to_num), or other probes."
+        )
 
 
 def probe_source(value: Any) -> tuple[Probes | None, list[int] | None]:

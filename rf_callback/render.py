@@ -118,6 +118,11 @@ WHOLE = {1: "whole signal", 2: "whole image", 3: "whole volume"}
 NOT_ANALYTIC = "no analytic RF"
 """The caption of a probe at a layer without an analytic receptive field (no box drawn)."""
 
+NON_FINITE = "non-finite map"
+"""The caption of a probe whose map holds NaN or inf (drawn without heat or box)."""
+NON_FINITE_MEAN = "no finite map"
+"""The caption of a mean map when no probe's map is finite."""
+
 Notes = list[str | None]
 """Per probe: ``None`` to draw the box and ticks, or the note written instead (``"whole image"``...)."""
 
@@ -133,6 +138,7 @@ def layer_image(
     nrow: int | None = None,
     analytic: bool = True,
     cmap: str = "inferno",
+    finite: Sequence[bool] | Tensor | None = None,
 ) -> Tensor:
     """One layer's picture for inputs with 1, 2 or 3 spatial axes: what the monitor logs, uint8 ``(3, H, W)``.
 
@@ -155,6 +161,8 @@ def layer_image(
         analytic: whether ``boxes`` are analytic receptive fields; ``False`` (a layer the tracer cannot
             follow, whose box is the whole input): no box, and the captions say so.
         cmap: a matplotlib colour map name.
+        finite: per probe, whether its map is finite; a map holding NaN or inf is drawn without heat or box,
+            its caption saying "non-finite map" (default: read from ``maps``).
 
     Raises:
         ValueError: if the shapes disagree, or the maps have not 1, 2 or 3 spatial axes.
@@ -168,7 +176,9 @@ def layer_image(
         (torch.uint8, (3, 153, 606), (3, 200, 330))
     """
     count, spatial = _check(images, maps, boxes, centers, labels, None, tile, "layer_image")
-    notes = _notes(boxes, spatial, analytic, None)
+    kept = _finite(maps, finite)
+    notes = _notes(boxes, spatial, analytic, None, kept)
+    maps = _blank_non_finite(maps, kept)
     return _GRIDS[len(spatial)](images, maps, boxes, centers, labels, tile, nrow, notes, cmap)
 
 
@@ -203,21 +213,50 @@ def mean_image(
     boxes = (whole if box is None else torch.as_tensor(box)).reshape(1, -1)
     labels = [f"mean of {probes} probe{'s' if probes != 1 else ''}"]
     _check(None, mean[None], boxes, center.reshape(1, -1), labels, None, tile, "mean_image")
-    notes = ["units differ"] if box is None and analytic else _notes(boxes, spatial, analytic, None)
+    if not bool(torch.isfinite(mean).all()):
+        notes: Notes = [NON_FINITE_MEAN]
+    elif box is None and analytic:
+        notes = ["units differ"]
+    else:
+        notes = _notes(boxes, spatial, analytic, None)
     return _GRIDS[len(spatial)](None, mean[None], boxes, center.reshape(1, -1), labels, tile, 1, notes, cmap)
 
 
-def _notes(boxes: Tensor, spatial: Sequence[int], analytic: bool, whole_image: Sequence[bool] | Tensor | None) -> Notes:
-    """Per probe, ``None`` (draw the box) or why not: no analytic field, or a field that covers the whole input."""
-    if not analytic:
-        return [NOT_ANALYTIC] * len(boxes)
+def _notes(
+    boxes: Tensor,
+    spatial: Sequence[int],
+    analytic: bool,
+    whole_image: Sequence[bool] | Tensor | None,
+    finite: Sequence[bool] | None = None,
+) -> Notes:
+    """Per probe, ``None`` (draw the box) or why not: a map holding NaN or inf, no analytic field, or a field
+    that covers the whole input."""
     dims = len(spatial)
-    if whole_image is None:
-        boxes = boxes.detach().cpu().long()
-        whole = ((boxes[:, :dims] <= 0) & (boxes[:, dims:] >= torch.tensor(spatial))).all(1)
+    if not analytic:
+        notes: Notes = [NOT_ANALYTIC] * len(boxes)
     else:
-        whole = torch.as_tensor(whole_image, dtype=torch.bool).reshape(len(boxes)).cpu()
-    return [WHOLE[dims] if flag else None for flag in whole.tolist()]
+        if whole_image is None:
+            boxes = boxes.detach().cpu().long()
+            whole = ((boxes[:, :dims] <= 0) & (boxes[:, dims:] >= torch.tensor(spatial))).all(1)
+        else:
+            whole = torch.as_tensor(whole_image, dtype=torch.bool).reshape(len(boxes)).cpu()
+        notes = [WHOLE[dims] if flag else None for flag in whole.tolist()]
+    return notes if finite is None else [note if ok else NON_FINITE for note, ok in zip(notes, finite)]
+
+
+def _blank_non_finite(maps: Tensor, finite: Sequence[bool]) -> Tensor:
+    """``maps`` with the maps that are not ``finite`` set to zero: they are drawn without heat."""
+    if all(finite):
+        return maps
+    keep = torch.tensor(finite, device=maps.device).view(-1, *(1,) * (maps.dim() - 1))
+    return torch.where(keep, maps, 0.0)
+
+
+def _finite(maps: Tensor, finite: Sequence[bool] | Tensor | None) -> list[bool]:
+    """Per probe, whether its map is finite: as given, else read from ``maps`` ``(N, *spatial)``."""
+    if finite is None:
+        return torch.isfinite(maps.detach()).flatten(1).all(1).tolist()
+    return torch.as_tensor(finite, dtype=torch.bool).reshape(len(maps)).tolist()
 
 
 def layer_grid(
@@ -272,8 +311,9 @@ def layer_grid(
         (torch.uint8, torch.Size([3, 408, 458]))
     """
     count, spatial = _check(images, maps, boxes, centers, labels, whole_image, tile, "layer_grid", dims=2)
-    notes = _notes(boxes, spatial, analytic, whole_image)
-    return _image_grid(images, maps, boxes, centers, labels, tile, nrow, notes, cmap)
+    kept = _finite(maps, None)
+    notes = _notes(boxes, spatial, analytic, whole_image, kept)
+    return _image_grid(images, _blank_non_finite(maps, kept), boxes, centers, labels, tile, nrow, notes, cmap)
 
 
 def _image_grid(

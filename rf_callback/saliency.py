@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -23,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from rf_callback.crops import _Layout, _passes, _per_unit
-from rf_callback.erf import LUO_THRESHOLD, ERFStats, check_threshold_and_mass, erf_stats
+from rf_callback.erf import LUO_THRESHOLD, ERFStats, check_threshold_and_mass, erf_stats, finite_maps, finite_mean
+from rf_callback.probes import check_finite
 from rf_callback.report import format_table
 from rf_callback.selection import _SHAPES, Unit, check_channel, check_unit, check_unit_fits, resolve_layers
 from rf_callback.sharding import sharding_of
@@ -40,7 +42,7 @@ from rf_callback.table import (
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["ReceptiveMaps", "receptive_maps"]
+__all__ = ["NonFiniteMapWarning", "ReceptiveMaps", "receptive_maps"]
 
 
 @dataclass(frozen=True)
@@ -75,14 +77,20 @@ class ReceptiveMaps:
     analytic: tuple[bool, ...]
 
     @property
+    def finite(self) -> Tensor:
+        """(N, L) bool: False where a map holds NaN or inf values (see :attr:`ERFStats.finite`)."""
+        return self.erf.finite
+
+    @property
     def mean_maps(self) -> Tensor:
         """The probes' mean map per layer, scaled to its peak (Luo et al.'s averaged ERF), (L, *spatial).
 
-        A layer whose maps are all zero gives zeros.
+        Maps holding NaN or inf are left out (:attr:`finite`); a layer whose finite maps are all zero
+        gives zeros, one without a finite map NaN.
         """
-        mean = self.maps.mean(0)
+        mean = finite_mean(self.maps, self.finite)
         peak = mean.flatten(1).amax(1).view(-1, *(1,) * (mean.dim() - 1))
-        return torch.where(peak > 0, mean / peak.clamp(min=torch.finfo(mean.dtype).tiny), torch.zeros_like(mean))
+        return torch.where(peak > 0, mean / peak.clamp(min=torch.finfo(mean.dtype).tiny), mean * 0)  # NaN stays
 
     def plot(
         self,
@@ -150,6 +158,11 @@ class ReceptiveMaps:
         table = format_table(["layer", "ERF size", "ERF/RF", "mass side", "mass/RF", "dead"], rows)
         if not all(self.analytic):
             table += "\n* no analytic receptive field: RF is the whole input"
+        for k, layer in enumerate(self.layers):
+            bad = (~self.finite[:, k]).nonzero().flatten().tolist()
+            if bad:
+                table += f"\n! {layer}: non-finite maps (NaN or inf) of probe{'s' * (len(bad) > 1)}"
+                table += f" {', '.join(map(str, bad))}, left out"
         return table
 
 
@@ -480,13 +493,39 @@ def receptive_maps(
         >>> result = receptive_maps(signal, torch.rand(2, 1, 64), layers=["1"])
         >>> tuple(result.maps.shape), result.boxes[0, 0].tolist()  # (start, stop) of the centre unit's field
         ((2, 1, 64), [27, 38])
+
+    A map that holds NaN or inf values (the model divides by zero, overflows...) is kept as it is in
+    ``maps``, marked in ``finite``, left out of the mean maps and the statistics (never counted as
+    dead), and named in one :class:`NonFiniteMapWarning` with the first operation whose values became
+    non-finite. Probes holding NaN or inf are refused.
     """
+    result, non_finite = _receptive_maps(
+        model, probes, layers, unit=unit, channel=channel, threshold=threshold, mass=mass, table=table
+    )
+    if non_finite is not None:
+        warnings.warn(non_finite, NonFiniteMapWarning, stacklevel=2)
+    return result
+
+
+def _receptive_maps(
+    model: nn.Module,
+    probes: Tensor,
+    layers: str | Sequence[str] | None,
+    *,
+    unit: Unit,
+    channel: int | None,
+    threshold: float,
+    mass: float,
+    table: ReceptiveFieldTable | None,
+) -> tuple[ReceptiveMaps, str | None]:
+    """:func:`receptive_maps`, and the warning it gives about maps holding NaN or inf (``None`` when all are finite)."""
     if not 3 <= probes.dim() <= 5:
         raise ValueError(
             f"receptive_maps: probes must be (N, C, H, W), or (N, C, L) or (N, C, D, H, W), got shape"
             f" {tuple(probes.shape)}."
         )
     check_threshold_and_mass(threshold, mass)
+    check_finite(probes)
     model = unwrap_model(model)
     sharding = sharding_of(model)
     if sharding is not None:  # its forward is a collective: one rank alone would wait for the others forever
@@ -542,6 +581,7 @@ def receptive_maps(
             reuse = (image, _capture(model, modules, fields, names, image, strongest))
         layer_set = frozenset(names)
         whole: list[str] = []
+        non_finite = None
         for members, layout in _passes(names, fields, units, spatial, reuse is not None):
             if layout is None or layer_set in _UNCROPPABLE.get(model, ()):
                 whole += members
@@ -554,6 +594,9 @@ def receptive_maps(
         if whole:
             whole.sort(key=names.index)
             _pass_gradients(model, modules, whole, fields, pixels, units, None, picks, into, reuse)
+        finite = finite_maps(signed)  # (N, L)
+        if not bool(finite.all()):
+            non_finite = _non_finite(model, modules, fields, names, pixels, units, picks, finite)
 
     with torch.inference_mode(False):  # results are ordinary tensors, even for a caller in inference mode
         units_tensor = torch.stack([units[name].cpu() for name in names], dim=1)
@@ -566,7 +609,102 @@ def receptive_maps(
             [_per_unit(units[name], _center_of(fields[name])) for name in names], dtype=torch.float32
         ).transpose(0, 1)
         stats = erf_stats(maps, boxes, centers, threshold, mass)
-        return ReceptiveMaps(tuple(names), maps, signed, units_tensor, boxes, centers, stats, analytic)
+        return ReceptiveMaps(tuple(names), maps, signed, units_tensor, boxes, centers, stats, analytic), non_finite
+
+
+class NonFiniteMapWarning(UserWarning):
+    """Some receptive maps hold NaN or infinite values: they are left out of the mean maps and statistics."""
+
+
+def _non_finite(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    fields: ReceptiveFieldTable,
+    names: Sequence[str],
+    pixels: Tensor,
+    units: dict[str, Tensor],
+    picks: dict[str, Pick],
+    finite: Tensor,
+) -> str:
+    """The warning about the maps that are not ``finite`` (N, L): which probes at which layers, and where the
+    values of the first one became non-finite (one more forward, and if need be backward, of that probe)."""
+    pairs = (~finite).nonzero().tolist()  # (probe, layer index), probe-major
+    by_probes: dict[tuple[int, ...], list[str]] = {}  # the probes of a layer -> those layers
+    for k in sorted({k for _, k in pairs}):
+        by_probes.setdefault(tuple(n for n, j in pairs if j == k), []).append(f"'{names[k]}'")
+    listed = "; ".join(
+        f"probe{'s' * (len(probes) > 1)} {', '.join(map(str, probes))} at layer{'s' * (len(at) > 1)} {', '.join(at)}"
+        for probes, at in by_probes.items()
+    )
+    n, k = pairs[0]
+    origin = _first_non_finite(model, modules, fields, names[k], pixels[n : n + 1], units[names[k]][n], picks[names[k]], n)
+    return (
+        f"receptive_maps: maps hold NaN or infinite values ({listed}); {origin}. They are left out of the mean maps"
+        " and the ERF statistics (not counted as dead) and drawn marked 'non-finite'. HINT: the model's values or"
+        " gradients overflow or divide by zero on these probes (an all-zero probe divided by its own maximum?)."
+    )
+
+
+def _first_non_finite(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    fields: ReceptiveFieldTable,
+    name: str,
+    probe: Tensor,
+    unit: Tensor,
+    pick: Pick,
+    index: int,
+) -> str:
+    """Where the map of ``probe`` (one, ``(1, C, *spatial)``) at layer ``name`` became non-finite, in words.
+
+    The forward runs under a dispatch mode that stops at the first operation whose output holds NaN or inf
+    (in which module); if the forward stays finite, the backward of the unit runs under autograd's anomaly
+    detection, which names the first backward function that returned NaN.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rf_callback.tracing import flat_tensors
+
+    inside: list[str] = []  # the modules whose forward is running, outermost first
+    found: list[str] = []
+
+    class FirstNonFinite(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            output = func(*args, **(kwargs or {}))
+            if not found and any(
+                t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in flat_tensors(output)
+            ):
+                where = f"'{inside[-1]}' ({type(modules[inside[-1]]).__name__})" if inside else "the top-level forward"
+                found.append(f"{func} in {where}")
+            return output
+
+    def leave(_module: nn.Module, _args: object, _output: object) -> None:
+        inside.pop()
+
+    handles = []
+    try:
+        for module_name, module in modules.items():
+            if module_name:
+                handles.append(module.register_forward_pre_hook(lambda _m, _a, n=module_name: inside.append(n)))
+                handles.append(module.register_forward_hook(leave))
+        with torch.no_grad(), FirstNonFinite():
+            model(probe.clone())
+    finally:
+        for handle in handles:
+            handle.remove()
+    if found:
+        return f"the values of probe {index} first became non-finite at {found[0]}"
+    leaf = probe.clone().requires_grad_(True)
+    target = _capture(model, modules, fields, [name], leaf, lambda _, out: _unit_sum(out, [tuple(unit.tolist())], pick))
+    try:
+        with warnings.catch_warnings(), torch.autograd.set_detect_anomaly(True, check_nan=True):
+            warnings.simplefilter("ignore")  # anomaly mode warns about the forward it did not record
+            torch.autograd.grad(target[name], leaf)
+    except RuntimeError as error:
+        function = re.search(r"Function '(\w+)' returned nan", str(error))
+        if function is not None:
+            return f"the forward values of probe {index} are finite; its gradient first became NaN in {function[1]}"
+    return f"the forward values of probe {index} are finite; its gradient became non-finite in the backward pass"
 
 
 def _box_of(row: LayerRF) -> Callable[..., tuple[int, ...]]:

@@ -91,13 +91,14 @@ def check_channel(channel: object) -> int | None:
 
 
 def mappable(row: LayerRF) -> bool:
-    """Whether a row can have a receptive map: its positions form one grid in its output.
+    """Whether a row can have a receptive map: floating-point values whose positions form one grid.
 
     That is ``(N, C, *spatial)``, channels-last, or tokens (a ViT's, class tokens first); not
     windows. Rows without an analytic field qualify when laid out as the input: gradients need no
-    geometry.
+    geometry. Integer and boolean outputs (``MaxPool2d(return_indices=True)``'s indices) carry no
+    gradient: they stay in the table, never mapped.
     """
-    return row.placement is not None
+    return row.placement is not None and (row.dtype is None or row.dtype.is_floating_point)
 
 
 _SHAPES = {1: "a sequence (N, C, l)", 2: "an image (N, C, h, w)", 3: "a volume (N, C, d, h, w)"}
@@ -187,8 +188,9 @@ def resolve_layers(table: ReceptiveFieldTable, layers: str | Sequence[str] | Non
     input: its maps come from whole inputs (``ReceptiveMaps.analytic``).
 
     Raises:
-        ValueError: for an unknown name (close matches and the valid names listed), or a row whose
-            output is not laid out as the input (``(N, C, h, w)`` for images).
+        ValueError: for an unknown name (close matches and the valid names listed), a row whose
+            output is not laid out as the input (``(N, C, h, w)`` for images), or one of integer or
+            boolean values.
     """
     if layers is None or layers == "all":
         chosen = default_layers(table) if layers is None else all_layers(table)
@@ -207,6 +209,12 @@ def resolve_layers(table: ReceptiveFieldTable, layers: str | Sequence[str] | Non
             row = table[name]
         except KeyError as error:
             raise ValueError(f"layers={names!r}: {error.args[0]} Layers that have maps: {valid}.") from None
+        if row.dtype is not None and not row.dtype.is_floating_point:
+            raise ValueError(
+                f"layers={names!r}: '{name}' ({row.module_type}) gives {str(row.dtype).removeprefix('torch.')}"
+                " values (indices or a mask), which carry no gradient, so it has no receptive map. Layers that"
+                f" have maps: {valid}."
+            )
         if not mappable(row):
             raise ValueError(
                 f"layers={names!r}: '{name}' ({row.module_type}) gives an output of shape"

@@ -61,7 +61,9 @@ OUTPUT_ROW = "(output)"
 # Layer keys: the one place that writes and reads them
 # --------------------------------------------------------------------------------------------
 
-_KEY = re.compile(r"^(?P<module>.*?)(?:\[(?P<call>\d+)\])?(?::(?P<output>\d+))?$")
+_KEY = re.compile(r"(?P<module>.*?)(?:\[(?P<call>[0-9]+)\])?(?::(?P<output>[0-9]+))?", re.DOTALL)
+_SUFFIX = re.compile(r"(?:\[[0-9]+\]|:[0-9]+)\Z")
+"""A module name ending like a call or output index (``head[1]``, ``out:0``): its keys always carry the call."""
 
 
 @dataclass(frozen=True)
@@ -71,12 +73,16 @@ class LayerKey:
     ``call`` is the call index of a module called several times in one forward, ``output`` the index
     among the input-dependent tensors a module returns (``None`` when there is one). The row of the
     model's own output, :data:`OUTPUT_ROW`, names the model itself: :attr:`module_name` is ``""``.
+    Every module name parses, newlines and brackets included: a name that itself ends like an index
+    (``head[1]``) gets keys with an explicit call (``head[1][0]``).
 
     Example::
         >>> LayerKey.parse("layer1.0.relu[2]:1")
         LayerKey(module='layer1.0.relu', call=2, output=1)
         >>> str(LayerKey("features.conv1")), str(LayerKey("relu", call=0))
         ('features.conv1', 'relu[0]')
+        >>> LayerKey.parse("odd\\nname[1][0]")
+        LayerKey(module='odd\\nname[1]', call=0, output=None)
     """
 
     module: str
@@ -85,10 +91,9 @@ class LayerKey:
 
     @classmethod
     def parse(cls, key: str) -> LayerKey:
-        match = _KEY.match(key)
-        assert match is not None  # the pattern matches every string
-        call, output = match["call"], match["output"]
-        return cls(match["module"], None if call is None else int(call), None if output is None else int(output))
+        match = _KEY.fullmatch(key)  # matches every string (DOTALL: newlines too)
+        module, call, output = match["module"], match["call"], match["output"]  # type: ignore[index]
+        return cls(module, None if call is None else int(call), None if output is None else int(output))
 
     @property
     def module_name(self) -> str:
@@ -193,6 +198,8 @@ class LayerRF:
             it tells an image-shaped ``(N, C, H, W)`` output from a flattened or channels-last one.
         placement: where the positions are in that tensor (:class:`Placement`), so that maps can
             read channels-last and token outputs; None where they are not one grid (windows).
+        dtype: the output's dtype; an integer or boolean output (``MaxPool2d(return_indices=True)``'s
+            indices) keeps its row and geometry, but carries no gradient, so it has no receptive map.
 
     Example::
         >>> from torch import nn
@@ -213,6 +220,7 @@ class LayerRF:
     unsupported: UnsupportedLayerError | None = None
     tensor_shape: tuple[int, ...] = ()
     placement: Placement | None = None
+    dtype: torch.dtype | None = None
 
     def _geometry(self) -> Field:
         if self.unsupported is not None or self.field is None:
@@ -618,6 +626,17 @@ def _trace_error(
     """
     real = _real_forward_error(model, shape, dtype) if try_real else None
     name, batch = type(model).__name__, f"(1, {', '.join(map(str, shape))})"
+    first = next(
+        ((key, m) for key, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))), None
+    )
+    wanted = getattr(first[1], "in_channels", None) if first is not None else None
+    if real is not None and wanted is not None and wanted != shape[0]:
+        layer, kind, plural = first[0], type(first[1]).__name__, "s" * (wanted != 1)  # type: ignore[index]
+        return TraceError(
+            f"{name} takes {wanted} input channel{plural} (its first layer, '{layer}', is a {kind} with in_channels={wanted}),"
+            f" the input {batch} has {shape[0]}: {type(real).__name__}: {' '.join(str(real).split()).rstrip('.')}."
+            f" HINT: give inputs of {wanted} channel{plural}."
+        )
     if real is not None:
         return TraceError(
             f"{name}.forward fails on a real input of shape {batch} too, so this size cannot be traced:"
@@ -683,16 +702,16 @@ def _build_table(calls: list[_Call], counts: dict[str, int], shape: tuple[int, .
     for call in calls:
         name, module_type, outputs = call.name, call.module_type, call.outputs
         for k, (output, info) in enumerate(outputs):
-            key = _key(name, call.index if name in reused else None, k if len(outputs) > 1 else None)
+            numbered = name in reused or _SUFFIX.search(name) is not None
+            key = _key(name, call.index if numbered else None, k if len(outputs) > 1 else None)
             finished.append((call.finished, len(finished), key))
             refused = refusal(info)
             if refused is not None:
                 image = output.dim() == len(shape) + 1
                 output_shape = tuple(output.shape[2:]) if image else (1,) * len(spatial)
                 placement = Placement.image(output.shape) if image else None
-                rows.append(
-                    LayerRF(key, module_type, spatial, output_shape, None, False, refused, output.shape, placement)
-                )
+                tensor = (output.shape, placement, output.dtype)  # what the row says of the output tensor
+                rows.append(LayerRF(key, module_type, spatial, output_shape, None, False, refused, *tensor))
                 continue
             layout = info.layout
             found = placed.get(layout)
@@ -700,7 +719,6 @@ def _build_table(calls: list[_Call], counts: dict[str, int], shape: tuple[int, .
                 output_shape = tuple(axis_length(layout, axis) for axis in range(len(spatial)))
                 dims = grid_dims(layout)
                 found = placed[layout] = output_shape, Placement(dims, output_shape) if dims is not None else None
-            rows.append(
-                LayerRF(key, module_type, spatial, found[0], info.field, info.equivariant, None, output.shape, found[1])
-            )
+            tensor = (output.shape, found[1], output.dtype)
+            rows.append(LayerRF(key, module_type, spatial, found[0], info.field, info.equivariant, None, *tensor))
     return ReceptiveFieldTable(rows, shape, reused, [key for _, _, key in sorted(finished)])

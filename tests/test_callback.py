@@ -1,6 +1,7 @@
 """ReceptiveFieldMonitor inside real Lightning runs, checked through the files it writes."""
 
 import io
+import itertools
 import json
 import subprocess
 import sys
@@ -166,21 +167,34 @@ def test_without_tensorboard_images_are_png_files_with_one_warning(tmp_path):
     assert "receptive_field/00_conv2/erf_size" in metrics
 
 
-def test_a_failure_while_rendering_warns_and_training_goes_on(tmp_path, monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("renderer exploded")
+def test_a_failure_while_rendering_costs_only_that_layer_and_training_goes_on(tmp_path, monkeypatch):
+    draw, calls = rf_callback.monitor.layer_image, itertools.count(1)
 
-    monkeypatch.setattr(rf_callback.monitor, "layer_image", broken)
-    with pytest.warns(
-        UserWarning, match=r"could not log the receptive maps at step 0; training goes on(.|\n)*renderer exploded"
-    ):
-        trainer, _ = fit(tmp_path, [ReceptiveFieldMonitor()], max_epochs=1)
-    assert trainer.current_epoch == 1
+    def broken_for_pool(*args, **kwargs):
+        if next(calls) % len(LAYERS) == 2:  # pool, the second layer drawn in each pass
+            raise RuntimeError("renderer exploded")
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(rf_callback.monitor, "layer_image", broken_for_pool)
+    with pytest.warns(UserWarning) as caught:
+        trainer, _ = fit(tmp_path, [ReceptiveFieldMonitor(LAYERS)], max_epochs=2)
+    failures = [str(w.message) for w in caught if "could not" in str(w.message)]
+    assert len(failures) == 1 and "renderer exploded" in failures[0]  # once, not at every pass
+    assert failures[0].startswith(
+        "ReceptiveFieldMonitor could not draw the images of layer 'pool' (receptive_field/01_pool); training goes on,"
+        " and this is not said again while it keeps failing."
+    )
+    assert trainer.current_epoch == 2
+    events = read_events(trainer.logger.log_dir)
+    assert "receptive_field/01_pool" not in events.Tags()["images"]
+    assert [i.step for i in events.Images(tag("conv2"))] == [0, 3, 7]  # the other layers' pictures
+    assert [s.step for s in events.Scalars(f"{tag('pool')}/erf_size")] == [0, 3, 7]  # and its own statistics
     with pytest.raises(RuntimeError, match="renderer exploded"):
-        fit(tmp_path / "strict", [ReceptiveFieldMonitor(strict=True)], max_epochs=1)
+        fit(tmp_path / "strict", [ReceptiveFieldMonitor(LAYERS, strict=True)], max_epochs=1)
 
 
-def test_resume_keeps_the_same_probes_whatever_the_options(tmp_path):
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+def test_resume_uses_the_stored_probes_unless_probes_are_given_and_says_which(tmp_path, caplog):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     first = ReceptiveFieldMonitor(probes=[5, 2, 9])
     fit(tmp_path, [first, checkpoint], max_epochs=1)
@@ -188,14 +202,62 @@ def test_resume_keeps_the_same_probes_whatever_the_options(tmp_path):
     assert torch.equal(state["probes"], first.probes.images) and state["indices"] == (5, 2, 9)
     assert state["model_class"] == "tests.lightning_helpers.TinyCNN"
 
-    # new probes, layers, unit and channel: the checkpoint's probes still win
-    resumed = ReceptiveFieldMonitor(probes=[0, 1], layers=["conv1"], unit="max", channel=1)
+    # no probes given, new layers, unit and channel: the checkpoint's probes
+    resumed = ReceptiveFieldMonitor(layers=["conv1"], unit="max", channel=1)
     seed_everything(0)
     trainer = trainer_for(tmp_path / "resumed", [resumed])
-    trainer.fit(TinyCNN(), *loaders(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
-    assert torch.equal(resumed.probes.images, first.probes.images)
+    with caplog.at_level("INFO"):
+        trainer.fit(TinyCNN(), *loaders(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert torch.equal(resumed.probes.images, first.probes.images) and resumed.probes.indices == (5, 2, 9)
+    said = [r.getMessage() for r in caplog.records if "resumed from a checkpoint" in r.getMessage()]
+    assert said == [
+        "ReceptiveFieldMonitor: resumed from a checkpoint, looking through the 3 probes stored in it (shape (3, 1, 12, 12))."
+    ]
     events = read_events(trainer.logger.log_dir)
     assert [i.step for i in events.Images("receptive_field/00_conv1")] == [7]  # no second baseline
+
+    # probes given explicitly always win, and the log says so
+    caplog.clear()
+    given = ReceptiveFieldMonitor(probes=[0, 1], layers=["conv1"])
+    seed_everything(0)
+    trainer = trainer_for(tmp_path / "given", [given])
+    with caplog.at_level("INFO"):
+        trainer.fit(TinyCNN(), *loaders(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert given.probes.indices == (0, 1) and len(given.probes.images) == 2
+    said = [r.getMessage() for r in caplog.records if "resumed from a checkpoint" in r.getMessage()]
+    assert said == [
+        (
+            "ReceptiveFieldMonitor: resumed from a checkpoint, looking through probes=[0, 1] (shape (2, 1, 12, 12)),"
+            " not the 3 stored in it."
+        )
+    ]
+    saved = next((tmp_path / "given").rglob("*.ckpt"))
+    assert torch.load(saved, weights_only=True)["callbacks"][given.state_key]["indices"] == (0, 1)  # what it used
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+def test_stored_probes_that_no_longer_fit_are_named_as_stored(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = ReceptiveFieldMonitor(probes=[5, 2, 9])
+    fit(tmp_path, [first, checkpoint], max_epochs=1)
+    path = tmp_path / "ckpt" / "last.ckpt"
+    contents = torch.load(path, weights_only=True)
+    contents["callbacks"][first.state_key]["probes"] = torch.rand(3, 3, 12, 12)  # an RGB run's probes
+    torch.save(contents, path)
+
+    with pytest.raises(MisconfigurationException) as raised:
+        trainer_for(tmp_path / "resumed", [ReceptiveFieldMonitor()]).fit(TinyCNN(), *loaders(), ckpt_path=path)
+    message = str(raised.value)
+    assert message.startswith(
+        "ReceptiveFieldMonitor: the 3 probes stored in the checkpoint, of shape (3, 3, 12, 12), do not fit TinyCNN now:"
+    )
+    assert "TinyCNN takes 1 input channel" in message and "input_shape" not in message
+    assert message.endswith("probes given to the callback always replace the stored ones.")
+
+    given = ReceptiveFieldMonitor(probes=torch.rand(2, 1, 12, 12))  # the way out the message gives
+    trainer = trainer_for(tmp_path / "given", [given])
+    trainer.fit(TinyCNN(), *loaders(), ckpt_path=path)
+    assert tuple(given.probes.images.shape) == (2, 1, 12, 12)
 
 
 def test_trainer_validate_logs_maps(tmp_path):

@@ -71,8 +71,24 @@ def test_unsupported_layers_are_flagged_in_the_table(capsys):
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        ("torchvision.models.nope", "module 'torchvision.models' has no attribute 'nope'"),
-        ("no_such_package.Model", "cannot import 'no_such_package.Model': No module named"),
+        ("torchvision.models.nope", "module 'torchvision.models' has no attribute 'nope'."),
+        (
+            "torchvision.models.resnet19",
+            (
+                "cannot import 'torchvision.models.resnet19': module 'torchvision.models' has no attribute 'resnet19'."
+                " Did you mean: resnet18,"
+            ),
+        ),
+        ("torchvision.modelz.resnet18", "module 'torchvision' has no attribute 'modelz'. Did you mean: models?"),
+        (
+            "resnet19",
+            (
+                "cannot import 'resnet19': there is no module 'resnet19' here. HINT: give the full path,"
+                " package.module.Name (e.g. torchvision.models.resnet18)"
+            ),
+        ),
+        ("no_such_package.Model", "cannot import 'no_such_package.Model': there is no module 'no_such_package' here."),
+        ("torch.nn..Conv2d", "cannot import 'torch.nn..Conv2d': not a Python name."),
         ("json.decoder", "is not a model class or factory"),
         ("collections.OrderedDict", "is not a model class or factory"),
         ("torch.nn.Conv2d", "cannot build 'torch.nn.Conv2d' with no arguments: TypeError"),
@@ -91,7 +107,13 @@ def test_bad_models_fail_with_one_line(capsys, model, message):
     [
         (["torchvision.models.resnet18", "--input-shape", "3"], "--input-shape 3: give C H W"),
         (["torchvision.models.resnet18", "--input-shape", "1", "3", "32", "32", "8"], "give C H W"),
-        (["torchvision.models.resnet18", "--input-shape", "1", "32", "32"], "ResNet.forward fails on a real input"),
+        (
+            ["torchvision.models.resnet18", "--input-shape", "1", "32", "32"],
+            (
+                "ResNet takes 3 input channels (its first layer, 'conv1', is a Conv2d with in_channels=3), the input"
+                " (1, 1, 32, 32) has 1"
+            ),
+        ),
         (["torchvision.models.resnet18", "--input-shape", "3", "32", "32", "--kwargs", "oops"], "write key=value"),
     ],
 )
@@ -101,16 +123,50 @@ def test_bad_shapes_and_arguments_fail_with_one_line(capsys, argv, message):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+def names_printed(out: str) -> list[str]:
+    return [line.split()[0] for line in out.splitlines()[1:]]
+
+
 def test_factory_keyword_arguments_and_row_filters(capsys):
     argv = ["table", "torchvision.models.resnet18", "--input-shape", "3", "64", "64", "--kwargs", "num_classes=7"]
+    assert main([*argv, "--json", "--all"]) == 0
+    every = json.loads(capsys.readouterr().out)["layers"]
+    layer4 = [row["name"] for row in every if row["name"].startswith("layer4")]
     assert main([*argv, "--types", "Conv2d"]) == 0
     rows = capsys.readouterr().out.splitlines()[1:]
     assert rows and all(" Conv2d " in row for row in rows)
     assert main([*argv, "--layers", "layer4*"]) == 0
-    out = capsys.readouterr().out
-    assert "layer4.1.conv2" in out and "layer3" not in out and "BatchNorm2d" not in out  # elementwise rows hidden
+    shown = names_printed(capsys.readouterr().out)
+    hidden = {"BatchNorm2d", "ReLU"}
+    assert shown == [row["name"] for row in every if row["name"] in layer4 and row["type"] not in hidden]
+    # --all shows the hidden rows of the filter, not every row (the README's example)
     assert main([*argv, "--layers", "layer4*", "--all"]) == 0
-    assert "BatchNorm2d" in capsys.readouterr().out
+    assert names_printed(capsys.readouterr().out) == layer4
+    assert main([*argv, "--layers", "layer4*", "--types", "Conv2d", "BatchNorm2d", "--all"]) == 0
+    assert names_printed(capsys.readouterr().out) == [
+        row["name"] for row in every if row["name"] in layer4 and row["type"] in ("Conv2d", "BatchNorm2d")
+    ]
+    # a module called twice: its name matches every call
+    assert main([*argv, "--layers", "layer1.0.relu", "--all"]) == 0
+    assert names_printed(capsys.readouterr().out) == ["layer1.0.relu[0]", "layer1.0.relu[1]"]
+
+
+@pytest.mark.parametrize(
+    ("filters", "message"),
+    [
+        (["--layers", "nope"], "--layers nope: no layer matches. HINT: names are model.named_modules() paths"),
+        (["--layers", "layer4.0.conv"], "--layers layer4.0.conv: no layer matches. Did you mean: layer4.0.conv2,"),
+        (["--layers", "layer4*", "nope"], "--layers nope: no layer matches."),
+        (["--types", "conv2d"], "--types conv2d: no layer of that type. Did you mean: Conv2d? Types here: Conv2d,"),
+        (["--layers", "layer4*", "--types", "MaxPool2d"], "--layers layer4* --types MaxPool2d: no layer matches both"),
+        (["--layers", "layer4.0.relu"], "--layers layer4.0.relu: matches only rows hidden by default (ReLU: they"),
+    ],
+)
+def test_a_filter_that_matches_nothing_is_an_error_with_close_matches(capsys, filters, message):
+    assert main(["table", "torchvision.models.resnet18", "--input-shape", "3", "64", "64", *filters]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"rf-callback table: error: {message}"), captured.err
+    assert captured.err.count("\n") == 1
 
 
 def test_a_model_next_to_the_working_directory_is_importable(tmp_path, monkeypatch, capsys):
@@ -122,3 +178,10 @@ def test_a_model_next_to_the_working_directory_is_importable(tmp_path, monkeypat
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     assert main(["table", "mynet.Net", "--input-shape", "1", "16", "16"]) == 0
     assert "Conv2d" in capsys.readouterr().out
+    assert main(["table", "mynet.Nett", "--input-shape", "1", "16", "16"]) == 2
+    assert capsys.readouterr().err == (
+        "rf-callback table: error: cannot import 'mynet.Nett': module 'mynet' has no attribute 'Nett'. Did you mean:"
+        " Net?\n"
+    )
+    assert main(["table", "mynet:Nett", "--input-shape", "1", "16", "16"]) == 2
+    assert "module 'mynet' has no attribute 'Nett'. Did you mean: Net?" in capsys.readouterr().err

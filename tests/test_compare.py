@@ -3,8 +3,10 @@
 import csv
 import io
 import os
+import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -270,7 +272,12 @@ def bad_inputs(runs, tmp_path):
         ("truncated", [truncated], "truncated.ckpt: cannot be read as a checkpoint"),
         ("text", [text], "notes.ckpt: cannot be read as a checkpoint"),
         ("state dict", [weights], "weights.pt: not a Lightning checkpoint: it holds a dict with keys conv1.weight"),
-        ("class gone", [renamed], "its model class 'no_such_package.models.Net' cannot be imported"),
+        (
+            "class gone",
+            [renamed],
+            "it names its model class 'no_such_package.models.Net', from a module that is not imported here",
+        ),
+        ("class gone, imported", [renamed, "--import-class"], "its model class 'no_such_package.models.Net' cannot be"),
         ("--model gone", [first, "--model", "no_such_package:Net"], "cannot import 'no_such_package:Net'"),
         (
             "wrong --model",
@@ -299,6 +306,7 @@ CASES = [
     "text",
     "state dict",
     "class gone",
+    "class gone, imported",
     "--model gone",
     "wrong --model",
     "no class",
@@ -337,7 +345,9 @@ def test_python_dash_m_reports_a_broken_checkpoint_in_one_line(runs, tmp_path):
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(runs["tiny"][0].read_bytes()[:1000])
     completed = subprocess.run(
-        [sys.executable, "-m", "rf_callback", "compare", str(runs["tiny"][0]), str(broken), "--out", tmp_path / "out"],
+        [sys.executable, "-m", "rf_callback", "compare", str(runs["tiny"][0]), str(broken), "--out", tmp_path / "out"]
+        + ["--model", "tests.lightning_helpers:TinyCNN"],
+        check=False,
         capture_output=True,
         text=True,
         cwd=Path(__file__).parents[1],
@@ -358,3 +368,91 @@ def test_labels_are_built_one_way_and_changes_are_measured_from_the_first(runs, 
     assert rows[0]["erf_size_change"] == 0.0
     assert rows[1]["erf_size_change"] == pytest.approx(rows[1]["erf_size"] - rows[0]["erf_size"])
     assert "change" in comparison.format_table().splitlines()[0]
+
+
+def damaged_copy(path: Path, into: Path, tensor: torch.Tensor) -> Path:
+    """A copy of the checkpoint with up to 4 KiB overwritten inside the stored bytes of ``tensor`` (a bad disk)."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        member = next(i for i in archive.infolist() if archive.read(i) == tensor.numpy().tobytes())
+    name_length, extra_length = struct.unpack_from("<HH", data, member.header_offset + 26)  # the local file header
+    start = member.header_offset + 30 + name_length + extra_length  # torch.save stores records uncompressed
+    end = start + min(4096, member.file_size)
+    data[start:end] = bytes(reversed(data[start:end]))
+    into.write_bytes(bytes(data))
+    return into
+
+
+def test_a_damaged_checkpoint_is_refused_in_one_line(runs, tmp_path, capsys):
+    first = runs["tiny"][0]
+    damaged = damaged_copy(first, tmp_path / "damaged.ckpt", stored(first)["probes"])
+    assert not torch.equal(stored(damaged)["probes"], stored(first)["probes"])  # torch.load alone does not notice
+    assert main(["compare", str(damaged), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rf-callback compare: error: {damaged}: is damaged: the checksum of '") and err.count("\n") == 1
+    assert "does not match its bytes" in err
+    # the same file given as probes
+    assert main(["compare", str(first), "--probes", str(damaged), "--out", str(tmp_path / "out")]) == 2
+    assert f"probes {damaged}: is damaged" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged.ckpt"]
+
+
+def test_a_checkpoint_never_chooses_the_code_that_runs(runs, tmp_path):
+    """A checkpoint naming a module next to it: refused without importing it, unless the user allows it."""
+    (tmp_path / "planted.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('ran.txt').write_text('planted code ran')\n"
+        "from tests.lightning_helpers import TinyCNN as Model\n"
+    )
+    contents = torch.load(runs["tiny"][0], weights_only=True)
+    key = next(k for k in contents["callbacks"] if k.startswith("ReceptiveFieldMonitor"))
+    contents["callbacks"][key]["model_class"] = "planted.Model"
+    torch.save(contents, tmp_path / "planted.ckpt")
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), str(tmp_path)])}
+
+    def compare(*options: str) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "rf_callback", "compare", "planted.ckpt", "--out", "out", *options]
+        return subprocess.run(argv, check=False, capture_output=True, text=True, cwd=tmp_path, env=environment, timeout=300)
+
+    refused = compare()
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "it names its model class 'planted.Model', from a module that is not imported here" in refused.stderr
+    assert "HINT: name the class yourself: --model planted.Model" in refused.stderr
+    assert not (tmp_path / "ran.txt").exists()
+    with pytest.raises(CompareError, match="from a module that is not imported here"):
+        compare_checkpoints([tmp_path / "planted.ckpt"])
+    assert not (tmp_path / "ran.txt").exists()
+
+    named = compare("--model", "tests.lightning_helpers:TinyCNN")  # the user names the class: the file's is unused
+    assert named.returncode == 0, named.stderr
+    assert not (tmp_path / "ran.txt").exists()
+    allowed = compare("--import-class")  # the user allows importing the module the checkpoint names
+    assert allowed.returncode == 0, allowed.stderr
+    assert (tmp_path / "ran.txt").read_text() == "planted code ran"
+
+
+def test_a_class_already_imported_needs_no_permission(runs):
+    """In the process that trained it (or a notebook that imported it), the named class is found, not imported."""
+    comparison = compare_checkpoints(runs["tiny"][:1])
+    assert comparison.checkpoints[0].model_class == "tests.lightning_helpers.TinyCNN"
+
+
+class Planted:
+    """A pickled object whose unpickling would write a file: what a crafted checkpoint could hide."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pickled code ran"))
+
+
+def test_a_crafted_pickle_is_refused_and_runs_nothing(runs, tmp_path, capsys):
+    contents = torch.load(runs["tiny"][0], weights_only=True)
+    contents["hyper_parameters"] = {"planted": Planted(tmp_path / "ran.txt")}
+    torch.save(contents, tmp_path / "crafted.ckpt")  # a valid archive: its checksums match
+    crafted = str(tmp_path / "crafted.ckpt")
+    for argv in ([crafted], [str(runs["tiny"][0]), "--probes", crafted]):
+        assert main(["compare", *argv, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert "crafted.ckpt" in err and "cannot be read" in err and err.count("\n") == 1
+    assert not (tmp_path / "ran.txt").exists()

@@ -270,7 +270,7 @@ class StepCounting(TinyCNN):
         (StepCounting, {"channel": 10_000, "layers": ["conv2"]}, r"channel=10000: layer 'conv2' has 8 channels"),
         (StepCounting, {"layers": "conv9"}, r"'conv9'.*Layers that have maps: conv1, bn, pool, conv2"),
         (StepCounting, {"probes": [0, 1000]}, r"probes=\[0, 1000\]\): .*\[1000\] outside the dataset of 32 items"),
-        (StepCounting, {"probes": torch.rand(2, 3, 12, 12)}, r"first convolution takes 1 channels, the probes have 3"),
+        (StepCounting, {"probes": torch.rand(2, 3, 12, 12)}, r"takes 1 input channel \(its first layer, 'conv1'"),
         (NoConvolution, {}, r"no layer with a receptive field that varies across the input.*nothing to map"),
         (Signal1D, {"probes": torch.rand(2, 1, 32), "unit": (3, 3)}, r"unit=\(3, 3\): layer 'conv' has an output of 30"),
     ],
@@ -389,7 +389,7 @@ def test_resume_with_other_options_keeps_the_probes_and_a_new_shape_is_named(tmp
 
     bigger = ReceptiveFieldMonitor()
     bigger.load_state_dict({"probes": torch.rand(2, 1, 12, 12)})
-    with pytest.raises(MisconfigurationException, match=r"probes of shape \(2, 1, 12, 12\)"):
+    with pytest.raises(MisconfigurationException, match=r"probes stored in the checkpoint, of shape \(2, 1, 12, 12\), do"):
         run(tmp_path / "c", Wider, [bigger], val=DataLoader(TensorDataset(torch.rand(4, 1, 16, 16), torch.arange(4))))
 
 
