@@ -114,6 +114,7 @@ class Tracer(TorchDispatchMode):
         self.info = TensorInfos()
         self.stack: list[tuple[str, str]] = []  # (module name, module type) being run
         self.transparent = 0
+        self.pool_windows: dict[int, tuple[Field, Any]] = {}  # id(field of pooled indices) -> (it, windows): ops.py
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def where(self) -> tuple[str, str]:
