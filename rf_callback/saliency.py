@@ -293,24 +293,41 @@ def _check_output(output: Tensor, channel: int | None, name: str, dims: int) -> 
 
 
 def _warn_if_constant_sum(name: str, output: Tensor) -> None:
-    """Warn when the channel sum of ``output`` is the same everywhere: its gradient, the map, is rounding noise.
+    """Warn when the channel sum of ``output`` does not depend on the input: its gradient, the map, is rounding noise.
 
-    That is the output of a LayerNorm whose scale is uniform (every transformer at initialization):
-    its channels always sum to the same value.
+    With several probes that is tested directly: at every position the sum is the same for every
+    probe, although the channels themselves differ between probes. That is the output of a LayerNorm
+    whose scale is uniform (every transformer at initialization), whose channels always sum to the
+    same value, and of such a LayerNorm followed by a position embedding (HF PVT's patch embeddings),
+    whose sum then differs from position to position, but not from probe to probe. With one probe,
+    the sum being the same at every position stands in for it. Probes that are all alike prove
+    nothing and warn of nothing.
+
+    Example::
+        >>> tokens = torch.nn.functional.layer_norm(torch.randn(3, 5, 8), (8,)) + torch.randn(5, 8)
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _warn_if_constant_sum("embeddings", tokens.transpose(1, 2))  # (N, C, L): same sums for every probe
+        >>> "does not depend on the input" in str(caught[0].message)
+        True
     """
-    values = output.detach()
-    sums = values.sum(1)
-    if sums.numel() < 2 or values.shape[1] < 2:
+    values = output.detach().float()
+    count, channels = values.shape[:2]
+    grid = list(range(2, values.dim()))
+    across = [0] if count > 1 else grid  # what the sum should vary over: the probes, or one probe's positions
+    if channels < 2 or math.prod(values.shape[d] for d in across) < 2:
         return
-    spread = float(sums.max() - sums.min())
-    # How much each channel varies over probes and positions: 0 for a dead layer, whose maps are flagged so.
-    others = [0, *range(2, values.dim())]  # per channel, without copying the output
-    scale = float(values.float().std(dim=others).mean()) * values.shape[1] ** 0.5
+    sums = values.sum(1)  # (N, *grid)
+    along = [0] if count > 1 else [d - 1 for d in grid]
+    spread = float((sums.amax(dim=along) - sums.amin(dim=along)).max())
+    # How much each channel varies over the same: 0 for a dead layer or probes all alike.
+    scale = float(values.std(dim=across).mean()) * channels**0.5
     if 0 < scale and spread <= 1e-4 * scale:
+        where = "is the same for every probe at each position" if count > 1 else "is the same at every position"
         warnings.warn(
-            f"receptive_maps: the channels of layer '{name}' sum to the same value at every position (a LayerNorm"
-            " with a uniform scale?), so the gradient of their sum is rounding noise. HINT: pass channel=k to follow"
-            " one channel.",
+            f"receptive_maps: the sum of the channels of layer '{name}' does not depend on the input (it {where}:"
+            " a LayerNorm with a uniform scale, perhaps followed by a position embedding?), so the gradient of"
+            " that sum, the map, is rounding noise. HINT: pass channel=k to follow one channel.",
             stacklevel=2,
         )
 

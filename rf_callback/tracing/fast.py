@@ -114,6 +114,7 @@ def _run(tracer: Tracer, lowering: Lowering) -> Any:
         result = out[0] if first_output else tuple(out) if isinstance(out, list) else out
         if result_info is not None:
             tracer.info[result] = result_info  # what the handler would answer
+            tracer.computed += 1
         else:
             tracer.record(operation, operation_args, operation_kwargs, out)
     return result
