@@ -62,6 +62,8 @@ class ReceptiveMaps:
         erf: the statistics of each map (:class:`ERFStats`).
         analytic: per layer, whether it has an analytic receptive field (``LayerRF.supported``); a
             layer the tracer cannot follow (after an upsampling, say) still gets maps, from whole inputs.
+        probes: the inputs the maps were computed from, a copy on the CPU (N, C, *spatial), which
+            :meth:`plot` draws; None where the maps were built without them.
     """
 
     layers: tuple[str, ...]
@@ -72,6 +74,7 @@ class ReceptiveMaps:
     centers: Tensor
     erf: ERFStats
     analytic: tuple[bool, ...]
+    probes: Tensor | None = None
 
     @property
     def mean_maps(self) -> Tensor:
@@ -85,9 +88,10 @@ class ReceptiveMaps:
 
     def plot(
         self,
-        probes: Tensor,
+        probes: Tensor | None = None,
         layers: str | Sequence[str] | None = None,
         *,
+        layer: str | None = None,
         select: Sequence[int] | None = None,
         labels: Sequence[str] | None = None,
         tile: int = 128,
@@ -95,8 +99,9 @@ class ReceptiveMaps:
         """The picture the callback logs, as a matplotlib figure: one grid of probes per layer.
 
         Args:
-            probes: the inputs the maps were computed for ``(N, C, *spatial)``.
+            probes: the inputs to draw ``(N, C, *spatial)`` (default: those the maps were computed from).
             layers: one layer key or several (default: all of them).
+            layer: one layer key (``plot(layer=key)`` is ``plot(layers=key)``).
             select: which probes to show (default: all).
             labels: a caption per probe.
             tile: screen pixels per probe side.
@@ -104,10 +109,18 @@ class ReceptiveMaps:
         Example::
 
             maps = receptive_maps(model, probes)
-            maps.plot(probes, "layer3", select=[0, 1, 2])  # a Figure; in Jupyter it shows itself
+            maps.plot(layer="layer3", select=[0, 1, 2])  # a Figure; in Jupyter it shows itself
         """
         from rf_callback.render import plot_maps
 
+        if layer is not None:
+            if layers is not None:
+                raise TypeError(f"ReceptiveMaps.plot: pass layer={layer!r} or layers={layers!r}, not both.")
+            layers = layer
+        if probes is None:
+            if self.probes is None:
+                raise ValueError("ReceptiveMaps.plot: these maps hold no probes; pass them: plot(probes, ...).")
+            probes = self.probes
         names = [layers] if isinstance(layers, str) else list(layers) if layers is not None else list(self.layers)
         missing = [name for name in names if name not in self.layers]
         if missing:
@@ -129,10 +142,12 @@ class ReceptiveMaps:
     def summary(self) -> str:
         """Per layer, the ERF statistics averaged over the probes, as an aligned table (``print(maps.summary())``).
 
-        Columns: ``ERF size`` (side of a d-cube with the volume of the pixels above the threshold, input
-        px), ``ERF/RF`` (that over the side of the analytic box), ``mass side`` (the cube around the
-        unit's centre holding ``mass`` of the saliency), ``mass/RF``, ``dead`` (probes with an all-zero
-        map). ``RF`` is the whole input for a layer without an analytic field, marked ``*``.
+        Columns: ``ERF size`` (side of a d-cube with the volume of the pixels above the threshold share
+        of the map's peak, input px), ``ERF/RF`` (that over the side of a d-cube with the volume of the
+        unit's box clipped to the input), ``mass side`` (the cube around the unit's centre holding
+        ``mass`` of the saliency), ``mass/RF`` (that over the side of the cube around the same centre
+        that holds the whole clipped box; both fractions are in [0, 1]), ``dead`` (the share of probes
+        with an all-zero map). ``RF`` is the whole input for a layer without an analytic field, marked ``*``.
         """
         means = self.erf.mean()
         rows = [
@@ -574,7 +589,8 @@ def receptive_maps(
             [_per_unit(units[name], _center_of(fields[name])) for name in names], dtype=torch.float32
         ).transpose(0, 1)
         stats = erf_stats(maps, boxes, centers, threshold, mass)
-        return ReceptiveMaps(tuple(names), maps, signed, units_tensor, boxes, centers, stats, analytic)
+        kept = probes.detach().to("cpu", copy=True)  # for plot(); the caller may change its tensor later
+        return ReceptiveMaps(tuple(names), maps, signed, units_tensor, boxes, centers, stats, analytic, kept)
 
 
 def _box_of(row: LayerRF) -> Callable[..., tuple[int, ...]]:

@@ -4,6 +4,7 @@
 * Default layers are modules that compute something: never a padding, a dropout or an identity.
 """
 
+import dataclasses
 import warnings
 
 import pytest
@@ -132,3 +133,72 @@ def test_hugging_face_efficientnet_defaults_hold_no_padding():
     assert [table[key].output_shape for key in chosen] == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]
     assert not [key for key in chosen if table[key].module_type in ("ZeroPad2d", "Dropout", "Identity")]
     assert all(key in table.relays for key in table if table[key].module_type == "ZeroPad2d")
+
+
+# --------------------------------------------------------------------------------------------
+# Words: what tables say, what each statistic is relative to; plots without the probes again
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dims", "words"), [(1, "whole signal"), (2, "whole image"), (3, "whole volume")], ids=["1d", "2d", "3d"]
+)
+def test_global_rows_name_the_whole_input_by_its_dimension(dims, words):
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    pool = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[dims]
+    table = receptive_fields(nn.Sequential(conv(1, 2, 3), pool(1)), (1, *(8,) * dims))
+    assert [line.split()[3:5] for line in str(table).splitlines()[1:]] == [["3", "1"], words.split()]
+
+
+def test_mass_fraction_is_relative_to_how_far_the_field_reaches():
+    """A corner unit's box is cut by the image, its centre is not: the cube around the centre that holds 95% of a
+    flat map is wider than the box (1.8 times its side here); relative to the cube that holds the box, it is 1."""
+    from rf_callback.erf import erf_stats
+
+    maps = torch.zeros(1, 2, 16, 16)
+    maps[0, 0, :5, :5] = 1.0  # a corner unit's field, cut at the border: its centre is pixel (0, 0)
+    maps[0, 1, 4:9, 4:9] = 1.0  # an interior unit's: centred on (6, 6)
+    boxes = torch.tensor([[[0, 0, 5, 5], [4, 4, 9, 9]]])
+    stats = erf_stats(maps, boxes, torch.tensor([[[0.0, 0.0], [6.0, 6.0]]]), mass=1.0)
+    assert stats.mass_side.tolist() == [[9.0, 5.0]] and stats.rf_side.tolist() == [[5.0, 5.0]]
+    assert stats.mass_fraction.tolist() == [[1.0, 1.0]]
+    assert stats.size_fraction.tolist() == [[1.0, 1.0]]
+
+
+def test_fractions_stay_within_one_on_real_maps():
+    """Every unit of a small network, border ones included: both fractions are in [0, 1]."""
+    net = nn.Sequential(nn.Conv2d(1, 4, 5, padding=2), nn.Conv2d(4, 4, 5, stride=2, padding=2), nn.Conv2d(4, 4, 7))
+    table = receptive_fields(net, (1, 20, 20))
+    probes = torch.rand(2, 1, 20, 20)
+    for unit in [(0, 0), (3, 3), (0, 3), (1, 2)]:
+        stats = receptive_maps(net, probes, ["0", "1", "2"], unit=unit, table=table).erf
+        assert (stats.mass_fraction <= 1).all() and (stats.size_fraction <= 1).all() and (stats.mass_fraction > 0).all()
+
+
+def test_every_statistic_says_what_it_is_relative_to():
+    from rf_callback.monitor import STATISTICS
+
+    descriptions = {name: text for name, (_, text) in STATISTICS.items()}
+    assert "peak" in descriptions["erf_size"] and "total saliency" in descriptions["erf_mass_side"]
+    assert all("relative to" in descriptions[name] for name in ("erf_size_fraction", "erf_mass_fraction"))
+    assert "probes" in descriptions["dead_fraction"]
+    assert all("Share of the input" in text for name, text in descriptions.items() if "mean_area" in name)
+
+
+def test_maps_plot_without_the_probes_again():
+    probes = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1))
+    maps = receptive_maps(net, probes, "all")
+    probes.zero_()  # the caller's tensor may change: the maps kept their own copy
+    again = receptive_maps(net, torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0)), "all")
+    pictures = [
+        maps.plot(layer="3", select=[0, 2]),
+        maps.plot(layers="3", select=[0, 2]),
+        again.plot(again.probes, "3", select=[0, 2]),  # the probes passed, as before
+    ]
+    arrays = [figure.axes[0].images[0].get_array() for figure in pictures]
+    assert (arrays[0] == arrays[2]).all() and (arrays[1] == arrays[2]).all()
+    with pytest.raises(TypeError, match="not both"):
+        maps.plot(layer="3", layers=["0"])
+    with pytest.raises(ValueError, match="hold no probes"):
+        dataclasses.replace(maps, probes=None).plot(layer="3")
