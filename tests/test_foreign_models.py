@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from rf_callback import receptive_fields, receptive_maps
+from rf_callback import TraceError, receptive_fields, receptive_maps
 from rf_callback.selection import default_layers
 
 NOISE = "does not depend on the input"
@@ -202,3 +202,12 @@ def test_maps_plot_without_the_probes_again():
         maps.plot(layer="3", layers=["0"])
     with pytest.raises(ValueError, match="hold no probes"):
         dataclasses.replace(maps, probes=None).plot(layer="3")
+
+
+def test_batch_norm_statistics_that_do_not_fit_are_refused_as_the_real_forward_refuses_them():
+    """HF EfficientNet built with a width factor but its default ``hidden_dim`` has a BatchNorm of 2560 channels
+    after a convolution giving 640: the real forward fails, and so must the trace (the fast path skipped the check).
+    """
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(4))
+    with pytest.raises(TraceError, match="running_mean should contain 8 elements not 4"):
+        receptive_fields(net, (1, 8, 8))

@@ -193,8 +193,14 @@ def _linear(input, weight, bias=None) -> Lowering | None:
 def _batch_norm(
     input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
 ) -> Lowering | None:
-    """Eval-mode BatchNorm with running statistics: ``aten.native_batch_norm``."""
-    if training or running_mean is None or running_var is None or eps < 0:
+    """Eval-mode BatchNorm with running statistics: ``aten.native_batch_norm``.
+
+    Statistics of another length than the input's channels take the usual path, whose check refuses them.
+    """
+    if training or running_mean is None or running_var is None or eps < 0 or input.dim() < 2:
+        return None
+    channels = input.shape[1]
+    if any(t is not None and t.numel() != channels for t in (running_mean, running_var, weight, bias)):
         return None
     arguments = (input, weight, bias, running_mean, running_var, False, float(momentum), float(eps))
     return aten.native_batch_norm.default, arguments, {}
