@@ -79,7 +79,7 @@ def hugging_face() -> dict[str, Callable[[], tuple[nn.Module, tuple[int, ...]]]]
         "hf:convnextv2": vision(t.ConvNextV2Model, lambda: t.ConvNextV2Config(**convnext)),
         "hf:efficientnet": vision(
             t.EfficientNetModel,
-            lambda: t.EfficientNetConfig(image_size=128, width_coefficient=0.5, depth_coefficient=0.5),
+            lambda: t.EfficientNetConfig(image_size=128, width_coefficient=0.5, depth_coefficient=0.5, hidden_dim=640),
         ),
         "hf:mobilenet_v1": vision(t.MobileNetV1Model, lambda: t.MobileNetV1Config(depth_multiplier=0.25)),
         "hf:mobilenet_v2": vision(t.MobileNetV2Model, lambda: t.MobileNetV2Config(depth_multiplier=0.35)),

@@ -10,9 +10,9 @@ downloads) and takes minutes. For each model it records:
 * the time of one table against one real forward pass (eval, one thread, medians);
 * gradient truth on a *linearized twin* (float64, positive random weights scaled by fan-in, zero
   biases, unit running variances, max pooling replaced by average pooling, activation modules by the
-  identity): for a sample of units, the bounding box of the nonzero gradient of the unit (summed
-  over channels) with respect to a positive input must lie inside ``row.box(i, j)``, and equals it
-  unless an activation called as a function cut a path.
+  identity): for a sample of units, the bounding box of the nonzero gradient of the unit (its
+  channels summed with random positive weights) with respect to a positive input must lie inside
+  ``row.box(i, j)``, and equals it unless an activation called as a function cut a path.
 
     python benchmarks/zoo_sweep.py --limit 40                 # an evenly spaced sample of everything
     python benchmarks/zoo_sweep.py --models tv:resnet50 timm:maxvit_tiny_tf_224 seg:fcn_resnet50
@@ -226,12 +226,18 @@ def gradient_check(model: nn.Module, table, shape: tuple[int, ...], units: int, 
             continue
         grid = row.placement.view(output)  # (N, C, *positions), whatever the layout: channels last, tokens
         for unit in _picks(row.output_shape)[:per_row]:
-            (grad,) = torch.autograd.grad(grid[(0, slice(None), *unit)].sum(), image, retain_graph=True)
+            channels = grid[(0, slice(None), *unit)]
+            # Channels weighed at random (positive): their plain sum is a constant after a softmax over them
+            # (attention probabilities) or a LayerNorm with a uniform scale, whose gradient is then zero.
+            weights = 0.5 + torch.rand(channels.shape, generator=generator, dtype=channels.dtype)
+            (grad,) = torch.autograd.grad((channels * weights).sum(), image, retain_graph=True)
             support = grad[0].abs().sum(0).nonzero()
             box = row.box(*unit)
             result["units"] += 1
             if support.numel() == 0:
-                result["empty support"] += 1
+                empty = all(box[a] == box[a + dims] for a in range(dims))  # a unit that sees only padding agrees
+                result["inside" if empty else "empty support"] += 1
+                result["equal"] += empty
                 continue
             found = (*support.min(0).values.tolist(), *(support.max(0).values + 1).tolist())
             inside = all(box[a] <= found[a] and found[a + dims] <= box[a + dims] for a in range(dims))
