@@ -127,7 +127,9 @@ def test_in_place_activations_compute():
 
 def test_hugging_face_efficientnet_defaults_hold_no_padding():
     transformers = pytest.importorskip("transformers")
-    config = transformers.EfficientNetConfig(image_size=64, width_coefficient=0.25, depth_coefficient=0.5, hidden_dim=320)
+    config = transformers.EfficientNetConfig(
+        image_size=64, width_coefficient=0.25, depth_coefficient=0.5, hidden_dim=320
+    )
     table = receptive_fields(transformers.EfficientNetModel(config), (3, 64, 64))
     chosen = default_layers(table)
     assert [table[key].output_shape for key in chosen] == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]
