@@ -26,6 +26,20 @@ from tests.test_upsampling import (
     units_of,
 )
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _unpooling_runs():
+    """PyTorch's max unpooling has no deterministic kernel, and a ``Trainer(deterministic=True)`` elsewhere in
+    the session leaves deterministic algorithms on: off for these tests, as found after them."""
+    enabled, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(False)
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 ADAPTIVE_AVG = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
 ADAPTIVE_MAX = {1: nn.AdaptiveMaxPool1d, 2: nn.AdaptiveMaxPool2d, 3: nn.AdaptiveMaxPool3d}
 MAX_POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
