@@ -9,10 +9,10 @@ downloads) and takes minutes. For each model it records:
   mode refuses, starting with the refusal strict mode names;
 * the time of one table against one real forward pass (eval, one thread, medians);
 * gradient truth on a *linearized twin* (float64, positive random weights scaled by fan-in, zero
-  biases, unit running variances, max pooling replaced by average pooling): for a sample of units, the
-  bounding box of the nonzero gradient of the unit (summed over channels) with respect to a positive
-  input must lie inside ``row.box(i, j)``, and equals it unless a nonlinearity left the positive
-  range (LayerNorm, GELU) and cut a path.
+  biases, unit running variances, max pooling replaced by average pooling, activation modules by the
+  identity): for a sample of units, the bounding box of the nonzero gradient of the unit (its
+  channels summed with random positive weights) with respect to a positive input must lie inside
+  ``row.box(i, j)``, and equals it unless an activation called as a function cut a path.
 
     python benchmarks/zoo_sweep.py --limit 40                 # an evenly spaced sample of everything
     python benchmarks/zoo_sweep.py --models tv:resnet50 timm:maxvit_tiny_tf_224 seg:fcn_resnet50
@@ -36,7 +36,7 @@ import torchvision
 from torch import nn
 
 from rf_callback import TraceError, UnsupportedLayerError, receptive_fields
-from rf_callback.table import OUTPUT_ROW, LayerRF
+from rf_callback.table import OUTPUT_ROW
 
 SOURCES = ("tv", "seg", "det", "timm")
 
@@ -78,11 +78,11 @@ def sample(names: list[str], limit: int | None) -> list[str]:
     return chosen
 
 
-def parameter_count(name: str, size: int | None) -> int | None:
+def parameter_count(name: str, size: int | None, builder: Any = None) -> int | None:
     """The model's parameter count from a build on the meta device (no memory, no init), or None if that fails."""
     try:
         with torch.device("meta"):
-            model, _ = build(name, size)
+            model, _ = (builder or build)(name, size)
         return sum(p.numel() for p in model.parameters())
     except Exception:
         return None
@@ -115,11 +115,19 @@ def build(name: str, size: int | None) -> tuple[nn.Module, tuple[int, int, int]]
 
 
 def linearized_twin(model: nn.Module, seed: int = 0) -> nn.Module:
-    """A float64 copy whose activations stay positive on a positive input, so that gradients reach every path."""
+    """A float64 copy in which gradients reach every path of a positive input.
+
+    Activation modules become the identity (elementwise: the fields are the same): a ReLU after a
+    normalization that centres its input, or a ``ReLU6`` that the twin's growing activations
+    saturate, would cut paths. Activations called as functions inside ``forward`` stay.
+    """
     twin = copy.deepcopy(model).double().eval()
     pools = {nn.MaxPool1d: nn.AvgPool1d, nn.MaxPool2d: nn.AvgPool2d, nn.MaxPool3d: nn.AvgPool3d}
     for parent in list(twin.modules()):
         for child_name, child in list(parent.named_children()):
+            if _activation(child):
+                setattr(parent, child_name, nn.Identity())
+                continue
             average = pools.get(type(child))
             if average is None or child.return_indices:
                 continue
@@ -144,21 +152,31 @@ def linearized_twin(model: nn.Module, seed: int = 0) -> nn.Module:
     return twin
 
 
-def _unit_index(row: LayerRF, output: torch.Tensor, i: int, j: int) -> tuple | None:
-    """Index of unit (i, j) of sample 0 in ``output`` (all its channels), or None when the layout is unclear."""
-    if len(row.output_shape) != 2:
-        return None
-    h, w = row.output_shape
-    if row.is_global:
-        return (0,)  # every unit sees one box: the whole output of the sample
-    layouts = []
-    if output.dim() == 4 and tuple(output.shape[2:]) == (h, w):
-        layouts.append((0, slice(None), i, j))  # (N, C, H, W)
-    if output.dim() == 4 and tuple(output.shape[1:3]) == (h, w):
-        layouts.append((0, i, j, slice(None)))  # (N, H, W, C)
-    if output.dim() == 3 and output.shape[1] == h * w:
-        layouts.append((0, i * w + j, slice(None)))  # tokens (N, H * W, C)
-    return layouts[0] if len(layouts) == 1 else None
+ACTIVATIONS = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
+)  # fmt: skip
+
+
+def _activation(module: nn.Module) -> bool:
+    """Whether ``module`` is an elementwise activation: PyTorch's, or a library's own class (``GELUActivation``,
+    timm's ``Swish``) holding no parameters, buffers or submodules."""
+    if isinstance(module, ACTIVATIONS):
+        return True
+    bare = not module._parameters and not module._buffers and not module._modules
+    name = type(module).__name__
+    return bare and (name.endswith("Activation") or name in {"Swish", "HardSwish", "HardMish", "GELUTanh", "QuickGELU"})
+
+
+def _picks(extent: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Corner, centre and edge units of an output of ``extent`` positions (any number of axes), without repeats.
+
+    For images: ``(0, 0), (h - 1, w - 1), (h // 2, w // 2), (0, w - 1), (h - 1, 0), (h // 2, 0), (0, w // 2)``.
+    """
+    first, last, middle = (0,) * len(extent), tuple(n - 1 for n in extent), tuple(n // 2 for n in extent)
+    inner = (0,) * (len(extent) - 1)
+    picks = [first, last, middle, (*inner, extent[-1] - 1), (extent[0] - 1, *inner), (extent[0] // 2, *inner)]
+    return list(dict.fromkeys([*picks, (*inner, extent[-1] // 2)]))
 
 
 def _outputs_of(model: nn.Module, names: list[str], image: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -187,6 +205,7 @@ def gradient_check(model: nn.Module, table, shape: tuple[int, ...], units: int, 
         for r in table.values()
         if r.supported and "[" not in r.name and ":" not in r.name and len(r.output_shape) == len(shape) - 1
     ]
+    dims = len(shape) - 1
     if not candidates:
         return {"units": 0}
     step = max(len(candidates) // rows, 1)
@@ -202,26 +221,31 @@ def gradient_check(model: nn.Module, table, shape: tuple[int, ...], units: int, 
         output = outputs.get(row.name)
         if output is None:
             continue
-        h, w = row.output_shape
-        picks = [(0, 0), (h - 1, w - 1), (h // 2, w // 2), (0, w - 1), (h - 1, 0), (h // 2, 0), (0, w // 2)]
-        for i, j in list(dict.fromkeys(picks))[:per_row]:
-            index = _unit_index(row, output, i, j)
-            if index is None:
-                result["unclear layout"] += 1
-                continue
-            (grad,) = torch.autograd.grad(output[index].sum(), image, retain_graph=True)
+        if row.placement is None or output.dim() != len(row.tensor_shape):  # windows: no grid to index
+            result["unclear layout"] += 1
+            continue
+        grid = row.placement.view(output)  # (N, C, *positions), whatever the layout: channels last, tokens
+        for unit in _picks(row.output_shape)[:per_row]:
+            channels = grid[(0, slice(None), *unit)]
+            # Channels weighed at random (positive): their plain sum is a constant after a softmax over them
+            # (attention probabilities) or a LayerNorm with a uniform scale, whose gradient is then zero.
+            weights = 0.5 + torch.rand(channels.shape, generator=generator, dtype=channels.dtype)
+            (grad,) = torch.autograd.grad((channels * weights).sum(), image, retain_graph=True)
             support = grad[0].abs().sum(0).nonzero()
-            box = row.box(i, j)
+            box = row.box(*unit)
             result["units"] += 1
             if support.numel() == 0:
-                result["empty support"] += 1
+                empty = all(box[a] == box[a + dims] for a in range(dims))  # a unit that sees only padding agrees
+                result["inside" if empty else "empty support"] += 1
+                result["equal"] += empty
                 continue
             found = (*support.min(0).values.tolist(), *(support.max(0).values + 1).tolist())
-            inside = box[0] <= found[0] and box[1] <= found[1] and found[2] <= box[2] and found[3] <= box[3]
+            inside = all(box[a] <= found[a] and found[a + dims] <= box[a + dims] for a in range(dims))
             result["inside"] += inside
             result["equal"] += found == box
-            if not inside:
-                violations.append(f"{row.name} {(i, j)}: box {box}, gradient support {found}")
+            if found != box:
+                kind = "OUTSIDE" if not inside else "smaller"
+                violations.append(f"{kind} {row.name} {unit}: box {box}, gradient support {found}")
     return dict(result, violations=violations)
 
 
@@ -240,13 +264,14 @@ def _median_seconds(function, repeats: int) -> float:
     return statistics.median(times)
 
 
-def sweep_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
+def sweep_one(name: str, args: argparse.Namespace, builder: Any = None) -> dict[str, Any]:
+    """One model's record; ``builder(name, size) -> (model, shape)`` builds it (default: :func:`build`)."""
     record: dict[str, Any] = {"model": name}
-    count = parameter_count(name, args.size)
+    count = parameter_count(name, args.size, builder)
     if count is not None and count > args.max_build_parameters:
         return record | {"status": "skipped", "error": f"{count / 1e6:.0f}M parameters (--max-build-parameters)"}
     try:
-        model, shape = build(name, args.size)
+        model, shape = (builder or build)(name, args.size)
     except Exception as error:
         return record | {"status": "build failed", "error": f"{type(error).__name__}: {str(error)[:120]}"}
     record["shape"] = list(shape)
@@ -343,7 +368,7 @@ def summary(records: list[dict[str, Any]]) -> str:
     )
     for r in records:
         for violation in r.get("gradient", {}).get("violations", []):
-            lines.append(f"  OUTSIDE {r['model']}: {violation}")
+            lines.append(f"  {r['model']}: {violation}")
     return "\n".join(lines)
 
 
@@ -367,15 +392,20 @@ def main() -> None:
     records = []
     print(f"{len(names)} models, 1 thread, torch {torch.__version__}, torchvision {torchvision.__version__}")
     for name in names:
-        start = time.perf_counter()
-        record = sweep_one(name, args)
-        record["seconds"] = time.perf_counter() - start
-        records.append(record)
-        print(line(record), flush=True)
-        if args.jsonl:
-            with open(args.jsonl, "a") as stream:
-                stream.write(json.dumps(record, default=str) + "\n")
+        records.append(run_one(name, lambda name: sweep_one(name, args), args.jsonl))
     print(summary(records))
+
+
+def run_one(name: str, sweep: Any, jsonl: str | None, describe: Any = line) -> dict[str, Any]:
+    """``sweep(name)``'s record, timed, printed as ``describe(record)`` and appended to ``jsonl`` if given."""
+    start = time.perf_counter()
+    record = sweep(name)
+    record["seconds"] = time.perf_counter() - start
+    print(describe(record), flush=True)
+    if jsonl:
+        with open(jsonl, "a") as stream:
+            stream.write(json.dumps(record, default=str) + "\n")
+    return record
 
 
 if __name__ == "__main__":

@@ -589,6 +589,35 @@ class Field:
         return tuple(_union(column) for column in zip(*rectangles))  # type: ignore[misc]
 
 
+def _seen_everywhere(fields: Sequence[Field], axis: int) -> AxisRF | None:
+    """The geometry along ``axis`` of a merge where some branches see one fixed interval at every position, and
+    together all that any branch sees: every unit sees just that, whatever strides the others move at.
+
+    That is a pyramid pooling's whole-image bin concatenated with the bins upsampled from 2, 3 and 6
+    positions, whose geometries need not agree (``align_corners=True`` moves them by ``(n - 1) / (m - 1)``).
+    A branch is fixed when its stride is 0, or when its exact intervals are the same at every position
+    in every branch (an upsampled single position). None where no such branches hold everything.
+
+    Example::
+        >>> image = Field.of_input((8,))
+        >>> local = image.window(0, kernel=3, stride=1, padding=1, length=8)
+        >>> coarse = image.window(0, kernel=4, stride=3, padding=0, length=2).resample(0, [[u // 4] for u in range(8)])
+        >>> merge([local, coarse, image.mix(0)]).rfs  # the mixed branch holds everything: global
+        (AxisRF(size=8, jump=0, start=0),)
+    """
+    fixed = [
+        field
+        for field in fields
+        if field.rfs[axis].jump == 0
+        or all(len(set(branch[axis])) == 1 and all(None not in boxes for boxes in branch) for branch in field.branches)
+    ]
+    whole = _union(branch[axis][0] for field in fixed for branch in field.branches)
+    seen = _union(itertools.chain.from_iterable(branch[axis] for field in fields for branch in field.branches))
+    if whole is None or seen is None or not whole[0] <= seen[0] <= seen[1] <= whole[1]:
+        return None
+    return _hull([field.rfs[axis] for field in fixed], 0)
+
+
 def merge(fields: Sequence[Field], where: str = "a merge") -> Field:
     """Field of an elementwise merge (add, multiply, concat on channels) of aligned tensors.
 
@@ -622,7 +651,11 @@ def merge(fields: Sequence[Field], where: str = "a merge") -> Field:
         local = [rf for rf in axis_rfs if rf.jump > 0]
         spread = [field for field in fields if field.rfs[axis].jump == 0]
         if len({rf.jump for rf in local}) > 1:
-            raise MisalignedBranchesError(where, axis_rfs)
+            everywhere = _seen_everywhere(fields, axis)
+            if everywhere is None:
+                raise MisalignedBranchesError(where, axis_rfs)
+            rfs.append(everywhere)
+            continue
         if local and spread:
             # A fixed field that holds everything the moving ones see makes every unit see it; one that
             # does not (keys pooled past the last rows) adds it to each unit's own: per position.

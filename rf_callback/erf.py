@@ -44,14 +44,19 @@ class ERFStats:
     for 1-D inputs, voxels for 3-D ones). For ``d = 2`` a "cube" is a square and "volume" an area.
 
     Attributes:
-        count: pixels whose saliency exceeds ``threshold`` times the map's peak (Luo et al.).
+        count: pixels whose saliency exceeds ``threshold`` times the map's own peak (Luo et al.).
         size: ``count ** (1 / d)``, the side of a d-cube of that volume (``sqrt(count)`` for images).
         mass_side: side of the smallest d-cube centred on the unit's RF centre that holds at least
             ``mass`` of the map's total saliency.
         rf_side: ``volume ** (1 / d)`` of the unit's analytic box clipped to the input (the whole
             input for a layer without an analytic field).
-        size_fraction: ``size / rf_side``.
-        mass_fraction: ``mass_side / rf_side`` (may exceed 1 near the border, where cubes are cut).
+        size_fraction: ``size / rf_side``: the ERF's volume relative to the box's, as a side; in
+            [0, 1], since every pixel with saliency lies in the box.
+        mass_fraction: ``mass_side`` relative to the side of the smallest d-cube around the same
+            centre that holds the whole clipped box (how far the field reaches from the unit's
+            centre); in [0, 1]. For a unit whose box is a cube centred on it, that is ``rf_side``;
+            near the border, where the box is cut but its centre is not moved, and for boxes longer
+            on one axis, the reach is the longer distance, so the mass cube never outgrows it.
         extent: (N, L, d): per axis, the length of the interval that bounds the pixels above the threshold.
         dead: True where the map is all zero (a dead unit); every statistic is 0 there.
         finite: False where the map holds NaN or infinite values (the model's values or gradients
@@ -194,7 +199,7 @@ def erf_stats(
 
     volume = (boxes[..., dims:] - boxes[..., :dims]).clamp(min=0).prod(-1).float()
     rf_side = _side(volume, dims)
-    safe = rf_side.clamp(min=1)
+    reach = _reach(boxes, centers)
     zero = torch.zeros_like(size)
     unknown = ~finite
 
@@ -206,8 +211,8 @@ def erf_stats(
         size=per_probe(size),
         mass_side=per_probe(mass_side),
         rf_side=rf_side,
-        size_fraction=per_probe(torch.where(rf_side > 0, size / safe, zero)),
-        mass_fraction=per_probe(torch.where(rf_side > 0, mass_side / safe, zero)),
+        size_fraction=per_probe(torch.where(rf_side > 0, size / rf_side.clamp(min=1), zero)),
+        mass_fraction=per_probe(torch.where((volume > 0) & (reach > 0), mass_side / reach.clamp(min=1), zero)),
         dead=dead,
         threshold=threshold,
         mass=mass,
@@ -246,6 +251,20 @@ def finite_mean(maps: Tensor, finite: Tensor) -> Tensor:
     expand = (1,) * (maps.dim() - 2)
     kept = torch.where(finite.view(*finite.shape, *expand), maps, 0.0)
     return kept.sum(0) / finite.sum(0).view(-1, *expand)
+
+
+def _reach(boxes: Tensor, centers: Tensor) -> Tensor:
+    """The side of the smallest cube centred on each centre (N, L, d) that holds its box (N, L, 2d), counted as
+    ``mass_side`` counts: ``2 * distance + 1``, the distance to the farthest pixel of the box (Chebyshev).
+
+    Example::
+        >>> _reach(torch.tensor([[[0, 0, 9, 9], [0, 0, 9, 4]]]), torch.tensor([[[4.0, 4.0], [4.0, 0.0]]])).tolist()
+        [[9.0, 9.0]]
+    """
+    dims = centers.shape[-1]
+    lows, lasts = boxes[..., :dims].float(), boxes[..., dims:].float() - 1
+    distance = torch.maximum(centers.float() - lows, lasts - centers.float()).amax(-1)
+    return (2 * distance).round() + 1
 
 
 def _side(volume: Tensor, dims: int) -> Tensor:

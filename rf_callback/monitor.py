@@ -65,10 +65,34 @@ TAG = "receptive_field"
 """Every tag starts with this: images ``receptive_field/<k>_<layer>`` (and ``.../mean``), scalars ``.../<statistic>``."""
 
 STATISTICS = {
-    "erf_size": ("size", "ERF size: side (input px) of a square with the area of the pixels above 4.55% of the peak."),
-    "erf_size_fraction": ("size_fraction", "ERF size divided by the side of the analytic receptive field."),
-    "erf_mass_side": ("mass_side", "Side (input px) of the square around the unit's centre holding 95% of the map."),
-    "erf_mass_fraction": ("mass_fraction", "ERF mass side divided by the side of the analytic receptive field."),
+    "erf_size": (
+        "size",
+        (
+            "ERF size: side (input px) of a square with the area of the input pixels whose saliency exceeds"
+            " the threshold (default 4.55%) of the map's own peak."
+        ),
+    ),
+    "erf_size_fraction": (
+        "size_fraction",
+        (
+            "ERF size relative to the analytic receptive field: divided by the side of a square with the area of"
+            " the unit's box clipped to the input (0-1)."
+        ),
+    ),
+    "erf_mass_side": (
+        "mass_side",
+        (
+            "Side (input px) of the smallest square centred on the unit's receptive-field centre holding the mass"
+            " share (default 95%) of the map's total saliency."
+        ),
+    ),
+    "erf_mass_fraction": (
+        "mass_fraction",
+        (
+            "ERF mass side relative to the receptive field's reach: divided by the side of the smallest square"
+            " around the same centre that holds the unit's whole box clipped to the input (0-1)."
+        ),
+    ),
     "dead_fraction": ("dead_fraction", "Share of probes whose unit has an all-zero map (logged only when nonzero)."),
     "non_finite_fraction": (
         "non_finite_fraction",
@@ -82,8 +106,8 @@ STATISTICS = {
         for share in MASS_SHARES
     },
 }
-"""Scalar name -> (:meth:`ERFStats.mean` key, one-sentence description). For 1-D and 3-D inputs a
-"square" is an interval or a cube, its side the d-th root of the volume."""
+"""Scalar name -> (:meth:`ERFStats.mean` key, one-sentence description saying what it is relative to). For 1-D and
+3-D inputs a "square" is an interval or a cube, its side the d-th root of the volume."""
 
 DESCRIPTIONS = {name: description for name, (_, description) in STATISTICS.items()}
 """Scalar name -> its description, shown by TensorBoard beside each chart."""

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from rf_callback.report import WHOLE  # the caption of a probe whose unit sees all of its input (no box drawn)
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from PIL.Image import Image
@@ -113,8 +115,6 @@ def tile_size(height: int, width: int, tile: int = 128) -> tuple[int, int]:
     return h, w
 
 
-WHOLE = {1: "whole signal", 2: "whole image", 3: "whole volume"}
-"""The caption of a probe whose unit sees all of its input (no box drawn)."""
 NOT_ANALYTIC = "no analytic RF"
 """The caption of a probe at a layer without an analytic receptive field (no box drawn)."""
 

@@ -6,9 +6,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
-__all__ = ["COLUMNS", "format_rows", "format_table", "markdown_table", "pair", "table_rows", "unsupported_notes"]
+__all__ = ["COLUMNS", "WHOLE", "format_rows", "format_table", "markdown_table", "pair", "table_rows", "unsupported_notes"]
 
 COLUMNS = ("layer", "type", "output", "RF size", "stride", "padding")
+WHOLE = {1: "whole signal", 2: "whole image", 3: "whole volume"}
+"""What a unit that sees all of its input sees, by the input's number of spatial axes (tables and pictures)."""
 
 
 def pair(values: Sequence[int | Fraction | str]) -> str:
@@ -26,7 +28,7 @@ def _cells(record: Mapping[str, Any]) -> list[str]:
     if "unsupported" in record:
         return [*head, "unsupported", "-", "-"]
     if record["is_global"]:  # every unit sees the whole input: its size and padding say nothing more
-        return [*head, "whole image", "-", "-"]
+        return [*head, WHOLE[len(record["output_shape"])], "-", "-"]
     return [*head, pair(record["size"]), pair(record["stride"]), pair(record["padding"])]
 
 
@@ -60,6 +62,10 @@ def format_rows(records: Iterable[Mapping[str, Any]], markdown: bool = False) ->
         ...                     "size": [3, 3], "stride": [2, 2], "padding": [1, 1], "is_global": False}]))
         layer  type    output  RF size  stride  padding
         conv1  Conv2d  14x14   3        2       1
+        >>> print(format_rows([{"name": "pool", "type": "AdaptiveAvgPool1d", "output_shape": [1],
+        ...                     "size": [64], "stride": [0], "padding": [0], "is_global": True}]))
+        layer  type               output  RF size       stride  padding
+        pool   AdaptiveAvgPool1d  1       whole signal  -       -
     """
     records = list(records)
     notes = unsupported_notes(records)

@@ -65,6 +65,8 @@ class ReceptiveMaps:
         erf: the statistics of each map (:class:`ERFStats`).
         analytic: per layer, whether it has an analytic receptive field (``LayerRF.supported``); a
             layer the tracer cannot follow (after an upsampling, say) still gets maps, from whole inputs.
+        probes: the inputs the maps were computed from, a copy on the CPU (N, C, *spatial), which
+            :meth:`plot` draws; None where the maps were built without them.
     """
 
     layers: tuple[str, ...]
@@ -75,6 +77,7 @@ class ReceptiveMaps:
     centers: Tensor
     erf: ERFStats
     analytic: tuple[bool, ...]
+    probes: Tensor | None = None
 
     @property
     def finite(self) -> Tensor:
@@ -94,9 +97,10 @@ class ReceptiveMaps:
 
     def plot(
         self,
-        probes: Tensor,
+        probes: Tensor | None = None,
         layers: str | Sequence[str] | None = None,
         *,
+        layer: str | None = None,
         select: Sequence[int] | None = None,
         labels: Sequence[str] | None = None,
         tile: int = 128,
@@ -104,8 +108,9 @@ class ReceptiveMaps:
         """The picture the callback logs, as a matplotlib figure: one grid of probes per layer.
 
         Args:
-            probes: the inputs the maps were computed for ``(N, C, *spatial)``.
+            probes: the inputs to draw ``(N, C, *spatial)`` (default: those the maps were computed from).
             layers: one layer key or several (default: all of them).
+            layer: one layer key (``plot(layer=key)`` is ``plot(layers=key)``).
             select: which probes to show (default: all).
             labels: a caption per probe.
             tile: screen pixels per probe side.
@@ -113,10 +118,18 @@ class ReceptiveMaps:
         Example::
 
             maps = receptive_maps(model, probes)
-            maps.plot(probes, "layer3", select=[0, 1, 2])  # a Figure; in Jupyter it shows itself
+            maps.plot(layer="layer3", select=[0, 1, 2])  # a Figure; in Jupyter it shows itself
         """
         from rf_callback.render import plot_maps
 
+        if layer is not None:
+            if layers is not None:
+                raise TypeError(f"ReceptiveMaps.plot: pass layer={layer!r} or layers={layers!r}, not both.")
+            layers = layer
+        if probes is None:
+            if self.probes is None:
+                raise ValueError("ReceptiveMaps.plot: these maps hold no probes; pass them: plot(probes, ...).")
+            probes = self.probes
         names = [layers] if isinstance(layers, str) else list(layers) if layers is not None else list(self.layers)
         missing = [name for name in names if name not in self.layers]
         if missing:
@@ -138,10 +151,12 @@ class ReceptiveMaps:
     def summary(self) -> str:
         """Per layer, the ERF statistics averaged over the probes, as an aligned table (``print(maps.summary())``).
 
-        Columns: ``ERF size`` (side of a d-cube with the volume of the pixels above the threshold, input
-        px), ``ERF/RF`` (that over the side of the analytic box), ``mass side`` (the cube around the
-        unit's centre holding ``mass`` of the saliency), ``mass/RF``, ``dead`` (probes with an all-zero
-        map). ``RF`` is the whole input for a layer without an analytic field, marked ``*``.
+        Columns: ``ERF size`` (side of a d-cube with the volume of the pixels above the threshold share
+        of the map's peak, input px), ``ERF/RF`` (that over the side of a d-cube with the volume of the
+        unit's box clipped to the input), ``mass side`` (the cube around the unit's centre holding
+        ``mass`` of the saliency), ``mass/RF`` (that over the side of the cube around the same centre
+        that holds the whole clipped box; both fractions are in [0, 1]), ``dead`` (the share of probes
+        with an all-zero map). ``RF`` is the whole input for a layer without an analytic field, marked ``*``.
         """
         means = self.erf.mean()
         rows = [
@@ -307,24 +322,41 @@ def _check_output(output: Tensor, channel: int | None, name: str, dims: int) -> 
 
 
 def _warn_if_constant_sum(name: str, output: Tensor) -> None:
-    """Warn when the channel sum of ``output`` is the same everywhere: its gradient, the map, is rounding noise.
+    """Warn when the channel sum of ``output`` does not depend on the input: its gradient, the map, is rounding noise.
 
-    That is the output of a LayerNorm whose scale is uniform (every transformer at initialization):
-    its channels always sum to the same value.
+    With several probes that is tested directly: at every position the sum is the same for every
+    probe, although the channels themselves differ between probes. That is the output of a LayerNorm
+    whose scale is uniform (every transformer at initialization), whose channels always sum to the
+    same value, and of such a LayerNorm followed by a position embedding (HF PVT's patch embeddings),
+    whose sum then differs from position to position, but not from probe to probe. With one probe,
+    the sum being the same at every position stands in for it. Probes that are all alike prove
+    nothing and warn of nothing.
+
+    Example::
+        >>> tokens = torch.nn.functional.layer_norm(torch.randn(3, 5, 8), (8,)) + torch.randn(5, 8)
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _warn_if_constant_sum("embeddings", tokens.transpose(1, 2))  # (N, C, L): same sums for every probe
+        >>> "does not depend on the input" in str(caught[0].message)
+        True
     """
-    values = output.detach()
-    sums = values.sum(1)
-    if sums.numel() < 2 or values.shape[1] < 2:
+    values = output.detach().float()
+    count, channels = values.shape[:2]
+    grid = list(range(2, values.dim()))
+    across = [0] if count > 1 else grid  # what the sum should vary over: the probes, or one probe's positions
+    if channels < 2 or math.prod(values.shape[d] for d in across) < 2:
         return
-    spread = float(sums.max() - sums.min())
-    # How much each channel varies over probes and positions: 0 for a dead layer, whose maps are flagged so.
-    others = [0, *range(2, values.dim())]  # per channel, without copying the output
-    scale = float(values.float().std(dim=others).mean()) * values.shape[1] ** 0.5
+    sums = values.sum(1)  # (N, *grid)
+    along = [0] if count > 1 else [d - 1 for d in grid]
+    spread = float((sums.amax(dim=along) - sums.amin(dim=along)).max())
+    # How much each channel varies over the same: 0 for a dead layer or probes all alike.
+    scale = float(values.std(dim=across).mean()) * channels**0.5
     if 0 < scale and spread <= 1e-4 * scale:
+        where = "is the same for every probe at each position" if count > 1 else "is the same at every position"
         warnings.warn(
-            f"receptive_maps: the channels of layer '{name}' sum to the same value at every position (a LayerNorm"
-            " with a uniform scale?), so the gradient of their sum is rounding noise. HINT: pass channel=k to follow"
-            " one channel.",
+            f"receptive_maps: the sum of the channels of layer '{name}' does not depend on the input (it {where}:"
+            " a LayerNorm with a uniform scale, perhaps followed by a position embedding?), so the gradient of"
+            " that sum, the map, is rounding noise. HINT: pass channel=k to follow one channel.",
             stacklevel=2,
         )
 
@@ -609,7 +641,8 @@ def _receptive_maps(
             [_per_unit(units[name], _center_of(fields[name])) for name in names], dtype=torch.float32
         ).transpose(0, 1)
         stats = erf_stats(maps, boxes, centers, threshold, mass)
-        return ReceptiveMaps(tuple(names), maps, signed, units_tensor, boxes, centers, stats, analytic), non_finite
+        kept = probes.detach().to("cpu", copy=True)  # for plot(); the caller may change its tensor later
+        return ReceptiveMaps(tuple(names), maps, signed, units_tensor, boxes, centers, stats, analytic, kept), non_finite
 
 
 class NonFiniteMapWarning(UserWarning):

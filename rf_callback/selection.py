@@ -114,8 +114,10 @@ def default_layers(table: ReceptiveFieldTable) -> list[str]:
     next stage that still runs at its resolution. Containers holding more than one change of
     resolution (a whole ``features`` block) and rows with a single output position (heads) are
     left out, and so are rows without an analytic field (name them, or pass ``"all"``); so is a
-    flattened copy of the layer before it. torchvision's ResNets give ``relu, layer1, layer2,
-    layer3, layer4``; its Swins ``features.1, .3, .5, permute``. Where that gives fewer than three
+    flattened copy of the layer before it, and every module that computes nothing from its input
+    (``table.relays``: ``Identity``, dropout, padding, ``Flatten``), whose maps are those of the
+    layer that feeds it: a stage is represented by a module that does its work. torchvision's ResNets give ``relu, layer1, layer2,
+    layer3, layer4``; its Swins ``features.1, .3, .5, norm``. Where that gives fewer than three
     layers (an isotropic network, whose blocks all run at one resolution: ViT, MLP-Mixer), four evenly
     spaced blocks of its longest run of sibling modules of one type are added: a ViT-B/16 gets
     ``encoder.layers.encoder_layer_0, _4, _7, _11`` and ``encoder``.
@@ -127,8 +129,11 @@ def default_layers(table: ReceptiveFieldTable) -> list[str]:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), conv, nn.MaxPool2d(2))
         >>> default_layers(receptive_fields(net, (1, 32, 32)))  # the last at 32x32, at 16x16, at 8x8
         ['1', '3', '4']
+        >>> padded = nn.Sequential(conv, nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(4, 4, 3, stride=2), nn.Dropout())
+        >>> default_layers(receptive_fields(padded, (4, 16, 16)))  # not the 17x17 padding, nor the dropout
+        ['0', '2']
     """
-    rows = {key: row for key, row in table.items() if row.supported and mappable(row)}
+    rows = {key: row for key, row in table.items() if row.supported and mappable(row) and key not in table.relays}
     inside: dict[str, set[tuple[int, ...]]] = {}  # module -> resolutions of the rows of modules inside it
     for key, row in rows.items():
         parts = LayerKey.parse(key).module.split(".")

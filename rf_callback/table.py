@@ -15,7 +15,7 @@ import gc
 import itertools
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -310,6 +310,9 @@ class ReceptiveFieldTable(Mapping[str, LayerRF]):
     A module called ``k > 1`` times in one forward has rows ``name[0]`` ... ``name[k-1]``; its bare
     name raises a ``KeyError`` that lists them, so calls are never merged silently. ``output_order``
     lists the rows in the order their outputs were computed: a container after the modules inside it.
+    ``relays`` holds the rows of module calls that computed nothing from the input: they returned
+    what they were given, at most padded, sliced or viewed (``Identity``, dropout in eval mode,
+    ``ZeroPad2d``, ``Flatten``); their maps are those of the layer that feeds them.
     """
 
     def __init__(
@@ -318,12 +321,14 @@ class ReceptiveFieldTable(Mapping[str, LayerRF]):
         input_shape: tuple[int, ...],
         reused: Mapping[str, int],
         output_order: Sequence[str] | None = None,
+        relays: Iterable[str] = (),
     ) -> None:
         self._rows = {row.name: row for row in rows}
         self.input_shape = input_shape
         self.reused = dict(reused)
         order = list(self._rows) if output_order is None else output_order
         self.output_order = tuple(key for key in order if key in self._rows)
+        self.relays = frozenset(key for key in relays if key in self._rows)
 
     def __getitem__(self, name: str) -> LayerRF:
         try:
@@ -376,7 +381,7 @@ class ReceptiveFieldTable(Mapping[str, LayerRF]):
             for key, row in self._rows.items()
             if (kinds is None or row.module_type in kinds) and (keys is None or key in keys)
         ]
-        return ReceptiveFieldTable(rows, self.input_shape, self.reused, self.output_order)
+        return ReceptiveFieldTable(rows, self.input_shape, self.reused, self.output_order, self.relays)
 
     @property
     def unsupported(self) -> list[LayerRF]:
@@ -536,7 +541,7 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
         name, kind = place
         index = counts.get(name, 0)
         counts[name] = index + 1
-        call = _Call(name, kind, index, [])
+        call = _Call(name, kind, index, [], started=tracer.computed)
         calls.append(call)
         running.append(call)
         tracer.stack.append(place)
@@ -545,6 +550,7 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
         tracer.stack.pop()
         call = running.pop()
         call.outputs, call.finished = _traced_outputs(tracer, output, strict), next(clock)
+        call.relays = tracer.computed == call.started
 
     def announcing(module: nn.Module, place: tuple[str, str]) -> Any:
         forward, lowering = module.forward, module_lowering(module)
@@ -691,6 +697,8 @@ class _Call:
     index: int  # among the calls of this module
     outputs: list[tuple[torch.Tensor, Traced | Unsupported]]
     finished: int = 0  # when its outputs were computed, among all calls
+    started: int = 0  # the tracer's computations when it began
+    relays: bool = False  # it computed nothing: it returned what it was given, moved (padded, viewed) at most
 
 
 def _build_table(calls: list[_Call], counts: dict[str, int], shape: tuple[int, ...]) -> ReceptiveFieldTable:
@@ -699,12 +707,15 @@ def _build_table(calls: list[_Call], counts: dict[str, int], shape: tuple[int, .
     reused = {name: count for name, count in counts.items() if count > 1}
     placed: dict[Layout, tuple[tuple[int, ...], Placement | None]] = {}  # layout -> output shape, placement
     finished: list[tuple[int, int, str]] = []  # (when computed, position, key)
+    relays = set()
     for call in calls:
         name, module_type, outputs = call.name, call.module_type, call.outputs
         for k, (output, info) in enumerate(outputs):
             numbered = name in reused or _SUFFIX.search(name) is not None
             key = _key(name, call.index if numbered else None, k if len(outputs) > 1 else None)
             finished.append((call.finished, len(finished), key))
+            if call.relays:
+                relays.add(key)
             refused = refusal(info)
             if refused is not None:
                 image = output.dim() == len(shape) + 1
@@ -721,4 +732,4 @@ def _build_table(calls: list[_Call], counts: dict[str, int], shape: tuple[int, .
                 found = placed[layout] = output_shape, Placement(dims, output_shape) if dims is not None else None
             tensor = (output.shape, found[1], output.dtype)
             rows.append(LayerRF(key, module_type, spatial, found[0], info.field, info.equivariant, None, *tensor))
-    return ReceptiveFieldTable(rows, shape, reused, [key for _, _, key in sorted(finished)])
+    return ReceptiveFieldTable(rows, shape, reused, [key for _, _, key in sorted(finished)], relays)

@@ -50,20 +50,33 @@ def jacobian_supports(net: nn.Module, spatial: tuple[int, ...], names: list[str]
     return {name: out.ne(0).any(1).reshape(*spatial, *out.shape[2:]) for name, out in outputs.items()}
 
 
+def support_boxes(support: torch.Tensor, dims: int) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Per unit of a support ``(*spatial, *output)``: the lows and highs of its bounding box, one tensor ``output``
+    per axis, and where the support is empty."""
+    lows, highs, empty = [], [], ~support.reshape(-1, *support.shape[dims:]).any(0)
+    for a in range(dims):
+        along = support.any(dim=tuple(b for b in range(dims) if b != a))  # (n_a, *output)
+        n = along.shape[0]
+        positions = torch.arange(n).reshape(n, *(1,) * (along.dim() - 1))
+        lows.append(torch.where(along, positions, n).amin(0))
+        highs.append(torch.where(along, positions + 1, 0).amax(0))
+    return lows, highs, empty
+
+
+def units_of(row) -> list[list[int]]:
+    """Every unit of a row, one index per axis."""
+    dims = len(row.output_shape)
+    return torch.cartesian_prod(*(torch.arange(m) for m in row.output_shape)).reshape(-1, dims).tolist()
+
+
 def assert_exact_boxes(net: nn.Module, spatial: tuple[int, ...], names: list[str]) -> None:
     table = receptive_fields(net, (1, *spatial))
     dims = len(spatial)
     for name, support in jacobian_supports(net, spatial, names).items():
         row = table[name]
         assert row.output_shape == tuple(support.shape[dims:]), name
-        lows, highs, empty = [], [], ~support.reshape(-1, *support.shape[dims:]).any(0)
-        for a in range(dims):
-            along = support.any(dim=tuple(b for b in range(dims) if b != a))  # (n_a, *output)
-            n = along.shape[0]
-            positions = torch.arange(n).reshape(n, *(1,) * (along.dim() - 1))
-            lows.append(torch.where(along, positions, n).amin(0))
-            highs.append(torch.where(along, positions + 1, 0).amax(0))
-        for unit in torch.cartesian_prod(*(torch.arange(m) for m in row.output_shape)).reshape(-1, dims).tolist():
+        lows, highs, empty = support_boxes(support, dims)
+        for unit in units_of(row):
             box = row.box(*unit)
             if empty[tuple(unit)]:
                 assert all(box[a] == box[a + dims] for a in range(dims)), (name, unit, box)

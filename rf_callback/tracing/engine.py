@@ -52,6 +52,34 @@ aten = torch.ops.aten
 
 
 _META = torch.device("meta")
+_MOVES = frozenset(
+    getattr(getattr(aten, name), overload)
+    for name, overloads in {
+        "constant_pad_nd": ["default"],
+        **{f"{kind}_pad{d}d": ["default"] for kind in ("reflection", "replication") for d in (1, 2, 3)},
+        "slice": ["Tensor"],
+        "select": ["int"],
+        "view": ["default"],
+        "_unsafe_view": ["default"],
+        "reshape": ["default"],
+        "_reshape_alias": ["default"],
+        "view_copy": ["default"],
+        "alias": ["default"],
+        "detach": ["default"],
+        "clone": ["default"],
+        "_to_copy": ["default"],
+        "contiguous": ["default"],
+        "permute": ["default"],
+        "transpose": ["int"],
+        "t": ["default"],
+        "squeeze": ["default", "dim", "dims"],
+        "unsqueeze": ["default"],
+        "expand": ["default"],
+    }.items()
+    for overload in overloads
+)
+"""Operations that move values without computing any (views, pads, slices, copies): a module call that runs only
+these on input-dependent tensors computes nothing (:attr:`Tracer.computed`)."""
 _REFUSED = object()  # no result yet: the operation goes through Tracer.follow
 
 
@@ -114,6 +142,8 @@ class Tracer(TorchDispatchMode):
         self.info = TensorInfos()
         self.stack: list[tuple[str, str]] = []  # (module name, module type) being run
         self.transparent = 0
+        self.pool_windows: dict[int, tuple[Field, Any]] = {}  # id(field of pooled indices) -> (it, windows): ops.py
+        self.computed = 0  # operations so far that computed values from the input (not only moved them)
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def where(self) -> tuple[str, str]:
@@ -153,6 +183,8 @@ class Tracer(TorchDispatchMode):
             for tensor in outputs:  # an in-place write of constants (x.zero_()) forgets the input
                 self.info.pop(tensor, None)
             return
+        if func not in _MOVES:
+            self.computed += 1
         bound = _bind(func, args, kwargs)
         results = _REFUSED
         if len(tensors) == 1 and type(info := self.info[tensors[0]]) is Traced and info.lost is None:
@@ -464,6 +496,7 @@ class FunctionInterceptor(TorchFunctionMode):
             self.tracer.transparent -= 1
         traced = [t for t in inputs if t in self.tracer.info]
         if traced:
+            self.tracer.computed += func not in (torch.nn.functional.pad, torch._C._nn.pad)
             outputs = flat_tensors(out)
             results = self.tracer.follow(operation, traced, lambda infos: self.tracer.settle(step(infos)))
             results = results if isinstance(results, tuple) else (results,) * len(outputs)

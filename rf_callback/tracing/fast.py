@@ -114,6 +114,7 @@ def _run(tracer: Tracer, lowering: Lowering) -> Any:
         result = out[0] if first_output else tuple(out) if isinstance(out, list) else out
         if result_info is not None:
             tracer.info[result] = result_info  # what the handler would answer
+            tracer.computed += 1
         else:
             tracer.record(operation, operation_args, operation_kwargs, out)
     return result
@@ -192,8 +193,14 @@ def _linear(input, weight, bias=None) -> Lowering | None:
 def _batch_norm(
     input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
 ) -> Lowering | None:
-    """Eval-mode BatchNorm with running statistics: ``aten.native_batch_norm``."""
-    if training or running_mean is None or running_var is None or eps < 0:
+    """Eval-mode BatchNorm with running statistics: ``aten.native_batch_norm``.
+
+    Statistics of another length than the input's channels take the usual path, whose check refuses them.
+    """
+    if training or running_mean is None or running_var is None or eps < 0 or input.dim() < 2:
+        return None
+    channels = input.shape[1]
+    if any(t is not None and t.numel() != channels for t in (running_mean, running_var, weight, bias)):
         return None
     arguments = (input, weight, bias, running_mean, running_var, False, float(momentum), float(eps))
     return aten.native_batch_norm.default, arguments, {}

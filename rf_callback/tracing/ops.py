@@ -90,7 +90,15 @@ def _pool(tracer, bound, out, has_dilation: bool) -> Traced:
 )
 def _max_pool(tracer, func, bound, out):
     result = _pool(tracer, bound, out, has_dilation=True)
-    return (result, result) if isinstance(out, (tuple, list)) else result
+    if not isinstance(out, (tuple, list)):
+        return result
+    count = len(bound["kernel_size"])
+    options = [bound["kernel_size"], bound["stride"] or bound["kernel_size"], bound["padding"], bound["dilation"]]
+    kernel, stride, padding, dilation = (list(v) * count if len(v) == 1 else list(v) for v in options)
+    lengths = zip(bound["self"].shape[-count:], out[0].shape[-count:])
+    windows = [(n, _pool_windows(n, m, *rest)) for (n, m), *rest in zip(lengths, kernel, stride, padding, dilation)]
+    _keep_windows(tracer, result, windows)
+    return (result, result)
 
 
 @_register(aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default)
@@ -109,17 +117,106 @@ def _avg_pool(tracer, func, bound, out):
     aten.adaptive_max_pool3d.default,
 )
 def _adaptive_pool(tracer, func, bound, out):
-    source = bound["self"]
+    """Adaptive pooling: bin ``i`` of ``m`` over ``n`` positions reads ``[floor(i * n / m), ceil((i + 1) * n / m))``.
+
+    Where ``m`` divides ``n`` the bins are the windows of an ordinary pooling (kernel and stride
+    ``n / m``); otherwise their sizes differ, or neighbours overlap, and each bin's field is the
+    union of the positions it reads (exact, through :meth:`~rf_callback.algebra.Field.resample`).
+    """
+    source, result = bound["self"], _first_output(out)
     sizes = list(bound["output_size"])
-    kernel = []
-    for n, m in zip(source.shape[source.dim() - len(sizes) :], sizes):
-        if n % m:
-            raise _Reject(f"adaptive pooling from {n} to {m} positions uses windows of different sizes")
-        kernel.append(n // m)
-    result = tracer.window(tracer.traced(source), _first_output(out), kernel, kernel, [0], [1])
-    if any(k > 1 for k in kernel):
-        result = replace(result, equivariant=False)  # the window grows with the input
-    return (result, result) if isinstance(out, (tuple, list)) else result
+    lengths = source.shape[source.dim() - len(sizes) :]
+    if all(n % m == 0 for n, m in zip(lengths, sizes)):
+        kernel = [n // m for n, m in zip(lengths, sizes)]
+        traced = tracer.window(tracer.traced(source), result, kernel, kernel, [0], [1])
+        if any(k > 1 for k in kernel):
+            traced = replace(traced, equivariant=False)  # the window grows with the input
+    else:
+        traced = _resampled(tracer, tracer.traced(source), result, len(sizes), lambda i, n, m: _adaptive_bins(n, m))
+    if not isinstance(out, (tuple, list)):
+        return traced
+    _keep_windows(tracer, traced, [(n, _adaptive_bins(n, m)) for n, m in zip(lengths, sizes)])
+    return (traced, traced)
+
+
+def _adaptive_bins(n: int, m: int) -> Sources:
+    """The positions each of the ``m`` bins of adaptive pooling over ``n`` positions reads.
+
+    Example::
+        >>> _adaptive_bins(16, 3)  # bins of 6 positions, overlapping by one
+        ((0, 1, 2, 3, 4, 5), (5, 6, 7, 8, 9, 10), (10, 11, 12, 13, 14, 15))
+        >>> _adaptive_bins(5, 2)
+        ((0, 1, 2), (2, 3, 4))
+    """
+    return tuple(tuple(range(i * n // m, -(-(i + 1) * n // m))) for i in range(m))
+
+
+def _pool_windows(n: int, m: int, kernel: int, stride: int, padding: int, dilation: int) -> Sources:
+    """The input positions (of ``n``) each of the ``m`` windows of a pooling reads: ``u * stride - padding + j * dilation``."""
+    return tuple(
+        tuple(q for j in range(kernel) if 0 <= (q := u * stride - padding + j * dilation) < n) for u in range(m)
+    )
+
+
+def _keep_windows(tracer: Tracer, pooled: Traced, windows: Sequence[tuple[int, Sources]]) -> None:
+    """Files the windows of a max pooling that returns indices, under its output's field, for :func:`_max_unpool`.
+
+    ``windows`` holds, per pooled dimension (the last ones), the input length and the positions
+    each window reads. The indices carry the pooled field through views (``squeeze``,
+    ``unsqueeze``, ``clone``) unchanged, so an unpooling finds the windows from its indices,
+    however far from the pooling it runs. Kept: the windows of each spatial axis, and the input
+    lengths (other than 1) over which the indices are flat.
+    """
+    dims = pooled.layout[len(pooled.layout) - len(windows) :]
+    along = {dim[0][0]: reads for dim, (_, reads) in zip(dims, windows) if len(dim) == 1 and type(dim[0][0]) is int}
+    lengths = tuple(n for n, _ in windows if n > 1)
+    tracer.pool_windows[id(pooled.field)] = (pooled.field, along, lengths)
+
+
+@_register(aten.max_unpool2d.default, aten.max_unpool3d.default)
+def _max_unpool(tracer, func, bound, out):
+    """``nn.MaxUnpool1d/2d/3d``: each pooled value goes back to the position of its window's maximum.
+
+    Which position receives a value depends on the data; which input pixels *can* affect an output
+    position does not: those seen by the values and indices of every pooled unit whose window
+    covers that position (one window, unless windows overlap). That union is the field, "pixels
+    that can affect this unit, for some input"; a position no window covers receives nothing, and
+    sees nothing. The windows come from the max pooling that made the indices (:func:`_keep_windows`).
+    """
+    values, indices, count = bound["self"], bound["indices"], len(bound["output_size"])
+    index_info = tracer.get(indices)
+    found = tracer.pool_windows.get(id(index_info.field)) if type(index_info) is Traced else None
+    if found is None or found[0] is not index_info.field:
+        raise _Reject(
+            "its indices do not come from a max pooling followed here (return_indices=True), so where its values"
+            " land is unknown"
+        )
+    _, windows, lengths = found
+    unpooled = tuple(n for n in out.shape[out.dim() - count :] if n > 1)
+    if unpooled[1:] != lengths[1:]:  # indices are flat over the pooled input: only the first axis may differ
+        raise _Reject(
+            f"it unpools indices that are flat over {'x'.join(map(str, lengths))} positions to"
+            f" {'x'.join(map(str, unpooled))}, so they land on other rows; pass output_size= the pooled input's size"
+        )
+    operands = [_aligned(info, out.dim()) for t in (values, indices) if type(info := tracer.get(t)) is Traced]
+    info = tracer.combine(operands, tracer.broadcast(operands, values.shape), func)
+    dims = info.layout[len(info.layout) - count :]
+
+    def sources_of(i: int, n: int, m: int) -> Sources:
+        dim = dims[i]
+        if not _spatial(dim):  # no position to tell apart: every output reads what every input sees
+            return (tuple(range(n)),) * m
+        reads = windows.get(dim[0][0]) if len(dim) == 1 else None
+        if reads is None or len(reads) != n:
+            raise _Reject("its indices were not pooled along the axes its values hold")
+        receivers: list[list[int]] = [[] for _ in range(m)]
+        for u, window in enumerate(reads):
+            for p in window:
+                if p < m:
+                    receivers[p].append(u)
+        return tuple(map(tuple, receivers))
+
+    return _resampled(tracer, info, out, count, sources_of)
 
 
 def _pad(tracer: Tracer, source: torch.Tensor, pad: Sequence[int], out: torch.Tensor, mode: PadMode) -> Traced:
