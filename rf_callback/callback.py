@@ -107,6 +107,7 @@ class ReceptiveFieldMonitor(Callback):
         self._destinations: list[Any] = []
         self._logged_epochs: set[int] = set()
         self._logged_steps: set[int] = set()
+        self._logged_at: tuple[int, int] | None = None  # (global step, logged step) of the last maps
 
     @property
     @override
@@ -143,10 +144,8 @@ class ReceptiveFieldMonitor(Callback):
                     pl_module, self.probes, self.layers, unit=self.unit, channel=self.channel,
                     threshold=self.threshold, mass=self.mass,
                 )  # fmt: skip
-        except (TypeError, ValueError) as error:
-            raise MisconfigurationException(
-                f"{name}(layers={self.layers!r}) on {type(pl_module).__name__}: {error}"
-            ) from None
+        except (TypeError, ValueError) as error:  # each message starts with the argument it is about
+            raise MisconfigurationException(f"{name} on {type(pl_module).__name__}: {error}") from None
         if trainer.is_global_zero:
             try:
                 self._destinations = destinations_for(trainer)
@@ -205,6 +204,7 @@ class ReceptiveFieldMonitor(Callback):
         if not trainer.is_global_zero or self.monitor is None or step in self._logged_steps:
             return
         self._logged_steps.add(step)
+        self._logged_at = (trainer.global_step, step)
         with _quiet(pl_module):
             self._guarded(lambda: self.monitor.log(self._destinations, step, self._failed), step)
 
@@ -246,6 +246,7 @@ class ReceptiveFieldMonitor(Callback):
             "unit": self.unit,
             "channel": self.channel,
             "model_class": self.model_class,
+            "logged_at": self._logged_at,  # a checkpoint of this state knows the step its maps are shown at
         }
 
     @override

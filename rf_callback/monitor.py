@@ -31,11 +31,11 @@ from rf_callback.destinations import Destination, TensorBoardDestination
 from rf_callback.erf import LUO_THRESHOLD, MASS_SHARES, check_threshold_and_mass, mean_area_key
 from rf_callback.errors import TraceError
 from rf_callback.probes import Probes, as_probes
-from rf_callback.render import figure_image, layer_image, mean_image, summary_figure
+from rf_callback.render import CARD, figure_image, layer_image, mean_image, summary_figure
 from rf_callback.report import COLUMNS, table_rows, unsupported_notes
-from rf_callback.saliency import ReceptiveMaps, receptive_maps
+from rf_callback.saliency import ReceptiveMaps, probe_mismatch, receptive_maps
 from rf_callback.selection import Unit, check_channel, check_unit, check_unit_fits, resolve_layers
-from rf_callback.table import ReceptiveFieldTable, receptive_fields, unwrap_model
+from rf_callback.table import ReceptiveFieldTable, receptive_fields
 
 __all__ = ["DESCRIPTIONS", "STATISTICS", "TAG", "ProbeMonitor", "eager", "layer_tag"]
 
@@ -93,7 +93,8 @@ class ProbeMonitor:
         channel: ``None`` sums the unit over channels; an int follows one channel.
         threshold: fraction of a map's peak for the ERF pixel count (Luo et al.'s 1 - 95.45%).
         mass: fraction of the saliency the ERF mass square must hold.
-        tile: screen pixels per probe side in the images (inputs are scaled by a whole factor to fit).
+        tile: screen pixels per probe side in the images, at most (inputs are scaled by a whole factor, as
+            large as TensorBoard's card allows).
 
     Raises:
         ValueError: for a bad argument, unknown layers (listed with the valid ones), a unit or
@@ -139,8 +140,8 @@ class ProbeMonitor:
             with eager():
                 return receptive_fields(self.model, shape, strict=False)
         except TraceError as error:
-            hint = _channel_hint(self.model, shape)
-            raise ValueError(f"probes of shape {tuple(self.probes.images.shape)}: {hint}{error}") from error
+            mismatch = probe_mismatch(self.model, self.probes.images.shape)
+            raise ValueError(mismatch or f"probes of shape {tuple(self.probes.images.shape)}: {error}") from error
 
     def _check_units_and_channels(self) -> None:
         for layer in self.layers:
@@ -169,7 +170,9 @@ class ProbeMonitor:
 
     def images(self, result: ReceptiveMaps) -> dict[str, Tensor]:
         """Two uint8 images ``(3, H, W)`` per layer: under its tag every probe with its heatmap, box, centre
-        and caption; under ``<tag>/mean`` the probes' mean map, with the box when every unit has the same."""
+        and caption; under ``<tag>/mean`` the probes' mean map, with the box when every unit has the same.
+        Both are laid out for TensorBoard's card (:data:`~rf_callback.render.CARD`), at one width, so that
+        they are shown at one scale, their text at the size it was drawn."""
         images, labels = self.probes.images, self.probes.labels
         drawn = {}
         means = result.mean_maps
@@ -177,13 +180,13 @@ class ProbeMonitor:
             tag, analytic = self.tags[layer], result.analytic[k]
             drawn[tag] = layer_image(
                 images, result.maps[:, k], result.boxes[:, k], result.centers[:, k],
-                labels=labels, tile=self.tile, analytic=analytic,
+                labels=labels, tile=self.tile, analytic=analytic, fit=CARD,
             )  # fmt: skip
             same = bool((result.units[:, k] == result.units[0, k]).all())
             center = result.centers[0, k] if same else _peak(means[k])
             drawn[f"{tag}/mean"] = mean_image(
                 means[k], result.boxes[0, k] if same else None, center,
-                probes=len(images), analytic=analytic, tile=self.tile,
+                probes=len(images), analytic=analytic, tile=self.tile, fit=CARD,
             )  # fmt: skip
         return drawn
 
@@ -267,17 +270,6 @@ def _peak(values: Tensor) -> Tensor:
         coordinates.append(flat % length)
         flat //= length
     return torch.tensor(coordinates[::-1], dtype=torch.float32)
-
-
-def _channel_hint(model: nn.Module, shape: tuple[int, ...]) -> str:
-    """A sentence naming the channels the model's first convolution or linear layer takes, when it disagrees."""
-    first = next(
-        (m for m in unwrap_model(model).modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))), None
-    )
-    wanted = getattr(first, "in_channels", None)
-    if wanted is not None and wanted != shape[0]:
-        return f"the model's first convolution takes {wanted} channels, the probes have {shape[0]}. "
-    return ""
 
 
 def _send(destinations: list[Destination], write: Callable[[Destination], None], on_error: OnError | None) -> None:
