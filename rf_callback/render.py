@@ -53,12 +53,13 @@ GREY_RANGE = (24.0, 150.0)  # the probe's darkest and brightest pixel: dim enoug
 FONT_SIZE = 11
 LINE_HEIGHT = FONT_SIZE + 4
 PADDING = 2
-CARD = (215, 326)
+CARD = (215, 320)
 """``(height, width)``, in screen pixels, of the room TensorBoard gives an image at its default settings
-(measured in headless Chromium, TensorBoard 2.21, a 1280 x 800 window): the Time Series tab fits each
-image into 215 x 326 px (215 x 372 at 1920 x 1080), shrinking or enlarging it to touch the nearer edge;
-the Images tab scales every image to 350 px wide. A picture laid out with ``fit=CARD`` is shown at 1 to
-1.07 times its size in both tabs, so its text keeps the size it was drawn at."""
+(measured in headless Chromium, TensorBoard 2.21): the Time Series tab fits each image into a box 215 px
+high and, in a 1280 x 800 window, 324 to 326 px wide (the runs pane takes the rest; 358 at 1366 x 768,
+370 at 1920 x 1080), shrinking or enlarging it to touch the nearer edge; the Images tab scales every
+image to 350 px wide. A picture laid out with ``fit=CARD`` is shown at 1 to 1.1 times its size in both
+tabs, so its text keeps the size it was drawn at."""
 NOTEBOOK_WIDTH = 960
 """The width in pixels :func:`plot_maps` fills by default, at 100 dpi a notebook's figure."""
 
@@ -215,7 +216,7 @@ def mean_image(
         >>> mean_image(mean, box, center, probes=10).shape
         torch.Size([3, 165, 116])
         >>> mean_image(mean, box, center, probes=10, fit=CARD).shape  # as wide as the card, 112 px of map
-        torch.Size([3, 165, 326])
+        torch.Size([3, 165, 320])
     """
     spatial = tuple(mean.shape)
     whole = torch.tensor([*(0,) * len(spatial), *spatial])
@@ -832,7 +833,7 @@ def summary_figure(records: Sequence[Mapping[str, Any]], title: str = "Analytic 
 
     One horizontal bar per layer, in the order given: its name on the left, the bar as long as the
     receptive field, its size and effective stride in numbers on the right. Sized for a TensorBoard card
-    (:data:`CARD`: 326 px wide at 100 dpi, up to 215 px high for six layers), with text that needs no
+    (:data:`CARD`: 320 px wide at 100 dpi, up to 215 px high for six layers), with text that needs no
     enlarging. Rows without a receptive field, and global ones (every unit sees the whole input), are left out.
 
     Example::
@@ -846,7 +847,7 @@ def summary_figure(records: Sequence[Mapping[str, Any]], title: str = "Analytic 
 
     rows = [r for r in records if "unsupported" not in r and not r.get("is_global")]
     names = [_shortened(r["name"], 22) for r in rows]
-    inches = (CARD[1] / 100, max(1.3, (70 + 19 * len(rows)) / 100))  # 326 px wide at 100 dpi, 19 px a layer
+    inches = (CARD[1] / 100, max(1.3, (70 + 19 * len(rows)) / 100))  # 320 px wide at 100 dpi, 19 px a layer
     figure = Figure(figsize=inches, dpi=100, layout="constrained")
     size_axes = figure.add_subplot()
     positions = list(range(len(rows)))

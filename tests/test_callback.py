@@ -167,7 +167,7 @@ def test_without_tensorboard_images_are_png_files_with_one_warning(tmp_path):
     assert sorted(p.name for p in (folder / "00_conv2").iterdir()) == ["mean", "step_00000000.png", "step_00000003.png"]
     assert sorted(p.name for p in (folder / "00_conv2" / "mean").iterdir()) == ["step_00000000.png", "step_00000003.png"]
     assert (folder / "table.md").read_text().startswith("| layer |")
-    assert Image.open(folder / "summary" / "step_00000000.png").size == (326, 130)  # for a TensorBoard card
+    assert Image.open(folder / "summary" / "step_00000000.png").size == (320, 130)  # for a TensorBoard card
     metrics = (Path(trainer.log_dir) / "metrics.csv").read_text()
     assert "receptive_field/00_conv2/erf_size" in metrics
 

@@ -11,6 +11,7 @@ from rf_callback.render import (
     CARD,
     CURVE,
     FONT_SIZE,
+    GAP,
     GREY_RANGE,
     LINE_HEIGHT,
     PADDING,
@@ -246,7 +247,7 @@ def test_a_signal_is_a_strip_with_its_field_shaded_and_the_curve_on_top():
     assert panel.shape == (3, 32, 64)  # 3 * 32 px at one column per sample; strips at least 32 px high
     tinted = (panel[2] > panel[0] + 20).any(0)  # cyan shading lifts blue and green over red
     assert tinted.nonzero().flatten().tolist() == list(range(32, 48))
-    curve = torch.tensor(_palette("inferno")[CURVE]).view(3, 1)
+    curve = _palette("inferno")[CURVE].view(3, 1)
     column = (panel[:, :, 40] == curve).all(0).nonzero().flatten()
     half = (panel[:, :, 44] == curve).all(0).nonzero().flatten()
     assert column.min() <= 4 and 14 <= half.min() <= 17  # the peak reaches the top, half of it half-way
@@ -349,9 +350,13 @@ def test_a_layer_laid_out_for_a_tensorboard_card_is_shown_at_its_own_size_with_i
     picture = layer_image(*args, boxes, centers, labels=FASHION, fit=CARD)
     tabs = shown(picture)
     assert picture.shape[2] == CARD[1] and 1.0 <= min(tabs) and max(tabs) < 1.1  # text at the size it was drawn
-    # Two rows of five probes of 56 px (28 at 2x, 224 at 1/4), each column as wide as its longest class name.
-    column = (CARD[1] - PADDING) // 5 - PADDING
-    assert column >= _font(FONT_SIZE).getlength("Ankle boot") + 2
+    # Two rows of five probes of 56 px (28 at 2x, 224 at 1/4), each column as wide as its longest class name:
+    # the columns are what lies between the grey that runs from the top of the picture to its legend.
+    above = picture[:, : above_legend(picture)]
+    gap = (above == GAP).all(0).all(0).tolist()
+    columns = [len(run) for run in "".join(" " if g else "x" for g in gap).split()]
+    assert len(columns) == 5 and min(columns) >= _font(FONT_SIZE).getlength("Ankle boot") + 2
+    assert above.shape[1] == 2 * (56 + LINE_HEIGHT + PADDING) + PADDING
     mean = mean_image(args[1].mean(0), boxes[0], centers[0], probes=count, fit=CARD)
     assert mean.shape[2] == picture.shape[2] and shown(mean) == (1.0, tabs[1])  # the same scale as the probes
     assert mean.shape[1] - _legend_height(CARD[1], True, 2) >= 112 + LINE_HEIGHT  # the map 4x, its caption
@@ -365,7 +370,7 @@ def test_a_layer_with_more_probes_than_a_card_holds_is_shrunk_as_little_as_its_p
     assert shown(picture)[0] > 0.5
 
 
-@pytest.mark.parametrize("width", [458, 326, 200])
+@pytest.mark.parametrize("width", [458, 320, 200])
 def test_the_legend_explains_every_mark_in_whole_words_on_as_many_lines_as_it_needs(width):
     lines = _legend_lines(width, True, 2)
     assert [text for line in lines for _, text, _ in line] == ["peak |d unit / d input|", "receptive field, ticks at its centre"]
