@@ -853,7 +853,7 @@ def summary_figure(records: Sequence[Mapping[str, Any]], title: str = "Analytic 
     positions = list(range(len(rows)))
     size_axes.barh(positions, [max(r["size"]) for r in rows], color="tab:blue", height=0.6)
     size_axes.set_yticks(positions, names, fontsize=8)
-    size_axes.set_ylim(len(rows) - 0.5, -0.5)  # network order, top to bottom
+    size_axes.set_ylim(max(len(rows), 1) - 0.5, -0.5)  # network order, top to bottom (room for one when none)
     size_axes.set_xlabel("receptive-field size (input px)", fontsize=8)
     size_axes.tick_params(axis="x", labelsize=8)
     size_axes.grid(axis="x", alpha=0.3)
