@@ -763,18 +763,22 @@ def _legend_items(width: int, drawn: bool, kind: int) -> list[LegendItem]:
 
 @lru_cache(maxsize=64)
 def _legend_lines(width: int, drawn: bool, kind: int) -> tuple[tuple[tuple[int, str, int], ...], ...]:
-    """The legend's lines, each ``(item index, words, gap before)``: all items on one line with their whole
-    words when that fits ``width``, else one item per line, each with the longest words that fit."""
+    """The legend's lines, each a tuple of ``(item index, words, gap before)``: the items in order, each
+    with its whole words on the current line while they fit ``width``, else on a new line, where it gets
+    the longest words that fit."""
     font, room = _font(FONT_SIZE), width - 2 * (PADDING + 2)
-    items = _legend_items(width, drawn, kind)
-    if sum(gap + icon + font.getlength(texts[0]) for _, icon, gap, texts in items) <= room:
-        return (tuple((k, texts[0], gap) for k, (_, _, gap, texts) in enumerate(items)),)
-    lines = []
-    for k, (_, icon, gap, texts) in enumerate(items):
+    lines: list[list[tuple[int, str, int]]] = []
+    used = 0.0
+    for k, (_, icon, gap, texts) in enumerate(_legend_items(width, drawn, kind)):
+        if lines and used + gap + icon + font.getlength(texts[0]) <= room:
+            lines[-1].append((k, texts[0], gap))
+            used += gap + icon + font.getlength(texts[0])
+            continue
         indent = min(gap, 4)  # the box's ticks reach 4 px to its left
         text = next((t for t in texts if indent + icon + font.getlength(t) <= room), texts[-1])
-        lines.append(((k, text, indent),))
-    return tuple(lines)
+        lines.append([(k, text, indent)])
+        used = indent + icon + font.getlength(text)
+    return tuple(map(tuple, lines))
 
 
 def _legend_height(width: int, drawn: bool, kind: int) -> int:

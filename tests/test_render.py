@@ -375,6 +375,9 @@ def test_the_legend_explains_every_mark_in_whole_words_on_as_many_lines_as_it_ne
     lines = _legend_lines(width, True, 2)
     assert [text for line in lines for _, text, _ in line] == ["peak |d unit / d input|", "receptive field, ticks at its centre"]
     assert len(lines) == (1 if width == 458 else 2)
+    signal = [[text for _, text, _ in line] for line in _legend_lines(width, True, 1)]
+    probe, curve, field = "probe", "|d unit / d input|, 0 to its peak", "receptive field, tick at its centre"
+    assert signal == {458: [[probe, curve, field]], 320: [[probe, curve], [field]], 200: [[probe], [curve], [field]]}[width]
 
 
 def test_the_summary_chart_fits_a_tensorboard_card_with_its_layer_names_level():
