@@ -268,8 +268,10 @@ def _erf_size_figure(comparison: Comparison) -> Figure:
     fraction_axes.set_ylabel("ERF size / RF size")
     fraction_axes.set_ylim(bottom=0)
     several = len(runs) > 1
-    labels = [
-        f"{c.label}\n{c.class_name}" if several else c.when.replace(", ", "\n") if c.epoch is not None else c.label
+    labels = [  # epoch, step and TensorBoard's step on lines of their own
+        f"{c.label}\n{c.class_name}" if several else c.when.replace(", ", "\n").replace(" (", "\n(")
+        if c.epoch is not None
+        else c.label
         for c in checkpoints
     ]
     fraction_axes.set_xticks(positions, labels, fontsize=8)
