@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from rf_callback.checkpoints import brief
+from rf_callback.checkpoints import Checkpoint, brief
 from rf_callback.compare import Comparison
 from rf_callback.errors import CompareError
 from rf_callback.monitor import STATISTICS, TAG, layer_tag
@@ -268,12 +268,7 @@ def _erf_size_figure(comparison: Comparison) -> Figure:
     fraction_axes.set_ylabel("ERF size / RF size")
     fraction_axes.set_ylim(bottom=0)
     several = len(runs) > 1
-    labels = [  # epoch, step and TensorBoard's step on lines of their own
-        f"{c.label}\n{c.class_name}" if several else c.when.replace(", ", "\n").replace(" (", "\n(")
-        if c.epoch is not None
-        else c.label
-        for c in checkpoints
-    ]
+    labels = [f"{c.label}\n{c.class_name}" if several else _tick(c) for c in checkpoints]
     fraction_axes.set_xticks(positions, labels, fontsize=8)
     fraction_axes.set_xlabel("checkpoint")
     for axes in (size_axes, fraction_axes):
@@ -282,6 +277,15 @@ def _erf_size_figure(comparison: Comparison) -> Figure:
     figure.subplots_adjust(left=0.1, right=0.75, top=0.93, bottom=0.14, hspace=0.08)
     figure.legend(loc="center left", bbox_to_anchor=(0.76, 0.5), title="layer", fontsize=8)
     return figure
+
+
+def _tick(checkpoint: Checkpoint) -> str:
+    """A checkpoint under the chart's axis: its epoch, step and TensorBoard's step (where it differs), a line each."""
+    if checkpoint.epoch is None:
+        return checkpoint.label
+    logged = checkpoint.logged_step
+    lines = [f"epoch {checkpoint.epoch}", f"step {checkpoint.step}" if checkpoint.step is not None else ""]
+    return "\n".join([*filter(None, lines), *([f"TB {logged}"] if logged not in (None, checkpoint.step) else [])])
 
 
 def _models(comparison: Comparison) -> list[str]:
