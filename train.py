@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from rf_callback.demos.cnns import FashionMNISTClassifier
 from rf_callback.demos.fashion_mnist import FashionMNISTDataModule, FashionMNISTNotFoundError, IdxFormatError
@@ -37,8 +38,10 @@ def main() -> None:
     )
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    except (FashionMNISTNotFoundError, IdxFormatError) as error:
-        sys.exit(f"train.py: {error}")  # the message names the files and every place searched
+    except (FashionMNISTNotFoundError, IdxFormatError, MisconfigurationException) as error:
+        # Each message says what was asked, what was found and how to fix it (the data files and every
+        # place searched; a callback's bad argument): Lightning's call chain above it would add nothing.
+        sys.exit(f"train.py: {error}")
     cli.trainer.test(cli.model, datamodule=cli.datamodule)
 
     checkpoint = cli.trainer.checkpoint_callback

@@ -120,6 +120,7 @@ class ReceptiveFieldMonitor(Callback):
         self._destinations: list[Any] = []
         self._logged_epochs: set[int] = set()
         self._logged_steps: set[int] = set()
+        self._logged_at: tuple[int, int] | None = None  # (global step, logged step) of the last maps
 
     @property
     @override
@@ -170,15 +171,15 @@ class ReceptiveFieldMonitor(Callback):
             if restored:
                 shape = tuple(self.probes.images.shape)
                 why = str(error).partition(" HINT:")[0].removeprefix(f"probes of shape {shape}: ")
+                why = why.replace(f"probes of shape {shape} ", "they ", 1)  # probe_mismatch's words
                 raise MisconfigurationException(
                     f"{name}: the {shape[0]} probes stored in the checkpoint, of shape {shape}, do not fit"
                     f" {type(pl_module).__name__} now: {why} HINT: pass probes=<a"
                     " tensor the model takes> or probes=[validation-dataset indices]: probes given to the callback"
                     " always replace the stored ones."
                 ) from None
-            raise MisconfigurationException(
-                f"{name}(layers={self.layers!r}) on {type(pl_module).__name__}: {error}"
-            ) from None
+            # each message starts with the argument it is about
+            raise MisconfigurationException(f"{name} on {type(pl_module).__name__}: {error}") from None
         if trainer.is_global_zero:
             try:
                 self._destinations = destinations_for(trainer)
@@ -253,6 +254,7 @@ class ReceptiveFieldMonitor(Callback):
             return
         self._logged_steps.add(step)
         destinations = self._destinations if zero else None
+        self._logged_at = (trainer.global_step, step)
         with _quiet(pl_module):
             self._guarded(lambda: self.monitor.log(destinations, step, self._failed), step)
 
@@ -301,6 +303,7 @@ class ReceptiveFieldMonitor(Callback):
             "unit": self.unit,
             "channel": self.channel,
             "model_class": self.model_class,
+            "logged_at": self._logged_at,  # a checkpoint of this state knows the step its maps are shown at
         }
 
     @override

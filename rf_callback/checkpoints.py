@@ -46,6 +46,9 @@ class Checkpoint:
         step: its global step (``None`` when it does not say).
         monitor: the state a :class:`~rf_callback.ReceptiveFieldMonitor` stored in it (``probes``,
             ``layers``, ``unit``...), or ``None``.
+        logged_step: the step its run's ReceptiveFieldMonitor logged this very state at, where TensorBoard
+            shows its maps and the validation metrics beside them (Lightning logs an epoch's validation at
+            the index of its last batch: ``step - 1``); ``None`` when the run logged no maps of it.
     """
 
     path: Path
@@ -55,6 +58,7 @@ class Checkpoint:
     epoch: int | None
     step: int | None
     monitor: Mapping[str, Any] | None
+    logged_step: int | None = None
 
     @property
     def class_name(self) -> str:
@@ -62,9 +66,11 @@ class Checkpoint:
 
     @property
     def when(self) -> str:
-        """``epoch 3, step 1290``; what is known of it."""
+        """``epoch 3, step 1720``, and the step TensorBoard shows it at where that differs:
+        ``epoch 3, step 1720 (TensorBoard step 1719)``; what is known of it."""
         parts = [f"{name} {value}" for name, value in (("epoch", self.epoch), ("step", self.step)) if value is not None]
-        return ", ".join(parts) or "epoch unknown"
+        logged = f" (TensorBoard step {self.logged_step})" if self.logged_step not in (None, self.step) else ""
+        return (", ".join(parts) or "epoch unknown") + logged
 
 
 def load_checkpoint(
@@ -118,14 +124,17 @@ def load_checkpoint(
         ) from error
     model.eval()
     epoch, step = contents.get("epoch"), contents.get("global_step")
+    step = step if isinstance(step, int) else None
+    logged = (monitor or {}).get("logged_at")  # (global step, logged step) of the monitor's last maps
     return Checkpoint(
         path=path,
         label=label or path.stem,
         model=model,
         model_class=_name_of(cls),
         epoch=epoch if isinstance(epoch, int) else None,
-        step=step if isinstance(step, int) else None,
+        step=step,
         monitor=monitor,
+        logged_step=logged[1] if isinstance(logged, (list, tuple)) and len(logged) == 2 and logged[0] == step else None,
     )
 
 

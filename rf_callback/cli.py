@@ -233,17 +233,19 @@ def _rows(table: Any, layers: Sequence[str] | None, types: Sequence[str] | None,
 
 
 def _unit(text: str) -> str | tuple[int, int]:
-    """``center``, ``max`` or ``i,j``.
+    """``center`` (or ``centre``), ``max``, ``max_logit`` or ``i,j``.
 
     Example::
-        >>> _unit("max"), _unit("3,4")
-        ('max', (3, 4))
+        >>> _unit("max_logit"), _unit("3,4")
+        ('max_logit', (3, 4))
     """
-    if text in ("center", "centre", "max"):
+    if text in ("center", "centre", "max", "max_logit"):
         return text
     i, _, j = text.partition(",")
     if not (i.strip().isdigit() and j.strip().isdigit()):
-        raise CommandError(f"--unit {text}: choose center, max or a unit position i,j (e.g. 3,4).")
+        raise CommandError(
+            f"--unit {text}: choose center (or centre), max, max_logit or a unit position i,j (e.g. 3,4)."
+        )
     return int(i), int(j)
 
 
@@ -317,7 +319,9 @@ def _parser() -> argparse.ArgumentParser:
         help="layers to compare, after the checkpoints (default: those all checkpoints share)",
     )
     compare.add_argument(
-        "--unit", metavar="UNIT", help="center, max or i,j (default: the ReceptiveFieldMonitor's, else center)"
+        "--unit",
+        metavar="UNIT",
+        help="center, max, max_logit or i,j (default: the ReceptiveFieldMonitor's, else center)",
     )
     compare.add_argument("--channel", type=int, metavar="C", help="one channel of the unit (default: all, summed)")
     compare.add_argument(

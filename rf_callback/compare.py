@@ -25,7 +25,7 @@ from torch import Tensor
 from rf_callback.checkpoints import Checkpoint, checkpoint_labels, load_checkpoint, load_probes
 from rf_callback.errors import CompareError, TraceError
 from rf_callback.monitor import STATISTICS
-from rf_callback.report import format_table, pair
+from rf_callback.report import format_table, pair, signed
 from rf_callback.saliency import ReceptiveMaps, receptive_maps
 from rf_callback.selection import Unit, check_channel, check_unit, default_layers, mappable
 from rf_callback.table import ReceptiveFieldTable, receptive_fields
@@ -33,8 +33,12 @@ from rf_callback.table import ReceptiveFieldTable, receptive_fields
 __all__ = ["Comparison", "compare_checkpoints"]
 
 
-def _probes(source: Tensor | str | os.PathLike | None, first: Checkpoint) -> tuple[Tensor, str]:
-    """The probes and a phrase saying where they come from."""
+def _probes(
+    source: Tensor | str | os.PathLike | None, first: Checkpoint
+) -> tuple[Tensor, str, tuple[str, ...] | None]:
+    """The probes, a phrase saying where they come from, and their captions (the class names the callback
+    stored with them) when known."""
+    labels = None
     if isinstance(source, Tensor):
         probes, origin = source, "given"
     elif source is None:
@@ -46,6 +50,9 @@ def _probes(source: Tensor | str | os.PathLike | None, first: Checkpoint) -> tup
                 " callback), or probes=<tensor> in Python."
             )
         probes, origin = stored, f"stored by ReceptiveFieldMonitor in {first.label}"
+        captions = (first.monitor or {}).get("labels")
+        if isinstance(captions, (list, tuple)) and len(captions) == len(stored):
+            labels = tuple(map(str, captions))
     else:
         probes, origin = load_probes(source), f"from {source}"
     if probes.dim() != 4 or len(probes) == 0 or not probes.is_floating_point():
@@ -53,7 +60,7 @@ def _probes(source: Tensor | str | os.PathLike | None, first: Checkpoint) -> tup
             f"probes {origin}: expected a float tensor (N, C, H, W) with N >= 1, got {probes.dtype} of shape"
             f" {tuple(probes.shape)}."
         )
-    return probes.detach().cpu().clone(), origin
+    return probes.detach().cpu().clone(), origin, labels
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,7 @@ class Comparison:
         missing: each requested or default layer that some checkpoints lack → the labels of those.
         probes: the probe images ``(N, C, H, W)``.
         probe_origin: where the probes come from, in words.
+        probe_labels: a caption per probe (the class names the callback stored with them), or ``None``.
         unit: the unit of each layer whose maps are taken.
         channel: the unit's channel (``None``: summed over channels).
         tables: each checkpoint's receptive-field table.
@@ -81,6 +89,7 @@ class Comparison:
     channel: int | None
     tables: tuple[ReceptiveFieldTable, ...]
     maps: tuple[ReceptiveMaps, ...]
+    probe_labels: tuple[str, ...] | None = None
 
     @cached_property
     def means(self) -> list[dict[str, list[float]]]:
@@ -99,6 +108,7 @@ class Comparison:
                     "checkpoint": checkpoint.label,
                     "epoch": checkpoint.epoch,
                     "step": checkpoint.step,
+                    "logged_step": checkpoint.logged_step,
                     "model": checkpoint.class_name,
                     "rf_size": pair(table[layer].size),
                     "rf_stride": pair(table[layer].stride),
@@ -127,12 +137,12 @@ class Comparison:
                 str(r["layer"]),
                 str(r["checkpoint"]),
                 "-" if r["epoch"] is None else str(r["epoch"]),
-                "-" if r["step"] is None else str(r["step"]),
+                _step(r["step"], r["logged_step"]),
                 str(r["model"]),
                 str(r["rf_size"]),
                 str(r["rf_stride"]),
                 f"{r['erf_size']:.2f}",
-                f"{r['erf_size_change']:+.2f}",
+                signed(r["erf_size_change"], 2),
                 f"{r['erf_size_fraction']:.2f}",
                 f"{r['erf_mass_side']:.2f}",
                 f"{r['erf_mass_fraction']:.2f}",
@@ -145,6 +155,17 @@ class Comparison:
             bullet = "* " if markdown else "  "
             lines += ["", "Layers not compared (not in every checkpoint):", *(bullet + note for note in self.notes)]
         return "\n".join(lines)
+
+
+def _step(step: int | None, logged: int | None) -> str:
+    """A checkpoint's step for a table, with the step TensorBoard shows it at where that differs.
+
+    Example::
+        >>> _step(430, 429), _step(430, None), _step(None, None)
+        ('430 (TB 429)', '430', '-')
+    """
+    text = "-" if step is None else str(step)
+    return text if logged in (None, step) else f"{text} (TB {logged})"
 
 
 def compare_checkpoints(
@@ -203,7 +224,7 @@ def compare_checkpoints(
         unit, channel = check_unit(unit), check_channel(channel)
     except ValueError as error:
         raise CompareError(str(error)) from None
-    probe_images, origin = _probes(probes, loaded[0])
+    probe_images, origin, labels = _probes(probes, loaded[0])
     traced: dict[tuple, ReceptiveFieldTable] = {}
     tables = tuple(_table(checkpoint, probe_images, traced) for checkpoint in loaded)
     shared, missing = _shared_layers(loaded, tables, layers)
@@ -215,7 +236,9 @@ def compare_checkpoints(
             )
         except ValueError as error:
             raise CompareError(f"{checkpoint.label} ({checkpoint.class_name}): {error}") from error
-    return Comparison(loaded, tuple(shared), missing, probe_images, origin, unit, channel, tables, tuple(results))
+    return Comparison(
+        loaded, tuple(shared), missing, probe_images, origin, unit, channel, tables, tuple(results), labels
+    )
 
 
 def _table(checkpoint: Checkpoint, probes: Tensor, traced: dict[tuple, ReceptiveFieldTable]) -> ReceptiveFieldTable:
@@ -258,12 +281,13 @@ def _shared_layers(
             )
     if requested is not None:
         for name in requested:
-            for checkpoint, table, names in zip(checkpoints, tables, own):
+            for checkpoint, table in zip(checkpoints, tables):
                 if not _usable(table, name):
-                    why = "has no 2-D receptive field there" if name in table else "no such layer"
+                    why = "has no 2-D receptive field" if name in table else "is no layer"
+                    accepted = [key for key in table if _usable(table, key)]
                     raise CompareError(
-                        f"layers={list(requested)!r}: '{name}' {why} in {checkpoint.label} ({checkpoint.class_name})."
-                        f" Layers it has: {', '.join(names)}. HINT: use names from receptive_fields(model, shape)."
+                        f"layer '{name}' {why} in {checkpoint.label} ({checkpoint.class_name}). Layers that can be"
+                        f" compared: {', '.join(accepted)}."
                     )
         return list(dict.fromkeys(requested)), {}
     candidates: dict[str, None] = {}

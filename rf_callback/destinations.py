@@ -153,8 +153,8 @@ class TensorBoardDestination:
             self.writer.add_image(tag, image, step, dataformats="CHW")
 
     def add_scalars(self, values: Mapping[str, float], step: int) -> None:
-        """Scalars; the first point of a tag whose last part has a description carries it (TensorBoard
-        shows the description of a tag's first event beside its chart)."""
+        """Scalars; the first point of a tag whose last part has a description carries it (TensorBoard's
+        Scalars tab shows the description of a tag's first event behind an (i) on its chart)."""
         with self._writing():
             self._add_scalars(values, step)
 
@@ -172,12 +172,16 @@ class TensorBoardDestination:
             self.writer.add_scalar(tag, value, step)
 
     def _write_described(self, tag: str, value: float, description: str, step: int) -> None:
-        from tensorboard.compat.proto.summary_pb2 import Summary
+        """The first point of ``tag``, with its description: TensorBoard's Scalars tab shows it behind an (i)
+        on the chart. The data class marks the metadata as complete: without it TensorBoard's fast loader
+        (its default since 2.5) replaces the metadata of a ``simple_value`` by its own, description dropped."""
+        from tensorboard.compat.proto.summary_pb2 import DATA_CLASS_SCALAR, Summary
 
         point = Summary.Value(tag=self._metric_prefix + tag, simple_value=value)
         point.metadata.display_name = self._metric_prefix + tag
         point.metadata.summary_description = description
         point.metadata.plugin_data.plugin_name = "scalars"
+        point.metadata.data_class = DATA_CLASS_SCALAR
         self.writer._get_file_writer().add_summary(Summary(value=[point]), step)
         self._described.add(tag)
 

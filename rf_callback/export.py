@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from rf_callback.checkpoints import brief
+from rf_callback.checkpoints import Checkpoint, brief
 from rf_callback.compare import Comparison
 from rf_callback.errors import CompareError
 from rf_callback.monitor import STATISTICS, TAG, layer_tag
-from rf_callback.render import layer_image
-from rf_callback.report import pair
+from rf_callback.render import CARD, layer_image
+from rf_callback.report import pair, signed
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -71,7 +71,7 @@ def write_comparison(
             _write_tables(comparison, stages[0])
             _erf_size_figure(comparison).savefig(stages[0] / "erf_size.png", pil_kwargs={"compress_level": 1})
             if tensorboard is not None:
-                _write_tensorboard(comparison, grids, stages[1])
+                _write_tensorboard(comparison, _grids(comparison, fit=CARD), stages[1])
             saved.result()
         for target in targets:
             target.mkdir(parents=True, exist_ok=True)
@@ -100,10 +100,10 @@ def _stage(target: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
 
 
-def _grids(comparison: Comparison) -> list[list[Tensor]]:
-    """``grids[k][l]``: checkpoint k's probe grid at layer l (uint8 ``(3, H, W)``)."""
+def _grids(comparison: Comparison, fit: tuple[int, int] | None = None) -> list[list[Tensor]]:
+    """``grids[k][l]``: checkpoint k's probe grid at layer l (uint8 ``(3, H, W)``), the class names under the
+    probes; rows of 5 probes of :data:`PROBE_PIXELS` for the figure, or laid out for ``fit`` (a TensorBoard card)."""
     probes = comparison.probes
-    nrow = min(len(probes), 5)
     return [
         [
             layer_image(
@@ -111,9 +111,11 @@ def _grids(comparison: Comparison) -> list[list[Tensor]]:
                 result.maps[:, index],
                 result.boxes[:, index],
                 result.centers[:, index],
-                tile=PROBE_PIXELS,
-                nrow=nrow,
+                labels=comparison.probe_labels,
+                tile=PROBE_PIXELS if fit is None else 128,
+                nrow=min(len(probes), 5) if fit is None else None,
                 analytic=result.analytic[index],
+                fit=fit,
             )
             for index in range(len(comparison.layers))
         ]
@@ -145,12 +147,12 @@ def _markdown(comparison: Comparison) -> str:
         "",
         "## Checkpoints",
         "",
-        "| # | checkpoint | epoch | step | model | file |",
-        "|---|---|---|---|---|---|",
+        "| # | checkpoint | epoch | step | TensorBoard step | model | file |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {k} | {c.label} | {'-' if c.epoch is None else c.epoch} | {'-' if c.step is None else c.step}"
-        f" | {c.model_class} | {c.path} |"
+        f" | {'-' if c.logged_step is None else c.logged_step} | {c.model_class} | {c.path} |"
         for k, c in enumerate(comparison.checkpoints)
     ]
     return "\n".join(lines)
@@ -227,7 +229,7 @@ def _picture(comparison: Comparison, grids: Sequence[Sequence[Tensor]]) -> Image
             caption = f"ERF {mean['size'][index]:.1f} px, {mean['size_fraction'][index]:.0%} of RF"
             caption += f" {pair(table[layer].size)}"
             change = mean["size"][index] - means[0]["size"][index]
-            caption += f", {change:+.1f} px since the first" if k else ""
+            caption += f", {signed(change, 1)} px since the first" if k else ""
             dead = mean["dead_fraction"][index]
             caption += f", {dead:.0%} dead" if dead else ""
             draw.text((label_w + k * col_w, y + cell_h + 2), _fit(caption, font, cell_w), fill=(0, 0, 0), font=font)
@@ -266,10 +268,7 @@ def _erf_size_figure(comparison: Comparison) -> Figure:
     fraction_axes.set_ylabel("ERF size / RF size")
     fraction_axes.set_ylim(bottom=0)
     several = len(runs) > 1
-    labels = [
-        f"{c.label}\n{c.class_name}" if several else c.when.replace(", ", "\n") if c.epoch is not None else c.label
-        for c in checkpoints
-    ]
+    labels = [f"{c.label}\n{c.class_name}" if several else _tick(c) for c in checkpoints]
     fraction_axes.set_xticks(positions, labels, fontsize=8)
     fraction_axes.set_xlabel("checkpoint")
     for axes in (size_axes, fraction_axes):
@@ -280,13 +279,23 @@ def _erf_size_figure(comparison: Comparison) -> Figure:
     return figure
 
 
+def _tick(checkpoint: Checkpoint) -> str:
+    """A checkpoint under the chart's axis: its epoch, step and TensorBoard's step (where it differs), a line each."""
+    if checkpoint.epoch is None:
+        return checkpoint.label
+    logged = checkpoint.logged_step
+    lines = [f"epoch {checkpoint.epoch}", f"step {checkpoint.step}" if checkpoint.step is not None else ""]
+    return "\n".join([*filter(None, lines), *([f"TB {logged}"] if logged not in (None, checkpoint.step) else [])])
+
+
 def _models(comparison: Comparison) -> list[str]:
     """The model classes of the checkpoints, in order of first appearance."""
     return list(dict.fromkeys(c.model_class for c in comparison.checkpoints))
 
 
 def _write_tensorboard(comparison: Comparison, grids: list[list[Tensor]], folder: Path) -> None:
-    """A TensorBoard run, step k = checkpoint k, with the callback's tags (``grids[k][l]`` from :func:`_grids`)."""
+    """A TensorBoard run, step k = checkpoint k, with the callback's tags (``grids[k][l]`` from :func:`_grids`,
+    laid out for TensorBoard's card)."""
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(log_dir=str(folder))

@@ -44,9 +44,9 @@ from rf_callback.destinations import Destination, TensorBoardDestination, no_spa
 from rf_callback.erf import LUO_THRESHOLD, MASS_SHARES, check_threshold_and_mass, mean_area_key
 from rf_callback.errors import DiskSpaceError, TraceError
 from rf_callback.probes import Probes, as_probes
-from rf_callback.render import figure_image, layer_image, mean_image, summary_figure
+from rf_callback.render import CARD, figure_image, layer_image, mean_image, summary_figure
 from rf_callback.report import COLUMNS, table_rows, unsupported_notes
-from rf_callback.saliency import NonFiniteMapWarning, ReceptiveMaps, _receptive_maps
+from rf_callback.saliency import NonFiniteMapWarning, ReceptiveMaps, _receptive_maps, probe_mismatch
 from rf_callback.selection import Unit, check_channel, check_unit, check_unit_fits, resolve_layers
 from rf_callback.sharding import gathered, sharding_of
 from rf_callback.table import ReceptiveFieldTable, receptive_fields, unwrap_model
@@ -148,7 +148,8 @@ class ProbeMonitor:
         channel: ``None`` sums the unit over channels; an int follows one channel.
         threshold: fraction of a map's peak for the ERF pixel count (Luo et al.'s 1 - 95.45%).
         mass: fraction of the saliency the ERF mass square must hold.
-        tile: screen pixels per probe side in the images (inputs are scaled by a whole factor to fit).
+        tile: screen pixels per probe side in the images, at most (inputs are scaled by a whole factor, as
+            large as TensorBoard's card allows).
         max_image_mb: the most image pixels (3 bytes each, in MB) one pass draws and writes.
 
     Raises:
@@ -202,7 +203,8 @@ class ProbeMonitor:
             with eager():
                 return receptive_fields(self.model, shape, strict=False)
         except TraceError as error:
-            raise ValueError(f"probes of shape {tuple(self.probes.images.shape)}: {error}") from error
+            mismatch = probe_mismatch(self.model, self.probes.images.shape)
+            raise ValueError(mismatch or f"probes of shape {tuple(self.probes.images.shape)}: {error}") from error
 
     def _check_units_and_channels(self) -> None:
         for layer in self.layers:
@@ -253,6 +255,8 @@ class ProbeMonitor:
     def images(self, result: ReceptiveMaps, on_error: OnError | None = None) -> dict[str, Tensor]:
         """Two uint8 images ``(3, H, W)`` per layer: under its tag every probe with its heatmap, box, centre
         and caption; under ``<tag>/mean`` the probes' mean map, with the box when every unit has the same.
+        Both are laid out for TensorBoard's card (:data:`~rf_callback.render.CARD`), at one width, so that
+        they are shown at one scale, their text at the size it was drawn.
 
         Probes whose map holds NaN or inf are drawn marked so, and left out of the mean. Layers are drawn in
         order while their pixels fit ``max_image_mb``; the rest are left out with one warning. A layer that
@@ -288,13 +292,13 @@ class ProbeMonitor:
         analytic, finite = result.analytic[k], result.finite[:, k]
         grid = layer_image(
             self.probes.images, result.maps[:, k], result.boxes[:, k], result.centers[:, k],
-            labels=self.probes.labels, tile=self.tile, analytic=analytic, finite=finite,
+            labels=self.probes.labels, tile=self.tile, analytic=analytic, finite=finite, fit=CARD,
         )  # fmt: skip
         same = bool((result.units[:, k] == result.units[0, k]).all())
         center = result.centers[0, k] if same or not bool(finite.any()) else _peak(mean)
         mean_picture = mean_image(
             mean, result.boxes[0, k] if same else None, center,
-            probes=int(finite.sum()), analytic=analytic, tile=self.tile,
+            probes=int(finite.sum()), analytic=analytic, tile=self.tile, fit=CARD,
         )  # fmt: skip
         return grid, mean_picture
 

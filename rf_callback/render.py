@@ -16,7 +16,6 @@ dimension, each file would import most of the others.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
@@ -56,6 +55,15 @@ GREY_RANGE = (24.0, 150.0)  # the probe's darkest and brightest pixel: dim enoug
 FONT_SIZE = 11
 LINE_HEIGHT = FONT_SIZE + 4
 PADDING = 2
+CARD = (215, 320)
+"""``(height, width)``, in screen pixels, of the room TensorBoard gives an image at its default settings
+(measured in headless Chromium, TensorBoard 2.21): the Time Series tab fits each image into a box 215 px
+high and, in a 1280 x 800 window, 324 to 326 px wide (the runs pane takes the rest; 358 at 1366 x 768,
+370 at 1920 x 1080), shrinking or enlarging it to touch the nearer edge; the Images tab scales every
+image to 350 px wide. A picture laid out with ``fit=CARD`` is shown at 1 to 1.1 times its size in both
+tabs, so its text keeps the size it was drawn at."""
+NOTEBOOK_WIDTH = 960
+"""The width in pixels :func:`plot_maps` fills by default, at 100 dpi a notebook's figure."""
 
 
 @lru_cache(maxsize=4)
@@ -139,6 +147,7 @@ def layer_image(
     analytic: bool = True,
     cmap: str = "inferno",
     finite: Sequence[bool] | Tensor | None = None,
+    fit: tuple[int, int] | None = None,
 ) -> Tensor:
     """One layer's picture for inputs with 1, 2 or 3 spatial axes: what the monitor logs, uint8 ``(3, H, W)``.
 
@@ -163,6 +172,11 @@ def layer_image(
         cmap: a matplotlib colour map name.
         finite: per probe, whether its map is finite; a map holding NaN or inf is drawn without heat or box,
             its caption saying "non-finite map" (default: read from ``maps``).
+        fit: ``(height, width)`` of the screen room the picture is for, e.g. :data:`CARD`: probes per row
+            (unless ``nrow`` is given) and their size (at most ``tile``) are chosen so that the picture fits
+            it at its own size (else so that the probes are largest once it is shrunk to fit), and a
+            narrower picture is widened to ``width``, so that all pictures laid out for one room are shown
+            at one scale. ``None``: ``tile`` and ``nrow`` as given.
 
     Raises:
         ValueError: if the shapes disagree, or the maps have not 1, 2 or 3 spatial axes.
@@ -173,13 +187,13 @@ def layer_image(
         >>> volumes = layer_image(torch.rand(2, 1, 8, 32, 32), torch.rand(2, 8, 32, 32),
         ...                       torch.tensor([[2, 8, 8, 6, 24, 24]]).expand(2, 6), torch.full((2, 3), 4.0))
         >>> signals.dtype, tuple(signals.shape), tuple(volumes.shape)
-        (torch.uint8, (3, 153, 606), (3, 200, 330))
+        (torch.uint8, (3, 153, 606), (3, 215, 330))
     """
     count, spatial = _check(images, maps, boxes, centers, labels, None, tile, "layer_image")
+    _check_fit(fit, "layer_image")
     kept = _finite(maps, finite)
     notes = _notes(boxes, spatial, analytic, None, kept)
-    maps = _blank_non_finite(maps, kept)
-    return _GRIDS[len(spatial)](images, maps, boxes, centers, labels, tile, nrow, notes, cmap)
+    return _draw(images, _blank_non_finite(maps, kept), boxes, centers, labels, tile, nrow, notes, cmap, fit)
 
 
 def mean_image(
@@ -191,6 +205,7 @@ def mean_image(
     analytic: bool = True,
     tile: int = 128,
     cmap: str = "inferno",
+    fit: tuple[int, int] | None = None,
 ) -> Tensor:
     """The probes' mean map of one layer (Luo et al.'s averaged ERF) drawn alone, as uint8 ``(3, H, W)``.
 
@@ -202,24 +217,30 @@ def mean_image(
             caption says the units differ.
         center: the centre ``(d,)`` the ticks mark and a volume's slices go through.
         probes: how many maps were averaged (for the caption).
-        analytic, tile, cmap: as for :func:`layer_image`.
+        analytic, tile, cmap, fit: as for :func:`layer_image`; with the ``fit`` of the layer's picture, the
+            mean map is as large as fits and the two pictures are shown at one scale.
 
     Example::
-        >>> mean_image(torch.rand(28, 28), torch.tensor([8, 8, 20, 20]), torch.tensor([13.5, 13.5]), probes=10).shape
-        torch.Size([3, 150, 116])
+        >>> mean, box, center = torch.rand(28, 28), torch.tensor([8, 8, 20, 20]), torch.tensor([13.5, 13.5])
+        >>> mean_image(mean, box, center, probes=10).shape
+        torch.Size([3, 165, 116])
+        >>> mean_image(mean, box, center, probes=10, fit=CARD).shape  # as wide as the card, 112 px of map
+        torch.Size([3, 165, 320])
     """
     spatial = tuple(mean.shape)
     whole = torch.tensor([*(0,) * len(spatial), *spatial])
     boxes = (whole if box is None else torch.as_tensor(box)).reshape(1, -1)
     labels = [f"mean of {probes} probe{'s' if probes != 1 else ''}"]
     _check(None, mean[None], boxes, center.reshape(1, -1), labels, None, tile, "mean_image")
+    _check_fit(fit, "mean_image")
     if not bool(torch.isfinite(mean).all()):
         notes: Notes = [NON_FINITE_MEAN]
+        mean = torch.zeros_like(mean)  # drawn without heat
     elif box is None and analytic:
         notes = ["units differ"]
     else:
         notes = _notes(boxes, spatial, analytic, None)
-    return _GRIDS[len(spatial)](None, mean[None], boxes, center.reshape(1, -1), labels, tile, 1, notes, cmap)
+    return _draw(None, mean[None], boxes, center.reshape(1, -1), labels, tile, 1, notes, cmap, fit)
 
 
 def _notes(
@@ -271,6 +292,7 @@ def layer_grid(
     whole_image: Sequence[bool] | Tensor | None = None,
     analytic: bool = True,
     cmap: str = "inferno",
+    fit: tuple[int, int] | None = None,
 ) -> Tensor:
     """One layer's picture: every probe with its saliency, the unit's analytic box and centre, and a colour scale.
 
@@ -296,6 +318,7 @@ def layer_grid(
             image.
         analytic: ``False`` for a layer without an analytic receptive field: no box, "no analytic RF".
         cmap: a matplotlib colour map name.
+        fit: the screen room ``(height, width)`` to lay the picture out for, as for :func:`layer_image`.
 
     Returns:
         uint8 ``(3, H', W')``, for ``SummaryWriter.add_image(..., dataformats="CHW")``.
@@ -311,12 +334,17 @@ def layer_grid(
         (torch.uint8, torch.Size([3, 408, 458]))
     """
     count, spatial = _check(images, maps, boxes, centers, labels, whole_image, tile, "layer_grid", dims=2)
+    _check_fit(fit, "layer_grid")
     kept = _finite(maps, None)
     notes = _notes(boxes, spatial, analytic, whole_image, kept)
-    return _image_grid(images, _blank_non_finite(maps, kept), boxes, centers, labels, tile, nrow, notes, cmap)
+    return _draw(images, _blank_non_finite(maps, kept), boxes, centers, labels, tile, nrow, notes, cmap, fit)
 
 
-def _image_grid(
+Caption = tuple[tuple[str, bool], ...]
+"""The lines under one probe: ``(text, is_note)``; notes are drawn in the note colour."""
+
+
+def _draw(
     images: Tensor | None,
     maps: Tensor,
     boxes: Tensor,
@@ -326,13 +354,103 @@ def _image_grid(
     nrow: int | None,
     notes: Notes,
     cmap: str,
+    fit: tuple[int, int] | None,
 ) -> Tensor:
-    count, height, width = maps.shape
+    """The panels of 1, 2 or 3 spatial axes, laid out (for ``fit`` when given) with their captions and the legend."""
+    spatial = tuple(maps.shape[1:])
+    if len(spatial) == 3:  # the caption gives the slices' indices
+        slices = [f"z {z}, y {y}, x {x}" for z, y, x in zip(*(i.tolist() for i in _slice_index(centers, spatial)))]
+        labels = [f"{labels[n]}\n{slices[n]}" if labels is not None else slices[n] for n in range(len(maps))]
+    captions = [
+        (
+            *((text, False) for text in ("" if labels is None else str(labels[n])).split("\n") if text),
+            *(((notes[n], True),) if notes[n] else ()),
+        )
+        for n in range(len(maps))
+    ]
+    drawn = any(note is None for note in notes)
+    tile, nrow = _arrange(len(maps), spatial, tile, nrow, captions, drawn, fit)
+    panels = _PANELS[len(spatial)](images, maps, boxes, centers, tile, notes, cmap)
+    return _assemble(panels, captions, nrow, cmap, len(spatial), drawn, None if fit is None else fit[1])
+
+
+def _panel_shape(spatial: Sequence[int], tile: int) -> tuple[int, int]:
+    """``(h, w)`` on screen of one probe's panel: an image's tile, a signal's strip, a volume's three views."""
+    if len(spatial) == 1:
+        return max(32, tile // 2), _screen(spatial, 3 * tile)[0]
+    if len(spatial) == 2:
+        return tile_size(*spatial, tile)
+    depth, height, width = _screen(spatial, tile)
+    return height + PADDING + depth, width + PADDING + depth
+
+
+def _column_width(panel: int, captions: Sequence[Caption]) -> int:
+    """A column's width: the panel's, widened (up to twice) so that the captions are whole."""
+    font = _font(FONT_SIZE)
+    widest = max((math.ceil(font.getlength(text)) + 2 * PADDING for lines in captions for text, _ in lines), default=0)
+    return min(max(panel, widest), 2 * panel)
+
+
+def _arrange(
+    count: int,
+    spatial: Sequence[int],
+    tile: int,
+    nrow: int | None,
+    captions: Sequence[Caption],
+    drawn: bool,
+    fit: tuple[int, int] | None,
+) -> tuple[int, int]:
+    """``(tile, nrow)`` for ``count`` panels: as given, or the largest panels whose picture fits ``fit``.
+
+    The default row: at most 4 images (in rows of equal length where possible), 2 signals or 2 volumes.
+    With ``fit = (height, width)``, every panel size up to ``tile`` and every row length (the shortest
+    for each number of rows) is tried: the largest panels with which the picture fits win; when none
+    fits, those that are largest once the picture is shrunk to fit.
+    """
+    if fit is None:
+        default = math.ceil(count / math.ceil(count / 4)) if len(spatial) == 2 else min(count, 2)
+        return tile, nrow if nrow is not None else default
+    room_height, room_width = fit
+    lines = max(map(len, captions), default=0)
+    best: tuple[tuple[bool, float], int, int] | None = None
+    shapes = set()
+    for size in range(tile, 7, -1):
+        shape = _panel_shape(spatial, size)
+        if shape in shapes:
+            continue
+        shapes.add(shape)
+        column = _column_width(shape[1], captions) if lines else shape[1]
+        for columns in [nrow] if nrow is not None else range(1, count + 1):
+            rows = math.ceil(count / columns)
+            if nrow is None and columns > 1 and math.ceil(count / (columns - 1)) == rows:
+                continue  # as many rows with fewer columns: rows of more even length
+            width = max(columns * (column + PADDING) + PADDING, room_width)
+            height = rows * (shape[0] + lines * LINE_HEIGHT + PADDING) + PADDING + _legend_height(width, drawn, len(spatial))
+            scale = min(1.0, room_width / width, room_height / height)
+            score = (scale == 1.0, max(shape) * scale)
+            if best is None or score > best[0]:
+                best = (score, size, columns)
+    assert best is not None
+    return best[1], best[2]
+
+
+def _check_fit(fit: object, name: str) -> None:
+    if fit is not None and not (
+        isinstance(fit, tuple) and len(fit) == 2 and all(isinstance(n, int) and n >= 16 for n in fit)
+    ):
+        raise ValueError(f"{name}(fit={fit!r}): None or (height, width) in screen pixels, each an int >= 16.")
+
+
+def _image_panels(
+    images: Tensor | None, maps: Tensor, boxes: Tensor, centers: Tensor, tile: int, notes: Notes, cmap: str
+) -> Tensor:
+    """Images as tiles: each probe in dimmed grey, the heat on top, the box and ticks."""
+    height, width = maps.shape[1:]
     size = tile_size(height, width, tile)
     grey = _grey(images, maps.shape).mean(1)
     panels = _panels(grey, maps.detach().cpu().float(), size, cmap, scaled=False)
     _draw_boxes(panels, boxes, centers, notes, (height, width), max(size))
-    return _assemble(panels, labels, notes, nrow if nrow is not None else math.ceil(count / math.ceil(count / 4)), cmap)
+    return panels
 
 
 def _grey(images: Tensor | None, shape: Sequence[int]) -> Tensor:
@@ -393,24 +511,25 @@ def _draw_boxes(
             panels[n, :, y0:y1, x0:x1] = paint
 
 
-def _assemble(panels: Tensor, labels: Sequence[str] | None, notes: Notes, nrow: int, cmap: str, kind: int = 2) -> Tensor:
-    """Panels ``(N, 3, h, w)`` with their captions (label lines, note) in rows of ``nrow``, the legend below."""
-    count, width = len(panels), panels.shape[3]
-    captions = [
-        (
-            *((text, False) for text in ("" if labels is None else str(labels[n])).split("\n") if text),
-            *(((notes[n], True),) if notes[n] else ()),
-        )
-        for n in range(count)
-    ]
+def _assemble(
+    panels: Tensor, captions: Sequence[Caption], nrow: int, cmap: str, kind: int, drawn: bool, width: int | None
+) -> Tensor:
+    """Panels ``(N, 3, h, w)`` with their captions in rows of ``nrow``, widened to ``width``, the legend below."""
+    count, panel = len(panels), panels.shape[3]
     lines = max(map(len, captions))
     if lines:
-        panels = torch.cat([panels, torch.stack([_caption(c, width, lines) for c in captions])], 2)
+        column = _column_width(panel, captions)
+        if column > panel:  # room for whole captions: the panel sits in the middle of its column
+            left = (column - panel) // 2
+            panels = F.pad(panels, (left, column - panel - left), value=GAP)
+        panels = torch.cat([panels, torch.stack([_caption(c, column, lines) for c in captions])], 2)
     grid = make_grid(panels, nrow=nrow, padding=PADDING, pad_value=GAP)
     if count == 1:  # make_grid returns a single image as it is
         grid = F.pad(grid, (PADDING,) * 4, value=GAP)
-    legend = _legend(grid.shape[2], cmap, drawn=any(note is None for note in notes), kind=kind)
-    return torch.cat([grid, legend], 1)
+    if width is not None and grid.shape[2] < width:
+        left = (width - grid.shape[2]) // 2
+        grid = F.pad(grid, (left, width - grid.shape[2] - left), value=GAP)
+    return torch.cat([grid, _legend(grid.shape[2], cmap, drawn, kind)], 1)
 
 
 SIGNAL_COLOR = 200.0
@@ -450,21 +569,12 @@ def _line(low: Tensor, high: Tensor, height: int, margin: int) -> Tensor:
     return (rows >= top - 0.75) & (rows <= bottom + 0.75)
 
 
-def _signal_grid(
-    images: Tensor | None,
-    maps: Tensor,
-    boxes: Tensor,
-    centers: Tensor,
-    labels: Sequence[str] | None,
-    tile: int,
-    nrow: int | None,
-    notes: Notes,
-    cmap: str,
+def _signal_panels(
+    images: Tensor | None, maps: Tensor, boxes: Tensor, centers: Tensor, tile: int, notes: Notes, cmap: str
 ) -> Tensor:
     """1-D probes as strips: the signal's line, the saliency curve on top (filled), the field shaded."""
     count, length = maps.shape
-    (width,) = _screen((length,), 3 * tile)
-    height, margin = max(32, tile // 2), 3
+    (height, width), margin = _panel_shape((length,), tile), 3
     line, tick = max(1, round(height / 32)), max(3, round(height / 8))
     panels = torch.full((count, 3, height, width), float(BACKGROUND) / 2)
 
@@ -504,20 +614,17 @@ def _signal_grid(
     ticks = drawn[:, None] & (columns >= position[:, None]) & (columns < position[:, None] + line)
     cap = torch.arange(height).view(1, height, 1) < tick
     panels = torch.where((ticks[:, None] & cap)[:, None], cyan, panels)
-    panels = panels.round_().to(torch.uint8)
-    return _assemble(panels, labels, notes, nrow if nrow is not None else min(count, 2), cmap, kind=1)
+    return panels.round_().to(torch.uint8)
 
 
-def _volume_grid(
-    images: Tensor | None,
-    maps: Tensor,
-    boxes: Tensor,
-    centers: Tensor,
-    labels: Sequence[str] | None,
-    tile: int,
-    nrow: int | None,
-    notes: Notes,
-    cmap: str,
+def _slice_index(centers: Tensor, spatial: Sequence[int]) -> list[Tensor]:
+    """Per axis of a volume, the index ``(N,)`` of the slice through each unit's centre."""
+    centers = centers.detach().cpu().float()
+    return [(centers[:, a] + 0.5).floor().long().clamp(0, n - 1) for a, n in enumerate(spatial)]
+
+
+def _volume_panels(
+    images: Tensor | None, maps: Tensor, boxes: Tensor, centers: Tensor, tile: int, notes: Notes, cmap: str
 ) -> Tensor:
     """Volumes as the three slices through each unit's centre (orthogonal views), with the box's section on each."""
     count, depth, height, width = maps.shape
@@ -528,7 +635,7 @@ def _volume_grid(
     peak = heat.flatten(1).amax(1).view(count, 1, 1, 1)
     heat = torch.where(peak > 0, heat / peak.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
     boxes, centers = boxes.detach().cpu().long(), centers.detach().cpu().float()
-    index = [((centers[:, a] + 0.5).floor().long().clamp(0, n - 1)) for a, n in enumerate((depth, height, width))]
+    index = _slice_index(centers, (depth, height, width))
     probes = torch.arange(count)
 
     def cut(volume: Tensor, axis: int) -> Tensor:  # each probe's slice across ``axis`` at its centre, (N, a, b)
@@ -553,13 +660,10 @@ def _volume_grid(
     gap_below = views[0].new_full((count, 3, PADDING, screen[2] + PADDING + screen[0]), GAP)
     top = torch.cat([views[0], gap_right, views[2]], 3)
     bottom = torch.cat([views[1], gap_right.new_full((count, 3, screen[0], PADDING), GAP), corner], 3)
-    panels = torch.cat([top, gap_below, bottom], 2)
-    slices = [f"z {z}, y {y}, x {x}" for z, y, x in zip(*(i.tolist() for i in index))]
-    captions = [f"{labels[n]}\n{slices[n]}" if labels is not None else slices[n] for n in range(count)]
-    return _assemble(panels, captions, notes, nrow if nrow is not None else min(count, 2), cmap, kind=3)
+    return torch.cat([top, gap_below, bottom], 2)
 
 
-_GRIDS = {1: _signal_grid, 2: _image_grid, 3: _volume_grid}
+_PANELS = {1: _signal_panels, 2: _image_panels, 3: _volume_panels}
 
 
 def _marks(
@@ -673,92 +777,141 @@ def _caption(lines: tuple[tuple[str, bool], ...], width: int, count: int) -> Ten
     return torch.from_numpy(np.asarray(strip).copy()).permute(2, 0, 1)
 
 
-@lru_cache(maxsize=32)
-def _legend(width: int, cmap: str, drawn: bool, kind: int = 2) -> Tensor:
-    """The strip under the grid: the colour scale from 0 to each map's peak, and what the marks mean.
+LegendItem = tuple[str, int, int, tuple[str, ...]]
+"""One mark of the legend: its name, its icon's width, the gap before it on a shared line, its words from
+longest to shortest."""
 
-    ``kind``: the spatial axes drawn: 2 (a box with ticks), 1 (a grey probe line, the map's curve and a
-    shaded interval: no colour scale) or 3 (as 2, the heat scaled to each volume's peak). On a narrow
-    grid the words get shorter, the last item's first, so that the strip stays one line.
-    """
-    from PIL import Image, ImageDraw
 
-    font, height = _font(FONT_SIZE), LINE_HEIGHT + 4
-    bar = min(96, max(16, width // 5))
-    if kind == 1:  # icon width, gap before, words from longest to shortest
+def _legend_items(width: int, drawn: bool, kind: int) -> list[LegendItem]:
+    """What the legend under a ``width``-pixel picture explains, for ``kind`` spatial axes."""
+    if kind == 1:
         items = [
             ("probe", 16, 0, ("probe",)),
             ("curve", 16, 14, ("|d unit / d input|, 0 to its peak", "|d unit / d input|", "saliency")),
         ]
         field = ("receptive field, tick at its centre", "receptive field", "RF")
     else:
+        bar = min(96, max(16, width // 5))
         peak = ("volume's peak |d unit / d input|",) if kind == 3 else ()
-        items = [("scale", int(font.getlength("0")) + 8 + bar, 0, (*peak, "peak |d unit / d input|", "peak"))]
+        scale = int(_font(FONT_SIZE).getlength("0")) + 8 + bar
+        items = [("scale", scale, 0, (*peak, "peak |d unit / d input|", "peak"))]
         field = ("receptive field, ticks at its centre", "receptive field", "RF")
     if drawn:
         items.append(("field", 20, 18, field))
-    for choice in itertools.product(*(range(len(texts)) for *_, texts in items)):  # the last item shortens first
-        words = [texts[k] for (*_, texts), k in zip(items, choice)]
-        if PADDING + 2 + sum(icon + gap + font.getlength(text) for (_, icon, gap, _), text in zip(items, words)) <= width:
-            break
+    return items
 
-    strip = Image.new("RGB", (width, height), (BACKGROUND,) * 3)
+
+@lru_cache(maxsize=64)
+def _legend_lines(width: int, drawn: bool, kind: int) -> tuple[tuple[tuple[int, str, int], ...], ...]:
+    """The legend's lines, each a tuple of ``(item index, words, gap before)``: the items in order, each
+    with its whole words on the current line while they fit ``width``, else on a new line, where it gets
+    the longest words that fit."""
+    font, room = _font(FONT_SIZE), width - 2 * (PADDING + 2)
+    lines: list[list[tuple[int, str, int]]] = []
+    used = 0.0
+    for k, (_, icon, gap, texts) in enumerate(_legend_items(width, drawn, kind)):
+        if lines and used + gap + icon + font.getlength(texts[0]) <= room:
+            lines[-1].append((k, texts[0], gap))
+            used += gap + icon + font.getlength(texts[0])
+            continue
+        indent = min(gap, 4)  # the box's ticks reach 4 px to its left
+        text = next((t for t in texts if indent + icon + font.getlength(t) <= room), texts[-1])
+        lines.append([(k, text, indent)])
+        used = indent + icon + font.getlength(text)
+    return tuple(map(tuple, lines))
+
+
+def _legend_height(width: int, drawn: bool, kind: int) -> int:
+    """The height in pixels of the legend under a ``width``-pixel picture."""
+    return len(_legend_lines(width, drawn, kind)) * LINE_HEIGHT + 4
+
+
+@lru_cache(maxsize=32)
+def _legend(width: int, cmap: str, drawn: bool, kind: int = 2) -> Tensor:
+    """The strip under the grid: the colour scale from 0 to each map's peak, and what the marks mean.
+
+    ``kind``: the spatial axes drawn: 2 (a box with ticks), 1 (a grey probe line, the map's curve and a
+    shaded interval: no colour scale) or 3 (as 2, the heat scaled to each volume's peak). Every mark is
+    explained in whole words: on a grid too narrow for one line, each gets a line of its own (words get
+    shorter only where one mark's line is still too narrow).
+    """
+    from PIL import Image, ImageDraw
+
+    font = _font(FONT_SIZE)
+    items, lines = _legend_items(width, drawn, kind), _legend_lines(width, drawn, kind)
+    bar = min(96, max(16, width // 5))
+    strip = Image.new("RGB", (width, _legend_height(width, drawn, kind)), (BACKGROUND,) * 3)
     draw = ImageDraw.Draw(strip)
-    x, middle = PADDING + 2, height // 2
-    for (name, icon, gap, _), text in zip(items, words):
-        x += gap
-        if name == "probe":
-            draw.line((x, middle, x + 12, middle), fill=(int(SIGNAL_COLOR),) * 3, width=2)
-        elif name == "curve":
-            colour = tuple(_palette(cmap)[CURVE].tolist())
-            draw.polygon([(x, middle + 5), (x + 4, middle - 5), (x + 8, middle + 2), (x + 12, middle + 5)], fill=colour)
-        elif name == "scale":
-            draw.text((x, middle), "0", fill=TEXT_COLOR, font=font, anchor="lm")
-            ramp = _palette(cmap)[torch.linspace(0, 255, bar).round().long()].numpy()
-            at = x + int(font.getlength("0")) + 4
-            strip.paste(Image.fromarray(np.ascontiguousarray(np.broadcast_to(ramp, (8, bar, 3)))), (at, middle - 4))
-        elif kind == 1:  # the shaded interval, a tick at its centre
-            shade = tuple(round(BACKGROUND / 2 + (c - BACKGROUND / 2) * SHADE) for c in BOX_COLOR)
-            draw.rectangle((x, middle - 5, x + 10, middle + 5), fill=shade, outline=BOX_COLOR, width=1)
-            draw.line((x + 5, middle - 9, x + 5, middle - 6), fill=BOX_COLOR, width=2)
-        else:  # the box, ticks on its sides
-            draw.rectangle((x, middle - 5, x + 10, middle + 5), outline=BOX_COLOR, width=2)
-            for tick in ((x + 5, middle - 9, x + 5, middle - 6), (x + 5, middle + 6, x + 5, middle + 9)):
-                draw.line(tick, fill=BOX_COLOR, width=2)
-            for tick in ((x - 4, middle, x - 1, middle), (x + 11, middle, x + 14, middle)):
-                draw.line(tick, fill=BOX_COLOR, width=2)
-        draw.text((x + icon, middle), text, fill=TEXT_COLOR, font=font, anchor="lm")
-        x += icon + int(font.getlength(text))
+    for row, line in enumerate(lines):
+        x, middle = PADDING + 2, row * LINE_HEIGHT + (LINE_HEIGHT + 4) // 2
+        for k, text, gap in line:
+            name, icon = items[k][:2]
+            x += gap
+            if name == "probe":
+                draw.line((x, middle, x + 12, middle), fill=(int(SIGNAL_COLOR),) * 3, width=2)
+            elif name == "curve":
+                colour = tuple(_palette(cmap)[CURVE].tolist())
+                draw.polygon([(x, middle + 5), (x + 4, middle - 5), (x + 8, middle + 2), (x + 12, middle + 5)], fill=colour)
+            elif name == "scale":
+                draw.text((x, middle), "0", fill=TEXT_COLOR, font=font, anchor="lm")
+                ramp = _palette(cmap)[torch.linspace(0, 255, bar).round().long()].numpy()
+                at = x + int(font.getlength("0")) + 4
+                strip.paste(Image.fromarray(np.ascontiguousarray(np.broadcast_to(ramp, (8, bar, 3)))), (at, middle - 4))
+            elif kind == 1:  # the shaded interval, a tick at its centre
+                shade = tuple(round(BACKGROUND / 2 + (c - BACKGROUND / 2) * SHADE) for c in BOX_COLOR)
+                draw.rectangle((x, middle - 5, x + 10, middle + 5), fill=shade, outline=BOX_COLOR, width=1)
+                draw.line((x + 5, middle - 9, x + 5, middle - 6), fill=BOX_COLOR, width=2)
+            else:  # the box, ticks on its sides
+                draw.rectangle((x, middle - 5, x + 10, middle + 5), outline=BOX_COLOR, width=2)
+                for tick in ((x + 5, middle - 9, x + 5, middle - 6), (x + 5, middle + 6, x + 5, middle + 9)):
+                    draw.line(tick, fill=BOX_COLOR, width=2)
+                for tick in ((x - 4, middle, x - 1, middle), (x + 11, middle, x + 14, middle)):
+                    draw.line(tick, fill=BOX_COLOR, width=2)
+            draw.text((x + icon, middle), text, fill=TEXT_COLOR, font=font, anchor="lm")
+            x += icon + int(font.getlength(text))
     return torch.from_numpy(np.asarray(strip).copy()).permute(2, 0, 1)
 
 
 def summary_figure(records: Sequence[Mapping[str, Any]], title: str = "Analytic receptive field per layer") -> Figure:
     """Receptive-field size and effective stride of the given layers (``LayerRF.to_record`` dicts), as a chart.
 
-    Rows without a receptive field, and global ones (every unit sees the whole input), are left out.
+    One horizontal bar per layer, in the order given: its name on the left, the bar as long as the
+    receptive field, its size and effective stride in numbers on the right. Sized for a TensorBoard card
+    (:data:`CARD`: 320 px wide at 100 dpi, up to 215 px high for six layers), with text that needs no
+    enlarging. Rows without a receptive field, and global ones (every unit sees the whole input), are left out.
 
     Example::
         >>> figure = summary_figure([{"name": "conv1", "size": (3, 3), "stride": (1, 1)}])
-        >>> [axes.get_ylabel() for axes in figure.axes]
-        ['receptive-field size (input pixels)', 'effective stride (input pixels)']
+        >>> [axes.get_xlabel() for axes in figure.axes], figure.axes[1].get_yticklabels()[0].get_text()
+        (['receptive-field size (input px)', ''], '3 px, stride 1')
     """
     from matplotlib.figure import Figure
 
+    from rf_callback.report import pair
+
     rows = [r for r in records if "unsupported" not in r and not r.get("is_global")]
-    names = [r["name"] for r in rows]
-    figure = Figure(figsize=(max(6.0, 0.45 * len(names) + 2), 4.5), layout="constrained")
+    names = [_shortened(r["name"], 22) for r in rows]
+    inches = (CARD[1] / 100, max(1.3, (70 + 19 * len(rows)) / 100))  # 320 px wide at 100 dpi, 19 px a layer
+    figure = Figure(figsize=inches, dpi=100, layout="constrained")
     size_axes = figure.add_subplot()
-    positions = range(len(names))
-    size_axes.bar(positions, [max(r["size"]) for r in rows], color="tab:blue", label="RF size (px)")
-    size_axes.set_ylabel("receptive-field size (input pixels)")
-    size_axes.set_xticks(list(positions), names, rotation=60, ha="right", fontsize=8)
-    stride_axes = size_axes.twinx()
-    stride_axes.plot(positions, [max(r["stride"]) for r in rows], "o-", color="tab:orange", label="effective stride")
-    stride_axes.set_ylabel("effective stride (input pixels)")
-    size_axes.set_title(title)
-    handles = [h for axes in (size_axes, stride_axes) for h in axes.get_legend_handles_labels()[0]]
-    size_axes.legend(handles=handles, loc="upper left")
+    positions = list(range(len(rows)))
+    size_axes.barh(positions, [max(r["size"]) for r in rows], color="tab:blue", height=0.6)
+    size_axes.set_yticks(positions, names, fontsize=8)
+    size_axes.set_ylim(max(len(rows), 1) - 0.5, -0.5)  # network order, top to bottom (room for one when none)
+    size_axes.set_xlabel("receptive-field size (input px)", fontsize=8)
+    size_axes.tick_params(axis="x", labelsize=8)
+    size_axes.grid(axis="x", alpha=0.3)
+    numbers = size_axes.twinx()
+    numbers.set_ylim(size_axes.get_ylim())
+    numbers.set_yticks(positions, [f"{pair(r['size'])} px, stride {pair(r['stride'])}" for r in rows], fontsize=8)
+    numbers.tick_params(axis="y", length=0)
+    size_axes.set_title(title, fontsize=9)
     return figure
+
+
+def _shortened(text: str, length: int) -> str:
+    """``text``, its start replaced by an ellipsis when it has more than ``length`` characters."""
+    return text if len(text) <= length else "…" + text[-(length - 1) :]
 
 
 def figure_image(figure: Figure) -> Tensor:
@@ -806,7 +959,7 @@ def plot_maps(
     *,
     whole_image: Tensor | None = None,
     analytic: Sequence[bool] | None = None,
-    tile: int = 128,
+    tile: int | None = None,
     nrow: int | None = None,
     cmap: str = "inferno",
     dpi: int = 100,
@@ -825,7 +978,9 @@ def plot_maps(
         layer_names: a title per layer (default: ``layer 0``, ``layer 1``, ...).
         whole_image: ``(N, L)`` or ``(N,)`` flags, see :func:`layer_grid` (images only).
         analytic: per layer, whether its boxes are analytic (:attr:`ReceptiveMaps.analytic`; default: all).
-        tile, nrow, cmap: as for :func:`layer_image`.
+        tile: the longest side of a probe on screen, at most; ``None``: as large as lets a row of probes
+            fill a notebook's width (:data:`NOTEBOOK_WIDTH`, 960 px), up to 256 px.
+        nrow, cmap: as for :func:`layer_image`.
         dpi: the figure's resolution; at 100 one image pixel is one screen pixel in a notebook.
 
     Returns:
@@ -838,8 +993,8 @@ def plot_maps(
         >>> figure = plot_maps(torch.rand(4, 1, 28, 28), torch.rand(4, 2, 28, 28),
         ...                    torch.tensor([[10, 10, 18, 18]]).expand(4, 2, 4), torch.full((4, 2, 2), 14.0),
         ...                    labels=["a", "b", "c", "d"], layer_names=["conv1", "conv2"])
-        >>> [axes.get_title(loc="left") for axes in figure.axes]
-        ['conv1', 'conv2']
+        >>> [axes.get_title(loc="left") for axes in figure.axes], int(figure.bbox.width)  # 4 probes of 224 px a row
+        (['conv1', 'conv2'], 906)
     """
     from matplotlib.figure import Figure
 
@@ -859,6 +1014,10 @@ def plot_maps(
     flags = list(analytic) if analytic is not None else [True] * count
     if len(flags) != count:
         raise ValueError(f"plot_maps: analytic needs one flag per layer ({count}), got {len(flags)}.")
+    if tile is None:
+        columns = _arrange(len(images), tuple(images.shape[2:]), 8, nrow, [], True, None)[1]
+        fills = (t for t in range(256, 8, -1) if columns * (_panel_shape(images.shape[2:], t)[1] + PADDING) < NOTEBOOK_WIDTH)
+        tile = next(fills, 8)
     grids = [
         layer_grid(
             images, maps[:, k], boxes[:, k], centers[:, k], labels=labels, tile=tile, nrow=nrow,

@@ -6,7 +6,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
-__all__ = ["COLUMNS", "WHOLE", "format_rows", "format_table", "markdown_table", "pair", "table_rows", "unsupported_notes"]
+__all__ = [
+    "COLUMNS",
+    "WHOLE",
+    "format_rows",
+    "format_table",
+    "markdown_table",
+    "pair",
+    "signed",
+    "table_rows",
+    "unsupported_notes",
+]
 
 COLUMNS = ("layer", "type", "output", "RF size", "stride", "padding")
 WHOLE = {1: "whole signal", 2: "whole image", 3: "whole volume"}
@@ -21,6 +31,16 @@ def pair(values: Sequence[int | Fraction | str]) -> str:
         ('212', '3x5', '9', '1/2', '1/2x1')
     """
     return str(values[0]) if len(set(values)) == 1 else "x".join(str(v) for v in values)
+
+
+def signed(value: float, digits: int) -> str:
+    """``value`` with its sign and ``digits`` decimals; what rounds to zero is ``+0.0``, never ``-0.0``.
+
+    Example::
+        >>> signed(-0.04, 1), signed(-0.06, 1), signed(2.345, 2)
+        ('+0.0', '-0.1', '+2.35')
+    """
+    return f"{round(value, digits) + 0.0:+.{digits}f}"
 
 
 def _cells(record: Mapping[str, Any]) -> list[str]:

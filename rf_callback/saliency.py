@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from rf_callback.crops import _Layout, _passes, _per_unit
 from rf_callback.erf import LUO_THRESHOLD, ERFStats, check_threshold_and_mass, erf_stats, finite_maps, finite_mean
+from rf_callback.errors import TraceError
 from rf_callback.probes import check_finite
 from rf_callback.report import format_table
 from rf_callback.selection import _SHAPES, Unit, check_channel, check_unit, check_unit_fits, resolve_layers
@@ -42,7 +43,7 @@ from rf_callback.table import (
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["NonFiniteMapWarning", "ReceptiveMaps", "receptive_maps"]
+__all__ = ["NonFiniteMapWarning", "ReceptiveMaps", "probe_mismatch", "receptive_maps"]
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class ReceptiveMaps:
         layer: str | None = None,
         select: Sequence[int] | None = None,
         labels: Sequence[str] | None = None,
-        tile: int = 128,
+        tile: int | None = None,
     ) -> Figure:
         """The picture the callback logs, as a matplotlib figure: one grid of probes per layer.
 
@@ -113,7 +114,7 @@ class ReceptiveMaps:
             layer: one layer key (``plot(layer=key)`` is ``plot(layers=key)``).
             select: which probes to show (default: all).
             labels: a caption per probe.
-            tile: screen pixels per probe side.
+            tile: screen pixels per probe side, at most (default: as large as fills a notebook's width).
 
         Example::
 
@@ -460,6 +461,48 @@ def _pass_gradients(
             _move(into[name], corners, gradients[name], [place] * count, size)
 
 
+_AXES = {1: "L", 2: "H, W", 3: "D, H, W"}
+
+
+def probe_mismatch(model: nn.Module, shape: Sequence[int]) -> str | None:
+    """Why probes of ``shape`` ``(N, C, *spatial)`` do not fit the model's first convolution, in words; ``None``
+    when they do (or the model has none).
+
+    Said when the trace fails, in place of the model's own error: for a 3-D tensor that is one unbatched
+    image, PyTorch's message speaks of a batch of one with one channel.
+
+    Example::
+        >>> probe_mismatch(nn.Sequential(nn.Conv2d(3, 8, 3)), (3, 224, 224))  # doctest: +NORMALIZE_WHITESPACE
+        "probes of shape (3, 224, 224) are read as (N, C, L): 3 probes of 224 channels along 1 axis, but the
+        model's first convolution, '0' (Conv2d), takes (N, 3, H, W). HINT: one image? Add the batch axis:
+        probes.unsqueeze(0), of shape (1, 3, 224, 224)."
+    """
+    shape = tuple(shape)
+    first = next(
+        ((name, m) for name, m in unwrap_model(model).named_modules() if isinstance(m, nn.modules.conv._ConvNd)), None
+    )
+    if first is None or len(shape) < 3:
+        return None
+    name, conv = first
+    dims, channels = len(conv.kernel_size), conv.in_channels
+    takes = f"the model's first convolution, '{name}' ({type(conv).__name__}), takes (N, {channels}, {_AXES[dims]})"
+    axes = len(shape) - 2
+    if axes != dims:
+        read = f"(N, C, {_AXES.get(axes, '...')})"
+        found = f"{shape[0]} probe{'s' * (shape[0] != 1)} of {shape[1]} channels along {axes} ax{'is' if axes == 1 else 'es'}"
+        if shape[0] == channels and len(shape) == dims + 1:
+            hint = f"one image? Add the batch axis: probes.unsqueeze(0), of shape {(1, *shape)}"
+        else:
+            hint = f"pass probes (N, {channels}, {_AXES[dims]})"
+        return f"probes of shape {shape} are read as {read}: {found}, but {takes}. HINT: {hint}."
+    if shape[1] != channels:
+        return (
+            f"probes of shape {shape} have {shape[1]} channel{'s' * (shape[1] != 1)}, but {takes}. HINT: pass"
+            f" probes with {channels} channel{'s' * (channels != 1)}, as the model's data gives them."
+        )
+    return None
+
+
 def receptive_maps(
     model: nn.Module,
     probes: Tensor,
@@ -567,7 +610,13 @@ def _receptive_maps(
             " `with rf_callback.sharding.gathered(model) as whole:` on every rank and receptive_maps(whole, ...)"
             " where whole is not None (rank zero)."
         )
-    fields = table if table is not None else receptive_fields(model, tuple(probes.shape[1:]), strict=False)
+    try:
+        fields = table if table is not None else receptive_fields(model, tuple(probes.shape[1:]), strict=False)
+    except TraceError as error:
+        mismatch = probe_mismatch(model, probes.shape)
+        if mismatch is None:
+            raise
+        raise TraceError(f"receptive_maps: {mismatch}") from error
     if tuple(fields.input_shape) != tuple(probes.shape[1:]):
         raise ValueError(
             f"receptive_maps: fields were traced for {fields.input_shape}, probes are {tuple(probes.shape[1:])}."

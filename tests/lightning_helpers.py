@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -67,6 +70,16 @@ def read_events(log_dir) -> EventAccumulator:
     events = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
     return events
+
+
+def raw_values(log_dir) -> list[Summary.Value]:
+    """Every summary value of the event files in ``log_dir``, in order, as written: not migrated to the
+    forms TensorBoard's Python loader turns them into."""
+    values = []
+    for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+        for record in RawEventFileLoader(str(path)).Load():
+            values.extend(Event.FromString(record).summary.value)
+    return values
 
 
 def read_wandb_history(run_dir) -> list[dict]:

@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 from rf_callback import ReceptiveFieldMonitor, receptive_maps
+from rf_callback.checkpoints import load_checkpoint
 from rf_callback.cli import main
 from rf_callback.compare import compare_checkpoints
 from rf_callback.errors import CompareError
@@ -142,7 +143,7 @@ def test_tables_hold_the_statistics_of_the_loaded_models_on_the_stored_probes(ru
     )
     markdown = (out / "erf.md").read_text()
     assert "| layer | checkpoint | epoch | step | model | RF size | stride | ERF size |" in markdown
-    assert f"| conv2 | epoch=1-step=8 | 1 | 8 | TinyCNN | 8 | 2 | {size} |" in markdown
+    assert f"| conv2 | epoch=1-step=8 | 1 | 8 (TB 7) | TinyCNN | 8 | 2 | {size} |" in markdown
     assert "Layers not compared" not in markdown
 
 
@@ -173,7 +174,8 @@ def test_figure_holds_every_probe_grid_in_its_row_and_column(runs, tmp_path):
         result = receptive_maps(model, probes, layers)
         for index, layer in enumerate(layers):
             maps, boxes, centers = result.maps[:, index], result.boxes[:, index], result.centers[:, index]
-            grid = layer_grid(probes, maps, boxes, centers, tile=PROBE_PIXELS, nrow=5)
+            labels = stored(path)["labels"]  # the class names the callback stored, under the probes
+            grid = layer_grid(probes, maps, boxes, centers, labels=labels, tile=PROBE_PIXELS, nrow=5)
             hits = find(figure, grid.permute(1, 2, 0).numpy())
             assert len(hits) == 1, (k, layer, hits)
             positions[k, index] = hits[0]
@@ -190,6 +192,28 @@ def test_figure_holds_every_probe_grid_in_its_row_and_column(runs, tmp_path):
     assert x10 - x00 > grid.shape[2] and y01 - y00 > grid.shape[1]
     chart = Image.open(tmp_path / "two" / "erf_size.png")
     assert chart.size[0] >= 600 and chart.size[1] >= 400
+
+
+def test_checkpoints_name_the_step_tensorboard_shows_their_maps_at(runs, tmp_path, capsys):
+    # Lightning logs an epoch's validation at the index of its last batch, one below the global step a
+    # checkpoint saved after it holds: the callback's state says where its maps of that state are.
+    events = read_events(runs["root"] / "tiny" / "run" / "version_0")
+    map_steps = [image.step for image in events.Images("receptive_field/00_conv1")][1:]  # after the baseline
+    assert map_steps == [s.step for s in events.Scalars("val_acc")] == [3, 7]
+    loaded = [load_checkpoint(path) for path in runs["tiny"]]
+    assert [(c.step, c.logged_step) for c in loaded] == [(4, 3), (8, 7)]
+    assert loaded[0].when == "epoch 0, step 4 (TensorBoard step 3)"
+    out = tmp_path / "out"
+    assert main(["compare", *map(str, runs["tiny"]), "--out", str(out)]) == 0
+    assert [r["logged_step"] for r in read_csv(out / "erf.csv")[:2]] == ["3", "7"]
+    printed = capsys.readouterr().out
+    assert "4 (TB 3)" in printed and "8 (TB 7)" in printed
+
+
+def test_max_logit_is_a_unit_the_command_line_takes(runs, tmp_path):
+    out = tmp_path / "out"
+    assert main(["compare", str(runs["tiny"][1]), "--unit", "max_logit", "--out", str(out)]) == 0
+    assert "max_logit unit, summed over channels" in (out / "erf.md").read_text()
 
 
 def test_tensorboard_run_has_one_step_per_checkpoint(runs, tmp_path):
@@ -290,9 +314,16 @@ def bad_inputs(runs, tmp_path):
             [runs["flat"], "--model", "tests.test_compare:FlatNet", "--probes", tmp_path / "probes.pt"],
             "flat (FlatNet) has no convolution or pooling layer with a receptive field: there is nothing to compare",
         ),
-        ("layer", [first, "--layers", "conv9"], "'conv9' no such layer in epoch=0-step=4 (TinyCNN). Layers it has:"),
-        ("layer elsewhere", [runs["tiny"][1], runs["wide"], "--layers", "conv3"], "'conv3' no such layer in epoch=1"),
-        ("unit", [first, "--unit", "middle"], "--unit middle: choose center, max or a unit position i,j"),
+        (
+            "layer",
+            [first, "--layers", "conv9"],
+            (
+                "layer 'conv9' is no layer in epoch=0-step=4 (TinyCNN). Layers that can be compared: conv1, bn,"
+                " pool, conv2, drop, head."
+            ),
+        ),
+        ("layer elsewhere", [runs["tiny"][1], runs["wide"], "--layers", "conv3"], "'conv3' is no layer in epoch=1"),
+        ("unit", [first, "--unit", "middle"], "--unit middle: choose center (or centre), max, max_logit or a unit"),
         ("unit outside", [first, "--unit", "40,0"], "unit=(40, 0): layer 'conv1' has an output of"),
         ("out is a file", [first, "--out", tmp_path / "taken"], "taken' is a file; the comparison needs a folder"),
         ("out in a file", [first, "--out", tmp_path / "taken" / "out"], "cannot write the comparison to"),

@@ -28,7 +28,7 @@ from rf_callback.destinations import (
     WandbDestination,
     mlflow_key,
 )
-from rf_callback.render import layer_grid, mean_image
+from rf_callback.render import CARD, layer_grid, mean_image
 from tests.lightning_helpers import TinyCNN, loaders, read_events, read_wandb_history
 
 LAYERS = ["conv1", "pool", "conv2"]
@@ -38,8 +38,10 @@ TAGS = [f"receptive_field/{k:02d}_{layer}" for k, layer in enumerate(LAYERS)]
 VALIDATION_STEPS = [1, 3]
 STEPS = [0, *VALIDATION_STEPS]  # the baseline, then with each of two epochs of two batches
 PROBES = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-GRID = tuple(layer_grid(PROBES, torch.rand(4, 16, 16), torch.zeros(4, 4), torch.zeros(4, 2)).shape[:0:-1])
-MEAN_GRID = tuple(mean_image(torch.rand(16, 16), torch.tensor([2, 2, 9, 9]), torch.zeros(2), probes=4).shape[:0:-1])
+GRID = tuple(layer_grid(PROBES, torch.rand(4, 16, 16), torch.zeros(4, 4), torch.zeros(4, 2), fit=CARD).shape[:0:-1])
+MEAN_GRID = tuple(
+    mean_image(torch.rand(16, 16), torch.tensor([2, 2, 9, 9]), torch.zeros(2), probes=4, fit=CARD).shape[:0:-1]
+)
 COLUMNS = ["layer", "RF size"]
 ROWS = [["conv1", "3"], ["conv2", "8"]]
 WEIRD = "receptive_field/layer1.0.relu[1]:0"  # a module called twice with several outputs
@@ -249,7 +251,7 @@ def test_mlflow_logger_gets_maps_and_scalars_at_the_validation_steps(mlflow, tmp
     images = mlflow_images(client, run_id)
     assert images == {tag: [(step, GRID) for step in STEPS] for tag in TAGS} | {
         f"{tag}/mean": [(step, MEAN_GRID) for step in STEPS] for tag in TAGS
-    } | {"receptive_field/summary": [(0, (600, 450))]}
+    } | {"receptive_field/summary": [(0, (320, 130))]}
     assert "| conv2 | Conv2d |" in Path(client.download_artifacts(run_id, "receptive_field/table.md")).read_text()
 
 

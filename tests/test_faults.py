@@ -100,6 +100,11 @@ def fit_on(folder: Path, callback: ReceptiveFieldMonitor, epochs: int = 4, logge
     return trainer
 
 
+def event_bytes(trainer: Trainer) -> int:
+    """The bytes of the run's TensorBoard event files."""
+    return sum(path.stat().st_size for path in Path(trainer.logger.log_dir).glob("events.out.tfevents.*"))
+
+
 VALIDATION_STEPS = [1, 3, 5, 7]  # four epochs of two batches: the steps of the validation metrics
 
 
@@ -107,7 +112,10 @@ VALIDATION_STEPS = [1, 3, 5, 7]  # four epochs of two batches: the steps of the 
 def test_a_full_disk_stops_the_images_and_lightning_logging_goes_on(tmp_path, monkeypatch):
     """The images fill the disk: one warning, no more images, and Lightning's val_loss still lands."""
     monkeypatch.setattr(rf_callback.monitor, "_free_bytes", lambda folder: None)  # no early stop: meet ENOSPC itself
-    with small_disk(tmp_path / "disk", 160 * 1024, monkeypatch) as disk, warnings.catch_warnings(record=True) as caught:
+    # A disk that holds the table and the first pass, and half of the next: the second pass meets the full disk.
+    one, two = (event_bytes(fit_on(tmp_path / f"sizes_{n}", ReceptiveFieldMonitor("all"), epochs=n)) for n in (1, 2))
+    size = one - (two - one) // 2  # one epoch: the table, the baseline and that epoch's pass; a pass: two - one
+    with small_disk(tmp_path / "disk", size, monkeypatch) as disk, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = fit_on(disk, ReceptiveFieldMonitor("all"))  # the run goes to its end
         events = read_events(trainer.logger.log_dir)

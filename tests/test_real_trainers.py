@@ -270,11 +270,12 @@ class StepCounting(TinyCNN):
         (StepCounting, {"channel": 10_000, "layers": ["conv2"]}, r"channel=10000: layer 'conv2' has 8 channels"),
         (StepCounting, {"layers": "conv9"}, r"'conv9'.*Layers that have maps: conv1, bn, pool, conv2"),
         (StepCounting, {"probes": [0, 1000]}, r"probes=\[0, 1000\]\): .*\[1000\] outside the dataset of 32 items"),
-        (StepCounting, {"probes": torch.rand(2, 3, 12, 12)}, r"takes 1 input channel \(its first layer, 'conv1'"),
+        (StepCounting, {"probes": torch.rand(2, 3, 12, 12)}, r"3 channels, but .* 'conv1' \(Conv2d\), takes \(N, 1, H, W\)"),
+        (StepCounting, {"probes": torch.rand(1, 12, 12)}, r"read as \(N, C, L\).*unsqueeze\(0\), of shape \(1, 1, 12, 12\)"),
         (NoConvolution, {}, r"no layer with a receptive field that varies across the input.*nothing to map"),
         (Signal1D, {"probes": torch.rand(2, 1, 32), "unit": (3, 3)}, r"unit=\(3, 3\): layer 'conv' has an output of 30"),
     ],
-    ids=["unit", "channel", "one-name", "index", "channels", "no-conv", "conv1d-unit"],
+    ids=["unit", "channel", "one-name", "index", "channels", "unbatched", "no-conv", "conv1d-unit"],
 )
 def test_bad_configurations_fail_before_the_first_step(tmp_path, model, kwargs, message):
     StepCounting.steps = 0
@@ -362,6 +363,24 @@ def test_a_segmentation_models_prediction_is_monitored_pixel_by_pixel(tmp_path, 
     pixels = np.asarray(Image.open(io.BytesIO(picture.encoded_image_string)).convert("RGB"))
     boxes_drawn = (pixels == (0, 255, 255)).all(2).any()
     assert boxes_drawn == result.analytic[1]  # no box where the tracer has no field: the maps cover the image
+
+
+@pytest.mark.parametrize("unit", ["center", "max_logit"])
+def test_a_linear_head_is_mapped_over_the_whole_image(tmp_path, unit):
+    # The classifier's Linear sees the whole input: its map is the input gradient of the class scores (their
+    # sum, or each probe's most confident one), with no box to draw: the whole image is its field.
+    monitor = ReceptiveFieldMonitor(layers=["head"], unit=unit)
+    trainer, model = run(tmp_path, TinyCNN, [monitor], max_epochs=1)
+    assert image_steps(trainer, "receptive_field/00_head") == [0, 3]
+    result = monitor.monitor.compute()
+    probes = monitor.probes.images.clone().requires_grad_()
+    logits = model.eval()(probes)
+    score = logits.sum() if unit == "center" else logits.amax(1).sum()
+    (gradient,) = torch.autograd.grad(score, probes)
+    assert torch.allclose(result.maps[:, 0], gradient.abs().sum(1), rtol=1e-4, atol=1e-8)
+    picture = read_events(trainer.logger.log_dir).Images("receptive_field/00_head")[-1]
+    pixels = np.asarray(Image.open(io.BytesIO(picture.encoded_image_string)).convert("RGB"))
+    assert not (pixels == (0, 255, 255)).all(2).any()  # "whole image" under each probe, no box
 
 
 def test_layers_may_be_one_name(tmp_path):

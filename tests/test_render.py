@@ -8,20 +8,32 @@ from hypothesis import strategies as st
 
 from rf_callback.render import (
     BOX_COLOR,
+    CARD,
     CURVE,
+    FONT_SIZE,
+    GAP,
     GREY_RANGE,
     LINE_HEIGHT,
     PADDING,
+    _font,
+    _legend_height,
+    _legend_lines,
     _palette,
+    figure_image,
     layer_grid,
     layer_image,
     mean_image,
     plot_maps,
+    summary_figure,
     tile_size,
 )
 
 CYAN = torch.tensor(BOX_COLOR, dtype=torch.uint8)
-LEGEND = LINE_HEIGHT + 4
+
+
+def above_legend(image, drawn=True, kind=2):
+    """The height of ``image`` (3, H, W) above its legend: probes and captions."""
+    return image.shape[1] - _legend_height(image.shape[2], drawn, kind)
 
 
 def one_probe(box, center=None, side=28, image=None, heat=None, **kwargs):
@@ -62,10 +74,10 @@ def test_grid_is_uint8_rgb_in_rows_of_tiles_with_captions_and_a_legend(side, cha
         torch.full((count, 2), 7.5),
         labels=[f"class {n}" for n in range(count)],
     )
-    rows = -(-count // columns)
+    rows, width = -(-count // columns), columns * (tile + PADDING) + PADDING
     assert grid.dtype == torch.uint8
-    height = rows * (tile + LINE_HEIGHT + PADDING) + PADDING + LEGEND
-    assert grid.shape == (3, height, columns * (tile + PADDING) + PADDING)
+    height = rows * (tile + LINE_HEIGHT + PADDING) + PADDING + _legend_height(width, True, 2)
+    assert grid.shape == (3, height, width)
 
 
 def test_box_is_drawn_just_outside_the_field_with_ticks_at_its_centre():
@@ -112,7 +124,7 @@ def test_no_box_or_ticks_where_the_unit_sees_the_whole_image_and_the_caption_say
     probe, heat, center = torch.zeros(1, 1, 28, 28), torch.zeros(1, 28, 28), torch.zeros(1, 2)
     plain = layer_grid(probe, heat, torch.tensor([[8, 8, 20, 20]]), center)
     whole = layer_grid(probe, heat, torch.tensor([[0, 0, 28, 28]]), center)
-    assert whole.shape[1] == plain.shape[1] + LINE_HEIGHT  # the "whole image" caption
+    assert above_legend(whole, drawn=False) == above_legend(plain) + LINE_HEIGHT  # the "whole image" caption
 
 
 def test_labels_write_under_each_probe_and_change_only_the_caption():
@@ -189,7 +201,7 @@ def test_plot_maps_shows_each_layer_grid_pixel_for_pixel_under_its_name():
     images, maps = torch.rand(3, 1, 28, 28), torch.rand(3, 2, 28, 28)
     boxes = torch.tensor([[[10, 10, 18, 18], [0, 0, 28, 28]]]).expand(3, 2, 4)
     centers = torch.full((3, 2, 2), 13.5)
-    figure = plot_maps(images, maps, boxes, centers, ["a", "b", "c"], ["conv1", "fc"])
+    figure = plot_maps(images, maps, boxes, centers, ["a", "b", "c"], ["conv1", "fc"], tile=128)
     assert [axes.get_title(loc="left") for axes in figure.axes] == ["conv1", "fc"]
     for k, axes in enumerate(figure.axes):
         grid = layer_grid(images, maps[:, k], boxes[:, k], centers[:, k], labels=["a", "b", "c"])
@@ -235,7 +247,7 @@ def test_a_signal_is_a_strip_with_its_field_shaded_and_the_curve_on_top():
     assert panel.shape == (3, 32, 64)  # 3 * 32 px at one column per sample; strips at least 32 px high
     tinted = (panel[2] > panel[0] + 20).any(0)  # cyan shading lifts blue and green over red
     assert tinted.nonzero().flatten().tolist() == list(range(32, 48))
-    curve = torch.tensor(_palette("inferno")[CURVE]).view(3, 1)
+    curve = _palette("inferno")[CURVE].view(3, 1)
     column = (panel[:, :, 40] == curve).all(0).nonzero().flatten()
     half = (panel[:, :, 44] == curve).all(0).nonzero().flatten()
     assert column.min() <= 4 and 14 <= half.min() <= 17  # the peak reaches the top, half of it half-way
@@ -248,9 +260,9 @@ def test_a_signal_is_a_strip_with_its_field_shaded_and_the_curve_on_top():
 def test_whole_signals_and_layers_without_a_field_draw_no_interval_and_say_why():
     plain, _ = signal_panel((32, 48))
     whole, panel = signal_panel((0, 64))
-    assert not cyan(panel).any() and whole.shape[1] == plain.shape[1] + LINE_HEIGHT  # "whole signal"
-    flagged, panel = signal_panel((32, 48), analytic=False)
-    assert not cyan(flagged).any() and flagged.shape[1] == plain.shape[1] + LINE_HEIGHT  # "no analytic RF"
+    assert not cyan(panel).any() and above_legend(whole, False, 1) == above_legend(plain, True, 1) + LINE_HEIGHT
+    flagged, panel = signal_panel((32, 48), analytic=False)  # "no analytic RF" under it
+    assert not cyan(flagged).any() and above_legend(flagged, False, 1) == above_legend(plain, True, 1) + LINE_HEIGHT
 
 
 def test_a_volume_is_three_orthogonal_slices_each_with_its_section_of_the_box():
@@ -259,10 +271,12 @@ def test_a_volume_is_three_orthogonal_slices_each_with_its_section_of_the_box():
     heat[0, 2, 3, 5] = 1.0
     box, center = (1, 2, 4, 3, 5, 7), (2.0, 3.0, 5.0)  # depth 1..3, rows 2..5, columns 4..7
     grid = layer_image(volume, heat, torch.tensor([box]), torch.tensor([center]), tile=32)
-    # At 4x: axial 32x32 top left, sagittal (rows x depth) 32x16 on its right, coronal (depth x columns) below.
-    axial = grid[:, PADDING : PADDING + 32, PADDING : PADDING + 32]
-    sagittal = grid[:, PADDING : PADDING + 32, 2 * PADDING + 32 : 2 * PADDING + 48]
-    coronal = grid[:, 2 * PADDING + 32 : 2 * PADDING + 48, PADDING : PADDING + 32]
+    # At 4x: axial 32x32 top left, sagittal (rows x depth) 32x16 on its right, coronal (depth x columns) below,
+    # in the middle of a column widened for the caption "z 2, y 3, x 5".
+    left = PADDING + (grid.shape[2] - 2 * PADDING - (32 + PADDING + 16)) // 2
+    axial = grid[:, PADDING : PADDING + 32, left : left + 32]
+    sagittal = grid[:, PADDING : PADDING + 32, left + PADDING + 32 : left + PADDING + 48]
+    coronal = grid[:, 2 * PADDING + 32 : 2 * PADDING + 48, left : left + 32]
     for view, section, middle in [
         (axial, (2, 4, 5, 7), (3.0, 5.0)),
         (sagittal, (2, 1, 5, 3), (3.0, 2.0)),
@@ -284,7 +298,7 @@ def test_mean_image_draws_the_map_alone_with_the_box_or_says_the_units_differ():
     boxed = mean_image(mean, torch.tensor([8, 8, 20, 20]), torch.tensor([13.5, 13.5]), probes=10)
     loose = mean_image(mean, None, torch.tensor([14.0, 14.0]), probes=10)
     assert cyan(boxed).any() and not cyan(loose).any()
-    assert loose.shape[1] == boxed.shape[1] + LINE_HEIGHT  # "units differ" under "mean of 10 probes"
+    assert above_legend(loose, drawn=False) == above_legend(boxed) + LINE_HEIGHT  # "units differ" under "mean of ..."
     for signal in (mean_image(torch.rand(50), None, torch.tensor([25.0]), probes=3),
                    mean_image(torch.rand(4, 8, 8), torch.tensor([0, 2, 2, 4, 6, 6]), torch.full((3,), 3.0), probes=3)):
         assert signal.dtype == torch.uint8 and signal.shape[0] == 3
@@ -309,10 +323,77 @@ def test_plot_maps_and_receptive_maps_plot_take_any_dimension(shape):
     net = nn.Sequential(conv(1, 2, 3, padding=1), nn.ReLU(), conv(2, 2, 3, stride=2))
     probes = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
     maps = receptive_maps(net, probes, ["0", "2"])
-    figure = maps.plot(probes, labels=["a", "b"])
+    figure = maps.plot(probes, labels=["a", "b"], tile=128)
     assert [axes.get_title(loc="left") for axes in figure.axes] == ["0", "2"]
     for k, axes in enumerate(figure.axes):
         expected = layer_image(probes, maps.maps[:, k], maps.boxes[:, k], maps.centers[:, k], labels=["a", "b"])
         assert (axes.images[0].get_array() == expected.permute(1, 2, 0).numpy()).all()
     single = plot_maps(probes, maps.maps[:, 0], maps.boxes[:, 0], maps.centers[:, 0])
     assert len(single.axes) == 1
+
+
+FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def shown(image):
+    """The scale TensorBoard shows ``image`` at by default: the Time Series tab fits it into CARD (it enlarges
+    or shrinks it to touch the nearer edge), the Images tab makes it 350 px wide. Both, as (time series, images)."""
+    height, width = image.shape[1:]
+    return min(CARD[0] / height, CARD[1] / width), 350 / width
+
+
+@pytest.mark.parametrize("side", [28, 224])
+def test_a_layer_laid_out_for_a_tensorboard_card_is_shown_at_its_own_size_with_its_text_whole(side):
+    count = len(FASHION)
+    args = (torch.rand(count, 1, side, side), torch.rand(count, side, side))
+    boxes, centers = torch.tensor([[4, 4, 20, 20]]).expand(count, 4), torch.full((count, 2), 11.5)
+    picture = layer_image(*args, boxes, centers, labels=FASHION, fit=CARD)
+    tabs = shown(picture)
+    assert picture.shape[2] == CARD[1] and 1.0 <= min(tabs) and max(tabs) < 1.1  # text at the size it was drawn
+    # Two rows of five probes of 56 px (28 at 2x, 224 at 1/4), each column as wide as its longest class name:
+    # the columns are what lies between the grey that runs from the top of the picture to its legend.
+    above = picture[:, : above_legend(picture)]
+    gap = (above == GAP).all(0).all(0).tolist()
+    columns = [len(run) for run in "".join(" " if g else "x" for g in gap).split()]
+    assert len(columns) == 5 and min(columns) >= _font(FONT_SIZE).getlength("Ankle boot") + 2
+    assert above.shape[1] == 2 * (56 + LINE_HEIGHT + PADDING) + PADDING
+    mean = mean_image(args[1].mean(0), boxes[0], centers[0], probes=count, fit=CARD)
+    assert mean.shape[2] == picture.shape[2] and shown(mean) == (1.0, tabs[1])  # the same scale as the probes
+    assert mean.shape[1] - _legend_height(CARD[1], True, 2) >= 112 + LINE_HEIGHT  # the map 4x, its caption
+
+
+def test_a_layer_with_more_probes_than_a_card_holds_is_shrunk_as_little_as_its_probes_allow():
+    count = 32
+    picture = layer_image(torch.rand(count, 1, 28, 28), torch.rand(count, 28, 28), torch.zeros(count, 4),
+                          torch.zeros(count, 2), fit=CARD)  # fmt: skip
+    assert picture.shape[2] == CARD[1]  # no wider than the card: the Images tab does not shrink it
+    assert shown(picture)[0] > 0.5
+
+
+@pytest.mark.parametrize("width", [458, 320, 200])
+def test_the_legend_explains_every_mark_in_whole_words_on_as_many_lines_as_it_needs(width):
+    lines = _legend_lines(width, True, 2)
+    assert [text for line in lines for _, text, _ in line] == ["peak |d unit / d input|", "receptive field, ticks at its centre"]
+    assert len(lines) == (1 if width == 458 else 2)
+    signal = [[text for _, text, _ in line] for line in _legend_lines(width, True, 1)]
+    probe, curve, field = "probe", "|d unit / d input|, 0 to its peak", "receptive field, tick at its centre"
+    assert signal == {458: [[probe, curve, field]], 320: [[probe, curve], [field]], 200: [[probe], [curve], [field]]}[width]
+
+
+def test_the_summary_chart_fits_a_tensorboard_card_with_its_layer_names_level():
+    records = [{"name": f"features.block{k}.relu", "size": (2 * k + 3,) * 2, "stride": (2**k,) * 2} for k in range(6)]
+    figure = summary_figure(records)
+    image = figure_image(figure)
+    assert image.shape[2] == CARD[1] and image.shape[1] <= CARD[0]
+    names = [label.get_text() for label in figure.axes[0].get_yticklabels()]
+    assert names == [r["name"] for r in records]
+    assert all(label.get_rotation() == 0 for label in figure.axes[0].get_yticklabels())
+    assert figure.axes[1].get_yticklabels()[5].get_text() == "13 px, stride 32"
+
+
+def test_plot_maps_fills_a_notebook_row():
+    maps, boxes, centers = torch.rand(2, 1, 224, 224), torch.zeros(2, 1, 4), torch.full((2, 1, 2), 111.5)
+    figure = plot_maps(torch.rand(2, 3, 224, 224), maps, boxes, centers)
+    assert figure.bbox.width == 2 * (224 + PADDING) + PADDING  # the probes at their own size, not halved
+    small = plot_maps(torch.rand(4, 1, 28, 28), torch.rand(4, 1, 28, 28), torch.zeros(4, 1, 4), torch.zeros(4, 1, 2))
+    assert 800 < small.bbox.width <= 960  # 28 px at 8x, four in a row

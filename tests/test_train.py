@@ -55,3 +55,22 @@ def test_missing_data_is_one_message_without_a_traceback(tmp_path):
     assert completed.returncode == 1
     assert "train.py: " in completed.stderr and "Traceback" not in completed.stderr
     assert "train-images-idx3-ubyte" in completed.stderr
+
+
+def test_a_misconfigured_callback_is_one_message_without_a_traceback(tmp_path):
+    config = tmp_path / "nope.yaml"
+    config.write_text("trainer:\n  callbacks:\n    - class_path: rf_callback.ReceptiveFieldMonitor\n      init_args:\n"
+                      "        layers: [features.nope]\n")  # fmt: skip
+    command = [
+        sys.executable,
+        "train.py",
+        f"--config={config}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--data.data_dir={tmp_path / 'data'}",
+    ]
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr
+    assert "train.py: ReceptiveFieldMonitor on SmallCNN: layers=['features.nope']: " in completed.stderr
+    assert "Layers that have maps: features.conv1, features.bn1," in completed.stderr
