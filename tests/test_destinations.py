@@ -232,8 +232,8 @@ def test_wandb_logger_gets_maps_and_scalars_at_the_validation_steps(wandb, tmp_p
     (first,) = [row for row in rows if "receptive_field/table" in row]
     assert first["step"] == 0 and first["receptive_field/summary"]["_type"] == "image-file"
     table = json.loads((run_dir / "files" / first["receptive_field/table"]["path"]).read_text())
-    assert table["columns"] == ["layer", "type", "output", "RF size", "stride", "padding"]
-    assert ["conv2", "Conv2d", "8x8", "8", "2", "3"] in table["data"]
+    assert table["columns"] == ["layer", "type", "output", "RF size", "RF min-max", "stride", "padding", "verdict"]
+    assert ["conv2", "Conv2d", "8x8", "8", "8", "2", "3", ""] in table["data"]
 
 
 def test_mlflow_logger_gets_maps_and_scalars_at_the_validation_steps(mlflow, tmp_path):
