@@ -739,6 +739,8 @@ class Field:
 
     def first(self, axis: int) -> Field:
         """Only position 0 of ``axis`` (an axis that ends up with a single position)."""
+        if self.length(axis) == 1:
+            return self
         return self._with(axis, self.rfs[axis], self.paths[axis], lambda boxes: boxes[:1], axis)
 
     def box(self, index: Sequence[int]) -> tuple[tuple[int, int], ...] | None:

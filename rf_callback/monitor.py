@@ -27,12 +27,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rf_callback.cost import Cost, unproductive_cost
 from rf_callback.destinations import Destination, TensorBoardDestination
 from rf_callback.erf import LUO_THRESHOLD, MASS_SHARES, check_threshold_and_mass, mean_area_key
 from rf_callback.errors import TraceError
 from rf_callback.probes import Probes, as_probes
-from rf_callback.render import figure_image, layer_image, mean_image, summary_figure
-from rf_callback.report import COLUMNS, table_rows, unsupported_notes
+from rf_callback.render import coverage_figure, figure_image, layer_image, mean_image, summary_figure
+from rf_callback.report import COLUMNS, MARKED, markdown_table, table_rows, unsupported_notes
 from rf_callback.saliency import ReceptiveMaps, receptive_maps
 from rf_callback.selection import Unit, check_channel, check_unit, check_unit_fits, resolve_layers
 from rf_callback.table import ReceptiveFieldTable, receptive_fields, unwrap_model
@@ -79,8 +80,14 @@ class ProbeMonitor:
     resolution stage by default), the unit and the channel against every layer's output.
 
     Each logging pass writes, per layer, one image of every probe's map (``receptive_field/<k>_<layer>``),
-    one of the probes' mean map (``.../mean``, Luo et al.'s averaged ERF) and the ERF statistics.
-    Images, 1-D signals and 3-D volumes alike (see :func:`~rf_callback.render.layer_image`).
+    one of the probes' mean map (``.../mean``, Luo et al.'s averaged ERF) and the ERF statistics, and
+    one chart of every layer's analytic and effective fields against the input with the border between
+    productive and unproductive layers marked (``receptive_field/coverage``,
+    :func:`~rf_callback.render.coverage_figure`). Images, 1-D signals and 3-D volumes alike (see
+    :func:`~rf_callback.render.layer_image`).
+
+    :attr:`cost` holds what the layers predicted unproductive at the probes' size cost
+    (:func:`~rf_callback.cost.unproductive_cost`); :meth:`log_table` writes it.
 
     Args:
         model: the network; ``model(probes)`` must run.
@@ -128,6 +135,7 @@ class ProbeMonitor:
         self.model = model
         self.probes = as_probes(probes)
         self.table = self._trace()
+        self.cost: Cost = unproductive_cost(model, self.table)
         self.layers = resolve_layers(self.table, layers)
         self._check_units_and_channels()
         self.tags = {layer: layer_tag(index, layer) for index, layer in enumerate(self.layers)}
@@ -198,6 +206,14 @@ class ProbeMonitor:
                     values[f"{self.tags[layer]}/{name}"] = value
         return values
 
+    def coverage(self, result: ReceptiveMaps, title: str | None = None) -> Tensor:
+        """The monitored layers' analytic fields (smallest to largest over paths) and their effective fields now,
+        against the input, with the border marked: a uint8 image (:func:`~rf_callback.render.coverage_figure`)."""
+        records = [self.table[layer].to_record() for layer in result.layers]
+        extent = result.erf.mean()["extent"].tolist()  # (L, d): per layer, the ERF's extent per axis
+        titled = {} if title is None else {"title": title}
+        return figure_image(coverage_figure(records, self.table.input_shape[1:], extent, **titled))
+
     def log(self, destinations: Any, step: int, on_error: OnError | None = None) -> ReceptiveMaps:
         """Compute, draw and write this step's maps and statistics to each destination; return the maps.
 
@@ -209,6 +225,7 @@ class ProbeMonitor:
         """
         result = self.compute()
         images, scalars = self.images(result), self.scalars(result)
+        images[f"{TAG}/coverage"] = self.coverage(result)
 
         def write(destination: Destination) -> None:
             destination.add_scalars(scalars, step)
@@ -219,20 +236,40 @@ class ProbeMonitor:
         return result
 
     def log_table(self, destinations: Any, step: int = 0, on_error: OnError | None = None) -> None:
-        """Write the receptive fields of the monitored layers, of every layer, and a chart of them, once."""
+        """Write the receptive fields of the monitored layers, of every layer, a chart of them, and which layers are
+        predicted unproductive (``receptive_field/unproductive``), once."""
         monitored = [self.table[layer].to_record() for layer in self.layers]
         every = [row.to_record() for row in self.table.values()]
         notes = unsupported_notes(every)
         chart = figure_image(summary_figure(monitored))
+        verdicts = self.verdicts()
 
         def write(destination: Destination) -> None:
             destination.add_table(f"{TAG}/table", COLUMNS, table_rows(monitored), step)
             destination.add_table(f"{TAG}/table_all_layers", COLUMNS, table_rows(every), step)
             if notes:
                 destination.add_text(f"{TAG}/unsupported", "\n".join(f"* {note}" for note in notes), step)
+            destination.add_text(f"{TAG}/unproductive", verdicts, step)
             destination.add_image(f"{TAG}/summary", chart, step)
 
         _send(self._as_destinations(destinations), write, on_error)
+
+    def verdicts(self) -> str:
+        """Markdown: which layers are predicted unproductive at the probes' size, what they cost, the rule, and the
+        rows on both sides of the border (the layers that compute a field, as marked in the table)."""
+        size = "x".join(map(str, self.table.input_shape[1:]))
+        marked = [key for key in self.table.computing() if self.table[key].verdict in ("border", "unproductive")]
+        named = set(self.cost.layers) | set(marked)
+        records = [self.table[key].to_record() for key in self.table.output_order if key in named]
+        rule = (
+            f"A field covers the {size} input when its analytic size reaches it on every axis."
+            f" **unproductive**: {MARKED['unproductive']}; **border**: {MARKED['border']}. The chart"
+            " `receptive_field/coverage` shows at each logging step whether the effective fields past the border grow."
+        )
+        lines = [self.cost.describe(), "", rule]
+        if records:
+            lines += ["", markdown_table(COLUMNS, table_rows(records))]
+        return "\n".join(lines)
 
     def _as_destinations(self, value: Any) -> list[Destination]:
         """``value`` as destinations; a ``SummaryWriter`` becomes one :class:`TensorBoardDestination`, kept for

@@ -475,6 +475,27 @@ class ReceptiveFieldTable(Mapping[str, LayerRF]):
         """
         return self.with_verdict("unproductive")
 
+    def computing(self) -> list[str]:
+        """The rows whose output's field no row before them had, in the order outputs were computed.
+
+        They are the layers that make a field (a convolution, a pooling, a block's sum), not those that
+        pass one on (BatchNorm, activations, dropout, 1x1 convolutions, a container after its last layer).
+
+        Example::
+            >>> from torch import nn
+            >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Conv2d(2, 2, 1), nn.MaxPool2d(2))
+            >>> receptive_fields(net, (1, 8, 8)).computing()
+            ['0', '4']
+        """
+        seen: set[int] = set()
+        found = []
+        for key in self.output_order:
+            field = self._rows[key].field
+            if field is not None and id(field) not in seen:
+                seen.add(id(field))
+                found.append(key)
+        return found
+
     def with_verdict(self, *verdicts: Verdict) -> ReceptiveFieldTable:
         """The rows whose :attr:`LayerRF.verdict` is one of ``verdicts`` (``"border"``, ``"critical"``...)."""
         return self.filter(layers=[key for key, row in self._rows.items() if row.verdict in verdicts])

@@ -8,7 +8,11 @@ published architectures.
 
 from __future__ import annotations
 
+import csv
+import io
 import itertools
+import json
+import logging
 import math
 
 import torch
@@ -18,6 +22,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from rf_callback import receptive_fields
+from tests.lightning_helpers import TinyCNN, loaders, read_events
 from tests.nets import build, model_examples, specs, well_defined
 
 
@@ -221,7 +226,12 @@ def test_vgg19_and_alexnet_match_rfa_toolbox():
 def test_densenet_judges_each_layer_by_what_its_concatenation_reads():
     table = receptive_fields(torchvision.models.densenet121(), (3, 32, 32))
     block4 = [name for name in table if name.startswith("features.denseblock4.")]
-    assert block4 and all(table[name].verdict == "unproductive" for name in block4)  # 1x1 convolutions included
+    verdicts = {name: table[name].verdict for name in block4}
+    # Its first layer's BatchNorm, ReLU and 1x1 convolution pass on the transition's field: they share its verdict.
+    passed = [name for name in block4 if table[name].field is table["features.transition3.pool"].field]
+    assert passed == [f"features.denseblock4.denselayer1.{m}" for m in ("norm1", "relu1", "conv1", "norm2", "relu2")]
+    assert {verdicts[name] for name in passed} == {table["features.transition3.pool"].verdict} == {"border"}
+    assert {verdict for name, verdict in verdicts.items() if name not in passed} == {"unproductive"}
     # In block 3 the concatenation still holds the 23-px transition output: every layer is productive.
     block3 = [name for name in table if name.startswith("features.denseblock3.") and name.endswith("conv2")]
     assert {table[name].verdict for name in block3} == {"border"}
@@ -260,3 +270,79 @@ def test_records_and_the_printed_table_carry_the_verdicts():
     assert "43-179" in text and "unproductive" in text and "border" in text
     assert "unproductive: its shortest path and its inputs' already cover the input" in text
     assert math.prod(table["layer4.0.conv2"].output_shape) == 1 and table["layer4.0.conv2"].is_global
+
+
+# ---- what they cost, on the command line, in the monitor and the callback -------------------------
+def test_multiply_adds_equal_pytorchs_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rf_callback.cost import unproductive_cost
+
+    up = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1))
+    for model, shape in [(torchvision.models.resnet18(), (3, 32, 32)), (up, (1, 17, 23))]:
+        cost = unproductive_cost(model, receptive_fields(model, shape))
+        with FlopCounterMode(display=False) as counter:
+            model.eval()(torch.zeros(1, *shape))
+        assert 2 * cost.total_macs == counter.get_total_flops()  # a multiply-add is two operations
+    model = torchvision.models.resnet18()
+    cost = unproductive_cost(model, receptive_fields(model, (3, 32, 32)))
+    weights = sum(model.get_submodule(f"{name}.{kind}").weight.numel() for name in ("layer3.1", "layer4.0", "layer4.1")
+                  for kind in ("conv2", "bn2"))  # fmt: skip
+    assert cost.parameters == weights + sum(
+        model.get_submodule(f"{n}.bn2").bias.numel() for n in ("layer3.1", "layer4.0", "layer4.1")
+    )
+    assert cost.layers == ("layer3.1.conv2", "layer4.0.conv2", "layer4.1.conv2")
+
+
+def test_the_command_line_shows_the_unproductive_layers_of_resnet18_at_32_pixels(capsys):
+    from rf_callback.cli import main
+
+    argv = ["table", "torchvision.models.resnet18", "--input-shape", "3", "32", "32"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    marked = [line.split()[0] for line in out.splitlines() if line.endswith(" unproductive")]
+    assert marked == ["layer3.1.conv2", "layer4.0.conv2", "layer4.1.conv2"]  # BatchNorm rows are hidden by default
+    assert "At 32x32, 3 layers are unproductive" in out and "(45.4%)" in out
+    assert main([*argv, "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    row = next(r for r in document["layers"] if r["name"] == "layer4.1.conv2")
+    assert (row["min_size"], row["max_size"], row["verdict"]) == ([139, 139], [435, 435], "unproductive")
+    assert document["unproductive"]["layers"] == marked and document["total"]["parameters"] == 11689512
+    assert main([*argv, "--csv", "--types", "Conv2d"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert {r["name"]: r["verdict"] for r in rows}["layer3.1.conv1"] == "border"
+    assert rows[0] == {**rows[0], "name": "conv1", "min_size": "7x7", "max_size": "7x7", "stride": "2x2"}
+
+
+class DeepTinyCNN(TinyCNN):
+    """TinyCNN (12x12 inputs) with four 5x5 convolutions: the third covers the input, the fourth adds nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.Sequential(*(nn.Conv2d(1 if k == 0 else 4, 4, 5, padding=2) for k in range(4)))
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.head(self.convs(x).mean((2, 3)))
+
+
+def test_the_callback_names_the_unproductive_layers_at_setup_and_charts_the_border_each_epoch(tmp_path, caplog):
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from rf_callback import ReceptiveFieldMonitor
+
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")
+    callback = ReceptiveFieldMonitor()
+    trainer = Trainer(
+        default_root_dir=tmp_path, logger=TensorBoardLogger(tmp_path, name="run"), callbacks=[callback], max_epochs=2,
+        accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(DeepTinyCNN(), *loaders())
+    assert callback.monitor.layers == ["convs.0", "convs.1", "convs.2", "convs.3", "convs"]  # the border: 2 | 3
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ReceptiveFieldMonitor: At ")]
+    assert line.startswith("ReceptiveFieldMonitor: At 12x12, 1 layer is unproductive") and "): convs.3." in line
+    events = read_events(trainer.logger.log_dir)
+    text = events.Tensors("receptive_field/unproductive/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert text.startswith("At 12x12, 1 layer is unproductive") and "| convs.3 | Conv2d |" in text
+    assert [image.step for image in events.Images("receptive_field/coverage")] == [0, 3, 7]  # baseline, each epoch
