@@ -73,10 +73,17 @@ def main() -> None:
 
     def observe(step: int) -> None:
         result = monitor.compute()
-        extent = result.erf.mean()["extent"][:, 0]  # rows: square fields, one axis is enough
-        print(
-            f"step {step}: ERF extent (px, of 32) " + ", ".join(f"{k} {e:.1f}" for k, e in zip(result.layers, extent))
-        )
+        means = result.erf.mean()
+        for statistic, values in (
+            ("extent", means["extent"][:, 0]),
+            ("size", means["size"]),
+            ("mass side", means["mass_side"]),
+        ):
+            print(
+                f"step {step}: ERF {statistic} (px, of 32) "
+                + ", ".join(f"{k} {v:.1f}" for k, v in zip(result.layers, values)),
+                flush=True,
+            )
         charts.append(pil_image(monitor.coverage(result, title=f"ResNet-18 on Fashion-MNIST, step {step}")))
 
     observe(0)
@@ -90,6 +97,8 @@ def main() -> None:
             loss.backward()
             optimizer.step()
             step += 1
+            if step % 10 == 0:
+                print(f"step {step}: loss {loss.item():.3f}", flush=True)
         observe(step)
     model.eval()
     with torch.no_grad():

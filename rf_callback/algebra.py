@@ -218,6 +218,8 @@ def compose(first: AxisRF, then: AxisRF) -> AxisRF:
         >>> compose(down, periodic([(0, 1), (0, 1)], advance=1))  # then nearest 2x: units 2k, 2k+1 share a field
         AxisRF(size=3, jump=1, start=-1, phases=((-1, 2), (-1, 2)))
     """
+    if first.jump == 0 and not first.phases:  # every unit already sees the same interval: nothing changes
+        return first
     if not first.phases and not then.phases:
         return AxisRF(
             size=first.size + (then.size - 1) * first.jump,
@@ -404,6 +406,18 @@ def extreme_paths(paths: Iterable[AxisRF]) -> Paths:
         >>> extreme_paths([layer(3), layer(7), layer(5), layer(1, stride=2)])  # strides 1 and 2
         (AxisRF(size=3, jump=1, start=0), AxisRF(size=7, jump=1, start=0), AxisRF(size=1, jump=2, start=0))
     """
+    paths = tuple(paths)
+    if not any(rf.phases for rf in paths):  # the usual case, no upsampling: per stride, the smallest and largest
+        extremes: dict[int | Fraction, list[AxisRF]] = {}
+        for rf in paths:
+            pair = extremes.get(rf.jump)
+            if pair is None:
+                extremes[rf.jump] = [rf, rf]
+            elif rf.size < pair[0].size:
+                pair[0] = rf
+            elif rf.size > pair[1].size:
+                pair[1] = rf
+        return tuple(rf for low, high in extremes.values() for rf in ((low,) if low.size == high.size else (low, high)))
     groups: dict[int | Fraction, list[AxisRF]] = {}
     for rf in paths:
         groups.setdefault(rf.jump, []).append(rf)
@@ -648,6 +662,8 @@ class Field:
         def then(path: AxisRF) -> AxisRF:
             if path.phases:
                 return compose(path, layer(kernel, stride, padding, dilation))
+            if path.jump == 0:  # a path through a global layer: every unit already sees the same
+                return path
             return AxisRF(path.size + reach * path.jump, path.jump * stride, path.start - padding * path.jump)
 
         return self._along(axis, rf, then, lambda boxes: _window(boxes, kernel, stride, padding, length, dilation))

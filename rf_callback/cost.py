@@ -35,6 +35,8 @@ class Cost:
         macs: multiply-adds of the convolution and linear calls among the rows, for one input.
         total_macs: multiply-adds of every convolution and linear call of the forward.
         input_shape: the input the table was traced at, without the batch.
+        widest: the row whose smallest field over paths spans the most of the input (global rows left
+            out), and that field; None where no row has one.
 
     Example::
         >>> from rf_callback import receptive_fields
@@ -55,12 +57,19 @@ class Cost:
     macs: int
     total_macs: int
     input_shape: tuple[int, ...]
+    widest: tuple[str, tuple[int, ...]] | None = None
 
     def describe(self, most: int = 6) -> str:
         """One sentence: which layers, what they hold, what share of a forward they compute (``most`` names at most)."""
         size = "x".join(map(str, self.input_shape[1:]))
         if not self.layers and not self.parameters:
-            return f"At {size}, no layer is predicted unproductive (Richter et al. 2021)."
+            if self.widest is None:
+                return f"At {size}, no layer is predicted unproductive (Richter et al. 2021)."
+            name, field = self.widest
+            return (
+                f"At {size}, no layer is predicted unproductive (Richter et al. 2021): the widest shortest path of a"
+                f" layer that is not global spans {'x'.join(map(str, field))} ({name})."
+            )
         count = len(self.layers)
         names = ", ".join(self.layers[:most]) + (f" and {count - most} more" if count > most else "")
         share = f"{100 * self.macs / self.total_macs:.1f}%" if self.total_macs else "none"
@@ -144,4 +153,8 @@ def unproductive_cost(model: nn.Module, table: ReceptiveFieldTable) -> Cost:
                 seen.add(id(parameter))
                 parameters += parameter.numel()
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    return Cost(tuple(named), parameters, total, macs, total_macs, tuple(table.input_shape))
+    spatial = table.input_shape[1:]
+    computing = [table[key] for key in table.computing()]  # not a container or BatchNorm that passes it on
+    judged = [(row.name, row.min_size) for row in computing if row.verdict not in ("global", "unknown")]
+    widest = max(judged, key=lambda item: min(n / length for n, length in zip(item[1], spatial)), default=None)
+    return Cost(tuple(named), parameters, total, macs, total_macs, tuple(table.input_shape), widest)

@@ -210,9 +210,9 @@ class ProbeMonitor:
         """The monitored layers' analytic fields (smallest to largest over paths) and their effective fields now,
         against the input, with the border marked: a uint8 image (:func:`~rf_callback.render.coverage_figure`)."""
         records = [self.table[layer].to_record() for layer in result.layers]
-        extent = result.erf.mean()["extent"].tolist()  # (L, d): per layer, the ERF's extent per axis
+        sizes = result.erf.mean()["size"].tolist()  # per layer, Luo et al.'s ERF size
         titled = {} if title is None else {"title": title}
-        return figure_image(coverage_figure(records, self.table.input_shape[1:], extent, **titled))
+        return figure_image(coverage_figure(records, self.table.input_shape[1:], sizes, **titled))
 
     def log(self, destinations: Any, step: int, on_error: OnError | None = None) -> ReceptiveMaps:
         """Compute, draw and write this step's maps and statistics to each destination; return the maps.

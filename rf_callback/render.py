@@ -854,19 +854,22 @@ VERDICT_COLORS = {"unproductive": "tab:red", "border": "tab:orange", "critical":
 def coverage_figure(
     records: Sequence[Mapping[str, Any]],
     input_shape: Sequence[int],
-    erf_extent: Sequence[Sequence[float]] | None = None,
+    erf_size: Sequence[float] | None = None,
     title: str = "Fields against the input: analytic (bars) and effective (dots)",
 ) -> Figure:
     """How much of the input each layer's fields span, with the border between productive and unproductive layers.
 
     Each layer (a ``LayerRF.to_record`` dict) gets a bar from its smallest to its largest analytic field over
-    paths and, when given, a dot at its effective field now (``erf_extent``: per layer, the mean extent per
-    axis of the pixels above Luo et al.'s threshold), each divided by the input's length on the axis where it
-    is shortest against the input, on a log scale where 1 is the whole input. Bars are coloured by verdict
-    (:data:`VERDICT_COLORS`); a dashed line marks the border, before the first unproductive layer. Past the
-    border, Richter et al. predict no gain: there the dots should sit at the input (1), as the layer before
-    the border's do, and move no more over training; a dot well below 1 there means the effective field
-    still has room to grow, and the prediction is in doubt for that layer.
+    paths, divided by the input's length on the axis where it is shortest against the input, and, when given,
+    a dot at its effective field now (``erf_size``: per layer, Luo et al.'s ERF size, the side of a square of
+    the pixels above 4.55% of the peak, averaged over the probes), divided by the side of a square of the
+    input's area; on a log scale where 1 is the whole input. Bars are coloured by verdict
+    (:data:`VERDICT_COLORS`); a dashed line marks the border, before the first unproductive layer.
+
+    Past the border Richter et al. predict no gain: a layer there should not widen the effective field it
+    reads, so its dot should stay level with the dot of the layer before the border, over training too.
+    A dot that climbs past the border means the layer still widens its effective field, and the prediction
+    is in doubt for it.
 
     Rows without a receptive field are left out.
 
@@ -874,7 +877,7 @@ def coverage_figure(
         >>> records = [{"name": "conv1", "min_size": [5, 5], "max_size": [5, 5], "verdict": "productive"},
         ...            {"name": "conv2", "min_size": [9, 9], "max_size": [9, 9], "verdict": "border"},
         ...            {"name": "conv3", "min_size": [13, 13], "max_size": [13, 13], "verdict": "unproductive"}]
-        >>> figure = coverage_figure(records, (8, 8), [[4.0, 4.0], [7.0, 7.5], [8.0, 8.0]])
+        >>> figure = coverage_figure(records, (8, 8), [4.0, 7.0, 7.1])
         >>> figure.axes[0].get_ylabel()
         'field / input (log)'
     """
@@ -894,13 +897,14 @@ def coverage_figure(
     colors = [VERDICT_COLORS.get(r.get("verdict", ""), "tab:blue") for _, r in shown]
     axes.bar(positions, [h - lo for lo, h in zip(lows, highs)], bottom=lows, width=0.6, color=colors, alpha=0.8)
     axes.scatter(positions, lows, marker="_", s=200, color="black", zorder=3)  # one path: the bar is this line
-    if erf_extent is not None:
-        effective = [ratio(erf_extent[k]) for k, _ in shown]
-        axes.plot(positions, effective, "o", color="black", zorder=4, label="effective field (ERF extent)")
+    if erf_size is not None:
+        side = math.prod(input_shape) ** (1 / len(input_shape))
+        effective = [max(erf_size[k], 1.0) / side for k, _ in shown]  # (a dead unit's 0: one pixel)
+        axes.plot(positions, effective, "o", color="black", zorder=4, label="effective field (Luo et al.'s ERF size)")
     axes.axhline(1.0, color="grey", linewidth=1)
     axes.text(len(shown) - 0.5, 1.0, " the input", va="bottom", ha="right", color="grey", fontsize=8)
     axes.set_yscale("log")
-    values = lows + highs + (effective if erf_extent is not None else [])
+    values = lows + highs + (effective if erf_size is not None else [])
     bottom, top = min(min(values), 1.0) / 1.5, max(max(values), 1.0) * 1.5
     axes.set_ylim(bottom, top)
     ticks = [2.0**k for k in range(math.floor(math.log2(bottom)), math.ceil(math.log2(top)) + 1)]

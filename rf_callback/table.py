@@ -277,8 +277,10 @@ class LayerRF:
         comparable with theirs.
 
         * ``"unproductive"``: the smallest field of this output (:attr:`min_size`) and the smallest
-          field of every tensor it reads (its direct predecessors, :attr:`inputs`) cover the input:
-          even its shortest path already saw everything before it, so it adds no context.
+          field of every tensor read by the operation that made it (its direct predecessors,
+          :attr:`inputs`; a BatchNorm or an activation that passes a convolution's field on is judged
+          with the convolution) cover the input: even its shortest path had seen everything before
+          it, so it adds no context.
         * ``"border"``: its smallest field covers the input but one of its inputs' does not (or an
           input could not be followed): the last layer that still adds context on its shortest path.
         * ``"critical"``: its largest field covers the input, its smallest does not.
@@ -292,9 +294,9 @@ class LayerRF:
         what it sees (a path's field only grows, but for a slice that keeps an upsampling's narrower
         phases), so "all its successors cover the input" follows from its own; over all their
         paths it would fail at every residual add (whose shortest path is the identity shortcut) and
-        call every layer of a ResNet productive, against the papers' measurements (RFA-Toolbox leaves
-        that clause commented out). Layers that see small fields again after a skip (a U-Net's
-        decoder) are judged by their own fields, not by their position in the call order.
+        call every layer of a ResNet productive (RFA-Toolbox leaves that clause commented out and marks
+        the blocks' convolutions). Layers that see small fields again after a skip (a U-Net's decoder)
+        are judged by their own fields and inputs, not by their place in the call order.
 
         Example::
             >>> from torch import nn
