@@ -9,7 +9,7 @@ image of each class, which maps its default layers (one per stage, plus the two 
 * ``docs/unproductive_resnet18.png``: the coverage chart before training and after it, side by side;
 * the ERF extent of the monitored layers at each logging step, and the test accuracy, on stdout.
 
-    python docs/unproductive_example.py [--raw-dir ../shared/data/FashionMNIST/raw] [--train 12000] [--epochs 2]
+    python docs/unproductive_example.py [--raw-dir ../shared/data/FashionMNIST/raw] [--train 12000] [--epochs 3]
 
 Random weights from seed 0, CPU, one thread per process as the machine allows; nothing is downloaded.
 """
@@ -55,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--raw-dir", type=Path, default=Path("../shared/data/FashionMNIST/raw"))
     parser.add_argument("--train", type=int, default=12000, help="training images (the first ones)")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=DOCS / "unproductive_resnet18.png")
     args = parser.parse_args()
     torch.manual_seed(0)

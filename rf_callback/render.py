@@ -896,13 +896,14 @@ def coverage_figure(
     highs = [ratio(r["max_size"]) for _, r in shown]
     colors = [VERDICT_COLORS.get(r.get("verdict", ""), "tab:blue") for _, r in shown]
     axes.bar(positions, [h - lo for lo, h in zip(lows, highs)], bottom=lows, width=0.6, color=colors, alpha=0.8)
-    axes.scatter(positions, lows, marker="_", s=200, color="black", zorder=3)  # one path: the bar is this line
+    axes.scatter(positions, lows, marker="_", s=300, linewidths=3, color=colors, zorder=3)  # one path: only this
     if erf_size is not None:
         side = math.prod(input_shape) ** (1 / len(input_shape))
         effective = [max(erf_size[k], 1.0) / side for k, _ in shown]  # (a dead unit's 0: one pixel)
         axes.plot(positions, effective, "o", color="black", zorder=4, label="effective field (Luo et al.'s ERF size)")
     axes.axhline(1.0, color="grey", linewidth=1)
-    axes.text(len(shown) - 0.5, 1.0, " the input", va="bottom", ha="right", color="grey", fontsize=8)
+    axes.set_xlim(-0.6, len(shown) - 0.4)
+    axes.text(len(shown) - 0.45, 1.0, "the input", va="bottom", ha="right", color="grey", fontsize=8)
     axes.set_yscale("log")
     values = lows + highs + (effective if erf_size is not None else [])
     bottom, top = min(min(values), 1.0) / 1.5, max(max(values), 1.0) * 1.5
