@@ -346,3 +346,14 @@ def test_the_callback_names_the_unproductive_layers_at_setup_and_charts_the_bord
     text = events.Tensors("receptive_field/unproductive/text_summary")[0].tensor_proto.string_val[0].decode()
     assert text.startswith("At 12x12, 1 layer is unproductive") and "| convs.3 | Conv2d |" in text
     assert [image.step for image in events.Images("receptive_field/coverage")] == [0, 3, 7]  # baseline, each epoch
+
+
+def test_default_layers_add_both_sides_of_the_border_and_nothing_where_none_is_unproductive():
+    from rf_callback.demos import SmallCNN
+    from rf_callback.selection import border_layers, default_layers
+
+    table = receptive_fields(torchvision.models.resnet18(), (3, 32, 32))
+    assert border_layers(table) == ["layer3.1.conv1", "layer3.1.conv2"]
+    assert default_layers(table) == ["relu", "layer1", "layer2", "layer3.1.conv1", "layer3.1.conv2", "layer3"]
+    demo = receptive_fields(SmallCNN(), (1, 28, 28))
+    assert border_layers(demo) == [] and default_layers(demo) == ["features.relu2", "features.relu4", "features.pool2"]
