@@ -132,17 +132,16 @@ def test_the_smallest_field_is_the_gradient_support_of_the_shortest_path(spec, s
     alone = receptive_fields(build(path_spec), (1, size, size))[f"blocks.{len(spec) - 1}"]
     assert alone.size == alone.min_size == alone.max_size == sizes  # one path: its size is Distill's
     h, w = alone.output_shape
-    inside = [  # units whose analytic field along ``axis`` lies in the image, and that see something
+    inside = [  # units whose every tap along ``axis`` reads the image (exact box = analytic box), seeing something
         (i, j)
         for i in range(h)
         for j in range(w)
-        if (box := alone.box(i, j, clip=False))[axis] >= 0
-        and box[2 + axis] <= size
-        and (clipped := alone.box(i, j))[0] < clipped[2]
-        and clipped[1] < clipped[3]
+        if alone.box(i, j, clip=False)[axis::2] == (exact := alone.box(i, j))[axis::2]
+        and exact[0] < exact[2]
+        and exact[1] < exact[3]
     ]
     if not inside:
-        reject()  # every unit's field runs past the image: its support is clipped
+        reject()  # every unit's field reaches padding (or pixels a crop dropped) on that axis
     outputs = {}
     hook = twin.blocks[-1].register_forward_hook(lambda m, a, out: outputs.__setitem__("last", out))
     image = torch.rand(1, 1, size, size, dtype=torch.float64, requires_grad=True)
