@@ -36,6 +36,7 @@ _EXPORTS = {
     "LayerKey": "rf_callback.table",
     "CompareError": "rf_callback.errors",
     "CheckpointError": "rf_callback.errors",
+    "unproductive_cost": "rf_callback.cost",
 }
 
 __all__ = [
@@ -57,12 +58,14 @@ __all__ = [
     "UnsupportedLayerError",
     "receptive_fields",
     "receptive_maps",
+    "unproductive_cost",
     "unwrap_model",
 ]
 
 if TYPE_CHECKING:
     from rf_callback.algebra import AxisRF, Field
     from rf_callback.callback import ReceptiveFieldMonitor
+    from rf_callback.cost import unproductive_cost
     from rf_callback.erf import ERFStats
     from rf_callback.errors import (
         CheckpointError,

@@ -39,12 +39,23 @@ one does); the exact boxes of :class:`Field` do not depend on it.
 
 A periodic geometry with ``P = 1`` is an ordinary one: ``jump`` is then an ``int`` again.
 
+**Paths.** After a residual add or a concatenation, a unit is reached from the input along several
+paths (Richter et al., "Should You Go Deeper?", ICMLA 2021): the identity shortcut of a ResNet block
+is one, its two convolutions another. Each path has its own analytic geometry; the geometry of the
+tensor (``Field.rfs``) is their union. :attr:`Field.min_size` and :attr:`Field.max_size` are the
+smallest and largest size over all paths, carried through every layer without enumerating them:
+paths whose geometries differ only by the width of their intervals (the same stride and, after
+upsampling, the same pattern of phases) keep their order of size through every later layer; more
+generally a path whose every unit sees part of what another path's sees never sees more after any
+layer (:func:`within`), so only the paths that no other bounds are kept (:func:`extreme_paths`).
+
 This module imports nothing outside the standard library, so the maths can be checked
 without torch.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import operator
@@ -63,11 +74,13 @@ __all__ = [
     "Field",
     "MisalignedBranchesError",
     "compose",
+    "extreme_paths",
     "layer",
     "merge",
     "mixed",
     "periodic",
     "resampling",
+    "within",
 ]
 
 
@@ -116,10 +129,27 @@ class AxisRF:
         """How many units make one period of the geometry (1 unless upsampled)."""
         return len(self.phases) or 1
 
-    @property
+    @functools.cached_property
     def advance(self) -> int:
         """Input pixels one period advances: ``jump * period``, a whole number."""
         return int(self.jump * self.period)
+
+    def intervals(self, start: int, stop: int) -> list[tuple[int, int] | None]:
+        """``[interval(u) for u in range(start, stop)]``, faster.
+
+        Example::
+            >>> periodic([(0, 1), None], advance=1).intervals(0, 4)
+            [(0, 1), None, (1, 2), None]
+        """
+        if not self.phases:
+            return [(u * self.jump + self.start, u * self.jump + self.start + self.size) for u in range(start, stop)]
+        phases, count, advance = self.phases, len(self.phases), self.advance
+        found: list[tuple[int, int] | None] = []
+        for u in range(start, stop):
+            block, phase = divmod(u, count)
+            interval = phases[phase]
+            found.append(None if interval is None else (interval[0] + block * advance, interval[1] + block * advance))
+        return found
 
     def interval(self, index: int) -> tuple[int, int] | None:
         """Half-open input interval ``(low, high)`` seen by output position ``index`` (not clipped).
@@ -188,6 +218,8 @@ def compose(first: AxisRF, then: AxisRF) -> AxisRF:
         >>> compose(down, periodic([(0, 1), (0, 1)], advance=1))  # then nearest 2x: units 2k, 2k+1 share a field
         AxisRF(size=3, jump=1, start=-1, phases=((-1, 2), (-1, 2)))
     """
+    if first.jump == 0 and not first.phases:  # every unit already sees the same interval: nothing changes
+        return first
     if not first.phases and not then.phases:
         return AxisRF(
             size=first.size + (then.size - 1) * first.jump,
@@ -199,11 +231,14 @@ def compose(first: AxisRF, then: AxisRF) -> AxisRF:
     repeat = 1 if then.advance == 0 else first.period // math.gcd(first.period, then.advance)
     period = then.period * repeat
     advance = repeat * then.advance // first.period * first.advance
-    intervals: list[tuple[int, int] | None] = []
-    for u in range(period):
-        reads = then.interval(u)
-        intervals.append(None if reads is None else _union(first.interval(v) for v in range(reads[0], reads[1])))
-    return periodic(intervals, advance)
+    reads = [then.interval(u) for u in range(period)]
+    if not first.phases:  # the hull of a run of an ordinary geometry's intervals, at once
+        jump, start, size = first.jump, first.start, first.size
+        intervals = [None if r is None else (r[0] * jump + start, (r[1] - 1) * jump + start + size) for r in reads]
+        return periodic(intervals, advance)
+    low = min(r[0] for r in reads if r is not None)
+    seen = first.intervals(low, max(r[1] for r in reads if r is not None))  # each of first's units once
+    return periodic([None if r is None else _union(seen[r[0] - low : r[1] - low]) for r in reads], advance)
 
 
 class OnlyHolesError(ValueError):
@@ -318,6 +353,95 @@ def _hull(rfs: Sequence[AxisRF], jump: int | Fraction) -> AxisRF:
         return AxisRF(size=high - low, jump=0, start=low)
     period = math.lcm(*(rf.period for rf in rfs))
     return periodic([_union(rf.interval(u) for rf in rfs) for u in range(period)], int(jump * period))
+
+
+Paths = tuple[AxisRF, ...]
+"""The geometries of an axis's paths that bound their sizes from now on (see :func:`extreme_paths`)."""
+
+
+def within(inner: AxisRF, outer: AxisRF) -> bool:
+    """Whether every unit of ``inner`` sees a part of what the same unit of ``outer`` sees, up to one shift.
+
+    That is ``inner``'s interval of unit ``u`` inside ``outer``'s shifted by one ``t`` for every ``u``
+    (a unit of ``inner`` that sees nothing fits anywhere). It lasts: a later layer's unit sees the
+    union of the same units' intervals in both, so the union in ``inner`` stays inside the one in
+    ``outer``, and ``inner``'s size never exceeds ``outer``'s again. Two ordinary geometries of one
+    stride: ``inner.size <= outer.size``.
+
+    Example::
+        >>> within(layer(3), layer(5)), within(layer(5), layer(3)), within(layer(3), layer(5, stride=2))
+        (True, False, False)
+        >>> windows = periodic([(0, 4)] * 4, advance=4)  # four units share each 4-pixel window
+        >>> within(IDENTITY, windows), within(layer(2), windows)  # a 2-wide field crosses a window's edge
+        (True, False)
+    """
+    if inner.jump != outer.jump:
+        return False
+    if not inner.phases and not outer.phases:
+        return inner.size <= outer.size
+    count = math.lcm(inner.period, outer.period)  # the pattern of differences repeats after that many units
+    low, high = -math.inf, math.inf  # the shifts t that put inner inside outer so far
+    for seen, around in zip(inner.intervals(0, count), outer.intervals(0, count)):
+        if seen is None:
+            continue
+        if around is None:
+            return False
+        low, high = max(low, seen[1] - around[1]), min(high, seen[0] - around[0])
+        if low > high:
+            return False
+    return True
+
+
+def extreme_paths(paths: Iterable[AxisRF]) -> Paths:
+    """The geometries among ``paths`` that bound every path's size from now on.
+
+    A path whose field lies :func:`within` another's is never larger than it, after any layer: it can
+    be dropped as a candidate for the largest field, and the other one as a candidate for the
+    smallest. What is left holds the smallest and the largest size over all ``paths``, now and after
+    any later layer applied to all of them alike, so networks with many paths (residual stages,
+    dense blocks) carry a few geometries, not one per path. Geometries of different strides never
+    bound each other (after a global pooling they may: both then have stride 0).
+
+    Example::
+        >>> extreme_paths([layer(3), layer(7), layer(5), layer(1, stride=2)])  # strides 1 and 2
+        (AxisRF(size=3, jump=1, start=0), AxisRF(size=7, jump=1, start=0), AxisRF(size=1, jump=2, start=0))
+    """
+    paths = tuple(paths)
+    if not any(rf.phases for rf in paths):  # the usual case, no upsampling: per stride, the smallest and largest
+        extremes: dict[int | Fraction, list[AxisRF]] = {}
+        for rf in paths:
+            pair = extremes.get(rf.jump)
+            if pair is None:
+                extremes[rf.jump] = [rf, rf]
+            elif rf.size < pair[0].size:
+                pair[0] = rf
+            elif rf.size > pair[1].size:
+                pair[1] = rf
+        return tuple(rf for low, high in extremes.values() for rf in ((low,) if low.size == high.size else (low, high)))
+    groups: dict[int | Fraction, list[AxisRF]] = {}
+    for rf in paths:
+        groups.setdefault(rf.jump, []).append(rf)
+    kept: list[AxisRF] = []
+    for group in groups.values():
+        plain = [rf for rf in group if not rf.phases]  # ordinary ones bound each other by size alone
+        if len(plain) > 2:
+            group = [min(plain, key=_size), max(plain, key=_size)] + [rf for rf in group if rf.phases]
+        if len(group) > 1:
+            group = list(dict.fromkeys(group))
+        if len(group) == 1:
+            kept += group
+            continue
+        inside = [[a is not b and within(a, b) for b in group] for a in group]  # inside[i][j]: i within j
+        # j makes i redundant where j bounds i strictly, or the two are equal up to a shift and j comes first.
+        indices = range(len(group))
+        smallest = [group[i] for i in indices if not any(inside[j][i] and (not inside[i][j] or j < i) for j in indices)]
+        largest = [group[i] for i in indices if not any(inside[i][j] and (not inside[j][i] or j < i) for j in indices)]
+        kept += dict.fromkeys(smallest + largest)
+    return tuple(kept)
+
+
+def _size(rf: AxisRF) -> int:
+    return rf.size
 
 
 Box = tuple[int, int] | None
@@ -459,34 +583,68 @@ class Field:
     that see something at every position are folded into one (their intervals united axis by axis,
     which gives the same hulls), so that shifted copies do not multiply.
 
+    ``paths[a]`` holds the analytic geometries of the paths from the input that bound their sizes
+    along axis ``a`` (see :func:`extreme_paths`): :attr:`min_size` and :attr:`max_size` read them.
+    ``rfs[a]`` is the union of every path's geometry, so ``min_size <= max_size <= size``.
+
     Example::
         >>> field = Field.of_input((28,)).window(0, kernel=3, stride=2, padding=1, length=14)
         >>> field.rfs[0], field.box((0,)), field.box((13,))
         (AxisRF(size=3, jump=2, start=-1), ((0, 2),), ((25, 28),))
         >>> Field.of_input((5,)).window(0, kernel=2, stride=2, padding=0, length=2).box((1,))  # pixel 4 is dropped
         ((2, 4),)
+        >>> body = field.window(0, kernel=3, stride=1, padding=1, length=14)
+        >>> residual = merge([body, field])  # a 3-wide convolution beside an identity shortcut
+        >>> residual.rfs[0].size, residual.min_size, residual.max_size
+        (7, (3,), (7,))
     """
 
     rfs: tuple[AxisRF, ...]
     branches: tuple[tuple[Boxes, ...], ...]
+    paths: tuple[Paths, ...]
 
     @classmethod
     def of_input(cls, shape: Sequence[int]) -> Field:
         """The input itself: each position sees only itself."""
         identities = {n: tuple((i, i + 1) for i in range(n)) for n in set(shape)}  # one per length: axes share
-        return cls((IDENTITY,) * len(shape), (tuple(identities[n] for n in shape),))
+        return cls((IDENTITY,) * len(shape), (tuple(identities[n] for n in shape),), ((IDENTITY,),) * len(shape))
 
     def length(self, axis: int) -> int:
         return len(self.branches[0][axis])
 
-    def _along(self, axis: int, rf: AxisRF, step: Callable[[Boxes], Boxes] | None, source: int = 0) -> Field:
-        """``rf`` on ``axis``, whose boxes become ``step(boxes)`` in each branch (without ``step``: ``source``'s boxes)."""
+    @property
+    def min_size(self) -> tuple[int, ...]:
+        """Per axis, the smallest receptive-field size over all paths from the input (Richter et al.'s r_min)."""
+        return tuple(min(rf.size for rf in paths) for paths in self.paths)
+
+    @property
+    def max_size(self) -> tuple[int, ...]:
+        """Per axis, the largest receptive-field size over all paths from the input (r_max)."""
+        return tuple(max(rf.size for rf in paths) for paths in self.paths)
+
+    def _along(
+        self, axis: int, rf: AxisRF, then: Callable[[AxisRF], AxisRF], step: Callable[[Boxes], Boxes] | None
+    ) -> Field:
+        """``rf`` on ``axis``, each path's geometry ``then(path)``, whose boxes become ``step(boxes)`` in each branch."""
+        paths = self.paths[axis]
+        if len(paths) == 1 and paths[0] is self.rfs[axis]:  # one path: it is the field's geometry, done already
+            paths = (rf,)
+        else:
+            after = tuple(map(then, paths))
+            if len(after) != 2 or after[0].jump != after[1].jump or after[0].phases or after[1].phases:
+                after = extreme_paths(after)  # else: a smallest and a largest ordinary one of one stride, still so
+            paths = _own(after, rf)
+        return self._with(axis, rf, paths, step, axis)
+
+    def _with(self, axis: int, rf: AxisRF, paths: Paths, step: Callable[[Boxes], Boxes] | None, source: int) -> Field:
+        """``rf`` and ``paths`` on ``axis``, whose boxes become ``step(boxes)`` (without ``step``: ``source``'s)."""
         rfs = self.rfs[:axis] + (rf,) + self.rfs[axis + 1 :]
         branches = tuple(
             branch[:axis] + (step(branch[axis]) if step is not None else branch[source],) + branch[axis + 1 :]
             for branch in self.branches
         )
-        return Field(rfs, branches if len(branches) == 1 else _prune(branches))  # one branch: nothing to prune
+        every = self.paths[:axis] + (paths,) + self.paths[axis + 1 :]
+        return Field(rfs, branches if len(branches) == 1 else _prune(branches), every)  # one branch: no pruning
 
     def window(self, axis: int, kernel: int, stride: int, padding: int, length: int, dilation: int = 1) -> Field:
         """After a sliding window (convolution, pooling) along ``axis`` producing ``length`` positions."""
@@ -499,7 +657,16 @@ class Field:
                 first.jump * stride,
                 first.start - padding * first.jump,
             )
-        return self._along(axis, rf, lambda boxes: _window(boxes, kernel, stride, padding, length, dilation))
+        reach = dilation * (kernel - 1)
+
+        def then(path: AxisRF) -> AxisRF:
+            if path.phases:
+                return compose(path, layer(kernel, stride, padding, dilation))
+            if path.jump == 0:  # a path through a global layer: every unit already sees the same
+                return path
+            return AxisRF(path.size + reach * path.jump, path.jump * stride, path.start - padding * path.jump)
+
+        return self._along(axis, rf, then, lambda boxes: _window(boxes, kernel, stride, padding, length, dilation))
 
     def windows(self, windows: Sequence[tuple[int, int, int, int, int, int]]) -> Field:
         """After sliding windows along several axes (a 2-D convolution), each ``(axis, kernel, stride, padding,
@@ -515,13 +682,13 @@ class Field:
         """
         field, done = self, {}
         for axis, *window in windows:
-            key = (id(self.rfs[axis]), *(id(branch[axis]) for branch in self.branches), *window)
+            key = (id(self.rfs[axis]), id(self.paths[axis]), *(id(branch[axis]) for branch in self.branches), *window)
             source = done.get(key)
             if source is None:
                 field = field.window(axis, *window)
                 done[key] = axis
             else:
-                field = field._along(axis, field.rfs[source], None, source)
+                field = field._with(axis, field.rfs[source], field.paths[source], None, source)
         return field
 
     def pad(self, axis: int, before: int, length: int, mode: PadMode = "constant") -> Field:
@@ -536,12 +703,18 @@ class Field:
             sources = (_source(u - before, len(boxes), mode) for u in range(length))
             return tuple(None if v is None else boxes[v] for v in sources)
 
-        return self._along(axis, compose(self.rfs[axis], layer(padding=before)), step)
+        then = layer(padding=before)
+        return self._along(axis, compose(self.rfs[axis], then), lambda path: compose(path, then), step)
 
     def take(self, axis: int, start: int, step: int, length: int) -> Field:
         """After slicing ``[start::step]`` to ``length`` positions along ``axis``."""
-        rf = compose(self.rfs[axis], layer(stride=step, padding=-start))
-        return self._along(axis, rf, lambda boxes: tuple(boxes[start + u * step] for u in range(length)))
+        then = layer(stride=step, padding=-start)
+        return self._along(
+            axis,
+            compose(self.rfs[axis], then),
+            lambda path: compose(path, then),
+            lambda boxes: tuple(boxes[start + u * step] for u in range(length)),
+        )
 
     def resample(self, axis: int, sources: Sequence[Sequence[int]], geometry: AxisRF | None = None) -> Field:
         """After a layer whose output position ``u`` along ``axis`` reads the positions ``sources[u]``.
@@ -559,8 +732,12 @@ class Field:
             AxisRF(size=3, jump=1, start=-1, phases=((-1, 2), (-1, 2)))
         """
         geometry = geometry if geometry is not None else resampling(sources, self.length(axis))
-        rf = compose(self.rfs[axis], geometry)
-        return self._along(axis, rf, lambda boxes: tuple(_union(boxes[v] for v in reads) for reads in sources))
+        return self._along(
+            axis,
+            compose(self.rfs[axis], geometry),
+            lambda path: compose(path, geometry),  # type: ignore[arg-type]
+            lambda boxes: tuple(_union(boxes[v] for v in reads) for reads in sources),
+        )
 
     def mix(self, axis: int) -> Field:
         """After an operation where every position along ``axis`` reads all of them (softmax, statistics)."""
@@ -569,16 +746,18 @@ class Field:
             rf = compose(first, mixed(self.length(axis)))
         else:  # compose() with mixed(), inlined
             rf = AxisRF(first.size + (self.length(axis) - 1) * first.jump, 0, first.start)
-        return self._along(axis, rf, lambda boxes: (_union(boxes),) * len(boxes))
+        every = mixed(self.length(axis))
+        return self._along(axis, rf, lambda path: compose(path, every), lambda boxes: (_union(boxes),) * len(boxes))
 
     def broadcast(self, axis: int, length: int) -> Field:
         """A length-1 axis repeated to ``length`` positions: each sees what position 0 saw."""
-        rf = self.rfs[axis]
-        return self._along(axis, AxisRF(rf.size, 0, rf.start, rf.phases), lambda boxes: boxes[:1] * length)
+        return self._along(axis, _fixed(self.rfs[axis]), _fixed, lambda boxes: boxes[:1] * length)
 
     def first(self, axis: int) -> Field:
         """Only position 0 of ``axis`` (an axis that ends up with a single position)."""
-        return self._along(axis, self.rfs[axis], lambda boxes: boxes[:1])
+        if self.length(axis) == 1:
+            return self
+        return self._with(axis, self.rfs[axis], self.paths[axis], lambda boxes: boxes[:1], axis)
 
     def box(self, index: Sequence[int]) -> tuple[tuple[int, int], ...] | None:
         """Exact per-axis intervals ``((low, high), ...)`` of unit ``index``; None if it sees only padding."""
@@ -671,4 +850,17 @@ def merge(fields: Sequence[Field], where: str = "a merge") -> Field:
             rfs.append(periodic(intervals, int(jump * n)))
         else:
             rfs.append(_hull(axis_rfs, axis_rfs[0].jump))
-    return Field(tuple(rfs), _prune(branch for field in fields for branch in field.branches))
+    paths = tuple(
+        _own(extreme_paths(rf for field in fields for rf in field.paths[axis]), rfs[axis]) for axis in range(len(rfs))
+    )
+    return Field(tuple(rfs), _prune(branch for field in fields for branch in field.branches), paths)
+
+
+def _own(paths: Paths, rf: AxisRF) -> Paths:
+    """``paths``, as ``(rf,)`` itself when they are one path equal to ``rf`` (so that later layers see it at once)."""
+    return (rf,) if len(paths) == 1 and paths[0] == rf else paths
+
+
+def _fixed(rf: AxisRF) -> AxisRF:
+    """``rf`` seen by every position of a broadcast axis: stride 0."""
+    return AxisRF(rf.size, 0, rf.start, rf.phases)

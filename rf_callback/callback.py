@@ -192,6 +192,7 @@ class ReceptiveFieldMonitor(Callback):
                 f"Receptive fields of the monitored layers (input {tuple(self.monitor.table.input_shape)}):\n"
                 + format_rows([self.monitor.table[layer].to_record() for layer in self.monitor.layers])
             )
+            rank_zero_info(f"{name}: {self.monitor.cost.describe()}")
             self._guarded(lambda: self.monitor.log_table(self._destinations, trainer.global_step, self._failed))
 
     def _probes_phrase(self, restored: bool) -> str:

@@ -138,8 +138,9 @@ def build_model(path: str, kwargs: dict[str, Any] | None = None) -> Any:
 
 
 def _table(args: argparse.Namespace) -> int:
+    from rf_callback.cost import unproductive_cost
     from rf_callback.errors import TraceError
-    from rf_callback.report import format_rows
+    from rf_callback.report import csv_text, format_rows
     from rf_callback.table import receptive_fields
 
     if not 2 <= len(args.input_shape) <= 4:
@@ -153,10 +154,27 @@ def _table(args: argparse.Namespace) -> int:
     except (ValueError, TraceError) as error:
         raise CommandError(" ".join(str(error).split())) from None
     records = [row.to_record() for row in _rows(table, args.layers, args.types, args.all)]
+    cost = unproductive_cost(model, table)  # of the whole model, whichever rows are shown
     if args.json:
-        print(json.dumps({"model": args.model, "input_shape": list(table.input_shape), "layers": records}, indent=2))
+        unproductive = {"layers": list(cost.layers), "parameters": cost.parameters, "macs": cost.macs}
+        totals = {"parameters": cost.total_parameters, "macs": cost.total_macs}
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "input_shape": list(table.input_shape),
+                    "layers": records,
+                    "unproductive": unproductive,
+                    "total": totals,
+                },
+                indent=2,
+            )
+        )
+    elif args.csv:
+        print(csv_text(records), end="")
     else:
         print(format_rows(records, markdown=args.markdown))
+        print(f"\n{cost.describe()}")
     return 0
 
 
@@ -288,6 +306,7 @@ def _parser() -> argparse.ArgumentParser:
     output = table.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="machine-readable JSON")
     output.add_argument("--markdown", action="store_true", help="a Markdown table")
+    output.add_argument("--csv", action="store_true", help="comma-separated values, a column per field")
     table.add_argument("--strict", action="store_true", help="fail at the first unsupported layer")
     table.add_argument("--kwargs", nargs="+", default=[], metavar="KEY=VALUE", help="arguments for the factory")
     table.add_argument(

@@ -40,12 +40,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rf_callback.cost import Cost, unproductive_cost
 from rf_callback.destinations import Destination, TensorBoardDestination, no_space_left
 from rf_callback.erf import LUO_THRESHOLD, MASS_SHARES, check_threshold_and_mass, mean_area_key
 from rf_callback.errors import DiskSpaceError, TraceError
 from rf_callback.probes import Probes, as_probes
-from rf_callback.render import CARD, figure_image, layer_image, mean_image, summary_figure
-from rf_callback.report import COLUMNS, table_rows, unsupported_notes
+from rf_callback.render import CARD, coverage_figure, figure_image, layer_image, mean_image, summary_figure
+from rf_callback.report import COLUMNS, MARKED, markdown_table, table_rows, unsupported_notes
 from rf_callback.saliency import NonFiniteMapWarning, ReceptiveMaps, _receptive_maps, probe_mismatch
 from rf_callback.selection import Unit, check_channel, check_unit, check_unit_fits, resolve_layers
 from rf_callback.sharding import gathered, sharding_of
@@ -127,8 +128,14 @@ class ProbeMonitor:
     resolution stage by default), the unit and the channel against every layer's output.
 
     Each logging pass writes, per layer, one image of every probe's map (``receptive_field/<k>_<layer>``),
-    one of the probes' mean map (``.../mean``, Luo et al.'s averaged ERF) and the ERF statistics.
-    Images, 1-D signals and 3-D volumes alike (see :func:`~rf_callback.render.layer_image`).
+    one of the probes' mean map (``.../mean``, Luo et al.'s averaged ERF) and the ERF statistics, and
+    one chart of every layer's analytic and effective fields against the input with the border between
+    productive and unproductive layers marked (``receptive_field/coverage``,
+    :func:`~rf_callback.render.coverage_figure`). Images, 1-D signals and 3-D volumes alike (see
+    :func:`~rf_callback.render.layer_image`).
+
+    :attr:`cost` holds what the layers predicted unproductive at the probes' size cost
+    (:func:`~rf_callback.cost.unproductive_cost`); :meth:`log_table` writes it.
 
     Every item (the scalars, each image, each table) goes to each destination on its own: one that fails
     costs only itself, and ``on_error`` names it. A pass's images take at most ``max_image_mb`` MB of
@@ -189,6 +196,7 @@ class ProbeMonitor:
         self.model = model
         self.probes = as_probes(probes)
         self.table = self._trace()
+        self.cost: Cost = unproductive_cost(model, self.table)
         self.layers = resolve_layers(self.table, layers)
         self._check_units_and_channels()
         self.tags = {layer: layer_tag(index, layer) for index, layer in enumerate(self.layers)}
@@ -314,6 +322,14 @@ class ProbeMonitor:
                     values[f"{self.tags[layer]}/{name}"] = value
         return values
 
+    def coverage(self, result: ReceptiveMaps, title: str | None = None) -> Tensor:
+        """The monitored layers' analytic fields (smallest to largest over paths) and their effective fields now,
+        against the input, with the border marked: a uint8 image (:func:`~rf_callback.render.coverage_figure`)."""
+        records = [self.table[layer].to_record() for layer in result.layers]
+        sizes = result.erf.mean()["size"].tolist()  # per layer, Luo et al.'s ERF size
+        titled = {} if title is None else {"title": title}
+        return figure_image(coverage_figure(records, self.table.input_shape[1:], sizes, **titled))
+
     def log(self, destinations: Any, step: int, on_error: OnError | None = None) -> ReceptiveMaps | None:
         """Compute, draw and write this step's maps and statistics to each destination; return the maps.
 
@@ -340,11 +356,21 @@ class ProbeMonitor:
             layer = layers[tag.removesuffix("/mean")]
             what = f"the {'mean image' if tag.endswith('/mean') else 'image'} of layer {layer!r} ({tag})"
             items.append(_Item(what, lambda d, tag=tag, image=image: d.add_image(tag, image, step), image.numel()))
+        tag = f"{TAG}/coverage"
+        try:
+            coverage = self.coverage(result)
+        except Exception as error:  # noqa: BLE001 - like a layer's picture: costs only itself, and is reported
+            if on_error is None:
+                raise
+            on_error(None, f"the chart {tag}", error)
+        else:
+            items.append(_Item(f"the chart {tag}", lambda d: d.add_image(tag, coverage, step), coverage.numel()))
         self._send(targets, items, on_error)
         return result
 
     def log_table(self, destinations: Any, step: int = 0, on_error: OnError | None = None) -> None:
-        """Write the receptive fields of the monitored layers, of every layer, and a chart of them, once."""
+        """Write the receptive fields of the monitored layers, of every layer, a chart of them, and which layers are
+        predicted unproductive (``receptive_field/unproductive``), once."""
         monitored = [self.table[layer].to_record() for layer in self.layers]
         every = [row.to_record() for row in self.table.values()]
         notes = unsupported_notes(every)
@@ -356,9 +382,13 @@ class ProbeMonitor:
                 lambda d: d.add_table(f"{TAG}/table_all_layers", COLUMNS, table_rows(every), step),
             ),
         ]
+        verdicts = self.verdicts()
         if notes:
             text = "\n".join(f"* {note}" for note in notes)
             items.append(_Item(f"the notes {TAG}/unsupported", lambda d: d.add_text(f"{TAG}/unsupported", text, step)))
+        items.append(
+            _Item(f"the text {TAG}/unproductive", lambda d: d.add_text(f"{TAG}/unproductive", verdicts, step))
+        )
         items.append(
             _Item(f"the chart {TAG}/summary", lambda d: d.add_image(f"{TAG}/summary", chart, step), chart.numel())
         )
@@ -423,6 +453,23 @@ class ProbeMonitor:
         if message not in self._said:
             self._said.add(message)
             warnings.warn(message, category, stacklevel=3)
+
+    def verdicts(self) -> str:
+        """Markdown: which layers are predicted unproductive at the probes' size, what they cost, the rule, and the
+        rows on both sides of the border (the layers that compute a field, as marked in the table)."""
+        size = "x".join(map(str, self.table.input_shape[1:]))
+        marked = [key for key in self.table.computing() if self.table[key].verdict in ("border", "unproductive")]
+        named = set(self.cost.layers) | set(marked)
+        records = [self.table[key].to_record() for key in self.table.output_order if key in named]
+        rule = (
+            f"A field covers the {size} input when its analytic size reaches it on every axis."
+            f" **unproductive**: {MARKED['unproductive']}; **border**: {MARKED['border']}. The chart"
+            " `receptive_field/coverage` shows at each logging step whether the effective fields past the border grow."
+        )
+        lines = [self.cost.describe(), "", rule]
+        if records:
+            lines += ["", markdown_table(COLUMNS, table_rows(records))]
+        return "\n".join(lines)
 
     def _as_destinations(self, value: Any) -> list[Destination]:
         """``value`` as destinations; a ``SummaryWriter`` becomes one :class:`TensorBoardDestination`, kept for

@@ -35,7 +35,9 @@ if TYPE_CHECKING:
     from PIL.ImageFont import FreeTypeFont, ImageFont
 
 __all__ = [
+    "VERDICT_COLORS",
     "colorize",
+    "coverage_figure",
     "figure_image",
     "layer_grid",
     "layer_image",
@@ -1041,4 +1043,81 @@ def plot_maps(
         axes.set_axis_off()
     gap = title / (sum(heights) / count)  # as a fraction of the mean axes height
     figure.subplots_adjust(left=0, right=1, bottom=0, top=1 - title / (sum(heights) + count * title), hspace=gap)
+    return figure
+
+
+VERDICT_COLORS = {"unproductive": "tab:red", "border": "tab:orange", "critical": "gold"}
+"""Bar colours of :func:`coverage_figure` by ``LayerRF.verdict``; other verdicts are blue."""
+
+
+def coverage_figure(
+    records: Sequence[Mapping[str, Any]],
+    input_shape: Sequence[int],
+    erf_size: Sequence[float] | None = None,
+    title: str = "Fields against the input: analytic (bars) and effective (dots)",
+) -> Figure:
+    """How much of the input each layer's fields span, with the border between productive and unproductive layers.
+
+    Each layer (a ``LayerRF.to_record`` dict) gets a bar from its smallest to its largest analytic field over
+    paths, divided by the input's length on the axis where it is shortest against the input, and, when given,
+    a dot at its effective field now (``erf_size``: per layer, Luo et al.'s ERF size, the side of a square of
+    the pixels above 4.55% of the peak, averaged over the probes), divided by the side of a square of the
+    input's area; on a log scale where 1 is the whole input. Bars are coloured by verdict
+    (:data:`VERDICT_COLORS`); a dashed line marks the border, before the first unproductive layer.
+
+    Past the border Richter et al. predict no gain: a layer there should not widen the effective field it
+    reads, so its dot should stay level with the dot of the layer before the border, over training too.
+    A dot that climbs past the border means the layer still widens its effective field, and the prediction
+    is in doubt for it.
+
+    Rows without a receptive field are left out.
+
+    Example::
+        >>> records = [{"name": "conv1", "min_size": [5, 5], "max_size": [5, 5], "verdict": "productive"},
+        ...            {"name": "conv2", "min_size": [9, 9], "max_size": [9, 9], "verdict": "border"},
+        ...            {"name": "conv3", "min_size": [13, 13], "max_size": [13, 13], "verdict": "unproductive"}]
+        >>> figure = coverage_figure(records, (8, 8), [4.0, 7.0, 7.1])
+        >>> figure.axes[0].get_ylabel()
+        'field / input (log)'
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    shown = [(k, r) for k, r in enumerate(records) if "min_size" in r]
+    figure = Figure(figsize=(max(6.0, 0.5 * len(shown) + 2.5), 4.5), layout="constrained")
+    axes = figure.add_subplot()
+
+    def ratio(sizes: Sequence[float]) -> float:
+        return min(size / length for size, length in zip(sizes, input_shape))
+
+    positions = range(len(shown))
+    lows = [ratio(r["min_size"]) for _, r in shown]
+    highs = [ratio(r["max_size"]) for _, r in shown]
+    colors = [VERDICT_COLORS.get(r.get("verdict", ""), "tab:blue") for _, r in shown]
+    axes.bar(positions, [h - lo for lo, h in zip(lows, highs)], bottom=lows, width=0.6, color=colors, alpha=0.8)
+    axes.scatter(positions, lows, marker="_", s=300, linewidths=3, color=colors, zorder=3)  # one path: only this
+    if erf_size is not None:
+        side = math.prod(input_shape) ** (1 / len(input_shape))
+        effective = [max(erf_size[k], 1.0) / side for k, _ in shown]  # (a dead unit's 0: one pixel)
+        axes.plot(positions, effective, "o", color="black", zorder=4, label="effective field (Luo et al.'s ERF size)")
+    axes.axhline(1.0, color="grey", linewidth=1)
+    axes.set_xlim(-0.6, len(shown) - 0.4)
+    axes.text(len(shown) - 0.45, 1.0, "the input", va="bottom", ha="right", color="grey", fontsize=8)
+    axes.set_yscale("log")
+    values = lows + highs + (effective if erf_size is not None else [])
+    bottom, top = min(min(values), 1.0) / 1.5, max(max(values), 1.0) * 1.5
+    axes.set_ylim(bottom, top)
+    ticks = [2.0**k for k in range(math.floor(math.log2(bottom)), math.ceil(math.log2(top)) + 1)]
+    axes.set_yticks(ticks, [f"{t:g}" if t >= 1 else f"1/{1 / t:g}" for t in ticks])
+    axes.minorticks_off()
+    first = next((i for i, (_, r) in enumerate(shown) if r.get("verdict") == "unproductive"), None)
+    if first is not None:
+        axes.axvline(first - 0.5, color="tab:red", linestyle="--", linewidth=1)
+        axes.text(first - 0.45, top, "border", color="tab:red", va="top", fontsize=8)
+    axes.set_ylabel("field / input (log)")
+    axes.set_xticks(list(positions), [r["name"] for _, r in shown], rotation=60, ha="right", fontsize=8)
+    axes.set_title(f"{title}, input {'x'.join(map(str, input_shape))}", fontsize=10)
+    handles = [Patch(color=color, label=verdict) for verdict, color in VERDICT_COLORS.items()]
+    handles.append(Patch(color="tab:blue", label="productive"))
+    axes.legend(handles=handles + axes.get_legend_handles_labels()[0], loc="best", fontsize=8)
     return figure

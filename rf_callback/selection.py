@@ -15,6 +15,7 @@ from rf_callback.table import LayerKey, LayerRF, ReceptiveFieldTable
 __all__ = [
     "Unit",
     "all_layers",
+    "border_layers",
     "check_channel",
     "check_unit",
     "check_unit_fits",
@@ -120,7 +121,9 @@ def default_layers(table: ReceptiveFieldTable) -> list[str]:
     layer3, layer4``; its Swins ``features.1, .3, .5, norm``. Where that gives fewer than three
     layers (an isotropic network, whose blocks all run at one resolution: ViT, MLP-Mixer), four evenly
     spaced blocks of its longest run of sibling modules of one type are added: a ViT-B/16 gets
-    ``encoder.layers.encoder_layer_0, _4, _7, _11`` and ``encoder``.
+    ``encoder.layers.encoder_layer_0, _4, _7, _11`` and ``encoder``. Where the table predicts
+    unproductive layers at its input size, the :func:`border_layers` are added, so that the maps
+    show both sides of the border.
 
     Example::
         >>> from torch import nn
@@ -151,7 +154,35 @@ def default_layers(table: ReceptiveFieldTable) -> list[str]:
     keys = {key for _, key in chosen.values()}
     if len(keys) < 3:  # an isotropic network (ViT, MLP-Mixer, ConvMixer): follow its repeated blocks too
         keys.update(_spaced_blocks(rows))
+    keys.update(border_layers(table))
     return [key for key in table.output_order if key in keys]
+
+
+def border_layers(table: ReceptiveFieldTable) -> list[str]:
+    """The two sides of the border: the first unproductive layer that computes a field, and the one it reads.
+
+    Richter et al. predict that a layer whose inputs already see the whole input adds nothing
+    (:attr:`~rf_callback.table.LayerRF.verdict`); mapping it beside the layer before it shows, over
+    training, whether its effective field still grows past that layer's. Empty where no layer is
+    unproductive (or the pair has no maps). On a ResNet-18 at 32 px: ``layer3.1.conv1, layer3.1.conv2``.
+
+    Example::
+        >>> from torch import nn
+        >>> from rf_callback import receptive_fields
+        >>> net = nn.Sequential(*(nn.Conv2d(1, 1, 5, padding=2) for _ in range(4)))
+        >>> border_layers(receptive_fields(net, (1, 8, 8)))
+        ['1', '2']
+    """
+    first = {}  # id(field) -> the first row that had it
+    for key in table.computing():
+        row = table[key]
+        first[id(row.field)] = key
+        if row.verdict == "unproductive" and mappable(row):
+            read = [first[id(field)] for field in row.inputs or () if id(field) in first]
+            read = [name for name in read if mappable(table[name])]
+            if read:
+                return [read[0], key]
+    return []
 
 
 def _spaced_blocks(rows: dict[str, LayerRF], count: int = 4) -> list[str]:

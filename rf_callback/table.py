@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +50,7 @@ __all__ = [
     "ReceptiveFieldTable",
     "TraceError",
     "UnsupportedLayerError",
+    "Verdict",
     "receptive_fields",
     "unwrap_model",
 ]
@@ -171,6 +172,10 @@ def _size(factors: Sequence[tuple[int | None, int]]) -> int:
     return math.prod(length for _, length in factors)
 
 
+Verdict = Literal["productive", "border", "critical", "unproductive", "global", "unknown"]
+"""What a row's fields say about its use at the input size it was traced at: see :attr:`LayerRF.verdict`."""
+
+
 @dataclass(frozen=True)
 class LayerRF:
     """Receptive field of one module's output, in input pixels.
@@ -200,6 +205,12 @@ class LayerRF:
             read channels-last and token outputs; None where they are not one grid (windows).
         dtype: the output's dtype; an integer or boolean output (``MaxPool2d(return_indices=True)``'s
             indices) keeps its row and geometry, but carries no gradient, so it has no receptive map.
+        inputs: the fields of the tensors read by the operation that made this output's field (its
+            direct predecessors in the graph of the forward, as the trace saw it). An operation that
+            passes a field on unchanged (an activation, BatchNorm, dropout, a view, a 1x1 convolution)
+            makes none, so a BatchNorm shares its convolution's inputs, and a block's output those of
+            its last operation (a residual add). None where one of them could not be followed, and for
+            the input itself.
 
     Example::
         >>> from torch import nn
@@ -221,6 +232,7 @@ class LayerRF:
     tensor_shape: tuple[int, ...] = ()
     placement: Placement | None = None
     dtype: torch.dtype | None = None
+    inputs: tuple[Field, ...] | None = None
 
     def _geometry(self) -> Field:
         if self.unsupported is not None or self.field is None:
@@ -235,6 +247,83 @@ class LayerRF:
     def size(self) -> tuple[int, ...]:
         """Receptive-field size per axis (padding does not change it)."""
         return tuple(rf.size for rf in self._geometry().rfs)
+
+    @property
+    def min_size(self) -> tuple[int, ...]:
+        """Per axis, the smallest receptive-field size over all paths from the input to this output.
+
+        A path's size is its analytic size (padding moves a field, never sizes it; dilation and
+        strides enter as in :attr:`size`; after upsampling, the largest over the unit positions).
+        After a residual add the identity shortcut is a path, so on a ResNet the minimum stays at the
+        stem's size however deep the block: Richter et al.'s ``r_min``. Equal to :attr:`size` on a
+        network with a single path.
+
+        A path through a layer that mixes all positions (global pooling, attention, flatten + Linear)
+        has the size of the union of what it mixed: on a ResNet-18 at 32 px, whose last stage has one
+        position, the shortest path into ``fc`` still sees only 11 pixels of each axis.
+        """
+        return self._geometry().min_size
+
+    @property
+    def max_size(self) -> tuple[int, ...]:
+        """Per axis, the largest receptive-field size over all paths from the input (``r_max``).
+
+        At most :attr:`size`, the size of the union of every path's field (equal where the paths'
+        fields are centred alike, as in torchvision's ResNets).
+        """
+        return self._geometry().max_size
+
+    @property
+    def verdict(self) -> Verdict:
+        """What the fields say about this layer at the input size the table was traced at.
+
+        Following Richter et al. ("Should You Go Deeper?", ICMLA 2021; the rule of RFA-Toolbox's
+        ``is_border``), a field *covers* the input when its analytic size reaches the input's length
+        on every axis (``size >= length``; an axis still short of it leaves the layer context to add
+        along that axis, so a non-square input is judged axis by axis and all must be covered). The
+        analytic size, not the box clipped to the image, is compared, as the papers do: it is what
+        the layer integrates in the interior, the same for every unit, and it makes the numbers
+        comparable with theirs.
+
+        * ``"unproductive"``: the smallest field of this output (:attr:`min_size`) and the smallest
+          field of every tensor read by the operation that made it (its direct predecessors,
+          :attr:`inputs`; a BatchNorm or an activation that passes a convolution's field on is judged
+          with the convolution) cover the input: even its shortest path had seen everything before
+          it, so it adds no context.
+        * ``"border"``: its smallest field covers the input but one of its inputs' does not (or an
+          input could not be followed): the last layer that still adds context on its shortest path.
+        * ``"critical"``: its largest field covers the input, its smallest does not.
+        * ``"global"``: every path from the input went through a layer that mixes all positions on
+          every axis (global pooling, attention, flatten + Linear): the network's head or a global
+          gate, which widens nothing; the rule does not judge it (RFA-Toolbox gives dense layers an
+          infinite field and so marks every one after the first, the classifier included).
+        * ``"productive"`` otherwise, ``"unknown"`` for a row without a receptive field.
+
+        Successors are not part of the rule. Along the paths through this layer they see at least
+        what it sees (a path's field only grows, but for a slice that keeps an upsampling's narrower
+        phases), so "all its successors cover the input" follows from its own; over all their
+        paths it would fail at every residual add (whose shortest path is the identity shortcut) and
+        call every layer of a ResNet productive (RFA-Toolbox leaves that clause commented out and marks
+        the blocks' convolutions). Layers that see small fields again after a skip (a U-Net's decoder)
+        are judged by their own fields and inputs, not by their place in the call order.
+
+        Example::
+            >>> from torch import nn
+            >>> net = nn.Sequential(*(nn.Conv2d(1, 1, 5, padding=2) for _ in range(3)))
+            >>> table = receptive_fields(net, (1, 8, 8))
+            >>> [(row.min_size, row.verdict) for row in table.values()]
+            [((5, 5), 'productive'), ((9, 9), 'border'), ((13, 13), 'unproductive')]
+        """
+        if self.unsupported is not None or self.field is None:
+            return "unknown"
+        field = self.field
+        if all(rf.jump == 0 for paths in field.paths for rf in paths):
+            return "global"
+        if not _covers(field.min_size, self.input_shape):
+            return "critical" if _covers(field.max_size, self.input_shape) else "productive"
+        if self.inputs and all(_covers(read.min_size, self.input_shape) for read in self.inputs):
+            return "unproductive"
+        return "border"
 
     @property
     def stride(self) -> tuple[int | Fraction, ...]:
@@ -297,11 +386,19 @@ class LayerRF:
             return record
         record.update(
             size=list(self.size),
+            min_size=list(self.min_size),
+            max_size=list(self.max_size),
             stride=[str(s) if isinstance(s, Fraction) else s for s in self.stride],  # JSON: "1/2"
             padding=list(self.padding),
             is_global=self.is_global,
+            verdict=self.verdict,
         )
         return record
+
+
+def _covers(sizes: Sequence[int], lengths: Sequence[int]) -> bool:
+    """Whether fields of ``sizes`` reach the input's ``lengths`` on every axis."""
+    return all(size >= length for size, length in zip(sizes, lengths))
 
 
 class ReceptiveFieldTable(Mapping[str, LayerRF]):
@@ -370,9 +467,9 @@ class ReceptiveFieldTable(Mapping[str, LayerRF]):
             >>> from torch import nn
             >>> table = receptive_fields(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2)), (1, 8, 8))
             >>> print(table.filter(types=["Conv2d", "MaxPool2d"]))
-            layer  type       output  RF size  stride  padding
-            0      Conv2d     6x6     3        1       0
-            2      MaxPool2d  3x3     4        2       0
+            layer  type       output  RF size  RF min-max  stride  padding  verdict
+            0      Conv2d     6x6     3        3           1       0
+            2      MaxPool2d  3x3     4        4           2       0
         """
         kinds = {types} if isinstance(types, str) else set(types) if types is not None else None
         keys = set(layers) if layers is not None else None
@@ -382,6 +479,42 @@ class ReceptiveFieldTable(Mapping[str, LayerRF]):
             if (kinds is None or row.module_type in kinds) and (keys is None or key in keys)
         ]
         return ReceptiveFieldTable(rows, self.input_shape, self.reused, self.output_order, self.relays)
+
+    def unproductive(self) -> ReceptiveFieldTable:
+        """The rows predicted unproductive at the traced input size (:attr:`LayerRF.verdict`), in call order.
+
+        Example::
+            >>> from torch import nn
+            >>> net = nn.Sequential(*(nn.Conv2d(1, 1, 5, padding=2) for _ in range(3)))
+            >>> list(receptive_fields(net, (1, 8, 8)).unproductive())
+            ['2']
+        """
+        return self.with_verdict("unproductive")
+
+    def computing(self) -> list[str]:
+        """The rows whose output's field no row before them had, in the order outputs were computed.
+
+        They are the layers that make a field (a convolution, a pooling, a block's sum), not those that
+        pass one on (BatchNorm, activations, dropout, 1x1 convolutions, a container after its last layer).
+
+        Example::
+            >>> from torch import nn
+            >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Conv2d(2, 2, 1), nn.MaxPool2d(2))
+            >>> receptive_fields(net, (1, 8, 8)).computing()
+            ['0', '4']
+        """
+        seen: set[int] = set()
+        found = []
+        for key in self.output_order:
+            field = self._rows[key].field
+            if field is not None and id(field) not in seen:
+                seen.add(id(field))
+                found.append(key)
+        return found
+
+    def with_verdict(self, *verdicts: Verdict) -> ReceptiveFieldTable:
+        """The rows whose :attr:`LayerRF.verdict` is one of ``verdicts`` (``"border"``, ``"critical"``...)."""
+        return self.filter(layers=[key for key, row in self._rows.items() if row.verdict in verdicts])
 
     @property
     def unsupported(self) -> list[LayerRF]:
@@ -620,7 +753,7 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
     if any((id(t), id(info)) not in returned for t, info in final):
         calls.append(_Call(OUTPUT_ROW, type(model).__name__, 0, final, next(clock)))
         counts[OUTPUT_ROW] = 1
-    return _build_table(calls, counts, shape)
+    return _build_table(calls, counts, shape, tracer.sources)
 
 
 def _trace_error(
@@ -701,7 +834,12 @@ class _Call:
     relays: bool = False  # it computed nothing: it returned what it was given, moved (padded, viewed) at most
 
 
-def _build_table(calls: list[_Call], counts: dict[str, int], shape: tuple[int, ...]) -> ReceptiveFieldTable:
+def _build_table(
+    calls: list[_Call],
+    counts: dict[str, int],
+    shape: tuple[int, ...],
+    sources: Mapping[int, tuple[Field, tuple[Field, ...] | None]],
+) -> ReceptiveFieldTable:
     spatial = shape[1:]
     rows = []
     reused = {name: count for name, count in counts.items() if count > 1}
@@ -730,6 +868,7 @@ def _build_table(calls: list[_Call], counts: dict[str, int], shape: tuple[int, .
                 output_shape = tuple(axis_length(layout, axis) for axis in range(len(spatial)))
                 dims = grid_dims(layout)
                 found = placed[layout] = output_shape, Placement(dims, output_shape) if dims is not None else None
-            tensor = (output.shape, found[1], output.dtype)
+            inputs = sources.get(id(info.field), (None, None))[1]  # what the operation that made it read
+            tensor = (output.shape, found[1], output.dtype, inputs)
             rows.append(LayerRF(key, module_type, spatial, found[0], info.field, info.equivariant, None, *tensor))
     return ReceptiveFieldTable(rows, shape, reused, [key for _, _, key in sorted(finished)], relays)

@@ -16,8 +16,10 @@ from rf_callback.algebra import (
     OnlyHolesError,
     _window,
     compose,
+    extreme_paths,
     layer,
     merge,
+    within,
 )
 
 rfs = st.builds(AxisRF, size=st.integers(1, 50), jump=st.integers(1, 8), start=st.integers(-30, 30))
@@ -304,3 +306,83 @@ def test_composition_with_upsampling_is_associative(stack, n):
     assume(all(a.interval(u) is not None for u in range(a.period)))
     assume(all(b.interval(u) is not None for u in range(b.period)))
     assert compose(compose(a, b), c) == compose(a, compose(b, c))
+
+
+# ---- the smallest and largest field over paths ------------------------------------------------
+# Random branching graphs along one axis of even length n: every operation keeps the length and the
+# average stride, so any two branches can merge; some add fractional strides (a strided window, then
+# an upsampling of one of several patterns) or mix the axis. Each path is then built on its own and
+# its size read: the merged graph's min_size / max_size must be their minimum and maximum.
+path_ops = st.one_of(
+    st.tuples(st.just("conv"), st.sampled_from([1, 3, 5]), st.integers(1, 3)),  # kernel, dilation
+    st.tuples(st.just("down_up"), st.sampled_from([1, 2, 3]), st.sampled_from(["nearest", "linear", "holes"])),
+    st.tuples(st.just("shift"), st.integers(1, 3)),  # pad in front, then crop as much: the identity geometry
+    st.tuples(st.just("mix")),
+)
+graphs = st.recursive(
+    st.lists(path_ops, min_size=1, max_size=3),
+    lambda inner: st.lists(st.one_of(path_ops, st.tuples(st.just("branches"), inner, inner)), min_size=1, max_size=3),
+    max_leaves=8,
+)
+
+
+def upsampling_sources(kind: str, n: int) -> list[list[int]]:
+    """What each of ``n`` outputs reads of ``n // 2`` inputs: nearest, linear (clamped) or a stride-2 kernel-3
+    transposed convolution (even outputs read two inputs, odd ones one)."""
+    half = n // 2
+    if kind == "nearest":
+        return [[u // 2] for u in range(n)]
+    if kind == "linear":
+        return [sorted({min(max((u - 1) // 2, 0), half - 1), min((u + 1) // 2, half - 1)}) for u in range(n)]
+    return [[v for v in (u // 2 - 1, u // 2) if 0 <= v < half and 0 <= u - 2 * v < 3] for u in range(n)]
+
+
+def apply_op(field: Field, op: tuple, n: int) -> Field:
+    kind = op[0]
+    if kind == "conv":
+        _, kernel, dilation = op
+        return field.window(0, kernel, 1, dilation * (kernel - 1) // 2, n, dilation)
+    if kind == "down_up":
+        _, kernel, how = op
+        down = field.window(0, kernel, 2, (kernel - 1) // 2, n // 2)
+        return down.resample(0, upsampling_sources(how, n))
+    if kind == "shift":
+        return field.pad(0, op[1], n + op[1]).take(0, op[1], 1, n)
+    return field.mix(0)
+
+
+def run_graph(field: Field, graph: list, n: int) -> Field:
+    for op in graph:
+        if op[0] == "branches":
+            field = merge([run_graph(field, op[1], n), run_graph(field, op[2], n)])
+        else:
+            field = apply_op(field, op, n)
+    return field
+
+
+def every_path(graph: list) -> list[list[tuple]]:
+    """Each path through ``graph`` as its list of operations (a branching block: either branch)."""
+    paths: list[list[tuple]] = [[]]
+    for op in graph:
+        ways = every_path(op[1]) + every_path(op[2]) if op[0] == "branches" else [[op]]
+        paths = [path + way for path in paths for way in ways]
+    return paths
+
+
+@given(graphs, st.integers(3, 10))
+def test_smallest_and_largest_field_equal_an_enumeration_of_paths(graph, half):
+    n = 2 * half
+    merged = run_graph(Field.of_input((n,)), graph, n)
+    sizes = [run_graph(Field.of_input((n,)), path, n).rfs[0].size for path in every_path(graph)]
+    assert merged.min_size == (min(sizes),) and merged.max_size == (max(sizes),)
+    if "mix" not in str(graph):  # (a global branch that sees the whole image makes the union global: size n)
+        assert merged.max_size[0] <= merged.rfs[0].size  # the union of the paths' fields holds each
+
+
+@given(st.lists(st.tuples(st.integers(1, 9), st.integers(-3, 3)), min_size=1, max_size=6), st.integers(1, 3))
+def test_only_geometries_no_other_bounds_are_kept(members, jump):
+    """Of paths of one stride, the smallest and the largest are kept (one of each size), whatever comes after."""
+    paths = [AxisRF(size, jump, start) for size, start in members]
+    kept = extreme_paths(paths)
+    assert {rf.size for rf in kept} == {min(s for s, _ in members), max(s for s, _ in members)}
+    assert all(within(a, b) == (a.size <= b.size) for a in paths for b in paths)

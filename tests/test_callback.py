@@ -53,9 +53,10 @@ def test_logs_table_maps_and_scalars_per_epoch(tmp_path):
     assert sorted(events.Tags()["tensors"]) == [
         "receptive_field/table/text_summary",
         "receptive_field/table_all_layers/text_summary",
+        "receptive_field/unproductive/text_summary",
     ]
     table = events.Tensors("receptive_field/table/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert "| conv2 | Conv2d | 6x6 | 8 | 2 | 3 |" in table
+    assert "| conv2 | Conv2d | 6x6 | 8 | 8 | 2 | 3 |  |" in table
     assert "receptive_field/summary" in events.Tags()["images"]
     val_steps = [s.step for s in events.Scalars("val_acc")]
     assert val_steps == [3, 7]

@@ -1,6 +1,7 @@
 """The ``rf-callback table`` command line, run as users run it."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -15,8 +16,9 @@ from rf_callback.cli import main
 def test_table_for_people(capsys):
     assert main(["table", "torchvision.models.vgg16", "--input-shape", "3", "224", "224"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["layer", "type", "output", "RF", "size", "stride", "padding"]
-    assert lines[1].split() == ["features", "Sequential", "7x7", "212", "32", "90"]
+    columns = ["layer", "type", "output", "RF size", "RF min-max", "stride", "padding", "verdict"]
+    assert [cell.strip() for cell in re.split(r"\s{2,}", lines[0])] == columns
+    assert lines[1].split() == ["features", "Sequential", "7x7", "212", "212", "32", "90"]
     assert "whole image" in next(line for line in lines if line.startswith("classifier "))
 
 
@@ -124,7 +126,8 @@ def test_bad_shapes_and_arguments_fail_with_one_line(capsys, argv, message):
 
 
 def names_printed(out: str) -> list[str]:
-    return [line.split()[0] for line in out.splitlines()[1:]]
+    """The row names of a printed table (a blank line, then the verdicts' legend and the cost, follow it)."""
+    return [line.split()[0] for line in out.split("\n\n")[0].splitlines()[1:]]
 
 
 def test_factory_keyword_arguments_and_row_filters(capsys):
@@ -133,7 +136,7 @@ def test_factory_keyword_arguments_and_row_filters(capsys):
     every = json.loads(capsys.readouterr().out)["layers"]
     layer4 = [row["name"] for row in every if row["name"].startswith("layer4")]
     assert main([*argv, "--types", "Conv2d"]) == 0
-    rows = capsys.readouterr().out.splitlines()[1:]
+    rows = capsys.readouterr().out.split("\n\n")[0].splitlines()[1:]  # the verdicts' legend follows
     assert rows and all(" Conv2d " in row for row in rows)
     assert main([*argv, "--layers", "layer4*"]) == 0
     shown = names_printed(capsys.readouterr().out)

@@ -234,8 +234,8 @@ def test_wandb_logger_gets_maps_and_scalars_at_the_validation_steps(wandb, tmp_p
     (first,) = [row for row in rows if "receptive_field/table" in row]
     assert first["step"] == 0 and first["receptive_field/summary"]["_type"] == "image-file"
     table = json.loads((run_dir / "files" / first["receptive_field/table"]["path"]).read_text())
-    assert table["columns"] == ["layer", "type", "output", "RF size", "stride", "padding"]
-    assert ["conv2", "Conv2d", "8x8", "8", "2", "3"] in table["data"]
+    assert table["columns"] == ["layer", "type", "output", "RF size", "RF min-max", "stride", "padding", "verdict"]
+    assert ["conv2", "Conv2d", "8x8", "8", "8", "2", "3", ""] in table["data"]
 
 
 def test_mlflow_logger_gets_maps_and_scalars_at_the_validation_steps(mlflow, tmp_path):
@@ -251,7 +251,7 @@ def test_mlflow_logger_gets_maps_and_scalars_at_the_validation_steps(mlflow, tmp
     images = mlflow_images(client, run_id)
     assert images == {tag: [(step, GRID) for step in STEPS] for tag in TAGS} | {
         f"{tag}/mean": [(step, MEAN_GRID) for step in STEPS] for tag in TAGS
-    } | {"receptive_field/summary": [(0, (320, 130))]}
+    } | {"receptive_field/summary": [(0, (320, 130))], "receptive_field/coverage": [(s, (600, 450)) for s in STEPS]}
     assert "| conv2 | Conv2d |" in Path(client.download_artifacts(run_id, "receptive_field/table.md")).read_text()
 
 

@@ -24,6 +24,7 @@ LEVEL = {
     "table": 3,
     "probes": 3,
     "erf": 4,
+    "cost": 4,
     "crops": 4,
     "selection": 4,
     "saliency": 5,
@@ -41,7 +42,7 @@ LEVEL = {
 }
 """Each core module may import only modules of a lower level."""
 
-FRAMEWORK_FREE = {"errors", "algebra", "report", "tracing", "sharding", "table", "probes", "erf", "crops", "selection", "saliency", "render", "destinations", "monitor"}
+FRAMEWORK_FREE = {"errors", "algebra", "report", "tracing", "sharding", "table", "probes", "erf", "cost", "crops", "selection", "saliency", "render", "destinations", "monitor"}
 STANDARD_LIBRARY_ONLY = {"errors", "algebra", "report"}
 
 

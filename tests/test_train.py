@@ -27,11 +27,12 @@ def test_train_py_logs_table_maps_and_scalars(tmp_path):
     assert completed.returncode == 0, completed.stderr[-4000:]
     log_dir = tmp_path / "logs" / "small_cnn" / "version_0"
     assert f"tensorboard --logdir {tmp_path / 'logs'}" in completed.stdout
-    assert re.search(r"features.pool2 +MaxPool2d +7x7 +16 +4 +6", completed.stderr + completed.stdout)
+    assert re.search(r"features.pool2 +MaxPool2d +7x7 +16 +16 +4 +6", completed.stderr + completed.stdout)
+    assert "ReceptiveFieldMonitor: At 28x28, no layer is predicted unproductive" in completed.stderr + completed.stdout
 
     events = read_events(log_dir)
     table = events.Tensors("receptive_field/table/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert "| features.pool2 | MaxPool2d | 7x7 | 16 | 4 | 6 |" in table
+    assert "| features.pool2 | MaxPool2d | 7x7 | 16 | 16 | 4 | 6 |  |" in table
     val_steps = [s.step for s in events.Scalars("val_acc")]
     for index, layer in enumerate(LAYERS):
         images = events.Images(f"receptive_field/{index:02d}_{layer}")

@@ -225,7 +225,7 @@ def test_fractional_strides_are_exact_and_shown_as_fractions():
     assert record["stride"] == ["1/2", "1/2"] and json.loads(json.dumps(record)) == record
     assert Fraction(record["stride"][0]) == Fraction(1, 2)
     assert pair(row.stride) == "1/2"
-    assert "again  ConvTranspose2d  16x24   2        1/2     0" in str(table)
+    assert "again  ConvTranspose2d  16x24   2        2           1/2     0" in str(table)
 
 
 def test_branches_at_the_same_fractional_stride_merge():

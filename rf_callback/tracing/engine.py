@@ -81,6 +81,7 @@ _MOVES = frozenset(
 """Operations that move values without computing any (views, pads, slices, copies): a module call that runs only
 these on input-dependent tensors computes nothing (:attr:`Tracer.computed`)."""
 _REFUSED = object()  # no result yet: the operation goes through Tracer.follow
+_UNREAD = object()  # the inputs' fields not read yet
 
 
 @per_operation
@@ -144,6 +145,10 @@ class Tracer(TorchDispatchMode):
         self.transparent = 0
         self.pool_windows: dict[int, tuple[Field, Any]] = {}  # id(field of pooled indices) -> (it, windows): ops.py
         self.computed = 0  # operations so far that computed values from the input (not only moved them)
+        # The graph of the forward, over fields: id(field) -> (the field, the fields of the tensors read by the
+        # operation that made it; None where one of them was not followed). A field passed on unchanged
+        # (activations, BatchNorm, views, 1x1 convolutions) keeps the entry of the operation that made it.
+        self.sources: dict[int, tuple[Field, tuple[Field, ...] | None]] = {}
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def where(self) -> tuple[str, str]:
@@ -194,13 +199,26 @@ class Tracer(TorchDispatchMode):
                 pass
         if results is _REFUSED:
             results = self.follow(func, tensors, lambda infos: self.settle(self.handle(func, bound, infos, out)))
+        self.file(tensors, outputs, results)
+
+    def file(self, tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], results: Any) -> None:
+        """Files ``results`` (one, or one per output) as what ``outputs`` see, and the fields ``tensors`` had as the
+        sources of each field the operation made (:attr:`sources`)."""
         if not isinstance(results, tuple):
             results = (results,) * len(outputs)
+        read: Any = _UNREAD
         for tensor, info in zip(outputs, results):
             if info is None:
                 self.info.pop(tensor, None)
-            else:
-                self.info[tensor] = info
+                continue
+            if type(info) is Traced and id(info.field) not in self.sources:
+                if read is _UNREAD:  # before the first write: an in-place operation overwrites its input's info
+                    infos = [self.info.get(t) for t in tensors]
+                    clean = all(type(i) is Traced and i.lost is None for i in infos)
+                    read = tuple(i.field for i in infos) if clean else None  # type: ignore[union-attr]
+                if read is None or all(info.field is not field for field in read):
+                    self.sources[id(info.field)] = (info.field, read)
+            self.info[tensor] = info
 
     def settle(self, result: Any) -> Any:
         """A handler's ``result`` with split axes made whole where parts were summed away (see :func:`settled`)."""
@@ -499,7 +517,5 @@ class FunctionInterceptor(TorchFunctionMode):
             self.tracer.computed += func not in (torch.nn.functional.pad, torch._C._nn.pad)
             outputs = flat_tensors(out)
             results = self.tracer.follow(operation, traced, lambda infos: self.tracer.settle(step(infos)))
-            results = results if isinstance(results, tuple) else (results,) * len(outputs)
-            for tensor, info in zip(outputs, results):
-                self.tracer.info[tensor] = info
+            self.tracer.file(traced, outputs, results)
         return out
