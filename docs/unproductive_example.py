@@ -84,7 +84,7 @@ def main() -> None:
                 + ", ".join(f"{k} {v:.1f}" for k, v in zip(result.layers, values)),
                 flush=True,
             )
-        charts.append(pil_image(monitor.coverage(result, title=f"ResNet-18 on Fashion-MNIST, step {step}")))
+        charts.append(pil_image(monitor.coverage(result, title=f"ResNet-18, step {step}")))
 
     observe(0)
     step = 0

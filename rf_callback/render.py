@@ -1054,21 +1054,23 @@ def coverage_figure(
     records: Sequence[Mapping[str, Any]],
     input_shape: Sequence[int],
     erf_size: Sequence[float] | None = None,
-    title: str = "Fields against the input: analytic (bars) and effective (dots)",
+    title: str = "Fields against the input",
 ) -> Figure:
     """How much of the input each layer's fields span, with the border between productive and unproductive layers.
 
-    Each layer (a ``LayerRF.to_record`` dict) gets a bar from its smallest to its largest analytic field over
-    paths, divided by the input's length on the axis where it is shortest against the input, and, when given,
-    a dot at its effective field now (``erf_size``: per layer, Luo et al.'s ERF size, the side of a square of
-    the pixels above 4.55% of the peak, averaged over the probes), divided by the side of a square of the
-    input's area; on a log scale where 1 is the whole input. Bars are coloured by verdict
-    (:data:`VERDICT_COLORS`); a dashed line marks the border, before the first unproductive layer.
+    One row per layer (a ``LayerRF.to_record`` dict), in the order given: its name on the left, a bar from
+    its smallest to its largest analytic field over paths, divided by the input's length on the axis where
+    it is shortest against the input, and, when given, a dot at its effective field now (``erf_size``: per
+    layer, Luo et al.'s ERF size, the side of a square of the pixels above 4.55% of the peak, averaged over
+    the probes), divided by the side of a square of the input's area; on a log scale where 1 (the grey
+    line) is the whole input. Bars are coloured by verdict (:data:`VERDICT_COLORS`); a dashed red line
+    marks the border, above the first unproductive layer. Sized for a TensorBoard card (:data:`CARD`: 320 px
+    wide at 100 dpi, 19 px a layer), like :func:`summary_figure`.
 
     Past the border Richter et al. predict no gain: a layer there should not widen the effective field it
     reads, so its dot should stay level with the dot of the layer before the border, over training too.
-    A dot that climbs past the border means the layer still widens its effective field, and the prediction
-    is in doubt for it.
+    A dot that moves right past the border means the layer still widens its effective field, and the
+    prediction is in doubt for it.
 
     Rows without a receptive field are left out.
 
@@ -1077,47 +1079,57 @@ def coverage_figure(
         ...            {"name": "conv2", "min_size": [9, 9], "max_size": [9, 9], "verdict": "border"},
         ...            {"name": "conv3", "min_size": [13, 13], "max_size": [13, 13], "verdict": "unproductive"}]
         >>> figure = coverage_figure(records, (8, 8), [4.0, 7.0, 7.1])
-        >>> figure.axes[0].get_ylabel()
-        'field / input (log)'
+        >>> figure.axes[0].get_xlabel(), [label.get_text() for label in figure.axes[0].get_yticklabels()]
+        ('field / input 8x8 (log)', ['conv1', 'conv2', 'conv3'])
     """
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     shown = [(k, r) for k, r in enumerate(records) if "min_size" in r]
-    figure = Figure(figsize=(max(6.0, 0.5 * len(shown) + 2.5), 4.5), layout="constrained")
+    verdicts = {r.get("verdict") for _, r in shown}
+    handles = [Patch(color=color, label=verdict) for verdict, color in VERDICT_COLORS.items() if verdict in verdicts]
+    if erf_size is not None:
+        handles.append(Line2D([], [], marker="o", color="black", linestyle="", markersize=4, label="ERF size"))
+    height = 89 + 19 * len(shown) + 12 * bool(handles)  # 320 px wide at 100 dpi, 19 px a layer, one legend line
+    inches = (CARD[1] / 100, max(1.3, height / 100))
+    figure = Figure(figsize=inches, dpi=100, layout="constrained")
     axes = figure.add_subplot()
 
     def ratio(sizes: Sequence[float]) -> float:
         return min(size / length for size, length in zip(sizes, input_shape))
 
-    positions = range(len(shown))
+    positions = list(range(len(shown)))
     lows = [ratio(r["min_size"]) for _, r in shown]
     highs = [ratio(r["max_size"]) for _, r in shown]
     colors = [VERDICT_COLORS.get(r.get("verdict", ""), "tab:blue") for _, r in shown]
-    axes.bar(positions, [h - lo for lo, h in zip(lows, highs)], bottom=lows, width=0.6, color=colors, alpha=0.8)
-    axes.scatter(positions, lows, marker="_", s=300, linewidths=3, color=colors, zorder=3)  # one path: only this
+    axes.barh(positions, [h - lo for lo, h in zip(lows, highs)], left=lows, height=0.6, color=colors, alpha=0.8)
+    axes.scatter(lows, positions, marker="|", s=60, linewidths=2, color=colors, zorder=3)  # one path: only this
+    effective: list[float] = []
     if erf_size is not None:
         side = math.prod(input_shape) ** (1 / len(input_shape))
         effective = [max(erf_size[k], 1.0) / side for k, _ in shown]  # (a dead unit's 0: one pixel)
-        axes.plot(positions, effective, "o", color="black", zorder=4, label="effective field (Luo et al.'s ERF size)")
-    axes.axhline(1.0, color="grey", linewidth=1)
-    axes.set_xlim(-0.6, len(shown) - 0.4)
-    axes.text(len(shown) - 0.45, 1.0, "the input", va="bottom", ha="right", color="grey", fontsize=8)
-    axes.set_yscale("log")
-    values = lows + highs + (effective if erf_size is not None else [])
-    bottom, top = min(min(values), 1.0) / 1.5, max(max(values), 1.0) * 1.5
-    axes.set_ylim(bottom, top)
-    ticks = [2.0**k for k in range(math.floor(math.log2(bottom)), math.ceil(math.log2(top)) + 1)]
-    axes.set_yticks(ticks, [f"{t:g}" if t >= 1 else f"1/{1 / t:g}" for t in ticks])
+        axes.plot(effective, positions, "o", color="black", markersize=4, zorder=4)
+    axes.axvline(1.0, color="grey", linewidth=1)
+    axes.set_xscale("log")
+    values = lows + highs + effective
+    low, high = min([*values, 1.0]) / 1.5, max([*values, 1.0]) * 1.5
+    axes.set_xlim(low, high)
+    ticks = [2.0**k for k in range(math.ceil(math.log2(low)), math.floor(math.log2(high)) + 1)]
+    step = max(1, math.ceil(len(ticks) / 5))  # at most five labels on 320 px
+    ticks = [t for t in ticks if round(math.log2(t)) % step == 0]
+    axes.set_xticks(ticks, [f"{t:g}" if t >= 1 else f"1/{1 / t:g}" for t in ticks], fontsize=8)
     axes.minorticks_off()
+    axes.set_yticks(positions, [_shortened(r["name"], 22) for _, r in shown], fontsize=8)
+    axes.set_ylim(max(len(shown), 1) - 0.5, -0.5)  # network order, top to bottom
     first = next((i for i, (_, r) in enumerate(shown) if r.get("verdict") == "unproductive"), None)
     if first is not None:
-        axes.axvline(first - 0.5, color="tab:red", linestyle="--", linewidth=1)
-        axes.text(first - 0.45, top, "border", color="tab:red", va="top", fontsize=8)
-    axes.set_ylabel("field / input (log)")
-    axes.set_xticks(list(positions), [r["name"] for _, r in shown], rotation=60, ha="right", fontsize=8)
-    axes.set_title(f"{title}, input {'x'.join(map(str, input_shape))}", fontsize=10)
-    handles = [Patch(color=color, label=verdict) for verdict, color in VERDICT_COLORS.items()]
-    handles.append(Patch(color="tab:blue", label="productive"))
-    axes.legend(handles=handles + axes.get_legend_handles_labels()[0], loc="best", fontsize=8)
+        axes.axhline(first - 0.5, color="tab:red", linestyle="--", linewidth=1)
+    axes.set_xlabel(f"field / input {'x'.join(map(str, input_shape))} (log)", fontsize=8)
+    axes.set_title(title, fontsize=9)
+    if handles:
+        figure.legend(
+            handles=handles, loc="outside lower center", ncols=len(handles), fontsize=7, frameon=False,
+            handlelength=1, handletextpad=0.4, columnspacing=0.8,
+        )  # fmt: skip
     return figure

@@ -251,7 +251,7 @@ def test_mlflow_logger_gets_maps_and_scalars_at_the_validation_steps(mlflow, tmp
     images = mlflow_images(client, run_id)
     assert images == {tag: [(step, GRID) for step in STEPS] for tag in TAGS} | {
         f"{tag}/mean": [(step, MEAN_GRID) for step in STEPS] for tag in TAGS
-    } | {"receptive_field/summary": [(0, (320, 130))], "receptive_field/coverage": [(s, (600, 450)) for s in STEPS]}
+    } | {"receptive_field/summary": [(0, (320, 130))], "receptive_field/coverage": [(s, (320, 158)) for s in STEPS]}
     assert "| conv2 | Conv2d |" in Path(client.download_artifacts(run_id, "receptive_field/table.md")).read_text()
 
 
