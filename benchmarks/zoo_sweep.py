@@ -24,8 +24,15 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import hashlib
+import itertools
 import json
+import math
+import multiprocessing
+import pathlib
+import resource
 import statistics
+import subprocess
 import time
 import traceback
 import warnings
@@ -37,6 +44,7 @@ from torch import nn
 
 from rf_callback import TraceError, UnsupportedLayerError, receptive_fields
 from rf_callback.table import OUTPUT_ROW, LayerRF
+from rf_callback.tracing import element_positions
 
 SOURCES = ("tv", "seg", "det", "timm")
 
@@ -144,85 +152,125 @@ def linearized_twin(model: nn.Module, seed: int = 0) -> nn.Module:
     return twin
 
 
-def _unit_index(row: LayerRF, output: torch.Tensor, i: int, j: int) -> tuple | None:
-    """Index of unit (i, j) of sample 0 in ``output`` (all its channels), or None when the layout is unclear."""
-    if len(row.output_shape) != 2:
-        return None
-    h, w = row.output_shape
-    if row.is_global:
-        return (0,)  # every unit sees one box: the whole output of the sample
-    layouts = []
-    if output.dim() == 4 and tuple(output.shape[2:]) == (h, w):
-        layouts.append((0, slice(None), i, j))  # (N, C, H, W)
-    if output.dim() == 4 and tuple(output.shape[1:3]) == (h, w):
-        layouts.append((0, i, j, slice(None)))  # (N, H, W, C)
-    if output.dim() == 3 and output.shape[1] == h * w:
-        layouts.append((0, i * w + j, slice(None)))  # tokens (N, H * W, C)
-    return layouts[0] if len(layouts) == 1 else None
-
-
 def _outputs_of(model: nn.Module, names: list[str], image: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The output tensors of the named rows (module names, or ``(output)``) in one forward of ``image``."""
+    """The output tensors of the named rows (module names, ``name[k]`` for a module's k-th call, or ``(output)``)
+    in one forward of ``image``."""
     modules = dict(model.named_modules())
-    found: dict[str, torch.Tensor] = {}
+    calls: dict[str, list[Any]] = collections.defaultdict(list)
+    wanted = {name.split("[")[0] for name in names} - {OUTPUT_ROW}
     handles = [
-        modules[n].register_forward_hook(lambda m, a, out, n=n: found.__setitem__(n, out))
-        for n in names
-        if n != OUTPUT_ROW
+        modules[n].register_forward_hook(lambda m, a, out, n=n: calls[n].append(out)) for n in wanted if n in modules
     ]
     try:
         output = model(image)
     finally:
         for handle in handles:
             handle.remove()
-    if OUTPUT_ROW in names:
-        found[OUTPUT_ROW] = output
-    return {n: t for n, t in found.items() if isinstance(t, torch.Tensor)}
+    found: dict[str, Any] = {OUTPUT_ROW: output}
+    for name in names:
+        module, _, call = name.partition("[")
+        made = calls.get(module, [])
+        index = int(call.rstrip("]")) if call else 0
+        if index < len(made) and (call or len(made) == 1):
+            found[name] = made[index]
+    return {n: found[n] for n in names if isinstance(found.get(n), torch.Tensor)}
 
 
-def gradient_check(model: nn.Module, table, shape: tuple[int, ...], units: int, rows: int) -> dict[str, Any]:
-    """Compare boxes with the support of the gradient on the linearized twin, one unit per backward."""
+def _support(value: torch.Tensor, image: torch.Tensor) -> tuple[int, ...] | None:
+    """The bounding box ``(top, left, ..., bottom, right, ...)`` of the pixels where ``value``'s gradient is nonzero."""
+    (grad,) = torch.autograd.grad(value, image, retain_graph=True)
+    support = grad[0].abs().sum(0).nonzero()
+    if support.numel() == 0:
+        return None
+    return (*support.min(0).values.tolist(), *(support.max(0).values + 1).tolist())
+
+
+def _verdict(box: tuple[int, ...], found: tuple[int, ...] | None) -> str:
+    """``equal``, ``larger`` (the box holds pixels without a gradient), ``smaller`` (the gradient reaches pixels
+    outside the box: a wrong box) or ``empty`` (no gradient at all, where the box holds pixels)."""
+    half = len(box) // 2
+    if found is None:
+        return "equal" if all(box[a] == box[a + half] for a in range(half)) else "empty"
+    if found == box:
+        return "equal"
+    inside = all(box[a] <= found[a] and found[a + half] <= box[a + half] for a in range(half))
+    return "larger" if inside else "smaller"
+
+
+def choose_rows(table, axes: int, rows: int, global_rows: int) -> tuple[list[LayerRF], list[LayerRF]]:
+    """Rows to check: ``rows`` evenly spaced local ones (the last row among them), and up to ``global_rows``
+    rows where the table first calls a path global (a global row right after a local one), evenly spaced."""
     candidates = [
         r
         for r in table.values()
-        if r.supported and "[" not in r.name and ":" not in r.name and len(r.output_shape) == len(shape) - 1
+        if r.supported and ":" not in r.name and r.layout is not None and len(r.output_shape) == axes
     ]
-    if not candidates:
+    local = [r for r in candidates if not r.is_global]
+    chosen = local[:: max(len(local) // max(rows - 1, 1), 1)][: rows - 1] if rows > 1 else []
+    if candidates and not candidates[-1].is_global and candidates[-1] not in chosen:
+        chosen.append(candidates[-1])
+    transitions = [r for previous, r in itertools.pairwise(candidates) if r.is_global and not previous.is_global]
+    if candidates and candidates[0].is_global:
+        transitions.insert(0, candidates[0])
+    if candidates and candidates[-1].is_global and candidates[-1] not in transitions:
+        transitions.append(candidates[-1])
+    step = max(len(transitions) / max(global_rows, 1), 1)
+    spread = [transitions[int(k * step)] for k in range(min(global_rows, len(transitions)))]
+    return chosen, spread
+
+
+def gradient_check(
+    model: nn.Module, table, shape: tuple[int, ...], units: int, rows: int, global_rows: int = 4, elements: int = 3
+) -> dict[str, Any]:
+    """Compare boxes with the support of the gradient on the linearized twin, one unit per backward.
+
+    A local row's unit is every element at its position (``element_positions`` of the row's layout:
+    tokens, channels-last and window layouts alike), its channels summed. A row the table calls
+    global is checked element by element: each single element must see the whole image (a sum over
+    many elements would hide one that sees less).
+    """
+    axes = len(shape) - 1
+    local, spread = choose_rows(table, axes, rows, global_rows)
+    if not local and not spread:
         return {"units": 0}
-    step = max(len(candidates) // rows, 1)
-    chosen = candidates[::step][: rows - 1] + [candidates[-1]]
     twin = linearized_twin(model)
     generator = torch.Generator().manual_seed(1)
     image = (0.5 + 0.5 * torch.rand((1, *shape), generator=generator, dtype=torch.float64)).requires_grad_()
-    outputs = _outputs_of(twin, [r.name for r in chosen], image)
+    outputs = _outputs_of(twin, [r.name for r in local + spread], image)
     result: dict[str, Any] = collections.Counter()
-    violations = []
-    per_row = max(units // len(chosen), 1)
-    for row in chosen:
+    wrong = []
+    per_row = max(units // max(len(local), 1), 1)
+    for row in local + spread:
         output = outputs.get(row.name)
-        if output is None:
+        if output is None or tuple(output.shape) != tuple(row.tensor_shape):
+            result["row not found"] += 1
             continue
-        h, w = row.output_shape
-        picks = [(0, 0), (h - 1, w - 1), (h // 2, w // 2), (0, w - 1), (h - 1, 0), (h // 2, 0), (0, w // 2)]
-        for i, j in list(dict.fromkeys(picks))[:per_row]:
-            index = _unit_index(row, output, i, j)
-            if index is None:
-                result["unclear layout"] += 1
-                continue
-            (grad,) = torch.autograd.grad(output[index].sum(), image, retain_graph=True)
-            support = grad[0].abs().sum(0).nonzero()
-            box = row.box(i, j)
+        positions = element_positions(row.layout, row.tensor_shape, axes)
+        if row.is_global:
+            grid = (positions[0] >= 0).flatten().nonzero().flatten()
+            picks = [int(grid[round(k * (len(grid) - 1) / max(elements - 1, 1))]) for k in range(elements)]
+            checks = [
+                (output.flatten()[i], tuple(int(p) for p in positions.flatten(1)[:, i]), "global element")
+                for i in dict.fromkeys(picks)
+            ]
+        else:
+            h, w = row.output_shape[-2], row.output_shape[-1]
+            corners = [(0, 0), (h - 1, w - 1), (h // 2, w // 2), (0, w - 1), (h - 1, 0), (h // 2, 0), (0, w // 2)]
+            checks = []
+            for unit in list(dict.fromkeys(corners))[:per_row]:
+                unit = (*(n // 2 for n in row.output_shape[:-2]), *unit)  # 3-D: the middle slice
+                where = (positions == torch.tensor(unit).reshape(-1, *([1] * output.dim()))).all(0)
+                if where.any():
+                    checks.append((output[where].sum(), unit, "unit"))
+        for value, unit, kind in checks:
+            box, found = row.box(*unit), _support(value, image)
+            verdict = _verdict(box, found)
             result["units"] += 1
-            if support.numel() == 0:
-                result["empty support"] += 1
-                continue
-            found = (*support.min(0).values.tolist(), *(support.max(0).values + 1).tolist())
-            inside = box[0] <= found[0] and box[1] <= found[1] and found[2] <= box[2] and found[3] <= box[3]
-            result["inside"] += inside
-            result["equal"] += found == box
-            if not inside:
-                violations.append(f"{row.name} {(i, j)}: box {box}, gradient support {found}")
-    return dict(result, violations=violations)
+            result["global units"] += kind == "global element"
+            result[verdict] += 1
+            if verdict != "equal":
+                wrong.append(f"{verdict}: {row.name} {kind} {unit}: box {box}, gradient support {found}")
+    return dict(result, wrong=wrong[:20])
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,17 +288,21 @@ def _median_seconds(function, repeats: int) -> float:
     return statistics.median(times)
 
 
-def sweep_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    record: dict[str, Any] = {"model": name}
-    count = parameter_count(name, args.size)
-    if count is not None and count > args.max_build_parameters:
-        return record | {"status": "skipped", "error": f"{count / 1e6:.0f}M parameters (--max-build-parameters)"}
-    try:
-        model, shape = build(name, args.size)
-    except Exception as error:
-        return record | {"status": "build failed", "error": f"{type(error).__name__}: {str(error)[:120]}"}
-    record["shape"] = list(shape)
-    record["parameters"] = sum(p.numel() for p in model.parameters())
+def fingerprint(table) -> str:
+    """A digest of what the table says (geometry, refusals, boxes of the corners and centre of every row)."""
+    digest = hashlib.sha1()
+    for row in table.values():
+        digest.update(repr((row.name, row.output_shape, row.unsupported and row.unsupported.cause)).encode())
+        if row.supported:
+            corners = {tuple(0 for _ in row.output_shape), tuple(n - 1 for n in row.output_shape)}
+            corners.add(tuple(n // 2 for n in row.output_shape))
+            digest.update(repr((row.field.rfs, row.is_global, [row.box(*u) for u in sorted(corners)])).encode())
+    return digest.hexdigest()[:16]
+
+
+def trace(name: str, model: nn.Module, shape: tuple[int, ...]) -> tuple[dict[str, Any], Any]:
+    """The strict and lenient tables: the record's status, rows, flags and fingerprint, and the lenient table."""
+    record: dict[str, Any] = {}
     strict_error = None
     try:
         receptive_fields(model, shape)
@@ -258,35 +310,167 @@ def sweep_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     except UnsupportedLayerError as error:
         strict_error = error
         record |= {"status": "refused", "operation": error.operation, "module": error.module_name}
-        record["module_type"] = error.module_type
+        record |= {"module_type": error.module_type, "reason": error.cause}
     except TraceError as error:
-        return record | {"status": "trace error", "error": str(error)[:300]}
-    except Exception as error:  # a crash of the engine itself
-        return record | {"status": "crash", "error": "".join(traceback.format_exception_only(error)).strip()[:300]}
+        return record | {"status": "trace error", "error": str(error)[:300]}, None
+    except Exception as error:  # noqa: BLE001  (a crash of the engine itself: recorded)
+        return record | {
+            "status": "crash",
+            "error": "".join(traceback.format_exception_only(error)).strip()[:300],
+        }, None
     try:
         table = receptive_fields(model, shape, strict=False)
-    except Exception as error:
-        return record | {"status": "crash", "error": f"strict=False: {type(error).__name__}: {str(error)[:200]}"}
+    except Exception as error:  # noqa: BLE001
+        return record | {"status": "crash", "error": f"strict=False: {type(error).__name__}: {str(error)[:200]}"}, None
     flagged = table.unsupported
-    record |= {"rows": len(table), "flagged": len(flagged)}
+    record |= {"rows": len(table), "flagged": len(flagged), "fingerprint": fingerprint(table)}
+    record["global rows"] = sum(1 for row in table.values() if row.supported and row.is_global)
     first = flagged[0].unsupported if flagged else None
     same = (strict_error is None) == (first is None) and (
         first is None or (first.operation, first.module_name) == (strict_error.operation, strict_error.module_name)
     )
     record["strict agrees"] = same
+    return record, table
+
+
+def sweep_one(name: str, args: argparse.Namespace, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One model's record. With the record of an earlier run (``--recheck``), a model whose table is the same
+    (its fingerprint, traced from a build on the meta device when the model can be built there) keeps it."""
+    record: dict[str, Any] = {"model": name}
+    count = parameter_count(name, args.size)
+    if count is not None and count > args.max_build_parameters:
+        return record | {"status": "skipped", "error": f"{count / 1e6:.0f}M parameters (--max-build-parameters)"}
+    if previous is not None and previous.get("fingerprint"):
+        try:
+            with torch.device("meta"):
+                model, shape = build(name, args.size)
+            again, _ = trace(name, model, shape)
+            if again.get("fingerprint") == previous["fingerprint"] and again["status"] == previous["status"]:
+                return previous | {"same table as": previous.get("code"), "strict agrees": again["strict agrees"]}
+        except Exception as error:  # noqa: BLE001  (any model's failure to build on the meta device)
+            record["meta build"] = f"{type(error).__name__}: {str(error)[:80]}"  # checked in full below
+    try:
+        model, shape = build(name, args.size)
+    except Exception as error:  # noqa: BLE001
+        return record | {"status": "build failed", "error": f"{type(error).__name__}: {str(error)[:120]}"}
+    record["shape"] = list(shape)
+    record["parameters"] = sum(p.numel() for p in model.parameters())
+    traced, table = trace(name, model, shape)
+    record |= traced
+    if table is None:
+        return record
     if args.repeats:
         torch.set_grad_enabled(False)
         image = torch.randn((1, *shape))
-        trace = _median_seconds(lambda: receptive_fields(model, shape, strict=False), args.repeats)
+        ms = _median_seconds(lambda: receptive_fields(model, shape, strict=False), args.repeats)
         forward = _median_seconds(lambda: model(image), args.repeats)
         torch.set_grad_enabled(True)
-        record |= {"trace ms": trace * 1e3, "forward ms": forward * 1e3, "ratio": trace / forward}
-    if args.units and record["parameters"] <= args.max_parameters:
+        record |= {"trace ms": ms * 1e3, "forward ms": forward * 1e3, "ratio": ms / forward}
+    if not args.units:
+        return record
+    if record["parameters"] > args.max_parameters:
+        record["gradient"] = {"skipped": f"{record['parameters'] / 1e6:.0f}M parameters (--max-parameters)"}
+    elif math.prod(shape[1:]) > args.max_pixels:
+        record["gradient"] = {"skipped": f"input {'x'.join(map(str, shape[1:]))} (--max-pixels)"}
+    else:
         try:
-            record["gradient"] = gradient_check(model, table, shape, args.units, args.rows)
-        except Exception as error:
+            record["gradient"] = gradient_check(
+                model, table, shape, args.units, args.rows, args.global_rows, args.global_elements
+            )
+        except Exception as error:  # noqa: BLE001
             record["gradient"] = {"error": f"{type(error).__name__}: {str(error)[:150]}"}
     return record
+
+
+# --------------------------------------------------------------------------------------------
+# A worker process per batch of models: a model that hangs or runs out of memory costs one record
+# --------------------------------------------------------------------------------------------
+
+
+def _worker(connection, args: argparse.Namespace) -> None:
+    if args.max_memory_gb:
+        limit = int(args.max_memory_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    while True:
+        task = connection.recv()
+        if task is None:
+            return
+        name, previous = task
+        start = time.perf_counter()
+        try:
+            record = sweep_one(name, args, previous)
+        except MemoryError:
+            record = {
+                "model": name,
+                "status": "skipped",
+                "error": f"out of memory (--max-memory-gb {args.max_memory_gb})",
+            }
+        except Exception as error:  # noqa: BLE001
+            record = {"model": name, "status": "crash", "error": f"sweep: {type(error).__name__}: {str(error)[:200]}"}
+        record["seconds"] = round(time.perf_counter() - start, 1)
+        connection.send(record)
+
+
+class Workers:
+    """Runs ``sweep_one`` in a child process, restarted after ``recycle`` models, a timeout or a death."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.process, self.connection, self.done = args, None, None, 0
+        self.context = multiprocessing.get_context("spawn")
+
+    def _start(self) -> None:
+        self.connection, child = self.context.Pipe()
+        self.process = self.context.Process(target=_worker, args=(child, self.args), daemon=True)
+        self.process.start()
+        self.done = 0
+
+    def stop(self) -> None:
+        if self.process is not None:
+            if self.process.is_alive():
+                try:
+                    self.connection.send(None)
+                    self.process.join(10)
+                except OSError:
+                    pass
+            if self.process.is_alive():
+                self.process.kill()
+            self.process.join()
+            self.process = None
+
+    def run(self, name: str, previous: dict[str, Any] | None) -> dict[str, Any]:
+        if self.process is None or self.done >= self.args.recycle:
+            self.stop()
+            self._start()
+        self.done += 1
+        self.connection.send((name, previous))
+        if self.connection.poll(self.args.timeout):
+            try:
+                return self.connection.recv()
+            except EOFError:
+                pass
+            self.stop()
+            return {"model": name, "status": "skipped", "error": "the worker died (out of memory, most likely)"}
+        self.stop()
+        if self.connection.poll(0):  # it died before the timeout
+            return {"model": name, "status": "skipped", "error": "the worker died (out of memory, most likely)"}
+        return {"model": name, "status": "skipped", "error": f"over {self.args.timeout:.0f} s (--timeout)"}
+
+
+def code_version() -> str:
+    """The commit the sweep runs on, ``+`` when the working tree differs from it."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=False
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, check=False
+        )
+        return commit.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,8 +486,10 @@ def line(record: dict[str, Any]) -> str:
         parts.append(f"x{record['ratio']:5.2f}")
     gradient = record.get("gradient", {})
     if gradient.get("units"):
-        inside, equal = gradient.get("inside", 0), gradient.get("equal", 0)
-        parts.append(f"units {gradient['units']:3d} inside {inside:3d} equal {equal:3d}")
+        counts = " ".join(f"{kind} {gradient.get(kind, 0)}" for kind in VERDICTS)
+        parts.append(f"units {gradient['units']:3d} ({gradient.get('global units', 0)} global): {counts}")
+    elif "skipped" in gradient or "error" in gradient:
+        parts.append(f"gradient: {gradient.get('skipped') or gradient.get('error')}")
     if record["status"] == "refused":
         parts.append(f"{record['operation']} in '{record['module']}' ({record['module_type']})")
     if "error" in record:
@@ -313,14 +499,23 @@ def line(record: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+VERDICTS = ("equal", "larger", "smaller", "empty")
+
+
 def summary(records: list[dict[str, Any]]) -> str:
     status = collections.Counter(r["status"] for r in records)
     lines = [f"\n{len(records)} models: " + ", ".join(f"{n} {s}" for s, n in status.most_common())]
     refusals = collections.Counter(r["operation"] for r in records if r["status"] == "refused")
     if refusals:
         lines.append("refused at: " + ", ".join(f"{op} ({n})" for op, n in refusals.most_common()))
+    for r in records:
+        if r["status"] == "refused":
+            lines.append(f"refused: {r['model']}: {r['operation']} in '{r['module']}' ({r['module_type']})")
     disagree = [r["model"] for r in records if r.get("strict agrees") is False]
     lines.append(f"strict and lenient disagree on {len(disagree)} models: {', '.join(disagree) or '-'}")
+    skipped = collections.Counter(r["error"].split(" (")[-1].rstrip(")") for r in records if r["status"] == "skipped")
+    if skipped:
+        lines.append("skipped: " + ", ".join(f"{n} ({why})" for why, n in skipped.most_common()))
     for kind in ("crash", "trace error", "build failed", "skipped"):
         for r in records:
             if r["status"] == kind:
@@ -332,19 +527,37 @@ def summary(records: list[dict[str, Any]]) -> str:
             f"table / forward: median {statistics.median(ratios):.2f}, max {max(ratios):.2f};"
             f" {len(slow)} of {len(ratios)} above 1: " + ", ".join(f"{r['model']} {r['ratio']:.1f}" for r in slow[:10])
         )
-    gradients = [r["gradient"] for r in records if r.get("gradient", {}).get("units")]
-    units = sum(g["units"] for g in gradients)
-    inside = sum(g.get("inside", 0) for g in gradients)
-    equal = sum(g.get("equal", 0) for g in gradients)
-    empty = sum(g.get("empty support", 0) for g in gradients)
-    lines.append(
-        f"gradient truth: {units} units in {len(gradients)} models; support inside the box: {inside};"
-        f" equal to it: {equal}; empty support: {empty}; outside: {units - inside - empty}"
+    traced = [r for r in records if "fingerprint" in r]
+    gradients = [r["gradient"] for r in traced if r.get("gradient", {}).get("units")]
+    not_checked = collections.Counter(
+        r.get("gradient", {}).get("skipped", "").split(" (")[-1].rstrip(")") or "error or no row"
+        for r in traced
+        if not r.get("gradient", {}).get("units")
     )
-    for r in records:
-        for violation in r.get("gradient", {}).get("violations", []):
-            lines.append(f"  OUTSIDE {r['model']}: {violation}")
+    totals = {kind: sum(g.get(kind, 0) for g in gradients) for kind in ("units", "global units", *VERDICTS)}
+    lines.append(
+        f"gradient truth: {totals['units']} units ({totals['global units']} single elements of global rows) in"
+        f" {len(gradients)} of {len(traced)} traced models: "
+        + ", ".join(f"{kind} {totals[kind]}" for kind in VERDICTS)
+        + "; not checked: "
+        + (", ".join(f"{n} ({why})" for why, n in not_checked.most_common()) or "none")
+    )
+    for r in traced:
+        for wrong in r.get("gradient", {}).get("wrong", []):
+            lines.append(f"  {r['model']}: {wrong}")
     return "\n".join(lines)
+
+
+def _read(path: str | None) -> dict[str, dict[str, Any]]:
+    """The records of a JSON-lines file by model (the last one of each), empty if there is none."""
+    if not path or not pathlib.Path(path).exists():
+        return {}
+    records = {}
+    for text in pathlib.Path(path).read_text().splitlines():
+        if text.strip():
+            record = json.loads(text)
+            records[record["model"]] = record
+    return records
 
 
 def main() -> None:
@@ -355,26 +568,46 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="an evenly spaced sample of this many models")
     parser.add_argument("--size", type=int, help="input height and width (default: 224, timm: the model's own)")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (0: no timing)")
-    parser.add_argument("--units", type=int, default=12, help="units checked against the gradient per model (0: none)")
-    parser.add_argument("--rows", type=int, default=4, help="rows those units are spread over")
-    parser.add_argument("--max-parameters", type=float, default=60e6, help="skip the gradient check above this")
+    parser.add_argument("--units", type=int, default=12, help="local units checked against the gradient per model")
+    parser.add_argument("--rows", type=int, default=4, help="local rows those units are spread over")
+    parser.add_argument("--global-rows", type=int, default=4, help="rows where a path becomes global, checked too")
+    parser.add_argument("--global-elements", type=int, default=3, help="single elements checked per global row")
+    parser.add_argument("--max-parameters", type=float, default=60e6, help="no gradient check above this")
+    parser.add_argument("--max-pixels", type=float, default=448 * 448, help="no gradient check above this input")
     parser.add_argument("--max-build-parameters", type=float, default=150e6, help="skip models above this")
-    parser.add_argument("--jsonl", help="also write one JSON record per model to this file")
+    parser.add_argument("--max-memory-gb", type=float, default=0, help="address-space limit of the worker (0: none)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per model before it is skipped")
+    parser.add_argument("--recycle", type=int, default=20, help="models per worker process")
+    parser.add_argument("--jsonl", help="append one JSON record per model; models already in it are not run again")
+    parser.add_argument("--recheck", help="records of an earlier run: models whose table is unchanged keep theirs")
+    parser.add_argument("--summary", action="store_true", help="only summarize the records of --jsonl")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    names = args.models or sample(catalogue(args.sources, args.timm), args.limit)
-    records = []
-    print(f"{len(names)} models, 1 thread, torch {torch.__version__}, torchvision {torchvision.__version__}")
-    for name in names:
-        start = time.perf_counter()
-        record = sweep_one(name, args)
-        record["seconds"] = time.perf_counter() - start
-        records.append(record)
-        print(line(record), flush=True)
-        if args.jsonl:
-            with open(args.jsonl, "a") as stream:
-                stream.write(json.dumps(record, default=str) + "\n")
+    done = _read(args.jsonl)
+    if args.summary:
+        print(summary(list(done.values())))
+        return
+    previous = _read(args.recheck)
+    names = args.models or (list(previous) if previous else sample(catalogue(args.sources, args.timm), args.limit))
+    code = code_version()
+    todo = [name for name in names if name not in done]
+    print(
+        f"{len(names)} models ({len(names) - len(todo)} already in {args.jsonl}), code {code}, 1 thread,"
+        f" torch {torch.__version__}, torchvision {torchvision.__version__}",
+        flush=True,
+    )
+    workers = Workers(args)
+    records = [done[name] for name in names if name in done]
+    try:
+        for name in todo:
+            record = workers.run(name, previous.get(name))
+            record["code"] = record.get("code") if "same table as" in record else code
+            records.append(record)
+            print(line(record), flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a") as stream:
+                    stream.write(json.dumps(record, default=str) + "\n")
+    finally:
+        workers.stop()
     print(summary(records))
 
 

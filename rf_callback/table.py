@@ -17,6 +17,7 @@ import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as _attribute
 from fractions import Fraction
 from typing import Any
 
@@ -192,6 +193,9 @@ class LayerRF:
             it tells an image-shaped ``(N, C, H, W)`` output from a flattened or channels-last one.
         placement: where the positions are in that tensor (:class:`Placement`), so that maps can
             read channels-last and token outputs; None where they are not one grid (windows).
+        layout: which image axes (whole, or split into window parts) each dimension of that tensor
+            holds, as the tracer follows them (see :mod:`rf_callback.tracing.layout`); with
+            ``element_positions`` it tells which unit any element of the output is, windows included.
 
     Example::
         >>> from torch import nn
@@ -212,6 +216,7 @@ class LayerRF:
     unsupported: UnsupportedLayerError | None = None
     tensor_shape: tuple[int, ...] = ()
     placement: Placement | None = None
+    layout: Layout | None = _attribute(default=None, compare=False, repr=False)
 
     def _geometry(self) -> Field:
         if self.unsupported is not None or self.field is None:
@@ -686,6 +691,8 @@ def _build_table(calls: list[_Call], counts: dict[str, int], shape: tuple[int, .
                 dims = grid_dims(layout)
                 found = placed[layout] = output_shape, Placement(dims, output_shape) if dims is not None else None
             rows.append(
-                LayerRF(key, module_type, spatial, found[0], info.field, info.equivariant, None, output.shape, found[1])
+                LayerRF(
+                    key, module_type, spatial, found[0], info.field, info.equivariant, None, output.shape, found[1], layout
+                )
             )
     return ReceptiveFieldTable(rows, shape, reused, [key for _, _, key in sorted(finished)])

@@ -336,6 +336,42 @@ def grid_dims(layout: Layout) -> GridDims | None:
     )
 
 
+def element_positions(layout: Layout, shape: Sequence[int], axes: int) -> torch.Tensor:
+    """Where each element of a tensor of ``shape`` laid out as ``layout`` is: its position along each image axis.
+
+    Returns an int64 tensor ``(axes, *shape)``: the position of every element along each of the
+    ``axes`` image axes (0 along an axis absent from the layout), or -1 along every axis for a
+    class token (its field is not a position's). Window layouts included: a position is the sum
+    of its parts' indices times their steps. It is how gradient checks find a unit's elements.
+
+    Example::
+        >>> windows = (((Part(0, 2), 2),), ((Part(0, 1), 2),), ((None, 3),))  # 4 rows as 2 windows of 2
+        >>> element_positions(windows, (2, 2, 3), 1)[0, :, :, 0].tolist()
+        [[0, 1], [2, 3]]
+        >>> element_positions(((), ((PREFIX, 1), (0, 2)),), (1, 3), 1)[0].tolist()  # a class token, then 2 tokens
+        [[-1, 0, 1]]
+    """
+    positions = torch.zeros((axes, *shape), dtype=torch.int64)
+    token = torch.zeros(tuple(shape), dtype=torch.bool)
+    for d, (dim, n) in enumerate(zip(layout, shape)):
+        if _dim_size(dim) != n:
+            raise ValueError(f"dimension {d} of {tuple(shape)} does not hold {n} positions in layout {layout}")
+        index = torch.arange(n).reshape([n if e == d else 1 for e in range(len(shape))])
+        factors = dim
+        if _prefix(dim) is not None:
+            tokens = dim[0][1]
+            token |= index < tokens
+            index, factors = (index - tokens).clamp(min=0), dim[1:]
+        inner = n if _prefix(dim) is None else n - dim[0][1]
+        for key, length in factors:
+            inner //= length
+            axis = _axis_of(key)
+            if axis is not None and axis < axes:
+                positions[axis] += (index // inner % length) * _step(key)
+    positions[:, token] = -1
+    return positions
+
+
 def settled(info: Traced) -> Traced:
     """``info`` with each split axis whose parts no longer cover its field made coarser, or ``_Reject``.
 
