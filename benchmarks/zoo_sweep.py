@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -36,11 +37,13 @@ import subprocess
 import time
 import traceback
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from rf_callback import TraceError, UnsupportedLayerError, receptive_fields
 from rf_callback.table import OUTPUT_ROW, LayerRF
@@ -92,7 +95,7 @@ def parameter_count(name: str, size: int | None) -> int | None:
         with torch.device("meta"):
             model, _ = build(name, size)
         return sum(p.numel() for p in model.parameters())
-    except Exception:
+    except Exception:  # noqa: BLE001  (any model that cannot be built on the meta device)
         return None
 
 
@@ -152,6 +155,89 @@ def linearized_twin(model: nn.Module, seed: int = 0) -> nn.Module:
     return twin
 
 
+def _gentle_softmax(x: torch.Tensor, dim: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """A softmax of scores scaled into [-1, 1]: the same dependencies, and no weight that rounds to zero."""
+    finite = torch.isfinite(x)
+    scale = x.detach().masked_fill(~finite, 0).abs().amax().clamp(min=1.0)
+    return torch.softmax(x / scale, dim, dtype=kwargs.get("dtype"))
+
+
+def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    """``F.scaled_dot_product_attention`` written out, with :func:`_gentle_softmax`."""
+    scores = query @ key.transpose(-2, -1) * (query.shape[-1] ** -0.5 if scale is None else scale)
+    if is_causal:
+        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return _gentle_softmax(scores, -1) @ value
+
+
+def _mean_pool(pool: Any) -> Any:
+    """``F.max_poolNd`` as the average pool of the same windows (the same inputs, each with a gradient)."""
+
+    def pooled(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+        if return_indices or set(dilation if isinstance(dilation, (tuple, list)) else (dilation,)) != {1}:
+            return NotImplemented
+        return pool(x, kernel_size, stride if stride else kernel_size, padding, ceil_mode)
+
+    return pooled
+
+
+def _mean_over(x, dim=None, keepdim=False, *args, **kwargs):
+    """``amax`` / ``max(dim)`` as a mean over the same positions."""
+    if dim is None or isinstance(dim, torch.Tensor):
+        return NotImplemented
+    values = x.mean(dim, keepdim=keepdim)
+    if kwargs.get("_values_only", True):
+        return values
+    return torch.return_types.max((values, x.argmax(dim, keepdim=keepdim)))
+
+
+class GradientEverywhere(TorchFunctionMode):
+    """Runs the twin with the functions whose gradient can be exactly zero on a path replaced by ones with the same
+    inputs and a gradient everywhere: saturating activations (sigmoid, tanh, hard-sigmoid, ReLU6, hard-tanh) by
+    the identity, softmax by one of scores scaled into [-1, 1], max pooling and ``amax`` by averages. A pixel
+    with a path to a unit then has a nonzero gradient (positive weights and inputs), and the box is testable."""
+
+    IDENTITY: ClassVar = {
+        torch.sigmoid,
+        torch.Tensor.sigmoid,
+        F.sigmoid,
+        torch.tanh,
+        torch.Tensor.tanh,
+        F.tanh,
+        F.hardsigmoid,
+        F.relu6,
+        F.hardtanh,
+    }
+    SOFTMAX: ClassVar = {torch.softmax, torch.Tensor.softmax, F.softmax}
+    POOLS: ClassVar = {
+        F.max_pool1d: _mean_pool(F.avg_pool1d),
+        F.max_pool2d: _mean_pool(F.avg_pool2d),
+        F.max_pool3d: _mean_pool(F.avg_pool3d),
+    }
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.IDENTITY:
+            return args[0]
+        if func in self.SOFTMAX:
+            return _gentle_softmax(*args, **kwargs)
+        if func is F.scaled_dot_product_attention and not kwargs.get("enable_gqa"):
+            return _attention(*args, **kwargs)
+        replacement = self.POOLS.get(func)
+        if func in (torch.amax, torch.Tensor.amax):
+            replacement = _mean_over
+        elif func in (torch.max, torch.Tensor.max) and (len(args) > 1 and isinstance(args[1], int) or "dim" in kwargs):
+            replacement = functools.partial(_mean_over, _values_only=False)
+        if replacement is not None:
+            result = replacement(*args, **kwargs)
+            if result is not NotImplemented:
+                return result
+        return func(*args, **kwargs)
+
+
 def _outputs_of(model: nn.Module, names: list[str], image: torch.Tensor) -> dict[str, torch.Tensor]:
     """The output tensors of the named rows (module names, ``name[k]`` for a module's k-th call, or ``(output)``)
     in one forward of ``image``."""
@@ -199,13 +285,16 @@ def _verdict(box: tuple[int, ...], found: tuple[int, ...] | None) -> str:
 
 def choose_rows(table, axes: int, rows: int, global_rows: int) -> tuple[list[LayerRF], list[LayerRF]]:
     """Rows to check: ``rows`` evenly spaced local ones (the last row among them), and up to ``global_rows``
-    rows where the table first calls a path global (a global row right after a local one), evenly spaced."""
+    rows where the table first calls a path global (a global row right after a local one), evenly spaced.
+    ``rows=0``: every local row and every global one."""
     candidates = [
         r
         for r in table.values()
         if r.supported and ":" not in r.name and r.layout is not None and len(r.output_shape) == axes
     ]
     local = [r for r in candidates if not r.is_global]
+    if not rows:
+        return local, [r for r in candidates if r.is_global]
     chosen = local[:: max(len(local) // max(rows - 1, 1), 1)][: rows - 1] if rows > 1 else []
     if candidates and not candidates[-1].is_global and candidates[-1] not in chosen:
         chosen.append(candidates[-1])
@@ -236,7 +325,8 @@ def gradient_check(
     twin = linearized_twin(model)
     generator = torch.Generator().manual_seed(1)
     image = (0.5 + 0.5 * torch.rand((1, *shape), generator=generator, dtype=torch.float64)).requires_grad_()
-    outputs = _outputs_of(twin, [r.name for r in local + spread], image)
+    with GradientEverywhere():
+        outputs = _outputs_of(twin, [r.name for r in local + spread], image)
     result: dict[str, Any] = collections.Counter()
     wrong = []
     per_row = max(units // max(len(local), 1), 1)
@@ -569,7 +659,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, help="input height and width (default: 224, timm: the model's own)")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (0: no timing)")
     parser.add_argument("--units", type=int, default=12, help="local units checked against the gradient per model")
-    parser.add_argument("--rows", type=int, default=4, help="local rows those units are spread over")
+    parser.add_argument("--rows", type=int, default=4, help="local rows those units are spread over (0: every row)")
     parser.add_argument("--global-rows", type=int, default=4, help="rows where a path becomes global, checked too")
     parser.add_argument("--global-elements", type=int, default=3, help="single elements checked per global row")
     parser.add_argument("--max-parameters", type=float, default=60e6, help="no gradient check above this")

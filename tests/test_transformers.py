@@ -16,32 +16,27 @@ from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerB
 
 from rf_callback import UnsupportedLayerError, receptive_fields, receptive_maps
 from rf_callback.selection import all_layers, default_layers, mappable, resolve_layers
+from rf_callback.tracing import element_positions
 
 
-def unit_value(output: torch.Tensor, grid: tuple[int, int], unit: tuple[int, int]) -> torch.Tensor:
-    """A random mix of the entries of ``output`` at grid position ``unit``: NCHW, NHWC, tokens (N, k + h * w, D)
-    or columns (N, D, h * w).
-
-    Random, not a plain sum: the channel sum of a LayerNorm's output is a constant.
-    """
-    (h, w), (i, j) = grid, unit
-    if h * w == 1:
-        entries = output.flatten()
-    elif output.dim() == 4 and tuple(output.shape[2:]) == grid:
-        entries = output[0, :, i, j]
-    elif output.dim() == 4 and tuple(output.shape[1:3]) == grid:
-        entries = output[0, i, j]
-    elif output.dim() == 3 and output.shape[2] == h * w and output.shape[1] != h * w:
-        entries = output[0, :, i * w + j]  # positions last: nn.Unfold's columns
-    else:
-        assert output.dim() == 3, output.shape
-        entries = output[0, output.shape[1] - h * w + i * w + j]  # tokens, class tokens first
-    weights = torch.rand(entries.shape, generator=torch.Generator().manual_seed(1), dtype=entries.dtype)
-    return (entries * weights).sum()
+def support(value: torch.Tensor, image: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """The bounding box (top, left, bottom, right) of the pixels where ``value``'s gradient is nonzero."""
+    (gradient,) = torch.autograd.grad(value, image, retain_graph=True)
+    reached = gradient[0].ne(0).any(0)
+    rows, cols = reached.any(1).nonzero().flatten(), reached.any(0).nonzero().flatten()
+    if len(rows) == 0:
+        return None
+    return (int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
 
 
 def assert_boxes_equal_gradient_support(model: nn.Module, shape: tuple[int, ...], every: int = 1) -> int:
-    """Every row's box of every ``every``-th unit equals the gradient support; returns the units checked."""
+    """Every row's box of every ``every``-th unit equals the gradient support; returns the units checked.
+
+    A unit is every element of the row's output at its position (``element_positions`` of the row's
+    layout: NCHW, channels-last, tokens, windows), mixed with random weights (the plain channel sum
+    of a LayerNorm's output is a constant). In a row called global, single elements are checked
+    too: each must see the whole image, which a sum over many elements could not tell.
+    """
     torch.manual_seed(0)
     model = model.double().eval()
     with torch.no_grad():
@@ -61,19 +56,27 @@ def assert_boxes_equal_gradient_support(model: nn.Module, shape: tuple[int, ...]
         for handle in handles:
             handle.remove()
     checked = 0
+    generator = torch.Generator().manual_seed(1)
     for key, output in outputs.items():
         if not isinstance(output, torch.Tensor):
             continue
         row = table[key]
+        assert tuple(output.shape) == tuple(row.tensor_shape), key
+        positions = element_positions(row.layout, row.tensor_shape, 2)
+        weights = torch.rand(output.shape, generator=generator, dtype=output.dtype)
         grid = row.output_shape
         for index in range(0, grid[0] * grid[1], every):
             unit = divmod(index, grid[1])
-            (gradient,) = torch.autograd.grad(unit_value(output, grid, unit), image, retain_graph=True)
-            reached = gradient[0].ne(0).any(0)
-            rows, cols = reached.any(1).nonzero().flatten(), reached.any(0).nonzero().flatten()
-            truth = (int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
-            assert row.box(*unit) == truth, (key, unit, row.field.rfs)
+            where = (positions[0] == unit[0]) & (positions[1] == unit[1])
+            assert where.any(), (key, unit)
+            assert row.box(*unit) == support((output * weights)[where].sum(), image), (key, unit, row.field.rfs)
             checked += 1
+        if row.is_global:
+            elements = (positions[0] >= 0).flatten().nonzero().flatten()
+            for element in elements[:: max(len(elements) // 3, 1)].tolist():
+                whole = (0, 0, *row.input_shape)
+                assert support(output.flatten()[element], image) == whole, (key, element)
+                checked += 1
     return checked
 
 
@@ -155,21 +158,28 @@ def test_a_window_averaged_to_one_position_is_a_coarser_grid():
 
 
 class SpaceToDepth(nn.Module):
-    """``pixel_unshuffle`` written as a view, a permute and a view, then a 1x1 convolution."""
+    """``pixel_unshuffle`` written as a view, a permute and a view (TResNet's stem), then a convolution."""
 
-    def __init__(self):
+    def __init__(self, kernel: int = 1, transposed: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(4, 2, 1)
+        convolution = nn.ConvTranspose2d if transposed else nn.Conv2d
+        self.conv = convolution(4, 2, kernel, stride=2 if transposed else 1, padding=kernel // 2)
 
     def forward(self, x):
         blocks = x.reshape(1, 1, 4, 2, 4, 2).permute(0, 1, 3, 5, 2, 4).reshape(1, 4, 4, 4)
         return self.conv(blocks)
 
 
-def test_space_to_depth_by_views_is_exact():
-    table = receptive_fields(SpaceToDepth(), (1, 8, 8))
-    assert (table["conv"].size, table["conv"].stride, table["conv"].output_shape) == ((2, 2), (2, 2), (4, 4))
-    assert_boxes_equal_gradient_support(SpaceToDepth(), (1, 8, 8))
+@pytest.mark.parametrize(
+    ("kernel", "transposed", "size", "stride"),
+    [(1, False, 2, 2), (3, False, 6, 2), (3, True, 4, 1)],
+    ids=["1x1", "3x3", "transposed"],
+)
+def test_space_to_depth_by_views_is_exact(kernel, transposed, size, stride):
+    """The channels hold each 2x2 block's offsets: the convolution sums them, the blocks are a coarser grid."""
+    table = receptive_fields(SpaceToDepth(kernel, transposed), (1, 8, 8))
+    assert (table["conv"].size, table["conv"].stride) == ((size, size), (stride, stride))
+    assert assert_boxes_equal_gradient_support(SpaceToDepth(kernel, transposed), (1, 8, 8)) >= 16
 
 
 class StridedSum(nn.Module):
@@ -226,6 +236,70 @@ def test_pooling_the_innermost_parts_leaves_a_coarser_grid():
         (3, 3),
     )  # 3x3, 2x2 pooling, 3x3
     assert_boxes_equal_gradient_support(MaskUnits(), (1, 8, 8))
+
+
+class MaskUnitAttention(nn.Module):
+    """timm's Hiera attention: within ``units`` mask units (innermost in the tokens), queries max-pooled over
+    ``q_stride`` tokens of their unit (outermost in it), keys and values at full resolution."""
+
+    def __init__(self, dim: int, units: int, q_stride: int):
+        super().__init__()
+        self.units, self.q_stride = units, q_stride
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x):
+        n, tokens, dim = x.shape
+        q, k, v = self.qkv(x).reshape(n, -1, self.units, 3, dim).permute(3, 0, 2, 1, 4).unbind(0)
+        if self.q_stride > 1:
+            q = q.view(n, self.units, self.q_stride, -1, dim).amax(2)
+        attention = (q * dim**-0.5 @ k.transpose(-1, -2)).softmax(-1)
+        return (attention @ v).transpose(1, 2).reshape(n, -1, dim)
+
+
+class HieraBlock(nn.Module):
+    def __init__(self, dim: int, units: int, q_stride: int = 1):
+        super().__init__()
+        self.q_stride = q_stride
+        self.norm = nn.LayerNorm(dim)  # keeps the random-weight softmax from saturating (exact zero gradients)
+        self.attn = MaskUnitAttention(dim, units, q_stride)
+
+    def forward(self, x):
+        pooled = x.view(x.shape[0], self.q_stride, -1, x.shape[-1]).amax(1)  # the residual, pooled like q
+        return pooled + self.attn(self.norm(x))
+
+
+class PooledMaskUnits(nn.Module):
+    """Hiera in miniature: 8x8 tokens unrolled twice by 2x2 (mask units of 4x4 tokens innermost), attention
+    within each unit, then within each unit with its queries pooled 2x2 (4x4 tokens left), then globally.
+    The pooled tokens are rolled back to a grid for a convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.unit = HieraBlock(4, units=4)
+        self.pooled = HieraBlock(4, units=4, q_stride=4)
+        self.head = nn.Conv2d(4, 4, 3, padding=1)
+        self.whole = HieraBlock(4, units=1)
+
+    def forward(self, x):
+        x = self.embed(x).permute(0, 2, 3, 1)  # (1, 8, 8, 4)
+        for _ in range(2):  # timm's Unroll: each 2x2 stride moved in front of the tokens
+            n, h, w, c = x.shape
+            x = x.view(n, h // 2, 2, w // 2, 2, c).permute(0, 2, 4, 1, 3, 5).flatten(0, 2)
+        x = self.pooled(self.unit(x.reshape(1, 64, 4)))  # tokens (sy2, sx2, h, w): row 2h + sy2
+        grid = x.view(1, 2, 2, 2, 2, 4).permute(0, 5, 3, 1, 4, 2).reshape(1, 4, 4, 4)
+        return self.whole(self.head(grid).flatten(2).transpose(1, 2))
+
+
+def test_mask_unit_attention_with_pooled_queries_stays_in_its_mask_unit():
+    """hiera_tiny_224's blocks.1 was called global: queries pooled to a coarser grid than the keys they meet."""
+    table = receptive_fields(PooledMaskUnits(), (1, 16, 16))
+    first, pooled = table["unit.attn"], table["pooled.attn"]
+    assert not pooled.is_global and pooled.output_shape == (4, 4) and pooled.stride == (4, 4)
+    assert first.box(0, 0) == pooled.box(0, 0) == (0, 0, 8, 8)  # mask unit 0: tokens 0..3, pixels 0..7
+    assert pooled.box(3, 3) == (7, 7, 16, 16)
+    assert table["whole.attn"].is_global
+    assert assert_boxes_equal_gradient_support(PooledMaskUnits(), (1, 16, 16)) > 150
 
 
 def test_token_and_channels_last_rows_have_maps_and_window_rows_do_not():

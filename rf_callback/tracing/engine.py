@@ -22,6 +22,7 @@ from rf_callback.tracing.layout import (
     Unsupported,
     _aligned,
     _axes,
+    _axis_of,
     _dim_size,
     _factors,
     _fed,
@@ -32,6 +33,7 @@ from rf_callback.tracing.layout import (
     _Reject,
     _sees_everything,
     _spatial,
+    _step,
     _whole_axis,
     refusal,
     settled,
@@ -405,11 +407,54 @@ def _misplaced(field: Field, own: Layout, layout: Layout, axis: int, extent: int
     moved = [factor for d, factor in factors if factor not in layout[d]]
     if not moved:
         return field, False
+    if field.length(axis) != extent or any(_partner(own, layout, d, factor) for d, factor in factors):
+        return _regridded(field, own, layout, axis, extent), True
     if len(moved) == len(factors):
         return field.mix(axis).broadcast(axis, extent), True
     for key, length in moved:
         field = _mix_part(field, key, length)
     return field, True
+
+
+def _partner(own: Layout, layout: Layout, d: int, factor: Factor) -> Factor | None:
+    """The output's factor of the same axis at ``factor``'s place in dimension ``d`` on another grid, if any.
+
+    A factor sits at the same place when dimension ``d`` splits alike in the operand and the output
+    (the same lengths, in order) and the output's factor there belongs to the same axis with another
+    step: the same index along both, on grids of different resolutions (Hiera's keys, at the tokens'
+    resolution, and its pooled queries, at half of it: mask unit ``u`` is ``Part(axis, 8)`` of the
+    one and ``Part(axis, 4)`` of the other).
+    """
+    mine, theirs = own[d], layout[d]
+    if len(mine) != len(theirs) or any(a[1] != b[1] for a, b in zip(mine, theirs)):
+        return None
+    other = theirs[mine.index(factor)]
+    if other == factor or _axis_of(other[0]) != _axis_of(factor[0]):
+        return None
+    return other
+
+
+def _regridded(field: Field, own: Layout, layout: Layout, axis: int, extent: int) -> Field:
+    """An operand's ``field`` along ``axis`` seen from an output ``layout`` that holds that axis on another grid.
+
+    Output position ``p`` reads the operand's positions whose factors agree with ``p``'s where the
+    operand and the output hold a factor of the axis at the same place (:func:`_partner`, or the
+    same factor); every other factor of the operand is read whole (it was summed over, moved into
+    another dimension or broadcast). Exact: an elementwise operation pairs elements by their
+    indices, whatever the positions mean.
+    """
+    pairs = []
+    for d, factor in _factors(own, axis):
+        partner = factor if factor in layout[d] and field.length(axis) == extent else _partner(own, layout, d, factor)
+        if partner is not None:
+            pairs.append((factor, partner))
+    if not pairs:
+        return field.mix(axis).broadcast(axis, extent)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for q in range(field.length(axis)):
+        groups.setdefault(tuple(q // _step(g[0]) % g[1] for g, _ in pairs), []).append(q)
+    sources = [groups.get(tuple(p // _step(f[0]) % f[1] for _, f in pairs), []) for p in range(extent)]
+    return field.resample(axis, sources)
 
 
 def _window_within_rows(

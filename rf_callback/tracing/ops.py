@@ -28,6 +28,7 @@ from rf_callback.tracing.layout import (
     _reshape,
     _spatial,
     _whole_axis,
+    settled,
 )
 from rf_callback.tracing.shortcuts import _first_output, _registry, _to_meta, flat_tensors
 
@@ -50,9 +51,22 @@ def _convolution(tracer: Tracer, func, bound, out):
         return _transposed_convolution(tracer, bound, out)
     info = tracer.traced(bound["input"])
     if _spatial(info.layout[1]):  # channels are summed over; plain ones mix nothing
-        info = tracer.mix(info, [1])
+        info = _summed_channels(tracer, info)
     result = tracer.window(info, out, bound["weight"].shape[2:], bound["stride"], bound["padding"], bound["dilation"])
     return result.with_layout((result.layout[0], _plain(out.shape[1]), *result.layout[2:]))
+
+
+def _summed_channels(tracer: Tracer, info: Traced) -> Traced:
+    """``info`` after an operation that sums over its channels (dimension 1), which hold part of a spatial axis.
+
+    Space-to-depth written as views (TResNet's stem) moves each axis's offsets within a block into
+    the channels: a convolution sums them, so every position sees its whole block, and the blocks
+    left in the spatial dimensions are the axis, on a coarser grid (:func:`settled`).
+    """
+    info = tracer.mix(info, [1])
+    if _prefix(info.layout[1]) is not None:
+        return info
+    return settled(info.with_layout((info.layout[0], _plain(_dim_size(info.layout[1])), *info.layout[2:])))
 
 
 @_register(aten.im2col.default)
@@ -611,7 +625,7 @@ def _transposed_sources(n: int, m: int, kernel: int, stride: int, padding: int, 
 
 
 def _transposed_convolution(tracer: Tracer, bound, out) -> Traced:
-    info = tracer.mix(tracer.traced(bound["input"]), [1])  # channels are summed over
+    info = _summed_channels(tracer, tracer.traced(bound["input"]))
     kernel = list(bound["weight"].shape[2:])
     count = len(kernel)
     stride, padding, dilation = (
