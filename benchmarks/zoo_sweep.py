@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import fnmatch
 import functools
 import hashlib
 import itertools
@@ -283,14 +284,17 @@ def _verdict(box: tuple[int, ...], found: tuple[int, ...] | None) -> str:
     return "larger" if inside else "smaller"
 
 
-def choose_rows(table, axes: int, rows: int, global_rows: int) -> tuple[list[LayerRF], list[LayerRF]]:
+def choose_rows(
+    table, axes: int, rows: int, global_rows: int, match: str | None = None
+) -> tuple[list[LayerRF], list[LayerRF]]:
     """Rows to check: ``rows`` evenly spaced local ones (the last row among them), and up to ``global_rows``
     rows where the table first calls a path global (a global row right after a local one), evenly spaced.
-    ``rows=0``: every local row and every global one."""
+    ``rows=0``: every local row and every global one. ``match``: only rows whose names match this pattern."""
     candidates = [
         r
         for r in table.values()
         if r.supported and ":" not in r.name and r.layout is not None and len(r.output_shape) == axes
+        if match is None or fnmatch.fnmatchcase(r.name, match)
     ]
     local = [r for r in candidates if not r.is_global]
     if not rows:
@@ -309,17 +313,25 @@ def choose_rows(table, axes: int, rows: int, global_rows: int) -> tuple[list[Lay
 
 
 def gradient_check(
-    model: nn.Module, table, shape: tuple[int, ...], units: int, rows: int, global_rows: int = 4, elements: int = 3
+    model: nn.Module,
+    table,
+    shape: tuple[int, ...],
+    units: int,
+    rows: int,
+    global_rows: int = 4,
+    per_global: int = 3,
+    match: str | None = None,
 ) -> dict[str, Any]:
     """Compare boxes with the support of the gradient on the linearized twin, one unit per backward.
 
-    A local row's unit is every element at its position (``element_positions`` of the row's layout:
-    tokens, channels-last and window layouts alike), its channels summed. A row the table calls
-    global is checked element by element: each single element must see the whole image (a sum over
-    many elements would hide one that sees less).
+    A unit is every element at its position (``element_positions`` of the row's layout: tokens,
+    channels-last and window layouts alike), its channels summed; ``per_global`` units of each row
+    where a path first becomes global, whose units must each see the whole image (the sum of a
+    whole output, as this sweep once checked global rows, sees everything even where each unit
+    sees one mask unit).
     """
     axes = len(shape) - 1
-    local, spread = choose_rows(table, axes, rows, global_rows)
+    local, spread = choose_rows(table, axes, rows, global_rows, match)
     if not local and not spread:
         return {"units": 0}
     twin = linearized_twin(model)
@@ -329,34 +341,27 @@ def gradient_check(
         outputs = _outputs_of(twin, [r.name for r in local + spread], image)
     result: dict[str, Any] = collections.Counter()
     wrong = []
-    per_row = max(units // max(len(local), 1), 1)
+    per_row = units if not rows else max(units // max(len(local), 1), 1)  # every row: units per row
     for row in local + spread:
         output = outputs.get(row.name)
         if output is None or tuple(output.shape) != tuple(row.tensor_shape):
             result["row not found"] += 1
             continue
         positions = element_positions(row.layout, row.tensor_shape, axes)
-        if row.is_global:
-            grid = (positions[0] >= 0).flatten().nonzero().flatten()
-            picks = [int(grid[round(k * (len(grid) - 1) / max(elements - 1, 1))]) for k in range(elements)]
-            checks = [
-                (output.flatten()[i], tuple(int(p) for p in positions.flatten(1)[:, i]), "global element")
-                for i in dict.fromkeys(picks)
-            ]
-        else:
-            h, w = row.output_shape[-2], row.output_shape[-1]
-            corners = [(0, 0), (h - 1, w - 1), (h // 2, w // 2), (0, w - 1), (h - 1, 0), (h // 2, 0), (0, w // 2)]
-            checks = []
-            for unit in list(dict.fromkeys(corners))[:per_row]:
-                unit = (*(n // 2 for n in row.output_shape[:-2]), *unit)  # 3-D: the middle slice
-                where = (positions == torch.tensor(unit).reshape(-1, *([1] * output.dim()))).all(0)
-                if where.any():
-                    checks.append((output[where].sum(), unit, "unit"))
+        h, w = row.output_shape[-2], row.output_shape[-1]
+        corners = [(0, 0), (h - 1, w - 1), (h // 2, w // 2), (0, w - 1), (h - 1, 0), (h // 2, 0), (0, w // 2)]
+        kind = "global unit" if row.is_global else "unit"
+        checks = []
+        for unit in list(dict.fromkeys(corners))[: per_global if row.is_global else per_row]:
+            unit = (*(n // 2 for n in row.output_shape[:-2]), *unit)  # 3-D: the middle slice
+            where = (positions == torch.tensor(unit).reshape(-1, *([1] * output.dim()))).all(0)
+            if where.any():
+                checks.append((output[where].sum(), unit, kind))
         for value, unit, kind in checks:
             box, found = row.box(*unit), _support(value, image)
             verdict = _verdict(box, found)
             result["units"] += 1
-            result["global units"] += kind == "global element"
+            result["global units"] += kind == "global unit"
             result[verdict] += 1
             if verdict != "equal":
                 wrong.append(f"{verdict}: {row.name} {kind} {unit}: box {box}, gradient support {found}")
@@ -465,7 +470,7 @@ def sweep_one(name: str, args: argparse.Namespace, previous: dict[str, Any] | No
     else:
         try:
             record["gradient"] = gradient_check(
-                model, table, shape, args.units, args.rows, args.global_rows, args.global_elements
+                model, table, shape, args.units, args.rows, args.global_rows, args.global_units, args.match
             )
         except Exception as error:  # noqa: BLE001
             record["gradient"] = {"error": f"{type(error).__name__}: {str(error)[:150]}"}
@@ -626,7 +631,7 @@ def summary(records: list[dict[str, Any]]) -> str:
     )
     totals = {kind: sum(g.get(kind, 0) for g in gradients) for kind in ("units", "global units", *VERDICTS)}
     lines.append(
-        f"gradient truth: {totals['units']} units ({totals['global units']} single elements of global rows) in"
+        f"gradient truth: {totals['units']} units ({totals['global units']} of rows called global) in"
         f" {len(gradients)} of {len(traced)} traced models: "
         + ", ".join(f"{kind} {totals[kind]}" for kind in VERDICTS)
         + "; not checked: "
@@ -658,10 +663,16 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="an evenly spaced sample of this many models")
     parser.add_argument("--size", type=int, help="input height and width (default: 224, timm: the model's own)")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (0: no timing)")
-    parser.add_argument("--units", type=int, default=12, help="local units checked against the gradient per model")
+    parser.add_argument(
+        "--units",
+        type=int,
+        default=12,
+        help="local units checked against the gradient per model (per row with --rows 0)",
+    )
     parser.add_argument("--rows", type=int, default=4, help="local rows those units are spread over (0: every row)")
     parser.add_argument("--global-rows", type=int, default=4, help="rows where a path becomes global, checked too")
-    parser.add_argument("--global-elements", type=int, default=3, help="single elements checked per global row")
+    parser.add_argument("--match", help="check only rows whose names match this pattern (fnmatch)")
+    parser.add_argument("--global-units", type=int, default=3, help="units checked per global row")
     parser.add_argument("--max-parameters", type=float, default=60e6, help="no gradient check above this")
     parser.add_argument("--max-pixels", type=float, default=448 * 448, help="no gradient check above this input")
     parser.add_argument("--max-build-parameters", type=float, default=150e6, help="skip models above this")

@@ -692,7 +692,16 @@ def _build_table(calls: list[_Call], counts: dict[str, int], shape: tuple[int, .
                 found = placed[layout] = output_shape, Placement(dims, output_shape) if dims is not None else None
             rows.append(
                 LayerRF(
-                    key, module_type, spatial, found[0], info.field, info.equivariant, None, output.shape, found[1], layout
+                    key,
+                    module_type,
+                    spatial,
+                    found[0],
+                    info.field,
+                    info.equivariant,
+                    None,
+                    output.shape,
+                    found[1],
+                    layout,
                 )
             )
     return ReceptiveFieldTable(rows, shape, reused, [key for _, _, key in sorted(finished)])

@@ -1,7 +1,7 @@
 """Transformers (issue 11): class tokens, window partitions and shifted windows, exactly.
 
-The oracle is the gradient support: with random weights in float64, the bounding box of the input
-pixels whose gradient is nonzero for a unit must equal ``box`` of that unit. Attention mixes its
+The oracle is the gradient support (``tests/gradient_support.py``): with random weights in float64, the
+bounding box of the input pixels whose gradient is nonzero for a unit must equal ``box`` of that unit. Attention mixes its
 window (or everything) through a softmax whose gradient is nonzero almost surely, and Swin masks
 the wrap-around of its shifted windows with -100 (not -inf), so those pixels are in the support too.
 """
@@ -16,68 +16,7 @@ from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerB
 
 from rf_callback import UnsupportedLayerError, receptive_fields, receptive_maps
 from rf_callback.selection import all_layers, default_layers, mappable, resolve_layers
-from rf_callback.tracing import element_positions
-
-
-def support(value: torch.Tensor, image: torch.Tensor) -> tuple[int, int, int, int] | None:
-    """The bounding box (top, left, bottom, right) of the pixels where ``value``'s gradient is nonzero."""
-    (gradient,) = torch.autograd.grad(value, image, retain_graph=True)
-    reached = gradient[0].ne(0).any(0)
-    rows, cols = reached.any(1).nonzero().flatten(), reached.any(0).nonzero().flatten()
-    if len(rows) == 0:
-        return None
-    return (int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
-
-
-def assert_boxes_equal_gradient_support(model: nn.Module, shape: tuple[int, ...], every: int = 1) -> int:
-    """Every row's box of every ``every``-th unit equals the gradient support; returns the units checked.
-
-    A unit is every element of the row's output at its position (``element_positions`` of the row's
-    layout: NCHW, channels-last, tokens, windows), mixed with random weights (the plain channel sum
-    of a LayerNorm's output is a constant). In a row called global, single elements are checked
-    too: each must see the whole image, which a sum over many elements could not tell.
-    """
-    torch.manual_seed(0)
-    model = model.double().eval()
-    with torch.no_grad():
-        for parameter in model.parameters():  # no zero-initialized head, no unit LayerNorm scale
-            parameter.normal_()
-    table = receptive_fields(model, shape)
-    outputs, modules = {}, dict(model.named_modules())
-    handles = [
-        modules[key].register_forward_hook(lambda m, a, out, key=key: outputs.__setitem__(key, out))
-        for key in table
-        if key in modules
-    ]
-    image = torch.randn(1, *shape, dtype=torch.float64, requires_grad=True)
-    try:
-        model(image)
-    finally:
-        for handle in handles:
-            handle.remove()
-    checked = 0
-    generator = torch.Generator().manual_seed(1)
-    for key, output in outputs.items():
-        if not isinstance(output, torch.Tensor):
-            continue
-        row = table[key]
-        assert tuple(output.shape) == tuple(row.tensor_shape), key
-        positions = element_positions(row.layout, row.tensor_shape, 2)
-        weights = torch.rand(output.shape, generator=generator, dtype=output.dtype)
-        grid = row.output_shape
-        for index in range(0, grid[0] * grid[1], every):
-            unit = divmod(index, grid[1])
-            where = (positions[0] == unit[0]) & (positions[1] == unit[1])
-            assert where.any(), (key, unit)
-            assert row.box(*unit) == support((output * weights)[where].sum(), image), (key, unit, row.field.rfs)
-            checked += 1
-        if row.is_global:
-            elements = (positions[0] >= 0).flatten().nonzero().flatten()
-            for element in elements[:: max(len(elements) // 3, 1)].tolist():
-                whole = (0, 0, *row.input_shape)
-                assert support(output.flatten()[element], image) == whole, (key, element)
-                checked += 1
-    return checked
+from tests.gradient_support import assert_rows_match_gradient_support
 
 
 def test_vit_class_token_rows_are_exact_until_attention_then_global():
@@ -88,7 +27,7 @@ def test_vit_class_token_rows_are_exact_until_attention_then_global():
     assert before.tensor_shape == (1, 17, 12)
     assert table["encoder.layers.encoder_layer_0.self_attention"].is_global
     assert table["heads.head"].is_global
-    assert assert_boxes_equal_gradient_support(vit, (3, 32, 32)) > 50
+    assert assert_rows_match_gradient_support(vit, (3, 32, 32)) > 50
 
 
 class ClassTokens(nn.Module):
@@ -113,7 +52,7 @@ def test_class_tokens_can_be_dropped_back_to_the_grid():
     table = receptive_fields(ClassTokens(), (1, 16, 16))
     assert table["norm"].size == (4, 4) and table["norm"].tensor_shape == (1, 18, 8)
     assert table["head"].size == (12, 12) and table["head"].stride == (4, 4)
-    assert_boxes_equal_gradient_support(ClassTokens(), (1, 16, 16))
+    assert_rows_match_gradient_support(ClassTokens(), (1, 16, 16))
 
 
 def small_swin(v2: bool = False) -> SwinTransformer:
@@ -132,7 +71,7 @@ def test_swin_windows_and_shifted_windows_are_exact(v2):
     shifted = table["features.1.1.attn"]
     assert shifted.box(4, 4) == (6, 6, 18, 18)  # tokens 4..6 (shifted by 1), which saw windows 3..5 and 6..8
     assert shifted.box(0, 0) == (0, 0, 24, 24)  # a border unit's window wraps around the image
-    assert assert_boxes_equal_gradient_support(model, (3, 24, 24), every=5) > 100
+    assert assert_rows_match_gradient_support(model, (3, 24, 24), every=5) > 100
 
 
 class WindowPool(nn.Module):
@@ -154,7 +93,7 @@ def test_a_window_averaged_to_one_position_is_a_coarser_grid():
     table = receptive_fields(WindowPool(), (1, 16, 16))
     row = table["(output)"]
     assert (row.size, row.stride, row.padding, row.output_shape) == ((6, 6), (4, 4), (1, 1), (4, 4))
-    assert_boxes_equal_gradient_support(WindowPool(), (1, 16, 16))
+    assert_rows_match_gradient_support(WindowPool(), (1, 16, 16))
 
 
 class SpaceToDepth(nn.Module):
@@ -179,7 +118,29 @@ def test_space_to_depth_by_views_is_exact(kernel, transposed, size, stride):
     """The channels hold each 2x2 block's offsets: the convolution sums them, the blocks are a coarser grid."""
     table = receptive_fields(SpaceToDepth(kernel, transposed), (1, 8, 8))
     assert (table["conv"].size, table["conv"].stride) == ((size, size), (stride, stride))
-    assert assert_boxes_equal_gradient_support(SpaceToDepth(kernel, transposed), (1, 8, 8)) >= 16
+    assert assert_rows_match_gradient_support(SpaceToDepth(kernel, transposed), (1, 8, 8)) >= 16
+
+
+class SpaceToDepthSlice(nn.Module):
+    """Space-to-depth by views, then channels sliced across the offsets: 4 of 16 (one input channel, every offset),
+    or 2 (the even rows): elements no factor of the slice's own describes, followed one by one."""
+
+    def __init__(self, keep: int):
+        super().__init__()
+        self.keep = keep
+        self.encode = nn.Conv2d(1, 4, 3, padding=1)
+        self.decode = nn.Conv2d(keep, 2, 3, padding=1)
+
+    def forward(self, x):
+        blocks = self.encode(x).reshape(1, 4, 4, 2, 4, 2).permute(0, 1, 3, 5, 2, 4).reshape(1, 16, 4, 4)
+        return self.decode(blocks[:, : self.keep])
+
+
+@pytest.mark.parametrize(("keep", "size"), [(4, (8, 8)), (2, (7, 8))], ids=["every-offset", "even-rows"])
+def test_a_slice_across_space_to_depth_offsets_is_followed_element_by_element(keep, size):
+    table = receptive_fields(SpaceToDepthSlice(keep), (1, 8, 8))
+    assert table["decode"].size == size and table["decode"].stride == (2, 2)
+    assert assert_rows_match_gradient_support(SpaceToDepthSlice(keep), (1, 8, 8)) == 64 + 16  # encode, decode
 
 
 class StridedSum(nn.Module):
@@ -210,7 +171,7 @@ class Unfolded(nn.Module):
 def test_unfold_columns_see_their_windows():
     table = receptive_fields(Unfolded(), (2, 12, 12))
     assert (table["unfold"].size, table["unfold"].stride, table["unfold"].padding) == ((5, 5), (2, 2), (1, 1))
-    assert_boxes_equal_gradient_support(Unfolded(), (2, 12, 12))
+    assert_rows_match_gradient_support(Unfolded(), (2, 12, 12))
 
 
 class MaskUnits(nn.Module):
@@ -235,7 +196,7 @@ def test_pooling_the_innermost_parts_leaves_a_coarser_grid():
         (2, 2),
         (3, 3),
     )  # 3x3, 2x2 pooling, 3x3
-    assert_boxes_equal_gradient_support(MaskUnits(), (1, 8, 8))
+    assert_rows_match_gradient_support(MaskUnits(), (1, 8, 8))
 
 
 class MaskUnitAttention(nn.Module):
@@ -248,7 +209,7 @@ class MaskUnitAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
 
     def forward(self, x):
-        n, tokens, dim = x.shape
+        n, _, dim = x.shape
         q, k, v = self.qkv(x).reshape(n, -1, self.units, 3, dim).permute(3, 0, 2, 1, 4).unbind(0)
         if self.q_stride > 1:
             q = q.view(n, self.units, self.q_stride, -1, dim).amax(2)
@@ -299,7 +260,7 @@ def test_mask_unit_attention_with_pooled_queries_stays_in_its_mask_unit():
     assert first.box(0, 0) == pooled.box(0, 0) == (0, 0, 8, 8)  # mask unit 0: tokens 0..3, pixels 0..7
     assert pooled.box(3, 3) == (7, 7, 16, 16)
     assert table["whole.attn"].is_global
-    assert assert_boxes_equal_gradient_support(PooledMaskUnits(), (1, 16, 16)) > 150
+    assert assert_rows_match_gradient_support(PooledMaskUnits(), (1, 16, 16)) > 150
 
 
 def test_token_and_channels_last_rows_have_maps_and_window_rows_do_not():

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from rf_callback.algebra import Field, MisalignedBranchesError, OnlyHolesError, merge
 from rf_callback.errors import UnsupportedLayerError
@@ -16,6 +17,7 @@ from rf_callback.tracing.fast import run_lowered
 from rf_callback.tracing.layout import (
     FED,
     Factor,
+    Indexed,
     Layout,
     Part,
     Traced,
@@ -35,10 +37,12 @@ from rf_callback.tracing.layout import (
     _spatial,
     _step,
     _whole_axis,
+    element_positions,
+    from_positions,
     refusal,
     settled,
 )
-from rf_callback.tracing.ops import _FUNCTIONS, _HANDLERS, _reduction
+from rf_callback.tracing.ops import _FUNCTIONS, _HANDLERS, _MOVES, _reduction, moved_positions
 from rf_callback.tracing.shortcuts import (
     _bind,
     _first_output,
@@ -74,6 +78,13 @@ def _handler(func: Any) -> Any:
     if torch.Tag.reduction in func.tags:
         return _reduction
     return None
+
+
+@contextlib.contextmanager
+def _untraced() -> Any:
+    """Real tensors, made and computed on the CPU, unseen by the trace (the positions of followed elements)."""
+    with _disable_current_modes(), torch._C.DisableTorchFunction(), torch.no_grad():
+        yield
 
 
 class TensorInfos:
@@ -162,8 +173,15 @@ class Tracer(TorchDispatchMode):
                 results = self.settle(self.handle(func, bound, [info], out))
             except (_Reject, MisalignedBranchesError, OnlyHolesError):
                 pass
-        if results is _REFUSED:
-            results = self.follow(func, tensors, lambda infos: self.settle(self.handle(func, bound, infos, out)))
+        if results is _REFUSED and any(type(self.info[t]) is Indexed for t in tensors):
+            results = self.follow_elements(tensors, lambda positions: moved_positions(func, bound, positions, out))
+        elif results is _REFUSED:
+
+            def elements(infos: list[Traced], error: UnsupportedLayerError) -> Indexed | Traced | None:
+                return self.elements(tensors, infos, error, lambda p: moved_positions(func, bound, p, out))
+
+            step = lambda infos: self.settle(self.handle(func, bound, infos, out))
+            results = self.follow(func, tensors, step, elements)
         if not isinstance(results, tuple):
             results = (results,) * len(outputs)
         for tensor, info in zip(outputs, results):
@@ -180,7 +198,35 @@ class Tracer(TorchDispatchMode):
             return tuple(settled(r) if type(r) is Traced else r for r in result)
         return result
 
-    def follow(self, operation: Any, tensors: Sequence[torch.Tensor], step: Any) -> Any:
+    def follow_elements(self, tensors: Sequence[torch.Tensor], move: Any) -> Any:
+        """The info of an operation's output from one :class:`Indexed` input: its elements' positions moved by
+        ``move`` (None: the operation does more than move elements), :class:`Traced` again where factors
+        describe them. Anything else is :class:`Unsupported`, for the reason the elements were followed."""
+        infos = [self.info[t] for t in tensors]
+        indexed = next(info for info in infos if type(info) is Indexed)
+        with _untraced():
+            positions = move(indexed.positions) if len(infos) == 1 else None
+            if positions is None:
+                return Unsupported(indexed.error)
+            return from_positions(indexed.field, positions) or Indexed(indexed.field, positions, indexed.error)
+
+    def elements(
+        self, tensors: Sequence[torch.Tensor], infos: list[Traced], error: UnsupportedLayerError, move: Any
+    ) -> Indexed | Traced | None:
+        """A view or pad that no layout follows, followed element by element (see :class:`Indexed`), or None."""
+        if len(infos) != 1 or any(_prefix(dim) is FED for dim in infos[0].layout) or tensors[0].numel() > 1 << 20:
+            return None
+        with _untraced():
+            try:
+                positions = element_positions(infos[0].layout, tensors[0].shape, len(self.image))
+            except ValueError:  # a layout that does not hold this tensor's shape: nothing to move
+                return None
+            moved = move(positions)
+            if moved is None:
+                return None
+            return from_positions(infos[0].field, moved) or Indexed(infos[0].field, moved, error)
+
+    def follow(self, operation: Any, tensors: Sequence[torch.Tensor], step: Any, elements: Any = None) -> Any:
         """The info of an operation's output(s): ``step(infos of the followed inputs)``, with the refusal rules.
 
         * An input that could not be followed (:class:`Unsupported`) counts as a constant, and the
@@ -195,7 +241,7 @@ class Tracer(TorchDispatchMode):
             tensors = list({id(t): t for t in tensors}.values())
         infos = [self.info[t] for t in tensors]
         if all(type(info) is Traced and info.lost is None for info in infos):
-            return self._attempt(operation, tensors, infos, step)  # the usual case: everything followed so far
+            return self._attempt(operation, tensors, infos, step, elements)  # the usual case: all followed so far
         lost = next(refusal(info) for info in infos if refusal(info) is not None)
         hidden = [(t, info) for t, info in zip(tensors, infos) if isinstance(info, Unsupported)]
         if len(hidden) == len(infos):
@@ -212,24 +258,28 @@ class Tracer(TorchDispatchMode):
             return tuple(self._bound(result, lost) for result in results)
         return self._bound(results, lost)
 
-    def _attempt(self, operation: Any, tensors: list[torch.Tensor], infos: list[Traced], step: Any) -> Any:
-        """``step`` on the followed ``tensors``; again with their mixed axes forgotten if it refuses."""
+    def _attempt(
+        self, operation: Any, tensors: list[torch.Tensor], infos: list[Traced], step: Any, elements: Any = None
+    ) -> Any:
+        """``step`` on the followed ``tensors``; again with their mixed axes forgotten if it refuses; then, for an
+        operation that only moves elements, ``elements(infos, error)`` (see :meth:`elements`)."""
         try:
             return step(infos)
         except (_Reject, MisalignedBranchesError, OnlyHolesError) as refused:
             error = self.error(str(operation), _reason(refused))
         forgotten = [_forget_mixed_axes(info) for info in infos]
-        if all(new is old for new, old in zip(forgotten, infos)):
-            return Unsupported(error)
-        try:
-            for tensor, info in zip(tensors, forgotten):
-                self.info[tensor] = info
-            return step(forgotten)
-        except (_Reject, MisalignedBranchesError, OnlyHolesError):
-            return Unsupported(error)
-        finally:
-            for tensor, info in zip(tensors, infos):
-                self.info[tensor] = info
+        if any(new is not old for new, old in zip(forgotten, infos)):
+            try:
+                for tensor, info in zip(tensors, forgotten):
+                    self.info[tensor] = info
+                return step(forgotten)
+            except (_Reject, MisalignedBranchesError, OnlyHolesError):
+                pass
+            finally:
+                for tensor, info in zip(tensors, infos):
+                    self.info[tensor] = info
+        followed = elements(infos, error) if elements is not None else None
+        return followed if followed is not None else Unsupported(error)
 
     def _bound(self, result: Any, lost: UnsupportedLayerError) -> Any:
         """``result`` computed with some inputs unknown: a lower bound, exact if it already sees everything."""
@@ -359,9 +409,10 @@ class Tracer(TorchDispatchMode):
         kernel, stride, padding, dilation = [
             value * count if len(value) == 1 else value for value in (kernel, stride, padding, dilation)
         ]
-        field = info.field
+        field, equivariant = info.field, info.equivariant
         layout = list(info.layout[: len(info.layout) - count])
         windows = []  # along whole axes: done together, so that equal axes share the work
+        rescaled: dict[int, tuple[int, int]] = {}  # axis -> (old, new) length of its innermost part
         for i in range(count):
             dim = info.layout[len(info.layout) - count + i]
             size = result.shape[result.dim() - count + i]
@@ -369,6 +420,14 @@ class Tracer(TorchDispatchMode):
                 layout.append(_plain(size))
             elif kernel[i] == stride[i] == 1 and padding[i] == 0:
                 layout.append(dim)  # a 1x1 window is the identity, whatever the dimension holds
+            elif len(dim) == 1 and type(dim[0][0]) is Part:
+                field, windows = field.windows(windows), []  # in order
+                part, length = dim[0]
+                field = _window_within_part(
+                    field, info.layout, dim[0], size, kernel[i], stride[i], padding[i], dilation[i]
+                )
+                rescaled[part.axis], equivariant = (length, size), False
+                layout.append(((part, size),))
             elif len(dim) == 1:
                 axis = _whole_axis(dim, "slides a window over")
                 windows.append((axis, kernel[i], stride[i], padding[i], size, dilation[i]))
@@ -379,7 +438,17 @@ class Tracer(TorchDispatchMode):
                 layout.append(dim[:-1] + inner)
         if windows:
             field = field.windows(windows)
-        return Traced(field, tuple(layout), info.equivariant)
+        if rescaled:  # the windows' parts now count whole windows of the new length
+            layout = [
+                tuple(
+                    (Part(key.axis, key.step // rescaled[key.axis][0] * rescaled[key.axis][1]), n)
+                    if type(key) is Part and key.axis in rescaled and key.step > 1
+                    else (key, n)
+                    for key, n in dim
+                )
+                for dim in layout
+            ]
+        return Traced(field, tuple(layout), equivariant)
 
 
 def _mix_part(field: Field, part: Part, length: int) -> Field:
@@ -457,6 +526,28 @@ def _regridded(field: Field, own: Layout, layout: Layout, axis: int, extent: int
     return field.resample(axis, sources)
 
 
+def _window_within_part(
+    field: Field, layout: Layout, factor: Factor, size: int, kernel: int, stride: int, padding: int, dilation: int
+) -> Field:
+    """A window over the innermost part of a split axis, alone in its dimension: within each window partition.
+
+    EfficientViT's local attention runs a depthwise convolution over each window of its partition:
+    padding at the window's edges, never across them. Output offset ``o`` of window ``w`` reads
+    offsets ``o * stride - padding + j * dilation`` of window ``w`` (inside it), and becomes position
+    ``w * size + o`` of the axis, whose windows now hold ``size`` positions. ``_Reject`` unless the
+    axis's other parts are whole windows (steps that are multiples of the part's length).
+    """
+    part, length = factor
+    if part.step != 1 or any(_step(key) % length for _, (key, _) in _factors(layout, part.axis) if key != part):
+        raise _Reject("it slides a window over a dimension that holds part of a split spatial axis")
+    n = field.length(part.axis)
+    sources = []
+    for position in range(n // length * size):
+        base, offset = position // size * length, position % size * stride - padding
+        sources.append(tuple(base + o for j in range(kernel) if 0 <= (o := offset + j * dilation) < length))
+    return field.resample(part.axis, sources)
+
+
 def _window_within_rows(
     field: Field, dim: tuple[Factor, ...], size: int, kernel: int, stride: int, padding: int, dilation: int
 ) -> tuple[Field, tuple[Factor, ...]]:
@@ -510,7 +601,19 @@ class FunctionInterceptor(TorchFunctionMode):
         traced = [t for t in inputs if t in self.tracer.info]
         if traced:
             outputs = flat_tensors(out)
-            results = self.tracer.follow(operation, traced, lambda infos: self.tracer.settle(step(infos)))
+            moves = _MOVES.get(func)
+
+            def move(positions: torch.Tensor) -> torch.Tensor | None:
+                return None if moves is None else moves(args, kwargs, positions)
+
+            if any(type(self.tracer.info[t]) is Indexed for t in traced):
+                results = self.tracer.follow_elements(traced, move)
+            else:
+
+                def elements(infos: list[Traced], error: UnsupportedLayerError) -> Indexed | Traced | None:
+                    return self.tracer.elements(traced, infos, error, move)
+
+                results = self.tracer.follow(operation, traced, lambda infos: self.tracer.settle(step(infos)), elements)
             results = results if isinstance(results, tuple) else (results,) * len(outputs)
             for tensor, info in zip(outputs, results):
                 self.tracer.info[tensor] = info

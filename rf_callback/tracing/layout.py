@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from rf_callback.algebra import Field, MisalignedBranchesError
+from rf_callback.algebra import Field, MisalignedBranchesError, OnlyHolesError
 from rf_callback.errors import UnsupportedLayerError
 
 aten = torch.ops.aten
@@ -94,9 +94,28 @@ class Unsupported:
     error: UnsupportedLayerError
 
 
-def refusal(info: Traced | Unsupported | None) -> UnsupportedLayerError | None:
+@dataclass(frozen=True, eq=False)
+class Indexed:
+    """A tensor whose elements' positions no factors describe, each element's position given instead.
+
+    A view or pad that no layout follows (the skew of relative position logits: a flattened
+    ``positions x offsets`` map padded at its end and viewed with one column fewer) still moves
+    each element to a known place. ``positions`` (``element_positions``' form: ``(axes, *shape)``,
+    -1 for constants) says where each came from; views, slices, pads and the like move them, and
+    as soon as they form a layout again (``from_positions``), the tensor is :class:`Traced` again.
+    Until then it has no receptive field in the table's sense: ``error`` says why.
+    """
+
+    field: Field
+    positions: torch.Tensor
+    error: UnsupportedLayerError
+
+
+def refusal(info: Traced | Unsupported | Indexed | None) -> UnsupportedLayerError | None:
     """Why ``info`` has no exact receptive field, or None when it has one."""
-    return info.error if isinstance(info, Unsupported) else info.lost if info is not None else None
+    if info is None:
+        return None
+    return info.lost if type(info) is Traced else info.error  # type: ignore[union-attr]
 
 
 class _Reject(Exception):
@@ -370,6 +389,83 @@ def element_positions(layout: Layout, shape: Sequence[int], axes: int) -> torch.
                 positions[axis] += (index // inner % length) * _step(key)
     positions[:, token] = -1
     return positions
+
+
+def from_positions(field: Field, positions: torch.Tensor) -> Traced | None:
+    """The :class:`Traced` tensor whose elements sit at ``positions`` (``element_positions``' form), if factors
+    describe them: class tokens (-1) only in front of dimensions, and each dimension's positions a sum of
+    factors (an axis's part with a step, or a plain factor) independent of the other dimensions'. An axis
+    whose positions are every ``step``-th from ``start`` is sliced so (``Field.take``). None otherwise.
+
+    Example::
+        >>> field = Field.of_input((4,))
+        >>> from_positions(field, torch.tensor([[[-1, -1], [0, 1], [2, 3]]])).layout  # a constant row, then 2 x 2
+        (((PREFIX, 1), (Part(axis=0, step=2), 2)), ((Part(axis=0, step=1), 2),))
+        >>> from_positions(field, torch.tensor([[[0, 1], [1, 2]]])) is None  # overlapping: no factors
+        True
+    """
+    axes, shape = positions.shape[0], tuple(positions.shape[1:])
+    constant = positions[0] < 0 if axes else torch.zeros(shape, dtype=torch.bool)
+    tokens = []
+    for d, n in enumerate(shape):
+        rows = constant.movedim(d, 0).reshape(n, -1).all(1).tolist() if n else []
+        tokens.append(next((i for i, row in enumerate(rows) if not row), n))
+    core = positions[(slice(None), *(slice(t, None) for t in tokens))]
+    expected = torch.zeros(shape, dtype=torch.bool)
+    for d, t in enumerate(tokens):
+        expected |= (torch.arange(shape[d]) < t).reshape([-1 if e == d else 1 for e in range(len(shape))])
+    if core.numel() == 0 or (core < 0).any() or not torch.equal(constant, expected):
+        return None
+    for axis in range(axes):
+        found = core[axis].unique()
+        start, step = int(found[0]), int(found[1] - found[0]) if len(found) > 1 else 1
+        if not torch.equal(found, start + step * torch.arange(len(found))):
+            return None
+        if (start, step, len(found)) != (0, 1, field.length(axis)):  # a slice of the axis: its positions renamed
+            try:
+                field = field.take(axis, start, step, len(found))
+            except OnlyHolesError:
+                return None
+            positions = positions.clone()
+            positions[axis] = torch.where(constant, -1, (positions[axis] - start) // step)
+            core = positions[(slice(None), *(slice(t, None) for t in tokens))]
+    if core.flatten(1)[:, 0].any():  # the first element must be position 0 along every axis
+        return None
+    dims = []
+    for d in range(len(shape)):
+        profile = core[(slice(None), *(slice(None) if e == d else 0 for e in range(len(shape))))]
+        factors = _factorized(profile)
+        if factors is None:
+            return None
+        dims.append((((PREFIX, tokens[d]),) if tokens[d] else ()) + factors)
+    layout = _merge_parts(tuple(dims))
+    if any(axis_length(layout, axis) != field.length(axis) for axis in range(axes)):
+        return None  # parts that overlap, or positions repeated by a view rather than by a plain factor
+    if not torch.equal(element_positions(layout, shape, axes), positions):
+        return None  # the dimensions' positions do not add up (they depend on one another)
+    return Traced(field, layout, equivariant=False)
+
+
+def _factorized(profile: torch.Tensor) -> tuple[Factor, ...] | None:
+    """Factors (outermost first) whose positions along one dimension are ``profile`` (``(axes, length)``), or None."""
+    factors: list[Factor] = []
+    length, block = profile.shape[1], 1
+    while block < length:
+        delta = profile[:, block] - profile[:, 0]
+        moving = delta.nonzero().flatten().tolist()
+        if len(moving) > 1 or (delta < 0).any():
+            return None
+        count = 1
+        while block * (count + 1) <= length and torch.equal(profile[:, block * count], delta * count):
+            count += 1
+        while (length // block) % count:
+            count -= 1
+        if count < 2:
+            return None
+        key = Part(moving[0], int(delta[moving[0]])) if moving else None
+        factors.append((key, count))
+        block *= count
+    return tuple(reversed(factors))
 
 
 def settled(info: Traced) -> Traced:
