@@ -302,3 +302,124 @@ def test_a_constant_channel_sum_is_named_with_a_hint():
         warnings.simplefilter("error")
         receptive_maps(vit, probes, ["encoder.layers.encoder_layer_0.ln_1"], channel=0)
         receptive_maps(vit, probes, ["conv_proj", "encoder.layers.encoder_layer_0"])
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 25: the zoo's last refusals, each on a minimal model of the operation (every unit checked).
+# --------------------------------------------------------------------------------------------
+
+
+class RelativeConvTokens(nn.Module):
+    """CoaT's convolutional relative position encoding: a depthwise convolution over the grid of tokens, the class
+    token left out, then padded back in front as a zero (``F.pad`` along the tokens)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(1, 4, 2, stride=2)
+        self.cls = nn.Parameter(torch.randn(1, 1, 4))
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x):
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.embed(x).flatten(2).transpose(1, 2)], 1)
+        grid = tokens[:, 1:].transpose(1, 2).reshape(-1, 4, 4, 4)
+        encoded = tokens[:, 1:] * self.conv(grid).flatten(2).transpose(1, 2)
+        return self.head(tokens + torch.nn.functional.pad(encoded, (0, 0, 1, 0)))
+
+
+def test_tokens_padded_in_front_are_class_tokens():
+    table = receptive_fields(RelativeConvTokens(), (1, 8, 8))
+    assert table["head"].tensor_shape == (1, 17, 4) and table["head"].size == (6, 6)
+    assert table["head"].box(0, 0) == (0, 0, 4, 4)
+    assert assert_rows_match_gradient_support(RelativeConvTokens(), (1, 8, 8)) == 3 * 16
+
+
+class Outlook(nn.Module):
+    """VOLO's outlook attention: each window's values (``nn.Unfold``) weighted by its position's attention, summed
+    back onto the pixels the windows cover (``F.fold``)."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.embed = nn.Conv2d(1, 2, 3, padding=1)
+        self.unfold = nn.Unfold(3, padding=1, stride=stride)
+        self.pool = nn.AvgPool2d(stride)
+        self.attn = nn.Conv2d(2, 81, 1)
+
+    def forward(self, x):
+        x = self.embed(x)
+        n, c, h, w = x.shape
+        windows = (h // self.stride) * (w // self.stride)
+        v = self.unfold(x).reshape(n, c, 9, windows).permute(0, 3, 2, 1)  # (n, windows, 9, c)
+        weights = self.attn(self.pool(x)).reshape(n, 9, 9, windows).permute(0, 3, 1, 2).softmax(-1)
+        columns = (weights @ v).permute(0, 3, 2, 1).reshape(n, c * 9, windows)
+        return torch.nn.functional.fold(columns, (h, w), 3, padding=1, stride=self.stride)
+
+
+@pytest.mark.parametrize(("stride", "size"), [(1, (7, 7)), (2, (7, 7))])
+def test_fold_sums_each_pixel_over_the_windows_that_cover_it(stride, size):
+    model = nn.Sequential(Outlook(stride))  # the fold's output is a module's: a row the oracle checks
+    table = receptive_fields(model, (1, 8, 8))
+    assert table["0"].size == size and table["0"].stride == (1, 1)
+    assert assert_rows_match_gradient_support(model, (1, 8, 8)) >= 64 * 2 + 64 // stride**2 * 2
+
+
+class WindowedDepthwise(nn.Module):
+    """EfficientViT's local window attention: 4x4 windows cut out as a batch, a depthwise convolution within each
+    (zeros at the windows' edges), attention within each, windows put back."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.embed = nn.Conv2d(1, 2, 1)
+        self.dw = nn.Conv2d(2, 2, 3, stride=stride, padding=1, groups=2)
+        self.attention = nn.MultiheadAttention(2, 1, batch_first=True)
+        self.head = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        x = self.embed(x)
+        n, c, h, w = x.shape
+        windows = x.view(n, c, h // 4, 4, w // 4, 4).permute(0, 2, 4, 1, 3, 5).reshape(-1, c, 4, 4)
+        y = self.dw(windows)
+        s = y.shape[-1]
+        tokens = y.flatten(2).transpose(1, 2)
+        y = self.attention(tokens, tokens, tokens, need_weights=False)[0].transpose(1, 2).reshape(-1, c, s, s)
+        y = y.view(n, h // 4, w // 4, c, s, s).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h // 4 * s, w // 4 * s)
+        return self.head(y)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_convolution_within_window_partitions_stops_at_their_edges(stride):
+    table = receptive_fields(WindowedDepthwise(stride), (1, 8, 8))
+    dw = table["dw"]
+    assert not dw.is_global and dw.tensor_shape == (4, 2, 4 // stride, 4 // stride)
+    assert table["head"].output_shape == (8 // stride, 8 // stride)
+    assert table["head"].box(0, 0) == (0, 0, 4, 4)  # attention within the first window: all of it, never beyond
+    assert assert_rows_match_gradient_support(WindowedDepthwise(stride), (1, 8, 8)) >= 64
+
+
+class Halo(nn.Module):
+    """HaloNet's attention: queries in 4x4 blocks, keys and values from the 6x6 windows around them (a halo of 1,
+    cut by ``F.pad`` and ``Tensor.unfold``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(1, 4, 1)
+        self.q = nn.Conv2d(4, 4, 1)
+        self.kv = nn.Conv2d(4, 8, 1)
+
+    def forward(self, x):
+        x = self.embed(x)
+        n, c, h, w = x.shape
+        blocks = (h // 4) * (w // 4)
+        q = self.q(x).reshape(n, c, h // 4, 4, w // 4, 4).permute(0, 2, 4, 3, 5, 1).reshape(n, blocks, 16, c)
+        kv = torch.nn.functional.pad(self.kv(x), [1, 1, 1, 1]).unfold(2, 6, 4).unfold(3, 6, 4)
+        k, v = kv.reshape(n, 2 * c, blocks, 36).permute(0, 2, 3, 1).split(c, -1)
+        out = (q @ k.transpose(-1, -2) * c**-0.5).softmax(-1) @ v  # (n, blocks, 16, c)
+        return out.reshape(n, h // 4, w // 4, 4, 4, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, h, w)
+
+
+def test_halo_attention_sees_its_block_and_the_halo_around_it():
+    model = nn.Sequential(Halo())
+    table = receptive_fields(model, (1, 8, 8))
+    assert table["0"].box(0, 0) == (0, 0, 5, 5) and table["0"].box(7, 7) == (3, 3, 8, 8)
+    assert assert_rows_match_gradient_support(model, (1, 8, 8)) == 4 * 64

@@ -360,6 +360,33 @@ def test_a_pool_over_tokens_across_rows_is_global_after_a_gate():
     assert_rows_match_gradient_support(model, (2, 6, 6), ["se", "pool", "head"], reinitialize=False)
 
 
+class PooledKeys(nn.Module):
+    """nextvit's E-MHSA: queries at every token, keys and values from an AvgPool1d of 4 consecutive tokens of
+    6-token rows (so straddling them)."""
+
+    def __init__(self, channels: int = 4):
+        super().__init__()
+        self.sr = nn.AvgPool1d(4)
+        self.q, self.k, self.v = (nn.Linear(channels, channels) for _ in range(3))
+
+    def forward(self, x):
+        tokens = x.flatten(2).transpose(1, 2)  # (N, 36, C)
+        pooled = self.sr(tokens.transpose(1, 2)).transpose(1, 2)  # (N, 9, C): no grid of the image
+        attention = (self.q(tokens) @ self.k(pooled).transpose(1, 2)).softmax(-1)
+        return attention @ self.v(pooled)
+
+
+def test_keys_pooled_across_rows_have_no_grid_but_attention_over_them_is_exact():
+    """Issue 25: the pooled tokens are refused, in words; the attention that reads them all is exact (global)."""
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), PooledKeys())
+    with pytest.raises(UnsupportedLayerError, match=r"in '1\.sr' \(AvgPool1d\): .* straddle the grid's rows \(of 6"):
+        receptive_fields(model, (2, 6, 6))
+    table = receptive_fields(model, (2, 6, 6), strict=False)
+    assert [row.name for row in table.unsupported] == ["1.sr", "1.k", "1.v"]
+    assert table["1"].is_global and table["1.q"].size == (3, 3)
+    assert assert_rows_match_gradient_support(model, (2, 6, 6), ["0", "1.q", "1"], strict=False) == 3 * 36
+
+
 def test_an_upsampled_global_pool_is_global():
     """deeplabv3's ASPP pooling branch: pool to 1x1, resize back, concatenate with local branches."""
 

@@ -20,6 +20,7 @@ from rf_callback.tracing.layout import (
     Indexed,
     Layout,
     Part,
+    Spread,
     Traced,
     Unsupported,
     _aligned,
@@ -127,6 +128,7 @@ class Tracer(TorchDispatchMode):
         self.info = TensorInfos()
         self.stack: list[tuple[str, str]] = []  # (module name, module type) being run
         self.transparent = 0
+        self.operation: Any = None  # the operation being followed, for the errors of rules deep inside it
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def where(self) -> tuple[str, str]:
@@ -160,6 +162,7 @@ class Tracer(TorchDispatchMode):
 
     def record(self, func, args: tuple, kwargs: dict, out: Any) -> None:
         """Files what ``out`` sees, the output of the ATen operation ``func`` on ``args`` and ``kwargs``."""
+        self.operation = func
         tensors = [t for t in _operands(args, kwargs) if t in self.info]
         outputs = flat_tensors(out)
         if not tensors:
@@ -214,7 +217,13 @@ class Tracer(TorchDispatchMode):
         self, tensors: Sequence[torch.Tensor], infos: list[Traced], error: UnsupportedLayerError, move: Any
     ) -> Indexed | Traced | None:
         """A view or pad that no layout follows, followed element by element (see :class:`Indexed`), or None."""
-        if len(infos) != 1 or any(_prefix(dim) is FED for dim in infos[0].layout) or tensors[0].numel() > 1 << 20:
+        info = infos[0] if len(infos) == 1 else None
+        if (
+            info is None
+            or any(_prefix(dim) is FED for dim in info.layout)
+            or refusal(info)
+            or tensors[0].numel() > 1 << 20
+        ):
             return None
         with _untraced():
             try:
@@ -387,17 +396,51 @@ class Tracer(TorchDispatchMode):
         A :class:`Part` of a split axis mixes within its windows only; class tokens in ``dims``
         receive what the grid sees (:data:`FED`).
         """
-        field, equivariant = info.field, info.equivariant
+        field, equivariant, layout = info.field, info.equivariant, info.layout
         for d in dims:
             for key, length in info.layout[d]:
                 if type(key) is int:
                     field, equivariant = field.mix(key), False
                 elif type(key) is Part:
                     field, equivariant = _mix_part(field, key, length), False
-        result = Traced(field, info.layout, equivariant, info.lost)
+                elif type(key) is Spread:  # every unit now sees what all of them saw: the field says just that
+                    layout = (
+                        layout[:d] + (tuple((None, n) if k is key else (k, n) for k, n in layout[d]),) + layout[d + 1 :]
+                    )
+        result = Traced(field, layout, equivariant, info.lost)
         if any(_prefix(info.layout[d]) is not None for d in dims):
             return _fed(result, dims)
         return result
+
+    def _spread(
+        self,
+        field: Field,
+        dim: tuple[Factor, ...],
+        size: int,
+        kernel: int,
+        stride: int,
+        padding: int,
+        dilation: int,
+        refused: _Reject,
+    ) -> tuple[Field, tuple[Factor, ...]]:
+        """Windows along a dimension of flattened positions that straddle its rows: units that form no grid.
+
+        Where the windows read every position of the dimension, what they see together is the union of
+        its positions' fields: a :class:`Spread` dimension (exact once something mixes it). Otherwise
+        ``refused``.
+        """
+        length = _dim_size(dim)
+        if padding or _prefix(dim) is not None or any(type(key) is Part for key, _ in dim):
+            raise refused
+        if all(field.rfs[key].jump == 0 for key, _ in dim if type(key) is int):
+            raise refused  # positions that all see the same: forgotten, and the window followed on plain ones
+        read = {u * stride + j * dilation for u in range(size) for j in range(kernel)}
+        if read != set(range(length)):
+            raise refused
+        for key, _ in dim:
+            if type(key) is int:
+                field = field.mix(key)
+        return field, ((Spread(self.error(str(self.operation), _reason_of_spread(kernel, dim))), size),)
 
     def window(self, info: Traced, result: torch.Tensor, kernel, stride, padding, dilation) -> Traced:
         """Sliding windows over the last ``len(kernel)`` dims (convolution, pooling).
@@ -434,8 +477,15 @@ class Tracer(TorchDispatchMode):
                 layout.append(((axis, size),))
             else:
                 field, windows = field.windows(windows), []  # in order
-                field, inner = _window_within_rows(field, dim, size, kernel[i], stride[i], padding[i], dilation[i])
-                layout.append(dim[:-1] + inner)
+                try:
+                    field, inner = _window_within_rows(field, dim, size, kernel[i], stride[i], padding[i], dilation[i])
+                    layout.append(dim[:-1] + inner)
+                except _Reject as refused:
+                    field, spread = self._spread(
+                        field, dim, size, kernel[i], stride[i], padding[i], dilation[i], refused
+                    )
+                    layout.append(spread)
+                    equivariant = False
         if windows:
             field = field.windows(windows)
         if rescaled:  # the windows' parts now count whole windows of the new length
@@ -524,6 +574,15 @@ def _regridded(field: Field, own: Layout, layout: Layout, axis: int, extent: int
         groups.setdefault(tuple(q // _step(g[0]) % g[1] for g, _ in pairs), []).append(q)
     sources = [groups.get(tuple(p // _step(f[0]) % f[1] for _, f in pairs), []) for p in range(extent)]
     return field.resample(axis, sources)
+
+
+def _reason_of_spread(kernel: int, dim: tuple[Factor, ...]) -> str:
+    rows = f" (of {dim[-1][1]} positions)" if _axis_of(dim[-1][0]) is not None else ""
+    return (
+        f"its windows of {kernel} consecutive positions of a flattened grid straddle the grid's rows{rows}: its outputs"
+        " form no grid of the image, so no size, stride or padding describes them (what mixes all of them, an"
+        " attention over them, is followed exactly)"
+    )
 
 
 def _window_within_part(

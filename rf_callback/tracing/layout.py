@@ -45,6 +45,23 @@ class _Prefix:
         return self.name
 
 
+class Spread:
+    """The key of a dimension of units that form no grid of the image, each seeing part of what ``field`` says.
+
+    A pool of 16 consecutive tokens of 28-token rows (Next-ViT's ``AvgPool1d`` over flattened
+    positions) straddles rows: its outputs have no size, stride or padding along any axis. Their
+    field is the union of what all of them see (the positions they tile), a bound for each; it is
+    exact for whatever mixes the whole dimension (an attention over all of them), which makes the
+    dimension plain again. A row whose layout still holds one is refused, for ``error``.
+    """
+
+    def __init__(self, error: UnsupportedLayerError) -> None:
+        self.error = error
+
+    def __repr__(self) -> str:
+        return "SPREAD"
+
+
 PREFIX = _Prefix("PREFIX")
 """The key of a dimension's leading class tokens that hold constants: they add to its size."""
 FED = _Prefix("FED")
@@ -58,7 +75,7 @@ def _prefix(dim: tuple[Factor, ...]) -> _Prefix | None:
 
 # A tensor dimension is a product of factors; a factor is (key, length), see the module docstring.
 # Non-spatial factors of length 1 are dropped; an axis reduced away is absent from the layout.
-Factor = tuple["int | Part | _Prefix | None", int]
+Factor = tuple["int | Part | _Prefix | Spread | None", int]
 Layout = tuple[tuple[Factor, ...], ...]
 
 
@@ -115,7 +132,19 @@ def refusal(info: Traced | Unsupported | Indexed | None) -> UnsupportedLayerErro
     """Why ``info`` has no exact receptive field, or None when it has one."""
     if info is None:
         return None
-    return info.lost if type(info) is Traced else info.error  # type: ignore[union-attr]
+    if type(info) is not Traced:
+        return info.error  # type: ignore[union-attr]
+    return info.lost or _spread(info.layout)
+
+
+@functools.lru_cache(maxsize=4096)
+def _spread(layout: Layout) -> UnsupportedLayerError | None:
+    """Why a dimension of ``layout`` holds units that form no grid (:class:`Spread`), or None."""
+    for dim in layout:
+        for key, _ in dim:
+            if type(key) is Spread:
+                return key.error
+    return None
 
 
 class _Reject(Exception):
@@ -262,6 +291,8 @@ def _reshape(layout: Layout, shape: Sequence[int]) -> Layout:
                 remaining //= length
             elif length % remaining == 0:  # split: ``remaining`` outer positions, the rest inner
                 inner = length // remaining
+                if type(key) is Spread:
+                    raise _Reject(f"a view to {tuple(shape)} splits a dimension of units that form no grid")
                 if key is None:
                     dim.append((None, remaining))
                     queue[0] = (None, inner)
