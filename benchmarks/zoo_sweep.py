@@ -35,6 +35,7 @@ import pathlib
 import resource
 import statistics
 import subprocess
+import threading
 import time
 import traceback
 import warnings
@@ -678,6 +679,7 @@ def main() -> None:
     parser.add_argument("--max-build-parameters", type=float, default=150e6, help="skip models above this")
     parser.add_argument("--max-memory-gb", type=float, default=0, help="address-space limit of the worker (0: none)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per model before it is skipped")
+    parser.add_argument("--workers", type=int, default=1, help="models traced at once, each in its own process")
     parser.add_argument("--recycle", type=int, default=20, help="models per worker process")
     parser.add_argument("--jsonl", help="append one JSON record per model; models already in it are not run again")
     parser.add_argument("--recheck", help="records of an earlier run: models whose table is unchanged keep theirs")
@@ -696,19 +698,33 @@ def main() -> None:
         f" torch {torch.__version__}, torchvision {torchvision.__version__}",
         flush=True,
     )
-    workers = Workers(args)
     records = [done[name] for name in names if name in done]
-    try:
-        for name in todo:
-            record = workers.run(name, previous.get(name))
-            record["code"] = record.get("code") if "same table as" in record else code
-            records.append(record)
-            print(line(record), flush=True)
-            if args.jsonl:
-                with open(args.jsonl, "a") as stream:
-                    stream.write(json.dumps(record, default=str) + "\n")
-    finally:
-        workers.stop()
+    queue, lock = iter(todo), threading.Lock()
+
+    def work() -> None:  # one worker process per thread, each taking the next model in turn
+        workers = Workers(args)
+        try:
+            while True:
+                with lock:
+                    name = next(queue, None)
+                if name is None:
+                    return
+                record = workers.run(name, previous.get(name))
+                record["code"] = record.get("code") if "same table as" in record else code
+                with lock:
+                    records.append(record)
+                    print(line(record), flush=True)
+                    if args.jsonl:
+                        with open(args.jsonl, "a") as stream:
+                            stream.write(json.dumps(record, default=str) + "\n")
+        finally:
+            workers.stop()
+
+    threads = [threading.Thread(target=work) for _ in range(args.workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     print(summary(records))
 
 
