@@ -526,7 +526,7 @@ def _misplaced(field: Field, own: Layout, layout: Layout, axis: int, extent: int
     moved = [factor for d, factor in factors if factor not in layout[d]]
     if not moved:
         return field, False
-    if field.length(axis) != extent or any(_partner(own, layout, d, factor) for d, factor in factors):
+    if field.length(axis) != extent or any(_partner(own, layout, d, f) not in (None, f) for d, f in factors):
         return _regridded(field, own, layout, axis, extent), True
     if len(moved) == len(factors):
         return field.mix(axis).broadcast(axis, extent), True
@@ -536,11 +536,11 @@ def _misplaced(field: Field, own: Layout, layout: Layout, axis: int, extent: int
 
 
 def _partner(own: Layout, layout: Layout, d: int, factor: Factor) -> Factor | None:
-    """The output's factor of the same axis at ``factor``'s place in dimension ``d`` on another grid, if any.
+    """The output's factor of the same axis at ``factor``'s place in dimension ``d``, if any.
 
     A factor sits at the same place when dimension ``d`` splits alike in the operand and the output
-    (the same lengths, in order) and the output's factor there belongs to the same axis with another
-    step: the same index along both, on grids of different resolutions (Hiera's keys, at the tokens'
+    (the same lengths, in order) and the output's factor there belongs to the same axis, maybe with
+    another step: the same index along both, on grids that may differ (Hiera's keys, at the tokens'
     resolution, and its pooled queries, at half of it: mask unit ``u`` is ``Part(axis, 8)`` of the
     one and ``Part(axis, 4)`` of the other).
     """
@@ -548,9 +548,7 @@ def _partner(own: Layout, layout: Layout, d: int, factor: Factor) -> Factor | No
     if len(mine) != len(theirs) or any(a[1] != b[1] for a, b in zip(mine, theirs)):
         return None
     other = theirs[mine.index(factor)]
-    if other == factor or _axis_of(other[0]) != _axis_of(factor[0]):
-        return None
-    return other
+    return other if _axis_of(other[0]) == _axis_of(factor[0]) else None
 
 
 def _regridded(field: Field, own: Layout, layout: Layout, axis: int, extent: int) -> Field:
@@ -564,7 +562,9 @@ def _regridded(field: Field, own: Layout, layout: Layout, axis: int, extent: int
     """
     pairs = []
     for d, factor in _factors(own, axis):
-        partner = factor if factor in layout[d] and field.length(axis) == extent else _partner(own, layout, d, factor)
+        partner = _partner(own, layout, d, factor)
+        if partner is None and factor in layout[d] and field.length(axis) == extent:
+            partner = factor
         if partner is not None:
             pairs.append((factor, partner))
     if not pairs:
