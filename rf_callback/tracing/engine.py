@@ -180,10 +180,12 @@ class Tracer(TorchDispatchMode):
             results = self.follow_elements(tensors, lambda positions: moved_positions(func, bound, positions, out))
         elif results is _REFUSED:
 
+            def step(infos: list[Traced]) -> Any:
+                return self.settle(self.handle(func, bound, infos, out))
+
             def elements(infos: list[Traced], error: UnsupportedLayerError) -> Indexed | Traced | None:
                 return self.elements(tensors, infos, error, lambda p: moved_positions(func, bound, p, out))
 
-            step = lambda infos: self.settle(self.handle(func, bound, infos, out))
             results = self.follow(func, tensors, step, elements)
         if not isinstance(results, tuple):
             results = (results,) * len(outputs)
@@ -227,13 +229,13 @@ class Tracer(TorchDispatchMode):
             return None
         with _untraced():
             try:
-                positions = element_positions(infos[0].layout, tensors[0].shape, len(self.image))
+                positions = element_positions(info.layout, tensors[0].shape, len(self.image))
             except ValueError:  # a layout that does not hold this tensor's shape: nothing to move
                 return None
             moved = move(positions)
             if moved is None:
                 return None
-            return from_positions(infos[0].field, moved) or Indexed(infos[0].field, moved, error)
+            return from_positions(info.field, moved) or Indexed(info.field, moved, error)
 
     def follow(self, operation: Any, tensors: Sequence[torch.Tensor], step: Any, elements: Any = None) -> Any:
         """The info of an operation's output(s): ``step(infos of the followed inputs)``, with the refusal rules.
