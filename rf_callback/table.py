@@ -455,6 +455,32 @@ _ABSENT = object()
 """No instance attribute of that name (as opposed to one set to None)."""
 
 
+class _KeptState:
+    """The modules' attributes and buffers before the trace, to put back after it.
+
+    A forward that caches what it computes (ConViT's relative indices, stored in a buffer when the
+    resolution changes) would otherwise keep the meta tensor of the trace, which the next real
+    forward reads and fails on. Only rebound or added attributes and buffers are put back (by
+    identity: a tensor's ``==`` would compare values); the modules' own objects are left as they are.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        self.saved = [(module, dict(module.__dict__), dict(module._buffers)) for module in modules]
+
+    def restore(self) -> None:
+        for module, attributes, buffers in self.saved:
+            now = module._buffers
+            if len(now) != len(buffers) or any(now.get(name, _ABSENT) is not value for name, value in buffers.items()):
+                now.clear()
+                now.update(buffers)
+            if len(module.__dict__) != len(attributes) or any(
+                module.__dict__.get(name, _ABSENT) is not value for name, value in attributes.items()
+            ):
+                for name in set(module.__dict__) - set(attributes):
+                    del module.__dict__[name]
+                module.__dict__.update(attributes)
+
+
 def _no_autocast() -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     for device_type in ("cpu", "cuda"):
@@ -550,6 +576,7 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     failure: Exception | None = None
     walked = list(named_modules(model))
+    kept = _KeptState([module for _, module in walked])
     try:
         for name, module in walked:
             if not name:
@@ -594,6 +621,7 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
                 del module.__dict__["forward"]
             else:
                 module.__dict__["forward"] = forward
+        kept.restore()
     if failure is not None:
         raise _trace_error(model, shape, dtype, failure) from failure
     # The model's outputs that no module returned (computed in the top-level forward) get rows too.

@@ -562,3 +562,27 @@ def test_shifted_copies_fold_into_one_branch_and_stay_exact():
     table = receptive_fields(model, (2, 16, 16))
     assert [len(table[name].field.branches) for name in ("1", "3", "4")] == [1, 1, 1]  # 4, 16, 64 unfolded
     assert_rows_match_gradient_support(model, (2, 16, 16), ["1", "3", "4"], reinitialize=False)
+
+
+class CachedIndices(nn.Module):
+    """ConViT's GPSA: relative indices computed in forward when the resolution changes, kept in a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.register_buffer("indices", torch.zeros(1), persistent=False)
+
+    def forward(self, x):
+        if self.indices.shape[0] != x.shape[-1]:
+            self.indices = torch.arange(x.shape[-1], dtype=x.dtype, device=x.device)
+            self.cached_at = x.shape[-1]
+        return self.conv(x) * self.indices
+
+
+def test_what_a_forward_caches_during_the_trace_is_not_kept():
+    """Issue 25 (found by the zoo sweep on convit_tiny): the trace's meta buffer broke the next real forward."""
+    model = CachedIndices()
+    before = model.indices
+    assert receptive_fields(model, (1, 6, 6))["conv"].size == (3, 3)
+    assert model.indices is before and not hasattr(model, "cached_at")
+    assert model(torch.rand(1, 1, 6, 6)).shape == (1, 2, 6, 6) and model.indices.device.type == "cpu"
