@@ -186,6 +186,15 @@ def _mean_pool(pool: Any) -> Any:
     return pooled
 
 
+def _adaptive_mean(pool: Any) -> Any:
+    """``F.adaptive_max_poolNd`` as the adaptive average pool of the same windows."""
+
+    def pooled(x, output_size, return_indices=False):
+        return NotImplemented if return_indices else pool(x, output_size)
+
+    return pooled
+
+
 def _mean_over(x, dim=None, keepdim=False, *args, **kwargs):
     """``amax`` / ``max(dim)`` as a mean over the same positions."""
     if dim is None or isinstance(dim, torch.Tensor):
@@ -218,6 +227,9 @@ class GradientEverywhere(TorchFunctionMode):
         F.max_pool1d: _mean_pool(F.avg_pool1d),
         F.max_pool2d: _mean_pool(F.avg_pool2d),
         F.max_pool3d: _mean_pool(F.avg_pool3d),
+        F.adaptive_max_pool1d: _adaptive_mean(F.adaptive_avg_pool1d),
+        F.adaptive_max_pool2d: _adaptive_mean(F.adaptive_avg_pool2d),
+        F.adaptive_max_pool3d: _adaptive_mean(F.adaptive_avg_pool3d),
     }
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -341,6 +353,8 @@ def gradient_check(
     with GradientEverywhere():
         outputs = _outputs_of(twin, [r.name for r in local + spread], image)
     result: dict[str, Any] = collections.Counter()
+    weights = torch.Generator().manual_seed(2)  # a unit's elements mixed with unequal weights: normalized
+    # rows (an attention map's, a LayerNorm's channels) sum to a constant, whose gradient is zero
     wrong = []
     per_row = units if not rows else max(units // max(len(local), 1), 1)  # every row: units per row
     for row in local + spread:
@@ -357,7 +371,9 @@ def gradient_check(
             unit = (*(n // 2 for n in row.output_shape[:-2]), *unit)  # 3-D: the middle slice
             where = (positions == torch.tensor(unit).reshape(-1, *([1] * output.dim()))).all(0)
             if where.any():
-                checks.append((output[where].sum(), unit, kind))
+                checks.append(
+                    ((output[where] * (0.5 + torch.rand(int(where.sum()), generator=weights))).sum(), unit, kind)
+                )
         for value, unit, kind in checks:
             box, found = row.box(*unit), _support(value, image)
             verdict = _verdict(box, found)
