@@ -91,12 +91,11 @@ def sample(names: list[str], limit: int | None) -> list[str]:
     return chosen
 
 
-def parameter_count(name: str, size: int | None) -> int | None:
-    """The model's parameter count from a build on the meta device (no memory, no init), or None if that fails."""
+def meta_build(name: str, size: int | None) -> tuple[nn.Module, tuple[int, int, int]] | None:
+    """The model built on the meta device (no memory, no initialization), or None where that fails."""
     try:
         with torch.device("meta"):
-            model, _ = build(name, size)
-        return sum(p.numel() for p in model.parameters())
+            return build(name, size)
     except Exception:  # noqa: BLE001  (any model that cannot be built on the meta device)
         return None
 
@@ -449,22 +448,22 @@ def sweep_one(name: str, args: argparse.Namespace, previous: dict[str, Any] | No
     """One model's record. With the record of an earlier run (``--recheck``), a model whose table is the same
     (its fingerprint, traced from a build on the meta device when the model can be built there) keeps it."""
     record: dict[str, Any] = {"model": name}
-    count = parameter_count(name, args.size)
+    meta = meta_build(name, args.size)
+    count = None if meta is None else sum(p.numel() for p in meta[0].parameters())
     if count is not None and count > args.max_build_parameters:
         return record | {"status": "skipped", "error": f"{count / 1e6:.0f}M parameters (--max-build-parameters)"}
-    if previous is not None and previous.get("fingerprint"):
+    if previous is not None and previous.get("fingerprint") and meta is not None:
+        again, _ = trace(name, *meta)
+        if again.get("fingerprint") == previous["fingerprint"] and again["status"] == previous["status"]:
+            return previous | {"same table as": previous.get("code"), "strict agrees": again["strict agrees"]}
+    checked = args.units and count is not None and count <= args.max_parameters
+    if meta is not None and not args.repeats and not (checked and math.prod(meta[1][1:]) <= args.max_pixels):
+        model, shape = meta  # no weights needed: the table is traced on the meta device anyway
+    else:
         try:
-            with torch.device("meta"):
-                model, shape = build(name, args.size)
-            again, _ = trace(name, model, shape)
-            if again.get("fingerprint") == previous["fingerprint"] and again["status"] == previous["status"]:
-                return previous | {"same table as": previous.get("code"), "strict agrees": again["strict agrees"]}
-        except Exception as error:  # noqa: BLE001  (any model's failure to build on the meta device)
-            record["meta build"] = f"{type(error).__name__}: {str(error)[:80]}"  # checked in full below
-    try:
-        model, shape = build(name, args.size)
-    except Exception as error:  # noqa: BLE001
-        return record | {"status": "build failed", "error": f"{type(error).__name__}: {str(error)[:120]}"}
+            model, shape = build(name, args.size)
+        except Exception as error:  # noqa: BLE001
+            return record | {"status": "build failed", "error": f"{type(error).__name__}: {str(error)[:120]}"}
     record["shape"] = list(shape)
     record["parameters"] = sum(p.numel() for p in model.parameters())
     traced, table = trace(name, model, shape)
