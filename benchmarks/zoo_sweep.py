@@ -206,21 +206,14 @@ def _mean_over(x, dim=None, keepdim=False, *args, **kwargs):
 
 class GradientEverywhere(TorchFunctionMode):
     """Runs the twin with the functions whose gradient can be exactly zero on a path replaced by ones with the same
-    inputs and a gradient everywhere: saturating activations (sigmoid, tanh, hard-sigmoid, ReLU6, hard-tanh) by
-    the identity, softmax by one of scores scaled into [-1, 1], max pooling and ``amax`` by averages. A pixel
-    with a path to a unit then has a nonzero gradient (positive weights and inputs), and the box is testable."""
+    inputs and a gradient everywhere: sigmoids and tanh by softsign curves of the same range (gates stay near
+    one half: the identity would multiply small values into nothing), ReLU6 and hard-tanh by the identity,
+    softmax by one of scores scaled into [-1, 1], max pooling and ``amax`` by averages. A pixel with a path to
+    a unit then has a nonzero gradient (positive weights and inputs), and the box is testable."""
 
-    IDENTITY: ClassVar = {
-        torch.sigmoid,
-        torch.Tensor.sigmoid,
-        F.sigmoid,
-        torch.tanh,
-        torch.Tensor.tanh,
-        F.tanh,
-        F.hardsigmoid,
-        F.relu6,
-        F.hardtanh,
-    }
+    IDENTITY: ClassVar = {F.relu6, F.hardtanh}
+    SIGMOID: ClassVar = {torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid, F.hardsigmoid}
+    TANH: ClassVar = {torch.tanh, torch.Tensor.tanh, F.tanh}
     SOFTMAX: ClassVar = {torch.softmax, torch.Tensor.softmax, F.softmax}
     POOLS: ClassVar = {
         F.max_pool1d: _mean_pool(F.avg_pool1d),
@@ -235,6 +228,10 @@ class GradientEverywhere(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in self.IDENTITY:
             return args[0]
+        if func in self.SIGMOID or func in self.TANH:
+            x = args[0]
+            softsign = x / (1 + x.abs())
+            return 0.5 + 0.5 * softsign if func in self.SIGMOID else softsign
         if func in self.SOFTMAX:
             return _gentle_softmax(*args, **kwargs)
         if func is F.scaled_dot_product_attention and not kwargs.get("enable_gqa"):
