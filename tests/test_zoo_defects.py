@@ -586,3 +586,25 @@ def test_what_a_forward_caches_during_the_trace_is_not_kept():
     assert receptive_fields(model, (1, 6, 6))["conv"].size == (3, 3)
     assert model.indices is before and not hasattr(model, "cached_at")
     assert model(torch.rand(1, 1, 6, 6)).shape == (1, 2, 6, 6) and model.indices.device.type == "cpu"
+
+
+class ZigZag(nn.Module):
+    """CSATv2's DCT stem: 2x2 blocks transformed by a fixed matrix, the coefficients gathered in a fixed order
+    (``x[:, :, order]``, along a dimension that holds no position), then a convolution over the blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("transform", torch.randn(4, 4), persistent=False)
+        self.register_buffer("order", torch.tensor([0, 2, 1, 3]), persistent=False)
+        self.conv = nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        blocks = x.reshape(1, 1, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, 16, 1, 4) @ self.transform
+        coefficients = blocks[:, :, :, self.order].reshape(1, 4, 4, 4).permute(0, 3, 1, 2)
+        return self.conv(coefficients)
+
+
+def test_gathering_along_channels_by_fixed_indices_is_followed():
+    table = receptive_fields(ZigZag(), (1, 8, 8))
+    assert (table["conv"].size, table["conv"].stride, table["conv"].output_shape) == ((6, 6), (2, 2), (4, 4))
+    assert assert_rows_match_gradient_support(ZigZag(), (1, 8, 8), ["conv"], reinitialize=False) == 16

@@ -436,6 +436,23 @@ def _cat(tracer, func, bound, out):
     return result
 
 
+@_register(aten.index.Tensor)
+def _index(tracer, func, bound, out):
+    """``x[..., order]``: gathering along one dimension that holds no position (channels, coefficients) by fixed
+    indices (CSATv2's zig-zag order of DCT coefficients). Along a spatial axis, or by indices that depend on
+    the input, which elements go where is data: refused."""
+    source, indices = bound["self"], bound["indices"]
+    info = tracer.traced(source)
+    picked = [d for d, index in enumerate(indices) if index is not None]
+    if any(index in tracer.info for index in indices if index is not None):
+        raise _Reject("its indices depend on the input")
+    if len(picked) != 1 or _spatial(info.layout[picked[0]]):
+        raise _Reject("it gathers positions by indices")
+    d, width = picked[0], indices[picked[0]].dim() if indices[picked[0]].dtype != torch.bool else 1
+    middle = tuple(_plain(n) for n in out.shape[d : d + width])
+    return info.with_layout(info.layout[:d] + middle + info.layout[d + 1 :])
+
+
 @_register(aten.copy_.default)
 def _copy(tracer, func, bound, out):
     return tracer.pointwise(func, bound, out, operands=[bound["src"]])
