@@ -12,7 +12,12 @@ with the :class:`~rf_callback.algebra.Field` of the tensor's units. A key is
   rest of the dimension (a ViT's class and register tokens), which add to its size rather than
   multiply. :data:`PREFIX` tokens hold constants; an operation that feeds them from the input
   (attention) makes them :data:`FED`, allowed only where every position of the grid already sees
-  the same, which the tokens then see too.
+  the same, which the tokens then see too;
+* a :class:`Spread`: units that form no grid (a pool straddling the rows of flattened tokens),
+  each seeing part of what the field says, until something mixes them all.
+
+Where no factors describe a tensor (a view or pad that no layout follows), :class:`Indexed` gives
+each element's position instead, until :func:`from_positions` finds factors again.
 """
 
 from __future__ import annotations
