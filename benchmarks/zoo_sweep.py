@@ -208,8 +208,9 @@ class GradientEverywhere(TorchFunctionMode):
     """Runs the twin with the functions whose gradient can be exactly zero on a path replaced by ones with the same
     inputs and a gradient everywhere: sigmoids and tanh by softsign curves of the same range (gates stay near
     one half: the identity would multiply small values into nothing), ReLU6 and hard-tanh by the identity,
-    softmax by one of scores scaled into [-1, 1], max pooling and ``amax`` by averages. A pixel with a path to
-    a unit then has a nonzero gradient (positive weights and inputs), and the box is testable."""
+    softmax by one of scores scaled into [-1, 1], max pooling and ``amax`` by averages, and weights left
+    unstandardized (NF-Nets' convolutions standardize theirs, which makes half of them negative). A pixel with a
+    path to a unit then has a nonzero gradient (positive weights and inputs), and the box is testable."""
 
     IDENTITY: ClassVar = {F.relu6, F.hardtanh}
     SIGMOID: ClassVar = {torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid, F.hardsigmoid}
@@ -226,6 +227,8 @@ class GradientEverywhere(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.batch_norm and kwargs.get("training", len(args) > 5 and args[5]) and args[1] is None:
+            return args[0]  # batch statistics in the eval-mode twin: weight standardization (ScaledStdConv2d)
         if func in self.IDENTITY:
             return args[0]
         if func in self.SIGMOID or func in self.TANH:
