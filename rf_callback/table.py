@@ -14,6 +14,7 @@ import difflib
 import gc
 import itertools
 import math
+import operator
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from rf_callback.tracing import (
     module_lowering,
     refusal,
     run_module_lowered,
+    spread_refusal,
 )
 
 __all__ = [
@@ -455,30 +457,29 @@ _ABSENT = object()
 """No instance attribute of that name (as opposed to one set to None)."""
 
 
-class _KeptState:
-    """The modules' attributes and buffers before the trace, to put back after it.
+@contextlib.contextmanager
+def _attributes_kept(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """The modules' buffers, and the set of their attributes, put back after the trace.
 
     A forward that caches what it computes (ConViT's relative indices, stored in a buffer when the
     resolution changes) would otherwise keep the meta tensor of the trace, which the next real
-    forward reads and fails on. Only rebound or added attributes and buffers are put back (by
-    identity: a tensor's ``==`` would compare values); the modules' own objects are left as they are.
+    forward reads and fails on. Buffers are compared by identity (a tensor's ``==`` compares values)
+    and attributes the trace added are removed: a few microseconds per module (journaling
+    ``nn.Module.__setattr__`` instead costs a fifth of a mobile network's trace, its code deoptimized).
     """
-
-    def __init__(self, modules: Sequence[nn.Module]) -> None:
-        self.saved = [(module, dict(module.__dict__), dict(module._buffers)) for module in modules]
-
-    def restore(self) -> None:
-        for module, attributes, buffers in self.saved:
+    saved = [(module, module._buffers.copy(), len(module.__dict__)) for module in modules]
+    try:
+        yield
+    finally:
+        for module, buffers, count in saved:
             now = module._buffers
-            if len(now) != len(buffers) or any(now.get(name, _ABSENT) is not value for name, value in buffers.items()):
+            if buffers and (len(now) != len(buffers) or any(map(operator.is_not, now.values(), buffers.values()))):
                 now.clear()
                 now.update(buffers)
-            if len(module.__dict__) != len(attributes) or any(
-                module.__dict__.get(name, _ABSENT) is not value for name, value in attributes.items()
-            ):
-                for name in set(module.__dict__) - set(attributes):
-                    del module.__dict__[name]
-                module.__dict__.update(attributes)
+            if len(module.__dict__) != count:  # attributes set for the first time, by the trace's forward
+                for name in list(module.__dict__)[count:]:
+                    if name != "forward":  # the trace's own wrapper, which it removes itself
+                        del module.__dict__[name]
 
 
 def _no_autocast() -> contextlib.ExitStack:
@@ -576,7 +577,6 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     failure: Exception | None = None
     walked = list(named_modules(model))
-    kept = _KeptState([module for _, module in walked])
     try:
         for name, module in walked:
             if not name:
@@ -594,6 +594,7 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
                 module.__dict__["forward"] = announcing(module, place)
         # Outside inference mode and autocast, so that composite operations decompose as usual.
         with (
+            _attributes_kept([module for _, module in walked]),
             evaluating(model, [module for _, module in walked]),
             _gc_paused(),  # the trace allocates many small tuples; the cyclic collector would double its time
             torch.inference_mode(False),
@@ -621,7 +622,6 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
                 del module.__dict__["forward"]
             else:
                 module.__dict__["forward"] = forward
-        kept.restore()
     if failure is not None:
         raise _trace_error(model, shape, dtype, failure) from failure
     # The model's outputs that no module returned (computed in the top-level forward) get rows too.
@@ -674,11 +674,21 @@ def _traced_outputs(tracer: Tracer, output: Any, strict: bool) -> list[tuple[tor
         found = [] if info is None else [(output, info)]
     else:
         found = [(t, info) for t in flat_tensors(output) if (info := tracer.info.get(t)) is not None]
+    if tracer.spread:  # units that form no grid (see tracing.layout.Spread): no row, though the trace goes on
+        found = [(t, _no_grid(tracer, info)) for t, info in found]
     if strict:
         for _, info in found:
             if refusal(info) is not None:
                 raise refusal(info)
     return found
+
+
+def _no_grid(tracer: Tracer, info: Traced | Unsupported) -> Traced | Unsupported:
+    """``info``, or :class:`Unsupported` (the same object for the same info) where its units form no grid."""
+    error = spread_refusal(info.layout) if type(info) is Traced else None
+    if error is None:
+        return info
+    return tracer.no_grid.setdefault(id(info), (info, Unsupported(error)))[1]
 
 
 @dataclass(slots=True)

@@ -26,6 +26,7 @@ from rf_callback.tracing.layout import (
     element_positions,
     grid_dims,
     refusal,
+    spread_refusal,
 )
 from rf_callback.tracing.shortcuts import flat_tensors
 
@@ -44,4 +45,5 @@ __all__ = [
     "module_lowering",
     "refusal",
     "run_module_lowered",
+    "spread_refusal",
 ]

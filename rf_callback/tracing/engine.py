@@ -129,6 +129,8 @@ class Tracer(TorchDispatchMode):
         self.stack: list[tuple[str, str]] = []  # (module name, module type) being run
         self.transparent = 0
         self.operation: Any = None  # the operation being followed, for the errors of rules deep inside it
+        self.spread = False  # whether a Spread dimension was made: rows must then be checked for one
+        self.no_grid: dict[int, tuple[Traced, Unsupported]] = {}  # rows refused for one, by their info's id
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def where(self) -> tuple[str, str]:
@@ -442,6 +444,7 @@ class Tracer(TorchDispatchMode):
         for key, _ in dim:
             if type(key) is int:
                 field = field.mix(key)
+        self.spread = True
         return field, ((Spread(self.error(str(self.operation), _reason_of_spread(kernel, dim))), size),)
 
     def window(self, info: Traced, result: torch.Tensor, kernel, stride, padding, dilation) -> Traced:

@@ -134,17 +134,16 @@ class Indexed:
 
 
 def refusal(info: Traced | Unsupported | Indexed | None) -> UnsupportedLayerError | None:
-    """Why ``info`` has no exact receptive field, or None when it has one."""
+    """Why ``info`` has no exact receptive field, or None when it has one (but see :func:`spread_refusal`)."""
     if info is None:
         return None
-    if type(info) is not Traced:
-        return info.error  # type: ignore[union-attr]
-    return info.lost or _spread(info.layout)
+    return info.lost if type(info) is Traced else info.error  # type: ignore[union-attr]
 
 
 @functools.lru_cache(maxsize=4096)
-def _spread(layout: Layout) -> UnsupportedLayerError | None:
-    """Why a dimension of ``layout`` holds units that form no grid (:class:`Spread`), or None."""
+def spread_refusal(layout: Layout) -> UnsupportedLayerError | None:
+    """Why a dimension of ``layout`` holds units that form no grid (:class:`Spread`), or None: a row with such a
+    layout has no receptive field, though the trace follows the tensor on."""
     for dim in layout:
         for key, _ in dim:
             if type(key) is Spread:
