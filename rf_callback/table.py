@@ -467,7 +467,11 @@ def _attributes_kept(modules: Sequence[nn.Module]) -> Iterator[None]:
     and attributes the trace added are removed: a few microseconds per module (journaling
     ``nn.Module.__setattr__`` instead costs a fifth of a mobile network's trace, its code deoptimized).
     """
-    saved = [(module, module._buffers.copy(), len(module.__dict__)) for module in modules]
+    # (A TorchScript module's buffers are not a dict, and its compiled forward caches nothing in Python.)
+    saved = [
+        (module, module._buffers.copy() if type(module._buffers) is dict else {}, len(module.__dict__))
+        for module in modules
+    ]
     try:
         yield
     finally:
