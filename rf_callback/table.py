@@ -14,9 +14,11 @@ import difflib
 import gc
 import itertools
 import math
+import operator
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as _attribute
 from fractions import Fraction
 from typing import Any, Literal
 
@@ -40,6 +42,7 @@ from rf_callback.tracing import (
     module_lowering,
     refusal,
     run_module_lowered,
+    spread_refusal,
 )
 
 __all__ = [
@@ -211,6 +214,9 @@ class LayerRF:
             makes none, so a BatchNorm shares its convolution's inputs, and a block's output those of
             its last operation (a residual add). None where one of them could not be followed, and for
             the input itself.
+        layout: which image axes (whole, or split into window parts) each dimension of that tensor
+            holds, as the tracer follows them (see :mod:`rf_callback.tracing.layout`); with
+            ``element_positions`` it tells which unit any element of the output is, windows included.
 
     Example::
         >>> from torch import nn
@@ -233,6 +239,7 @@ class LayerRF:
     placement: Placement | None = None
     dtype: torch.dtype | None = None
     inputs: tuple[Field, ...] | None = None
+    layout: Layout | None = _attribute(default=None, compare=False, repr=False)
 
     def _geometry(self) -> Field:
         if self.unsupported is not None or self.field is None:
@@ -597,6 +604,35 @@ _ABSENT = object()
 """No instance attribute of that name (as opposed to one set to None)."""
 
 
+@contextlib.contextmanager
+def _attributes_kept(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """The modules' buffers, and the set of their attributes, put back after the trace.
+
+    A forward that caches what it computes (ConViT's relative indices, stored in a buffer when the
+    resolution changes) would otherwise keep the meta tensor of the trace, which the next real
+    forward reads and fails on. Buffers are compared by identity (a tensor's ``==`` compares values)
+    and attributes the trace added are removed: a few microseconds per module (journaling
+    ``nn.Module.__setattr__`` instead costs a fifth of a mobile network's trace, its code deoptimized).
+    """
+    # (A TorchScript module's buffers are not a dict, and its compiled forward caches nothing in Python.)
+    saved = [
+        (module, module._buffers.copy() if type(module._buffers) is dict else {}, len(module.__dict__))
+        for module in modules
+    ]
+    try:
+        yield
+    finally:
+        for module, buffers, count in saved:
+            now = module._buffers
+            if buffers and (len(now) != len(buffers) or any(map(operator.is_not, now.values(), buffers.values()))):
+                now.clear()
+                now.update(buffers)
+            if len(module.__dict__) != count:  # attributes set for the first time, by the trace's forward
+                for name in list(module.__dict__)[count:]:
+                    if name != "forward":  # the trace's own wrapper, which it removes itself
+                        del module.__dict__[name]
+
+
 def _no_autocast() -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     for device_type in ("cpu", "cuda"):
@@ -718,6 +754,7 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
                 module.__dict__["forward"] = announcing(module, place)
         # Outside inference mode and autocast, so that composite operations decompose as usual.
         with (
+            _attributes_kept([module for _, module in walked]),
             evaluating(model, [module for _, module in walked]),
             _gc_paused(),  # the trace allocates many small tuples; the cyclic collector would double its time
             torch.inference_mode(False),
@@ -814,11 +851,21 @@ def _traced_outputs(tracer: Tracer, output: Any, strict: bool) -> list[tuple[tor
         found = [] if info is None else [(output, info)]
     else:
         found = [(t, info) for t in flat_tensors(output) if (info := tracer.info.get(t)) is not None]
+    if tracer.spread:  # units that form no grid (see tracing.layout.Spread): no row, though the trace goes on
+        found = [(t, _no_grid(tracer, info)) for t, info in found]
     if strict:
         for _, info in found:
             if refusal(info) is not None:
                 raise refusal(info)
     return found
+
+
+def _no_grid(tracer: Tracer, info: Traced | Unsupported) -> Traced | Unsupported:
+    """``info``, or :class:`Unsupported` (the same object for the same info) where its units form no grid."""
+    error = spread_refusal(info.layout) if type(info) is Traced else None
+    if error is None:
+        return info
+    return tracer.no_grid.setdefault(id(info), (info, Unsupported(error)))[1]
 
 
 @dataclass(slots=True)
@@ -869,6 +916,6 @@ def _build_table(
                 dims = grid_dims(layout)
                 found = placed[layout] = output_shape, Placement(dims, output_shape) if dims is not None else None
             inputs = sources.get(id(info.field), (None, None))[1]  # what the operation that made it read
-            tensor = (output.shape, found[1], output.dtype, inputs)
+            tensor = (output.shape, found[1], output.dtype, inputs, layout)
             rows.append(LayerRF(key, module_type, spatial, found[0], info.field, info.equivariant, None, *tensor))
     return ReceptiveFieldTable(rows, shape, reused, [key for _, _, key in sorted(finished)], relays)

@@ -10,6 +10,7 @@ from torch import nn
 from rf_callback import TraceError, UnsupportedLayerError, receptive_fields
 from rf_callback.table import OUTPUT_ROW
 from rf_callback.tracing.shortcuts import _shortcut, elementwise
+from tests.gradient_support import assert_rows_match_gradient_support
 
 aten = torch.ops.aten
 
@@ -183,41 +184,8 @@ def test_a_channels_last_copy_traces_like_the_real_thing():
 
 
 # --------------------------------------------------------------------------------------------
-# Gradient truth for the models below: float64, random weights, no ReLU (no dead gradients).
+# Gradient truth for the models below (tests/gradient_support.py): float64, their own random weights, no ReLU.
 # --------------------------------------------------------------------------------------------
-
-
-def assert_boxes_are_gradient_supports(
-    model: nn.Module, shape: tuple[int, ...], names: list[str], strict: bool = True
-) -> None:
-    """The box of a unit is the bounding box of the nonzero gradient of the sum of its channels.
-
-    Rows laid out as (N, C, H, W) are checked unit by unit; a global row in another layout (tokens,
-    windows, an attention map), whose units all see one box, through the sum of its whole output.
-    """
-    model = model.double().eval()
-    table = receptive_fields(model, shape, strict=strict)
-    modules = dict(model.named_modules())
-    outputs = {}
-    hooks = [modules[n].register_forward_hook(lambda m, a, out, n=n: outputs.__setitem__(n, out)) for n in names]
-    image = torch.randn(1, *shape, dtype=torch.float64, requires_grad=True)
-    model(image)
-    for hook in hooks:
-        hook.remove()
-    for name in names:
-        row, output = table[name], outputs[name]
-        if tuple(output.shape[2:]) == row.output_shape and output.dim() == 4:
-            h, w = row.output_shape
-            corners = {(0, 0), (h - 1, w - 1), (h // 2, w // 2), (0, w - 1)}
-            units = [((0, slice(None), i, j), (i, j)) for i, j in corners]
-        else:
-            assert row.is_global, name  # only global rows may leave the (N, C, H, W) layout
-            units = [((), (0,) * len(row.output_shape))]
-        for index, unit in units:
-            (grad,) = torch.autograd.grad(output[index].sum(), image, retain_graph=True)
-            rows, cols = grad[0].abs().sum(0).nonzero(as_tuple=True)
-            found = (rows.min().item(), cols.min().item(), rows.max().item() + 1, cols.max().item() + 1)
-            assert row.box(*unit) == found, (name, unit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,7 +296,7 @@ def test_a_window_view_after_a_gate_is_global():
     table = receptive_fields(model, (2, 8, 8))
     assert not table["conv"].is_global and table["se"].is_global
     assert all(table[name].is_global for name in ("mix", "head"))
-    assert_boxes_are_gradient_supports(model, (2, 8, 8), ["conv", "se", "mix", "head"])
+    assert_rows_match_gradient_support(model, (2, 8, 8), ["conv", "se", "mix", "head"], reinitialize=False)
 
 
 def test_a_window_view_of_local_features_is_followed_exactly():
@@ -338,7 +306,7 @@ def test_a_window_view_of_local_features_is_followed_exactly():
     table = receptive_fields(model, (2, 8, 8))
     assert table["mix"].size == (3, 3) and table["mix"].tensor_shape == (4, 16, 4)
     assert (table["head"].size, table["head"].stride) == ((5, 5), (1, 1))
-    assert_boxes_are_gradient_supports(model, (2, 8, 8), ["conv", "head"])
+    assert_rows_match_gradient_support(model, (2, 8, 8), ["conv", "head"], reinitialize=False)
 
 
 @pytest.mark.parametrize("kernel", [1, 3])
@@ -347,7 +315,7 @@ def test_a_convolution_over_an_attention_map(kernel):
     model = ConvOverAttention(kernel)
     table = receptive_fields(model, (2, 6, 6))
     assert table["talk"].is_global and table["(output)"].is_global
-    assert_boxes_are_gradient_supports(model, (2, 6, 6), ["conv", "talk"])
+    assert_rows_match_gradient_support(model, (2, 6, 6), ["conv", "talk"], reinitialize=False)
 
 
 def test_a_1x1_convolution_over_tokens_keeps_their_fields():
@@ -360,18 +328,20 @@ def test_relative_position_logits_inside_attention_are_global():
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), Attention(4, inline_relative=True))
     table = receptive_fields(model, (2, 6, 6))
     assert table["1"].is_global
-    assert_boxes_are_gradient_supports(model, (2, 6, 6), ["0", "1"])
+    assert_rows_match_gradient_support(model, (2, 6, 6), ["0", "1"], reinitialize=False)
 
 
-def test_relative_position_logits_of_their_own_are_refused_only_there():
-    """botnet's PosEmbedRel returns logits whose (local) geometry is lost: that row alone is flagged."""
+def test_relative_position_logits_of_their_own_follow_their_queries():
+    """botnet's PosEmbedRel (issue 25): the skew that turns relative logits into absolute ones (a flattened
+    positions x offsets map padded at its end, viewed one column narrower, sliced) leaves every logit in its
+    query's row, which no layout follows through the view; followed element by element, the row is exact."""
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), Attention(4, relative=RelativeLogits(4)))
-    with pytest.raises(UnsupportedLayerError, match=r"F\.pad\(mode='constant'\) in '1\.relative' \(RelativeLogits\)"):
-        receptive_fields(model, (2, 6, 6))
-    table = receptive_fields(model, (2, 6, 6), strict=False)
-    assert [row.name for row in table.unsupported] == ["1.relative"]
+    table = receptive_fields(model, (2, 6, 6))
+    relative = table["1.relative"]
+    assert (relative.size, relative.stride, relative.output_shape) == ((3, 3), (1, 1), (6, 6))
+    assert relative.box(0, 0) == (0, 0, 2, 2) and relative.tensor_shape == (1, 36, 36)
     assert table["1"].is_global
-    assert_boxes_are_gradient_supports(model, (2, 6, 6), ["0", "1"], strict=False)
+    assert assert_rows_match_gradient_support(model, (2, 6, 6), ["0", "1.relative", "1"], reinitialize=False) > 72
 
 
 def test_a_pool_over_tokens_within_rows_is_a_pool_along_the_width():
@@ -387,7 +357,34 @@ def test_a_pool_over_tokens_across_rows_is_global_after_a_gate():
     model = TokenPool(kernel=4, gate=True)
     table = receptive_fields(model, (2, 6, 6))
     assert table["pool"].is_global and table["head"].is_global
-    assert_boxes_are_gradient_supports(model, (2, 6, 6), ["se", "pool", "head"])
+    assert_rows_match_gradient_support(model, (2, 6, 6), ["se", "pool", "head"], reinitialize=False)
+
+
+class PooledKeys(nn.Module):
+    """nextvit's E-MHSA: queries at every token, keys and values from an AvgPool1d of 4 consecutive tokens of
+    6-token rows (so straddling them)."""
+
+    def __init__(self, channels: int = 4):
+        super().__init__()
+        self.sr = nn.AvgPool1d(4)
+        self.q, self.k, self.v = (nn.Linear(channels, channels) for _ in range(3))
+
+    def forward(self, x):
+        tokens = x.flatten(2).transpose(1, 2)  # (N, 36, C)
+        pooled = self.sr(tokens.transpose(1, 2)).transpose(1, 2)  # (N, 9, C): no grid of the image
+        attention = (self.q(tokens) @ self.k(pooled).transpose(1, 2)).softmax(-1)
+        return attention @ self.v(pooled)
+
+
+def test_keys_pooled_across_rows_have_no_grid_but_attention_over_them_is_exact():
+    """Issue 25: the pooled tokens are refused, in words; the attention that reads them all is exact (global)."""
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), PooledKeys())
+    with pytest.raises(UnsupportedLayerError, match=r"in '1\.sr' \(AvgPool1d\): .* straddle the grid's rows \(of 6"):
+        receptive_fields(model, (2, 6, 6))
+    table = receptive_fields(model, (2, 6, 6), strict=False)
+    assert [row.name for row in table.unsupported] == ["1.sr", "1.k", "1.v"]
+    assert table["1"].is_global and table["1.q"].size == (3, 3)
+    assert assert_rows_match_gradient_support(model, (2, 6, 6), ["0", "1.q", "1"], strict=False) == 3 * 36
 
 
 def test_an_upsampled_global_pool_is_global():
@@ -406,7 +403,7 @@ def test_an_upsampled_global_pool_is_global():
     model = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), Pyramid())
     table = receptive_fields(model, (2, 8, 8))
     assert table["1"].is_global
-    assert_boxes_are_gradient_supports(model, (2, 8, 8), ["0", "1"])
+    assert_rows_match_gradient_support(model, (2, 8, 8), ["0", "1"], reinitialize=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,7 +484,7 @@ def test_bidirectional_recurrent_layers_see_their_whole_sequence(recurrent):
     assert (sequence.output_shape, sequence.stride) == ((5, 6), (1, 0))  # tokens (n * h, w): global along w
     assert (final.output_shape, final.stride, final.size) == ((5, 1), (1, 0), (3, 8))
     assert table["head"].is_global
-    assert_boxes_are_gradient_supports(model, (2, 5, 6), ["conv", "head"])
+    assert_rows_match_gradient_support(model, (2, 5, 6), ["conv", "head"], reinitialize=False)
 
 
 def test_one_directional_recurrent_layers_are_refused_by_name():
@@ -564,4 +561,50 @@ def test_shifted_copies_fold_into_one_branch_and_stay_exact():
     )
     table = receptive_fields(model, (2, 16, 16))
     assert [len(table[name].field.branches) for name in ("1", "3", "4")] == [1, 1, 1]  # 4, 16, 64 unfolded
-    assert_boxes_are_gradient_supports(model, (2, 16, 16), ["1", "3", "4"])
+    assert_rows_match_gradient_support(model, (2, 16, 16), ["1", "3", "4"], reinitialize=False)
+
+
+class CachedIndices(nn.Module):
+    """ConViT's GPSA: relative indices computed in forward when the resolution changes, kept in a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.register_buffer("indices", torch.zeros(1), persistent=False)
+
+    def forward(self, x):
+        if self.indices.shape[0] != x.shape[-1]:
+            self.indices = torch.arange(x.shape[-1], dtype=x.dtype, device=x.device)
+            self.cached_at = x.shape[-1]
+        return self.conv(x) * self.indices
+
+
+def test_what_a_forward_caches_during_the_trace_is_not_kept():
+    """Issue 25 (found by the zoo sweep on convit_tiny): the trace's meta buffer broke the next real forward."""
+    model = CachedIndices()
+    before = model.indices
+    assert receptive_fields(model, (1, 6, 6))["conv"].size == (3, 3)
+    assert model.indices is before and not hasattr(model, "cached_at")
+    assert model(torch.rand(1, 1, 6, 6)).shape == (1, 2, 6, 6) and model.indices.device.type == "cpu"
+
+
+class ZigZag(nn.Module):
+    """CSATv2's DCT stem: 2x2 blocks transformed by a fixed matrix, the coefficients gathered in a fixed order
+    (``x[:, :, order]``, along a dimension that holds no position), then a convolution over the blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("transform", torch.randn(4, 4), persistent=False)
+        self.register_buffer("order", torch.tensor([0, 2, 1, 3]), persistent=False)
+        self.conv = nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        blocks = x.reshape(1, 1, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, 16, 1, 4) @ self.transform
+        coefficients = blocks[:, :, :, self.order].reshape(1, 4, 4, 4).permute(0, 3, 1, 2)
+        return self.conv(coefficients)
+
+
+def test_gathering_along_channels_by_fixed_indices_is_followed():
+    table = receptive_fields(ZigZag(), (1, 8, 8))
+    assert (table["conv"].size, table["conv"].stride, table["conv"].output_shape) == ((6, 6), (2, 2), (4, 4))
+    assert assert_rows_match_gradient_support(ZigZag(), (1, 8, 8), ["conv"], reinitialize=False) == 16

@@ -17,7 +17,17 @@ reported as unsupported, never guessed.
 
 from rf_callback.tracing.engine import FunctionInterceptor, TensorInfos, Tracer
 from rf_callback.tracing.fast import module_lowering, run_module_lowered
-from rf_callback.tracing.layout import GridDims, Layout, Traced, Unsupported, axis_length, grid_dims, refusal
+from rf_callback.tracing.layout import (
+    GridDims,
+    Layout,
+    Traced,
+    Unsupported,
+    axis_length,
+    element_positions,
+    grid_dims,
+    refusal,
+    spread_refusal,
+)
 from rf_callback.tracing.shortcuts import flat_tensors
 
 __all__ = [
@@ -29,9 +39,11 @@ __all__ = [
     "Tracer",
     "Unsupported",
     "axis_length",
+    "element_positions",
     "flat_tensors",
     "grid_dims",
     "module_lowering",
     "refusal",
     "run_module_lowered",
+    "spread_refusal",
 ]

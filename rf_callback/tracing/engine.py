@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from rf_callback.algebra import Field, MisalignedBranchesError, OnlyHolesError, merge
 from rf_callback.errors import UnsupportedLayerError
@@ -16,12 +17,15 @@ from rf_callback.tracing.fast import run_lowered
 from rf_callback.tracing.layout import (
     FED,
     Factor,
+    Indexed,
     Layout,
     Part,
+    Spread,
     Traced,
     Unsupported,
     _aligned,
     _axes,
+    _axis_of,
     _dim_size,
     _factors,
     _fed,
@@ -32,11 +36,14 @@ from rf_callback.tracing.layout import (
     _Reject,
     _sees_everything,
     _spatial,
+    _step,
     _whole_axis,
+    element_positions,
+    from_positions,
     refusal,
     settled,
 )
-from rf_callback.tracing.ops import _FUNCTIONS, _HANDLERS, _reduction
+from rf_callback.tracing.ops import _FUNCTIONS, _HANDLERS, _MOVES, _reduction, moved_positions
 from rf_callback.tracing.shortcuts import (
     _bind,
     _first_output,
@@ -103,6 +110,13 @@ def _handler(func: Any) -> Any:
     return None
 
 
+@contextlib.contextmanager
+def _untraced() -> Any:
+    """Real tensors, made and computed on the CPU, unseen by the trace (the positions of followed elements)."""
+    with _disable_current_modes(), torch._C.DisableTorchFunction(), torch.no_grad():
+        yield
+
+
 class TensorInfos:
     """What the tracer knows of each tensor, by identity.
 
@@ -149,6 +163,9 @@ class Tracer(TorchDispatchMode):
         # operation that made it; None where one of them was not followed). A field passed on unchanged
         # (activations, BatchNorm, views, 1x1 convolutions) keeps the entry of the operation that made it.
         self.sources: dict[int, tuple[Field, tuple[Field, ...] | None]] = {}
+        self.operation: Any = None  # the operation being followed, for the errors of rules deep inside it
+        self.spread = False  # whether a Spread dimension was made: rows must then be checked for one
+        self.no_grid: dict[int, tuple[Traced, Unsupported]] = {}  # rows refused for one, by their info's id
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def where(self) -> tuple[str, str]:
@@ -182,6 +199,7 @@ class Tracer(TorchDispatchMode):
 
     def record(self, func, args: tuple, kwargs: dict, out: Any) -> None:
         """Files what ``out`` sees, the output of the ATen operation ``func`` on ``args`` and ``kwargs``."""
+        self.operation = func
         tensors = [t for t in _operands(args, kwargs) if t in self.info]
         outputs = flat_tensors(out)
         if not tensors:
@@ -197,8 +215,17 @@ class Tracer(TorchDispatchMode):
                 results = self.settle(self.handle(func, bound, [info], out))
             except (_Reject, MisalignedBranchesError, OnlyHolesError):
                 pass
-        if results is _REFUSED:
-            results = self.follow(func, tensors, lambda infos: self.settle(self.handle(func, bound, infos, out)))
+        if results is _REFUSED and any(type(self.info[t]) is Indexed for t in tensors):
+            results = self.follow_elements(tensors, lambda positions: moved_positions(func, bound, positions, out))
+        elif results is _REFUSED:
+
+            def step(infos: list[Traced]) -> Any:
+                return self.settle(self.handle(func, bound, infos, out))
+
+            def elements(infos: list[Traced], error: UnsupportedLayerError) -> Indexed | Traced | None:
+                return self.elements(tensors, infos, error, lambda p: moved_positions(func, bound, p, out))
+
+            results = self.follow(func, tensors, step, elements)
         self.file(tensors, outputs, results)
 
     def file(self, tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], results: Any) -> None:
@@ -228,7 +255,41 @@ class Tracer(TorchDispatchMode):
             return tuple(settled(r) if type(r) is Traced else r for r in result)
         return result
 
-    def follow(self, operation: Any, tensors: Sequence[torch.Tensor], step: Any) -> Any:
+    def follow_elements(self, tensors: Sequence[torch.Tensor], move: Any) -> Any:
+        """The info of an operation's output from one :class:`Indexed` input: its elements' positions moved by
+        ``move`` (None: the operation does more than move elements), :class:`Traced` again where factors
+        describe them. Anything else is :class:`Unsupported`, for the reason the elements were followed."""
+        infos = [self.info[t] for t in tensors]
+        indexed = next(info for info in infos if type(info) is Indexed)
+        with _untraced():
+            positions = move(indexed.positions) if len(infos) == 1 else None
+            if positions is None:
+                return Unsupported(indexed.error)
+            return from_positions(indexed.field, positions) or Indexed(indexed.field, positions, indexed.error)
+
+    def elements(
+        self, tensors: Sequence[torch.Tensor], infos: list[Traced], error: UnsupportedLayerError, move: Any
+    ) -> Indexed | Traced | None:
+        """A view or pad that no layout follows, followed element by element (see :class:`Indexed`), or None."""
+        info = infos[0] if len(infos) == 1 else None
+        if (
+            info is None
+            or any(_prefix(dim) is FED for dim in info.layout)
+            or refusal(info)
+            or tensors[0].numel() > 1 << 20
+        ):
+            return None
+        with _untraced():
+            try:
+                positions = element_positions(info.layout, tensors[0].shape, len(self.image))
+            except ValueError:  # a layout that does not hold this tensor's shape: nothing to move
+                return None
+            moved = move(positions)
+            if moved is None:
+                return None
+            return from_positions(info.field, moved) or Indexed(info.field, moved, error)
+
+    def follow(self, operation: Any, tensors: Sequence[torch.Tensor], step: Any, elements: Any = None) -> Any:
         """The info of an operation's output(s): ``step(infos of the followed inputs)``, with the refusal rules.
 
         * An input that could not be followed (:class:`Unsupported`) counts as a constant, and the
@@ -243,7 +304,7 @@ class Tracer(TorchDispatchMode):
             tensors = list({id(t): t for t in tensors}.values())
         infos = [self.info[t] for t in tensors]
         if all(type(info) is Traced and info.lost is None for info in infos):
-            return self._attempt(operation, tensors, infos, step)  # the usual case: everything followed so far
+            return self._attempt(operation, tensors, infos, step, elements)  # the usual case: all followed so far
         lost = next(refusal(info) for info in infos if refusal(info) is not None)
         hidden = [(t, info) for t, info in zip(tensors, infos) if isinstance(info, Unsupported)]
         if len(hidden) == len(infos):
@@ -260,24 +321,28 @@ class Tracer(TorchDispatchMode):
             return tuple(self._bound(result, lost) for result in results)
         return self._bound(results, lost)
 
-    def _attempt(self, operation: Any, tensors: list[torch.Tensor], infos: list[Traced], step: Any) -> Any:
-        """``step`` on the followed ``tensors``; again with their mixed axes forgotten if it refuses."""
+    def _attempt(
+        self, operation: Any, tensors: list[torch.Tensor], infos: list[Traced], step: Any, elements: Any = None
+    ) -> Any:
+        """``step`` on the followed ``tensors``; again with their mixed axes forgotten if it refuses; then, for an
+        operation that only moves elements, ``elements(infos, error)`` (see :meth:`elements`)."""
         try:
             return step(infos)
         except (_Reject, MisalignedBranchesError, OnlyHolesError) as refused:
             error = self.error(str(operation), _reason(refused))
         forgotten = [_forget_mixed_axes(info) for info in infos]
-        if all(new is old for new, old in zip(forgotten, infos)):
-            return Unsupported(error)
-        try:
-            for tensor, info in zip(tensors, forgotten):
-                self.info[tensor] = info
-            return step(forgotten)
-        except (_Reject, MisalignedBranchesError, OnlyHolesError):
-            return Unsupported(error)
-        finally:
-            for tensor, info in zip(tensors, infos):
-                self.info[tensor] = info
+        if any(new is not old for new, old in zip(forgotten, infos)):
+            try:
+                for tensor, info in zip(tensors, forgotten):
+                    self.info[tensor] = info
+                return step(forgotten)
+            except (_Reject, MisalignedBranchesError, OnlyHolesError):
+                pass
+            finally:
+                for tensor, info in zip(tensors, infos):
+                    self.info[tensor] = info
+        followed = elements(infos, error) if elements is not None else None
+        return followed if followed is not None else Unsupported(error)
 
     def _bound(self, result: Any, lost: UnsupportedLayerError) -> Any:
         """``result`` computed with some inputs unknown: a lower bound, exact if it already sees everything."""
@@ -385,17 +450,52 @@ class Tracer(TorchDispatchMode):
         A :class:`Part` of a split axis mixes within its windows only; class tokens in ``dims``
         receive what the grid sees (:data:`FED`).
         """
-        field, equivariant = info.field, info.equivariant
+        field, equivariant, layout = info.field, info.equivariant, info.layout
         for d in dims:
             for key, length in info.layout[d]:
                 if type(key) is int:
                     field, equivariant = field.mix(key), False
                 elif type(key) is Part:
                     field, equivariant = _mix_part(field, key, length), False
-        result = Traced(field, info.layout, equivariant, info.lost)
+                elif type(key) is Spread:  # every unit now sees what all of them saw: the field says just that
+                    layout = (
+                        layout[:d] + (tuple((None, n) if k is key else (k, n) for k, n in layout[d]),) + layout[d + 1 :]
+                    )
+        result = Traced(field, layout, equivariant, info.lost)
         if any(_prefix(info.layout[d]) is not None for d in dims):
             return _fed(result, dims)
         return result
+
+    def _spread(
+        self,
+        field: Field,
+        dim: tuple[Factor, ...],
+        size: int,
+        kernel: int,
+        stride: int,
+        padding: int,
+        dilation: int,
+        refused: _Reject,
+    ) -> tuple[Field, tuple[Factor, ...]]:
+        """Windows along a dimension of flattened positions that straddle its rows: units that form no grid.
+
+        Where the windows read every position of the dimension, what they see together is the union of
+        its positions' fields: a :class:`Spread` dimension (exact once something mixes it). Otherwise
+        ``refused``.
+        """
+        length = _dim_size(dim)
+        if padding or _prefix(dim) is not None or any(type(key) is Part for key, _ in dim):
+            raise refused
+        if all(field.rfs[key].jump == 0 for key, _ in dim if type(key) is int):
+            raise refused  # positions that all see the same: forgotten, and the window followed on plain ones
+        read = {u * stride + j * dilation for u in range(size) for j in range(kernel)}
+        if read != set(range(length)):
+            raise refused
+        for key, _ in dim:
+            if type(key) is int:
+                field = field.mix(key)
+        self.spread = True
+        return field, ((Spread(self.error(str(self.operation), _reason_of_spread(kernel, dim))), size),)
 
     def window(self, info: Traced, result: torch.Tensor, kernel, stride, padding, dilation) -> Traced:
         """Sliding windows over the last ``len(kernel)`` dims (convolution, pooling).
@@ -407,9 +507,10 @@ class Tracer(TorchDispatchMode):
         kernel, stride, padding, dilation = [
             value * count if len(value) == 1 else value for value in (kernel, stride, padding, dilation)
         ]
-        field = info.field
+        field, equivariant = info.field, info.equivariant
         layout = list(info.layout[: len(info.layout) - count])
         windows = []  # along whole axes: done together, so that equal axes share the work
+        rescaled: dict[int, tuple[int, int]] = {}  # axis -> (old, new) length of its innermost part
         for i in range(count):
             dim = info.layout[len(info.layout) - count + i]
             size = result.shape[result.dim() - count + i]
@@ -417,17 +518,42 @@ class Tracer(TorchDispatchMode):
                 layout.append(_plain(size))
             elif kernel[i] == stride[i] == 1 and padding[i] == 0:
                 layout.append(dim)  # a 1x1 window is the identity, whatever the dimension holds
+            elif len(dim) == 1 and type(dim[0][0]) is Part:
+                field, windows = field.windows(windows), []  # in order
+                part, length = dim[0]
+                field = _window_within_part(
+                    field, info.layout, dim[0], size, kernel[i], stride[i], padding[i], dilation[i]
+                )
+                rescaled[part.axis], equivariant = (length, size), False
+                layout.append(((part, size),))
             elif len(dim) == 1:
                 axis = _whole_axis(dim, "slides a window over")
                 windows.append((axis, kernel[i], stride[i], padding[i], size, dilation[i]))
                 layout.append(((axis, size),))
             else:
                 field, windows = field.windows(windows), []  # in order
-                field, inner = _window_within_rows(field, dim, size, kernel[i], stride[i], padding[i], dilation[i])
-                layout.append(dim[:-1] + inner)
+                try:
+                    field, inner = _window_within_rows(field, dim, size, kernel[i], stride[i], padding[i], dilation[i])
+                    layout.append(dim[:-1] + inner)
+                except _Reject as refused:
+                    field, spread = self._spread(
+                        field, dim, size, kernel[i], stride[i], padding[i], dilation[i], refused
+                    )
+                    layout.append(spread)
+                    equivariant = False
         if windows:
             field = field.windows(windows)
-        return Traced(field, tuple(layout), info.equivariant)
+        if rescaled:  # the windows' parts now count whole windows of the new length
+            layout = [
+                tuple(
+                    (Part(key.axis, key.step // rescaled[key.axis][0] * rescaled[key.axis][1]), n)
+                    if type(key) is Part and key.axis in rescaled and key.step > 1
+                    else (key, n)
+                    for key, n in dim
+                )
+                for dim in layout
+            ]
+        return Traced(field, tuple(layout), equivariant)
 
 
 def _mix_part(field: Field, part: Part, length: int) -> Field:
@@ -455,11 +581,85 @@ def _misplaced(field: Field, own: Layout, layout: Layout, axis: int, extent: int
     moved = [factor for d, factor in factors if factor not in layout[d]]
     if not moved:
         return field, False
+    if field.length(axis) != extent or any(_partner(own, layout, d, f) not in (None, f) for d, f in factors):
+        return _regridded(field, own, layout, axis, extent), True
     if len(moved) == len(factors):
         return field.mix(axis).broadcast(axis, extent), True
     for key, length in moved:
         field = _mix_part(field, key, length)
     return field, True
+
+
+def _partner(own: Layout, layout: Layout, d: int, factor: Factor) -> Factor | None:
+    """The output's factor of the same axis at ``factor``'s place in dimension ``d``, if any.
+
+    A factor sits at the same place when dimension ``d`` splits alike in the operand and the output
+    (the same lengths, in order) and the output's factor there belongs to the same axis, maybe with
+    another step: the same index along both, on grids that may differ (Hiera's keys, at the tokens'
+    resolution, and its pooled queries, at half of it: mask unit ``u`` is ``Part(axis, 8)`` of the
+    one and ``Part(axis, 4)`` of the other).
+    """
+    mine, theirs = own[d], layout[d]
+    if len(mine) != len(theirs) or any(a[1] != b[1] for a, b in zip(mine, theirs)):
+        return None
+    other = theirs[mine.index(factor)]
+    return other if _axis_of(other[0]) == _axis_of(factor[0]) else None
+
+
+def _regridded(field: Field, own: Layout, layout: Layout, axis: int, extent: int) -> Field:
+    """An operand's ``field`` along ``axis`` seen from an output ``layout`` that holds that axis on another grid.
+
+    Output position ``p`` reads the operand's positions whose factors agree with ``p``'s where the
+    operand and the output hold a factor of the axis at the same place (:func:`_partner`, or the
+    same factor); every other factor of the operand is read whole (it was summed over, moved into
+    another dimension or broadcast). Exact: an elementwise operation pairs elements by their
+    indices, whatever the positions mean.
+    """
+    pairs = []
+    for d, factor in _factors(own, axis):
+        partner = _partner(own, layout, d, factor)
+        if partner is None and factor in layout[d] and field.length(axis) == extent:
+            partner = factor
+        if partner is not None:
+            pairs.append((factor, partner))
+    if not pairs:
+        return field.mix(axis).broadcast(axis, extent)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for q in range(field.length(axis)):
+        groups.setdefault(tuple(q // _step(g[0]) % g[1] for g, _ in pairs), []).append(q)
+    sources = [groups.get(tuple(p // _step(f[0]) % f[1] for _, f in pairs), []) for p in range(extent)]
+    return field.resample(axis, sources)
+
+
+def _reason_of_spread(kernel: int, dim: tuple[Factor, ...]) -> str:
+    rows = f" (of {dim[-1][1]} positions)" if _axis_of(dim[-1][0]) is not None else ""
+    return (
+        f"its windows of {kernel} consecutive positions of a flattened grid straddle the grid's rows{rows}: its outputs"
+        " form no grid of the image, so no size, stride or padding describes them (what mixes all of them, an"
+        " attention over them, is followed exactly)"
+    )
+
+
+def _window_within_part(
+    field: Field, layout: Layout, factor: Factor, size: int, kernel: int, stride: int, padding: int, dilation: int
+) -> Field:
+    """A window over the innermost part of a split axis, alone in its dimension: within each window partition.
+
+    EfficientViT's local attention runs a depthwise convolution over each window of its partition:
+    padding at the window's edges, never across them. Output offset ``o`` of window ``w`` reads
+    offsets ``o * stride - padding + j * dilation`` of window ``w`` (inside it), and becomes position
+    ``w * size + o`` of the axis, whose windows now hold ``size`` positions. ``_Reject`` unless the
+    axis's other parts are whole windows (steps that are multiples of the part's length).
+    """
+    part, length = factor
+    if part.step != 1 or any(_step(key) % length for _, (key, _) in _factors(layout, part.axis) if key != part):
+        raise _Reject("it slides a window over a dimension that holds part of a split spatial axis")
+    n = field.length(part.axis)
+    sources = []
+    for position in range(n // length * size):
+        base, offset = position // size * length, position % size * stride - padding
+        sources.append(tuple(base + o for j in range(kernel) if 0 <= (o := offset + j * dilation) < length))
+    return field.resample(part.axis, sources)
 
 
 def _window_within_rows(
@@ -516,6 +716,18 @@ class FunctionInterceptor(TorchFunctionMode):
         if traced:
             self.tracer.computed += func not in (torch.nn.functional.pad, torch._C._nn.pad)
             outputs = flat_tensors(out)
-            results = self.tracer.follow(operation, traced, lambda infos: self.tracer.settle(step(infos)))
+            moves = _MOVES.get(func)
+
+            def move(positions: torch.Tensor) -> torch.Tensor | None:
+                return None if moves is None else moves(args, kwargs, positions)
+
+            if any(type(self.tracer.info[t]) is Indexed for t in traced):
+                results = self.tracer.follow_elements(traced, move)
+            else:
+
+                def elements(infos: list[Traced], error: UnsupportedLayerError) -> Indexed | Traced | None:
+                    return self.tracer.elements(traced, infos, error, move)
+
+                results = self.tracer.follow(operation, traced, lambda infos: self.tracer.settle(step(infos)), elements)
             self.tracer.file(traced, outputs, results)
         return out

@@ -12,7 +12,12 @@ with the :class:`~rf_callback.algebra.Field` of the tensor's units. A key is
   rest of the dimension (a ViT's class and register tokens), which add to its size rather than
   multiply. :data:`PREFIX` tokens hold constants; an operation that feeds them from the input
   (attention) makes them :data:`FED`, allowed only where every position of the grid already sees
-  the same, which the tokens then see too.
+  the same, which the tokens then see too;
+* a :class:`Spread`: units that form no grid (a pool straddling the rows of flattened tokens),
+  each seeing part of what the field says, until something mixes them all.
+
+Where no factors describe a tensor (a view or pad that no layout follows), :class:`Indexed` gives
+each element's position instead, until :func:`from_positions` finds factors again.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from rf_callback.algebra import Field, MisalignedBranchesError
+from rf_callback.algebra import Field, MisalignedBranchesError, OnlyHolesError
 from rf_callback.errors import UnsupportedLayerError
 
 aten = torch.ops.aten
@@ -45,6 +50,23 @@ class _Prefix:
         return self.name
 
 
+class Spread:
+    """The key of a dimension of units that form no grid of the image, each seeing part of what ``field`` says.
+
+    A pool of 16 consecutive tokens of 28-token rows (Next-ViT's ``AvgPool1d`` over flattened
+    positions) straddles rows: its outputs have no size, stride or padding along any axis. Their
+    field is the union of what all of them see (the positions they tile), a bound for each; it is
+    exact for whatever mixes the whole dimension (an attention over all of them), which makes the
+    dimension plain again. A row whose layout still holds one is refused, for ``error``.
+    """
+
+    def __init__(self, error: UnsupportedLayerError) -> None:
+        self.error = error
+
+    def __repr__(self) -> str:
+        return "SPREAD"
+
+
 PREFIX = _Prefix("PREFIX")
 """The key of a dimension's leading class tokens that hold constants: they add to its size."""
 FED = _Prefix("FED")
@@ -58,7 +80,7 @@ def _prefix(dim: tuple[Factor, ...]) -> _Prefix | None:
 
 # A tensor dimension is a product of factors; a factor is (key, length), see the module docstring.
 # Non-spatial factors of length 1 are dropped; an axis reduced away is absent from the layout.
-Factor = tuple["int | Part | _Prefix | None", int]
+Factor = tuple["int | Part | _Prefix | Spread | None", int]
 Layout = tuple[tuple[Factor, ...], ...]
 
 
@@ -94,9 +116,39 @@ class Unsupported:
     error: UnsupportedLayerError
 
 
-def refusal(info: Traced | Unsupported | None) -> UnsupportedLayerError | None:
-    """Why ``info`` has no exact receptive field, or None when it has one."""
-    return info.error if isinstance(info, Unsupported) else info.lost if info is not None else None
+@dataclass(frozen=True, eq=False)
+class Indexed:
+    """A tensor whose elements' positions no factors describe, each element's position given instead.
+
+    A view or pad that no layout follows (the skew of relative position logits: a flattened
+    ``positions x offsets`` map padded at its end and viewed with one column fewer) still moves
+    each element to a known place. ``positions`` (``element_positions``' form: ``(axes, *shape)``,
+    -1 for constants) says where each came from; views, slices, pads and the like move them, and
+    as soon as they form a layout again (``from_positions``), the tensor is :class:`Traced` again.
+    Until then it has no receptive field in the table's sense: ``error`` says why.
+    """
+
+    field: Field
+    positions: torch.Tensor
+    error: UnsupportedLayerError
+
+
+def refusal(info: Traced | Unsupported | Indexed | None) -> UnsupportedLayerError | None:
+    """Why ``info`` has no exact receptive field, or None when it has one (but see :func:`spread_refusal`)."""
+    if info is None:
+        return None
+    return info.lost if type(info) is Traced else info.error  # type: ignore[union-attr]
+
+
+@functools.lru_cache(maxsize=4096)
+def spread_refusal(layout: Layout) -> UnsupportedLayerError | None:
+    """Why a dimension of ``layout`` holds units that form no grid (:class:`Spread`), or None: a row with such a
+    layout has no receptive field, though the trace follows the tensor on."""
+    for dim in layout:
+        for key, _ in dim:
+            if type(key) is Spread:
+                return key.error
+    return None
 
 
 class _Reject(Exception):
@@ -243,6 +295,8 @@ def _reshape(layout: Layout, shape: Sequence[int]) -> Layout:
                 remaining //= length
             elif length % remaining == 0:  # split: ``remaining`` outer positions, the rest inner
                 inner = length // remaining
+                if type(key) is Spread:
+                    raise _Reject(f"a view to {tuple(shape)} splits a dimension of units that form no grid")
                 if key is None:
                     dim.append((None, remaining))
                     queue[0] = (None, inner)
@@ -334,6 +388,119 @@ def grid_dims(layout: Layout) -> GridDims | None:
         (dim[0][1], dim[1:]) if _prefix(dim) is not None else (0, dim)  # type: ignore[misc]
         for dim in layout[1:]
     )
+
+
+def element_positions(layout: Layout, shape: Sequence[int], axes: int) -> torch.Tensor:
+    """Where each element of a tensor of ``shape`` laid out as ``layout`` is: its position along each image axis.
+
+    Returns an int64 tensor ``(axes, *shape)``: the position of every element along each of the
+    ``axes`` image axes (0 along an axis absent from the layout), or -1 along every axis for a
+    class token (its field is not a position's). Window layouts included: a position is the sum
+    of its parts' indices times their steps. It is how gradient checks find a unit's elements.
+
+    Example::
+        >>> windows = (((Part(0, 2), 2),), ((Part(0, 1), 2),), ((None, 3),))  # 4 rows as 2 windows of 2
+        >>> element_positions(windows, (2, 2, 3), 1)[0, :, :, 0].tolist()
+        [[0, 1], [2, 3]]
+        >>> element_positions(((), ((PREFIX, 1), (0, 2)),), (1, 3), 1)[0].tolist()  # a class token, then 2 tokens
+        [[-1, 0, 1]]
+    """
+    positions = torch.zeros((axes, *shape), dtype=torch.int64)
+    token = torch.zeros(tuple(shape), dtype=torch.bool)
+    for d, (dim, n) in enumerate(zip(layout, shape)):
+        if _dim_size(dim) != n:
+            raise ValueError(f"dimension {d} of {tuple(shape)} does not hold {n} positions in layout {layout}")
+        index = torch.arange(n).reshape([n if e == d else 1 for e in range(len(shape))])
+        factors = dim
+        if _prefix(dim) is not None:
+            tokens = dim[0][1]
+            token |= index < tokens
+            index, factors = (index - tokens).clamp(min=0), dim[1:]
+        inner = n if _prefix(dim) is None else n - dim[0][1]
+        for key, length in factors:
+            inner //= length
+            axis = _axis_of(key)
+            if axis is not None and axis < axes:
+                positions[axis] += (index // inner % length) * _step(key)
+    positions[:, token] = -1
+    return positions
+
+
+def from_positions(field: Field, positions: torch.Tensor) -> Traced | None:
+    """The :class:`Traced` tensor whose elements sit at ``positions`` (``element_positions``' form), if factors
+    describe them: class tokens (-1) only in front of dimensions, and each dimension's positions a sum of
+    factors (an axis's part with a step, or a plain factor) independent of the other dimensions'. An axis
+    whose positions are every ``step``-th from ``start`` is sliced so (``Field.take``). None otherwise.
+
+    Example::
+        >>> field = Field.of_input((4,))
+        >>> from_positions(field, torch.tensor([[[-1, -1], [0, 1], [2, 3]]])).layout  # a constant row, then 2 x 2
+        (((PREFIX, 1), (Part(axis=0, step=2), 2)), ((Part(axis=0, step=1), 2),))
+        >>> from_positions(field, torch.tensor([[[0, 1], [1, 2]]])) is None  # overlapping: no factors
+        True
+    """
+    axes, shape = positions.shape[0], tuple(positions.shape[1:])
+    constant = positions[0] < 0 if axes else torch.zeros(shape, dtype=torch.bool)
+    tokens = []
+    for d, n in enumerate(shape):
+        rows = constant.movedim(d, 0).reshape(n, -1).all(1).tolist() if n else []
+        tokens.append(next((i for i, row in enumerate(rows) if not row), n))
+    core = positions[(slice(None), *(slice(t, None) for t in tokens))]
+    expected = torch.zeros(shape, dtype=torch.bool)
+    for d, t in enumerate(tokens):
+        expected |= (torch.arange(shape[d]) < t).reshape([-1 if e == d else 1 for e in range(len(shape))])
+    if core.numel() == 0 or (core < 0).any() or not torch.equal(constant, expected):
+        return None
+    for axis in range(axes):
+        found = core[axis].unique()
+        start, step = int(found[0]), int(found[1] - found[0]) if len(found) > 1 else 1
+        if not torch.equal(found, start + step * torch.arange(len(found))):
+            return None
+        if (start, step, len(found)) != (0, 1, field.length(axis)):  # a slice of the axis: its positions renamed
+            try:
+                field = field.take(axis, start, step, len(found))
+            except OnlyHolesError:
+                return None
+            positions = positions.clone()
+            positions[axis] = torch.where(constant, -1, (positions[axis] - start) // step)
+            core = positions[(slice(None), *(slice(t, None) for t in tokens))]
+    if core.flatten(1)[:, 0].any():  # the first element must be position 0 along every axis
+        return None
+    dims = []
+    for d in range(len(shape)):
+        profile = core[(slice(None), *(slice(None) if e == d else 0 for e in range(len(shape))))]
+        factors = _factorized(profile)
+        if factors is None:
+            return None
+        dims.append((((PREFIX, tokens[d]),) if tokens[d] else ()) + factors)
+    layout = _merge_parts(tuple(dims))
+    if any(axis_length(layout, axis) != field.length(axis) for axis in range(axes)):
+        return None  # parts that overlap, or positions repeated by a view rather than by a plain factor
+    if not torch.equal(element_positions(layout, shape, axes), positions):
+        return None  # the dimensions' positions do not add up (they depend on one another)
+    return Traced(field, layout, equivariant=False)
+
+
+def _factorized(profile: torch.Tensor) -> tuple[Factor, ...] | None:
+    """Factors (outermost first) whose positions along one dimension are ``profile`` (``(axes, length)``), or None."""
+    factors: list[Factor] = []
+    length, block = profile.shape[1], 1
+    while block < length:
+        delta = profile[:, block] - profile[:, 0]
+        moving = delta.nonzero().flatten().tolist()
+        if len(moving) > 1 or (delta < 0).any():
+            return None
+        count = 1
+        while block * (count + 1) <= length and torch.equal(profile[:, block * count], delta * count):
+            count += 1
+        while (length // block) % count:
+            count -= 1
+        if count < 2:
+            return None
+        key = Part(moving[0], int(delta[moving[0]])) if moving else None
+        factors.append((key, count))
+        block *= count
+    return tuple(reversed(factors))
 
 
 def settled(info: Traced) -> Traced:

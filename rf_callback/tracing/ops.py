@@ -28,8 +28,9 @@ from rf_callback.tracing.layout import (
     _reshape,
     _spatial,
     _whole_axis,
+    settled,
 )
-from rf_callback.tracing.shortcuts import _first_output, _registry, _to_meta, flat_tensors
+from rf_callback.tracing.shortcuts import _first_output, _registry, _to_meta, elementwise, flat_tensors
 
 if TYPE_CHECKING:
     from rf_callback.tracing.engine import Tracer
@@ -50,9 +51,22 @@ def _convolution(tracer: Tracer, func, bound, out):
         return _transposed_convolution(tracer, bound, out)
     info = tracer.traced(bound["input"])
     if _spatial(info.layout[1]):  # channels are summed over; plain ones mix nothing
-        info = tracer.mix(info, [1])
+        info = _summed_channels(tracer, info)
     result = tracer.window(info, out, bound["weight"].shape[2:], bound["stride"], bound["padding"], bound["dilation"])
     return result.with_layout((result.layout[0], _plain(out.shape[1]), *result.layout[2:]))
+
+
+def _summed_channels(tracer: Tracer, info: Traced) -> Traced:
+    """``info`` after an operation that sums over its channels (dimension 1), which hold part of a spatial axis.
+
+    Space-to-depth written as views (TResNet's stem) moves each axis's offsets within a block into
+    the channels: a convolution sums them, so every position sees its whole block, and the blocks
+    left in the spatial dimensions are the axis, on a coarser grid (:func:`settled`).
+    """
+    info = tracer.mix(info, [1])
+    if _prefix(info.layout[1]) is not None:
+        return info
+    return settled(info.with_layout((info.layout[0], _plain(_dim_size(info.layout[1])), *info.layout[2:])))
 
 
 @_register(aten.im2col.default)
@@ -70,6 +84,58 @@ def _im2col(tracer, func, bound, out):
     result = tracer.window(info, grid, bound["kernel_size"], bound["stride"], bound["padding"], bound["dilation"])
     layout = result.layout[:-3] + (_plain(out.shape[-2]), result.layout[-2] + result.layout[-1])
     return result.with_layout(layout)
+
+
+@_register(aten.col2im.default)
+def _col2im(tracer, func, bound, out):
+    """``F.fold`` (VOLO's outlook attention): each output pixel sums the columns of the windows that cover it.
+
+    The adjoint of ``nn.Unfold``: the columns' last dimension holds the grid of windows (whole axes,
+    row-major), their channels the offsets; output position ``o`` reads window ``i`` where
+    ``o = i * stride - padding + j * dilation`` for an offset ``j``, as a transposed convolution does.
+    """
+    source = bound["self"]
+    info = tracer.traced(source)
+    if _spatial(info.layout[-2]):
+        raise _Reject("it folds columns whose channels hold spatial positions")
+    kernel, stride, padding, dilation = (bound[name] for name in ("kernel_size", "stride", "padding", "dilation"))
+    sizes = list(bound["output_size"])
+    grid = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, d, p, s in zip(sizes, kernel, dilation, padding, stride)]
+    windows = info.layout[-1]
+    if _spatial(windows):  # the windows' grid, flattened: each axis whole, in order
+        if _prefix(windows) is not None or [length for _, length in windows] != grid:
+            raise _Reject("it folds columns that are not one grid of windows")
+        axes = [key for key, _ in windows]
+        if any(type(key) is not int for key in axes):
+            raise _Reject("it folds columns that are not one grid of windows")
+        dims = tuple(((key, n),) for key, n in zip(axes, grid))
+    else:
+        dims = tuple(_plain(n) for n in grid)
+    info = info.with_layout(info.layout[:-1] + dims)
+
+    def sources_of(i: int, n: int, m: int) -> Sources:
+        return _transposed_sources(n, m, kernel[i], stride[i], padding[i], dilation[i])
+
+    result = _resampled(tracer, info, out, 2, sources_of)
+    return result.with_layout(result.layout[:-3] + (_plain(out.shape[-3]),) + result.layout[-2:])
+
+
+@_register(aten.unfold.default)
+def _unfold(tracer, func, bound, out):
+    """``Tensor.unfold(d, size, step)`` (HaloNet's key windows): sliding windows along one dimension, the window's
+    offsets in a new last dimension, which is treated like a convolution's channels (each holds the window)."""
+    source = bound["self"]
+    info = tracer.traced(source)
+    d = _normalize_dim(bound["dimension"], source.dim())
+    layout = list(info.layout)
+    if _spatial(layout[d]):
+        axis = _whole_axis(layout[d], "slides a window over")
+        windows = out.shape[d]
+        field = info.field.window(axis, bound["size"], bound["step"], 0, windows)
+        layout[d] = ((axis, windows),)
+        return Traced(field, (*layout, _plain(out.shape[-1])), info.equivariant)
+    layout[d] = _plain(out.shape[d])
+    return info.with_layout((*layout, _plain(out.shape[-1])))
 
 
 def _pool(tracer, bound, out, has_dilation: bool) -> Traced:
@@ -223,19 +289,36 @@ def _pad(tracer: Tracer, source: torch.Tensor, pad: Sequence[int], out: torch.Te
     info = tracer.traced(source)
     field = info.field
     layout = list(info.layout)
+    equivariant = info.equivariant
     for i in range(len(pad) // 2):
         d = source.dim() - 1 - i
         before = pad[2 * i]
         dim = info.layout[d]
-        if _spatial(dim):
-            axis = _whole_axis(dim, "pads")
+        if _spatial(dim) and (len(dim) > 1 or type(dim[0][0]) is not int):
+            layout[d], equivariant = _tokens_in_front(dim, before, pad[2 * i + 1], mode), False
+        elif _spatial(dim):
+            axis = dim[0][0]
             field = field.pad(axis, before, out.shape[d], mode)
             layout[d] = ((axis, out.shape[d]),)
         else:
             layout[d] = _plain(out.shape[d])
     # Reflect, replicate and circular padding copy pixels from the border: on a crop they would copy
     # from the crop's border instead.
-    return Traced(field, tuple(layout), info.equivariant and mode == "constant")
+    return Traced(field, tuple(layout), equivariant and mode == "constant")
+
+
+def _tokens_in_front(dim: tuple, before: int, after: int, mode: PadMode) -> tuple:
+    """A dimension of flattened positions (tokens) padded with ``before`` constants in front: class tokens.
+
+    CoaT's convolutional relative position encoding pads its grid of tokens with a zero in front, in
+    the place of the class token it left out. Anything else along such a dimension has no place in a
+    grid, hence ``_Reject``.
+    """
+    if mode != "constant" or after != 0 or before <= 0:
+        raise _Reject("it pads a dimension that mixes a spatial axis with others")
+    key, rest = (PREFIX, dim) if _prefix(dim) is None else (_prefix(dim), dim[1:])
+    count = before + (dim[0][1] if _prefix(dim) is not None else 0)
+    return ((key, count), *rest)
 
 
 @_register(
@@ -319,19 +402,8 @@ def _split(tracer, func, bound, out):
     return tuple(results)
 
 
-@_register(
-    aten.view.default,
-    aten._unsafe_view.default,
-    aten.reshape.default,
-    aten._reshape_alias.default,
-    aten.view_copy.default,
-)
-def _view(tracer, func, bound, out):
-    info = tracer.traced(bound["self"])
-    return info.with_layout(_reshape(info.layout, out.shape))
-
-
-@_register(
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten._reshape_alias.default)
+_COPIES = (
     aten.alias.default,
     aten.detach.default,
     aten.clone.default,
@@ -339,10 +411,16 @@ def _view(tracer, func, bound, out):
     aten.lift_fresh.default,
     aten.lift_fresh_copy.default,
     aten.contiguous.default,
-    aten.to.dtype,
-    aten.to.device,
-    aten.to.dtype_layout,
 )
+
+
+@_register(*_VIEWS, aten.view_copy.default)
+def _view(tracer, func, bound, out):
+    info = tracer.traced(bound["self"])
+    return info.with_layout(_reshape(info.layout, out.shape))
+
+
+@_register(*_COPIES, aten.to.dtype, aten.to.device, aten.to.dtype_layout)
 def _same(tracer, func, bound, out):
     return tracer.traced(bound["self"])
 
@@ -453,6 +531,23 @@ def _cat(tracer, func, bound, out):
     if tracer.varies_with_position(constants, result.layout):
         result = replace(result, equivariant=False)  # coordinate channels (CoordConv) and the like
     return result
+
+
+@_register(aten.index.Tensor)
+def _index(tracer, func, bound, out):
+    """``x[..., order]``: gathering along one dimension that holds no position (channels, coefficients) by fixed
+    indices (CSATv2's zig-zag order of DCT coefficients). Along a spatial axis, or by indices that depend on
+    the input, which elements go where is data: refused."""
+    source, indices = bound["self"], bound["indices"]
+    info = tracer.traced(source)
+    picked = [d for d, index in enumerate(indices) if index is not None]
+    if any(index in tracer.info for index in indices if index is not None):
+        raise _Reject("its indices depend on the input")
+    if len(picked) != 1 or _spatial(info.layout[picked[0]]):
+        raise _Reject("it gathers positions by indices")
+    d, width = picked[0], indices[picked[0]].dim() if indices[picked[0]].dtype != torch.bool else 1
+    middle = tuple(_plain(n) for n in out.shape[d : d + width])
+    return info.with_layout(info.layout[:d] + middle + info.layout[d + 1 :])
 
 
 @_register(aten.copy_.default)
@@ -605,6 +700,55 @@ def _linear(tracer, func, bound, out):
 
 
 # --------------------------------------------------------------------------------------------
+# Elements followed one by one (see layout.Indexed): the operations that only move them.
+# --------------------------------------------------------------------------------------------
+
+_RESHAPES = {*_VIEWS, aten.view_copy.default, aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims}
+
+
+def moved_positions(func: Any, bound: dict[str, Any], positions: torch.Tensor, out: Any) -> torch.Tensor | None:
+    """Where each element of ``out`` comes from, for an operation that only moves elements (views, permutes,
+    slices, constant pads, elementwise operations): ``positions`` (``(axes, *input shape)``, see
+    ``element_positions``) moved the same way; -1 for the constants a pad adds. None for any other operation.
+    """
+    if not isinstance(out, torch.Tensor):
+        return None
+    source = bound.get("self", bound.get("input"))
+    with _disable_current_modes(), torch._C.DisableTorchFunction(), torch.no_grad():
+        if func in _RESHAPES:
+            return positions.reshape(positions.shape[0], *out.shape)
+        if func in _COPIES or (elementwise(func) and tuple(out.shape) == tuple(positions.shape[1:])):
+            return positions
+        if func is aten.permute.default:
+            return positions.permute(0, *(1 + _normalize_dim(d, source.dim()) for d in bound["dims"]))
+        if func is aten.transpose.int:
+            a, b = (_normalize_dim(bound[name], source.dim()) for name in ("dim0", "dim1"))
+            return positions.transpose(a + 1, b + 1)
+        if func is aten.unsqueeze.default:
+            return positions.unsqueeze(1 + _normalize_dim(bound["dim"], out.dim()))
+        if func is aten.expand.default:
+            lead = [1] * (out.dim() - source.dim())
+            return positions.reshape(positions.shape[0], *lead, *source.shape).expand(positions.shape[0], *out.shape)
+        if func is aten.slice.Tensor:
+            d = _normalize_dim(bound["dim"], source.dim())
+            cut = slice(bound["start"], bound["end"], bound["step"])
+            return positions[(slice(None),) * (d + 1) + (cut,)]
+        if func is aten.select.int:
+            return positions.select(1 + _normalize_dim(bound["dim"], source.dim()), bound["index"])
+        if func is aten.constant_pad_nd.default:
+            return torch.nn.functional.pad(positions, list(bound["pad"]), value=-1)
+    return None
+
+
+def padded_positions(mode: str, pad: Sequence[int], positions: torch.Tensor) -> torch.Tensor | None:
+    """``positions`` after ``F.pad(..., pad, mode)``: -1 for the constants a constant pad adds; None for other modes."""
+    if mode != "constant":
+        return None
+    with _disable_current_modes(), torch._C.DisableTorchFunction(), torch.no_grad():
+        return torch.nn.functional.pad(positions, list(pad), value=-1)
+
+
+# --------------------------------------------------------------------------------------------
 # Functions caught before they decompose: F.pad (mode='circular' becomes copies) and the
 # recurrent layers (their kernels refuse meta inputs with real weights).
 # --------------------------------------------------------------------------------------------
@@ -614,12 +758,24 @@ _FUNCTIONS: dict[Any, Any] = {}
 _intercept = _registry(_FUNCTIONS)
 
 
+_PAD_ARGUMENTS = ("input", "pad", "mode", "value")
+
+
 @_intercept(torch.nn.functional.pad, torch._C._nn.pad)
 def _functional_pad(tracer: Tracer, func, args, kwargs):
-    bound = dict(zip(("input", "pad", "mode", "value"), args), **kwargs)
+    bound = dict(zip(_PAD_ARGUMENTS, args), **kwargs)
     source, mode, pad = bound["input"], bound.get("mode", "constant"), list(bound["pad"])
     out = func(*args, **kwargs)
     return out, f"F.pad(mode={mode!r})", [source], lambda infos: _pad(tracer, source, pad, out, mode)
+
+
+def _pad_moves(args: tuple, kwargs: dict, positions: torch.Tensor) -> torch.Tensor | None:
+    bound = dict(zip(_PAD_ARGUMENTS, args), **kwargs)
+    return padded_positions(bound.get("mode", "constant"), bound["pad"], positions)
+
+
+_MOVES = {torch.nn.functional.pad: _pad_moves, torch._C._nn.pad: _pad_moves}
+"""Intercepted functions that only move elements: ``(args, kwargs, positions) -> positions`` (see ``Indexed``)."""
 
 
 @_intercept(torch._VF.lstm, torch._VF.gru, torch._VF.rnn_tanh, torch._VF.rnn_relu)
@@ -708,7 +864,7 @@ def _transposed_sources(n: int, m: int, kernel: int, stride: int, padding: int, 
 
 
 def _transposed_convolution(tracer: Tracer, bound, out) -> Traced:
-    info = tracer.mix(tracer.traced(bound["input"]), [1])  # channels are summed over
+    info = _summed_channels(tracer, tracer.traced(bound["input"]))
     kernel = list(bound["weight"].shape[2:])
     count = len(kernel)
     stride, padding, dilation = (

@@ -366,16 +366,24 @@ def _transposed(func: Any, args: tuple, kwargs: dict) -> Any:
 
 @_shortcut_for(aten.native_layer_norm.default)
 def _layer_normalized(func: Any, args: tuple, kwargs: dict) -> Any:
-    """LayerNorm of a contiguous float32/64 tensor: a tensor like it, and its per-row mean and 1 / std."""
+    """LayerNorm of a float32/64 tensor: a contiguous tensor of its shape, whatever its strides (the kernel makes
+    its input contiguous; transposed tokens, XCiT's, would otherwise run PyTorch's Python decomposition),
+    and its per-row mean and 1 / std."""
     first, normalized = args[0], tuple(args[1])
     if not _floating_meta(first) or first.dtype not in (torch.float32, torch.float64) or not normalized:
         return None
-    if _standard_format(first) is not torch.contiguous_format or tuple(first.shape[-len(normalized) :]) != normalized:
+    if tuple(first.shape[-len(normalized) :]) != normalized:
         return None
     if any(t is not None and (t.shape != normalized or t.dtype != first.dtype) for t in args[2:4]):
         return None
     stats = (*first.shape[: first.dim() - len(normalized)], *(1,) * len(normalized))
-    return _like(first), *(torch.empty(stats, dtype=first.dtype, device="meta") for _ in range(2))
+    if _standard_format(first) is torch.contiguous_format:
+        out = _like(first)
+    elif not first.is_contiguous():  # copied to contiguous memory first: a contiguous result
+        out = torch.empty(first.shape, dtype=first.dtype, device="meta")
+    else:  # contiguous but for the strides of length-1 dimensions: the kernel's own rules
+        return None
+    return out, *(torch.empty(stats, dtype=first.dtype, device="meta") for _ in range(2))
 
 
 @_shortcut_for(aten._unsafe_view.default, aten.view.default)
