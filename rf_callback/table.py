@@ -16,6 +16,7 @@ import itertools
 import math
 import operator
 import re
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as _attribute
@@ -633,6 +634,71 @@ def _attributes_kept(modules: Sequence[nn.Module]) -> Iterator[None]:
                         del module.__dict__[name]
 
 
+@contextlib.contextmanager
+def _caches_cleared(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Empties, after the trace, every ``functools`` cache of the model's code that the trace added to.
+
+    A function cached with ``lru_cache`` (HF BEiT's ``generate_relative_position_index``, a static method
+    behind transformers' own decorator) would keep what it computed on the trace's meta tensors and hand
+    it to every later real forward: wrong numbers, or a crash. The caches looked at are those the
+    modules' own classes and the modules defining them hold (class attributes, module globals, and the
+    functions those wrap); one that missed during the trace is cleared, which costs a recomputation.
+    """
+    kinds = frozenset(type(module) for module in modules)
+    caches = _CACHES.get(kinds)
+    if caches is None:
+        caches = _CACHES[kinds] = _model_caches(kinds)
+    misses = [cache.cache_info().misses for cache in caches]
+    try:
+        yield
+    finally:
+        for cache, before in zip(caches, misses):
+            if cache.cache_info().misses != before:
+                cache.cache_clear()
+
+
+_CACHES: dict[frozenset[type], list[Any]] = {}
+"""The ``functools`` caches found for a set of module classes, looked for once."""
+
+
+def _model_caches(kinds: Iterable[type]) -> list[Any]:
+    """The ``functools`` caches that the module classes ``kinds`` (PyTorch's own left out) and their modules hold."""
+    found: dict[int, Any] = {}
+    seen: set[int] = set()
+
+    def visit(value: Any, depth: int = 0) -> None:
+        if isinstance(value, (staticmethod, classmethod)):
+            value = value.__func__
+        if id(value) in seen or depth > 2 or not callable(value):
+            return
+        seen.add(id(value))
+        if hasattr(value, "cache_clear") and hasattr(value, "cache_info"):
+            found[id(value)] = value
+        wrapped = getattr(value, "__wrapped__", None)
+        if wrapped is not None:
+            visit(wrapped, depth + 1)
+        for cell in getattr(value, "__closure__", None) or ():
+            try:
+                visit(cell.cell_contents, depth + 1)
+            except ValueError:  # an empty cell
+                continue
+
+    namespaces: dict[int, dict[str, Any]] = {}
+    for kind in kinds:
+        for cls in kind.__mro__:
+            if cls.__module__.startswith("torch.") or cls is object:
+                continue
+            namespaces.setdefault(id(cls), vars(cls))
+            module = sys.modules.get(cls.__module__)
+            if module is not None:
+                namespaces.setdefault(id(module), vars(module))
+    for namespace in namespaces.values():
+        for value in list(namespace.values()):
+            if not isinstance(value, type):  # classes are walked through the modules' own
+                visit(value)
+    return list(found.values())
+
+
 def _no_autocast() -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     for device_type in ("cpu", "cuda"):
@@ -755,6 +821,7 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
         # Outside inference mode and autocast, so that composite operations decompose as usual.
         with (
             _attributes_kept([module for _, module in walked]),
+            _caches_cleared([module for _, module in walked]),
             evaluating(model, [module for _, module in walked]),
             _gc_paused(),  # the trace allocates many small tuples; the cyclic collector would double its time
             torch.inference_mode(False),

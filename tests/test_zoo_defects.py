@@ -1,5 +1,7 @@
 """Defects found by sweeping public model zoos (issue 15), each on a minimal model written for it."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -586,6 +588,52 @@ def test_what_a_forward_caches_during_the_trace_is_not_kept():
     assert receptive_fields(model, (1, 6, 6))["conv"].size == (3, 3)
     assert model.indices is before and not hasattr(model, "cached_at")
     assert model(torch.rand(1, 1, 6, 6)).shape == (1, 2, 6, 6) and model.indices.device.type == "cpu"
+
+
+@functools.lru_cache(maxsize=4)
+def _position_offsets(length: int) -> torch.Tensor:
+    """A module-level cached helper, as libraries write them: an index made from ``torch.arange``."""
+    return torch.arange(length).flip(0)
+
+
+def _cached_method(function):
+    """transformers' ``compile_compatible_method_lru_cache``: the cache hidden in a wrapper's closure."""
+    cached = functools.lru_cache(maxsize=4)(function)
+
+    @functools.wraps(function)
+    def wrapper(*args):
+        return cached(*args)
+
+    return wrapper
+
+
+class CachedRelativeIndex(nn.Module):
+    """HF BEiT's relative position index: a static method cached by input size, behind a wrapper."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.table = nn.Parameter(torch.randn(6))
+
+    @staticmethod
+    @_cached_method
+    def index(length: int) -> torch.Tensor:
+        return torch.arange(length) % 6
+
+    def forward(self, x):
+        bias = self.table[self.index(x.shape[-1])] + self.table[_position_offsets(x.shape[-1]) % 6]
+        return self.conv(x) + bias
+
+
+def test_what_a_cached_function_computes_during_the_trace_is_not_kept():
+    """Issue 22's sweep: after a trace, HF BEiT's real outputs changed (its lru_cache kept the trace's meta index)."""
+    model, image = CachedRelativeIndex(), torch.rand(1, 1, 6, 6)
+    expected = model(image)  # computed and cached for width 6 on real tensors: a cache the trace must not empty
+    assert receptive_fields(model, (1, 6, 6))["conv"].size == (3, 3)
+    assert torch.equal(model(image), expected)
+    assert receptive_fields(model, (1, 6, 8))["conv"].size == (3, 3)  # a width the caches had not seen
+    assert torch.equal(model(torch.rand(1, 1, 6, 8)).isfinite(), torch.ones(1, 2, 6, 8, dtype=torch.bool))
+    assert model.index(8).device.type == "cpu" and _position_offsets(8).device.type == "cpu"
 
 
 class ZigZag(nn.Module):
