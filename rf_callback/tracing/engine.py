@@ -59,7 +59,7 @@ aten = torch.ops.aten
 
 
 _META = torch.device("meta")
-_MOVES = frozenset(
+_NOT_COMPUTING = frozenset(
     getattr(getattr(aten, name), overload)
     for name, overloads in {
         "constant_pad_nd": ["default"],
@@ -206,7 +206,7 @@ class Tracer(TorchDispatchMode):
             for tensor in outputs:  # an in-place write of constants (x.zero_()) forgets the input
                 self.info.pop(tensor, None)
             return
-        if func not in _MOVES:
+        if func not in _NOT_COMPUTING:
             self.computed += 1
         bound = _bind(func, args, kwargs)
         results = _REFUSED
