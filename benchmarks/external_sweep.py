@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.metadata
 import importlib.util
 import time
 import warnings
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from zoo_sweep import line, run_one, sweep_one
+from zoo_sweep import _read, add_options, line, sweep_models, sweep_one
 from zoo_sweep import summary as zoo_summary
 
 from rf_callback import receptive_fields, receptive_maps
@@ -388,21 +389,19 @@ def catalogue(sources: list[str]) -> dict[str, Callable[[], tuple[nn.Module, tup
     return found
 
 
-def builder(models: dict[str, Callable[[], tuple[nn.Module, tuple[int, ...]]]]) -> Callable[..., Any]:
-    """``zoo_sweep``'s builder interface, ``(name, size) -> (model in eval mode, shape)``, over ``models``."""
+_LAST: dict[tuple[str, str], tuple[nn.Module, tuple[int, ...]]] = {}  # the model built last, per device
 
-    last: dict[tuple[str, str], tuple[nn.Module, tuple[int, ...]]] = {}  # the model built last, per device
 
-    def build(name: str, size: int | None) -> tuple[nn.Module, tuple[int, ...]]:
-        key = (name, str(torch.empty(0).device))  # zoo_sweep counts parameters on the meta device first
-        if key not in last:
-            torch.manual_seed(0)
-            model, shape = models[name]()
-            last.clear()
-            last[key] = model.eval(), shape
-        return last[key]
-
-    return build
+def build(name: str, size: int | None = None) -> tuple[nn.Module, tuple[int, ...]]:
+    """``zoo_sweep``'s builder, ``(name, size) -> (model in eval mode, shape)``, over this catalogue (``size`` is
+    each model's own). The model built last is kept: ``sweep_one`` builds it, then the maps need it again."""
+    key = (name, str(torch.empty(0).device))  # zoo_sweep builds on the meta device first
+    if key not in _LAST:
+        torch.manual_seed(0)
+        model, shape = CATALOGUES[name.partition(":")[0]]()[name]()
+        _LAST.clear()
+        _LAST[key] = model.eval(), shape
+    return _LAST[key]
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,13 +433,15 @@ def maps_check(model: nn.Module, shape: tuple[int, ...]) -> dict[str, Any]:
     return record | {"dead": float(maps.erf.dead.float().mean()), "noise warnings": len(noise), "problems": problems}
 
 
-def sweep(name: str, args: argparse.Namespace, build: Callable[..., Any]) -> dict[str, Any]:
-    record = sweep_one(name, args, build)
-    if args.maps and record["status"] in ("ok", "refused"):
+def sweep(name: str, args: argparse.Namespace, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``zoo_sweep``'s record of one model of this catalogue, with its maps (kept from ``previous`` with the rest of
+    the record where the table has not changed)."""
+    record = sweep_one(name, args, previous, build)
+    if args.maps and record["status"] in ("ok", "refused") and "same table as" not in record:
         try:
-            model, shape = build(name, None)
+            model, shape = build(name)
             record["maps"] = maps_check(model, shape)
-        except Exception as error:  # a failure of ours: recorded, the sweep goes on
+        except Exception as error:  # noqa: BLE001  (a failure of ours: recorded, the sweep goes on)
             record["maps"] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
     return record
 
@@ -476,17 +477,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", help="source:name (see --list)")
     parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=list(SOURCES))
     parser.add_argument("--list", action="store_true", help="print the catalogue and stop")
-    parser.add_argument("--repeats", type=int, default=0, help="timing repeats of table against forward (0: none)")
-    parser.add_argument("--units", type=int, default=24, help="units checked against the gradient per model (0: none)")
-    parser.add_argument("--rows", type=int, default=6, help="rows those units are spread over")
     parser.add_argument("--no-maps", dest="maps", action="store_false", help="skip the maps")
-    parser.add_argument("--max-parameters", type=float, default=60e6, help="skip the gradient check above this")
-    parser.add_argument("--max-build-parameters", type=float, default=150e6, help="skip models above this")
-    parser.add_argument("--jsonl", help="also write one JSON record per model to this file")
+    add_options(parser)
+    parser.set_defaults(repeats=0, units=24, rows=6, max_pixels=64**3)  # 3-D: SwinUNETR's 64³ checked too
     args = parser.parse_args()
     args.size = None
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
+    if args.summary:
+        print(summary(list(_read(args.jsonl).values())))
+        return
     models = catalogue(args.sources)
     if args.list:
         print("\n".join(models))
@@ -495,12 +493,9 @@ def main() -> None:
     unknown = [name for name in names if name not in models]
     if unknown:
         parser.error(f"unknown models {unknown}; --list shows the catalogue")
-    build = builder(models)
-    records = []
-    print(f"{len(names)} models, 1 thread, torch {torch.__version__}")
-    for name in names:
-        records.append(run_one(name, lambda name: sweep(name, args, build), args.jsonl, describe))
-    print(summary(records))
+    installed = {SOURCES[name.partition(":")[0]] for name in names}
+    versions = "".join(f", {library} {importlib.metadata.version(library)}" for library in sorted(installed))
+    print(summary(sweep_models(names, args, sweep, describe, versions)))
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ downloads) and takes minutes. For each model it records:
   mode refuses, starting with the refusal strict mode names;
 * the time of one table against one real forward pass (eval, one thread, medians);
 * gradient truth on a *linearized twin* (float64, positive random weights scaled by fan-in, zero
-  biases, unit running variances, max pooling replaced by average pooling): for a sample of units, the
-  bounding box of the nonzero gradient of the unit (summed over channels) with respect to a positive
-  input must lie inside ``row.box(i, j)``, and equals it unless a nonlinearity left the positive
-  range (LayerNorm, GELU) and cut a path.
+  biases, unit running variances, run under ``GradientEverywhere``: max pooling averaged, elementwise
+  activations as the identity, gates as softsign curves): for a sample of units (signals, images and
+  volumes alike), the bounding box of the nonzero gradient of the unit (its elements weighed at random)
+  with respect to a positive input must equal ``row.box(...)``.
+
+Another catalogue reuses all of it with its own ``builder`` (``benchmarks/external_sweep.py``).
 
     python benchmarks/zoo_sweep.py --limit 40                 # an evenly spaced sample of everything
     python benchmarks/zoo_sweep.py --models tv:resnet50 timm:maxvit_tiny_tf_224 seg:fcn_resnet50
@@ -39,6 +41,7 @@ import threading
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -52,6 +55,8 @@ from rf_callback.table import OUTPUT_ROW, LayerRF
 from rf_callback.tracing import element_positions
 
 SOURCES = ("tv", "seg", "det", "timm")
+Builder = Callable[[str, int | None], tuple[nn.Module, tuple[int, ...]]]  # (name, size) -> (model, shape)
+Sweep = Callable[[str, argparse.Namespace, "dict[str, Any] | None"], dict[str, Any]]  # (name, args, previous) -> record
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,15 +96,6 @@ def sample(names: list[str], limit: int | None) -> list[str]:
     return chosen
 
 
-def meta_build(name: str, size: int | None) -> tuple[nn.Module, tuple[int, int, int]] | None:
-    """The model built on the meta device (no memory, no initialization), or None where that fails."""
-    try:
-        with torch.device("meta"):
-            return build(name, size)
-    except Exception:  # noqa: BLE001  (any model that cannot be built on the meta device)
-        return None
-
-
 def build(name: str, size: int | None) -> tuple[nn.Module, tuple[int, int, int]]:
     """The model in eval mode with random weights, and the (C, H, W) it is traced at."""
     source, _, model_name = name.partition(":")
@@ -121,13 +117,24 @@ def build(name: str, size: int | None) -> tuple[nn.Module, tuple[int, int, int]]
     return model.eval(), shape
 
 
+def meta_build(name: str, size: int | None, builder: Builder = build) -> tuple[nn.Module, tuple[int, ...]] | None:
+    """The model ``builder`` makes, built on the meta device (no memory, no initialization), or None where that
+    fails."""
+    try:
+        with torch.device("meta"):
+            return builder(name, size)
+    except Exception:  # noqa: BLE001  (any model that cannot be built on the meta device)
+        return None
+
+
 # --------------------------------------------------------------------------------------------
 # Gradient truth on a linearized twin
 # --------------------------------------------------------------------------------------------
 
 
 def linearized_twin(model: nn.Module, seed: int = 0) -> nn.Module:
-    """A float64 copy whose activations stay positive on a positive input, so that gradients reach every path."""
+    """A float64 copy with positive weights and zero biases (run it under :class:`GradientEverywhere`), so that a
+    positive input's gradient reaches every path."""
     twin = copy.deepcopy(model).double().eval()
     pools = {nn.MaxPool1d: nn.AvgPool1d, nn.MaxPool2d: nn.AvgPool2d, nn.MaxPool3d: nn.AvgPool3d}
     for parent in list(twin.modules()):
@@ -207,12 +214,19 @@ def _mean_over(x, dim=None, keepdim=False, *args, **kwargs):
 class GradientEverywhere(TorchFunctionMode):
     """Runs the twin with the functions whose gradient can be exactly zero on a path replaced by ones with the same
     inputs and a gradient everywhere: sigmoids and tanh by softsign curves of the same range (gates stay near
-    one half: the identity would multiply small values into nothing), ReLU6 and hard-tanh by the identity,
-    softmax by one of scores scaled into [-1, 1], max pooling and ``amax`` by averages, and weights left
-    unstandardized (NF-Nets' convolutions standardize theirs, which makes half of them negative). A pixel with a
-    path to a unit then has a nonzero gradient (positive weights and inputs), and the box is testable."""
+    one half: the identity would multiply small values into nothing), the other elementwise activations (ReLU,
+    ReLU6, GELU, SiLU, PReLU, ...: after a normalization that centres its input, or saturated by the twin's
+    growing values, they cut paths) by the identity, modules and functions alike (an elementwise function
+    changes no field), softmax by one of scores scaled into [-1, 1], max pooling and ``amax`` by averages, and
+    weights left unstandardized (NF-Nets' convolutions standardize theirs, which makes half of them negative). A
+    pixel with a path to a unit then has a nonzero gradient (positive weights and inputs), and the box is
+    testable."""
 
-    IDENTITY: ClassVar = {F.relu6, F.hardtanh}
+    IDENTITY: ClassVar = {
+        *(F.relu, torch.relu, torch.Tensor.relu, F.relu_, torch.Tensor.relu_, F.relu6, F.hardtanh, F.hardtanh_),
+        *(F.leaky_relu, F.leaky_relu_, F.prelu, F.rrelu, F.rrelu_, F.threshold, F.threshold_),
+        *(F.elu, F.elu_, F.selu, F.selu_, F.celu, F.celu_, F.gelu, F.silu, F.mish, F.hardswish, F.softplus),
+    }
     SIGMOID: ClassVar = {torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid, F.hardsigmoid}
     TANH: ClassVar = {torch.tanh, torch.Tensor.tanh, F.tanh}
     SOFTMAX: ClassVar = {torch.softmax, torch.Tensor.softmax, F.softmax}
@@ -286,14 +300,35 @@ def _support(value: torch.Tensor, image: torch.Tensor) -> tuple[int, ...] | None
 
 def _verdict(box: tuple[int, ...], found: tuple[int, ...] | None) -> str:
     """``equal``, ``larger`` (the box holds pixels without a gradient), ``smaller`` (the gradient reaches pixels
-    outside the box: a wrong box) or ``empty`` (no gradient at all, where the box holds pixels)."""
+    outside the box: a wrong box) or ``empty`` (no gradient at all, where the box holds pixels). A unit that sees
+    only padding has an empty box (along some axis) and no gradient: they agree.
+
+    Example::
+        >>> _verdict((0, 1, 0, 1), None), _verdict((0, 0, 2, 3), None), _verdict((0, 0, 2, 3), (0, 1, 2, 3))
+        ('equal', 'empty', 'larger')
+    """
     half = len(box) // 2
     if found is None:
-        return "equal" if all(box[a] == box[a + half] for a in range(half)) else "empty"
+        return "equal" if any(box[a] == box[a + half] for a in range(half)) else "empty"
     if found == box:
         return "equal"
     inside = all(box[a] <= found[a] and found[a + half] <= box[a + half] for a in range(half))
     return "larger" if inside else "smaller"
+
+
+def _picks(extent: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Corner, centre and edge units of an output of ``extent`` positions (signals, images, volumes), no repeats.
+
+    Example::
+        >>> _picks((4, 6))  # first, last, centre, then the ends and middle of the first row and column
+        [(0, 0), (3, 5), (2, 3), (0, 5), (3, 0), (2, 0), (0, 3)]
+        >>> _picks((5,))
+        [(0,), (4,), (2,)]
+    """
+    first, last, middle = (0,) * len(extent), tuple(n - 1 for n in extent), tuple(n // 2 for n in extent)
+    inner = (0,) * (len(extent) - 1)
+    edges = [(*inner, extent[-1] - 1), (extent[0] - 1, *inner), (extent[0] // 2, *inner), (*inner, extent[-1] // 2)]
+    return list(dict.fromkeys([first, last, middle, *edges]))
 
 
 def choose_rows(
@@ -362,12 +397,9 @@ def gradient_check(
             result["row not found"] += 1
             continue
         positions = element_positions(row.layout, row.tensor_shape, axes)
-        h, w = row.output_shape[-2], row.output_shape[-1]
-        corners = [(0, 0), (h - 1, w - 1), (h // 2, w // 2), (0, w - 1), (h - 1, 0), (h // 2, 0), (0, w // 2)]
         kind = "global unit" if row.is_global else "unit"
         checks = []
-        for unit in list(dict.fromkeys(corners))[: per_global if row.is_global else per_row]:
-            unit = (*(n // 2 for n in row.output_shape[:-2]), *unit)  # 3-D: the middle slice
+        for unit in _picks(row.output_shape)[: per_global if row.is_global else per_row]:
             where = (positions == torch.tensor(unit).reshape(-1, *([1] * output.dim()))).all(0)
             if where.any():
                 checks.append(
@@ -444,11 +476,14 @@ def trace(name: str, model: nn.Module, shape: tuple[int, ...]) -> tuple[dict[str
     return record, table
 
 
-def sweep_one(name: str, args: argparse.Namespace, previous: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One model's record. With the record of an earlier run (``--recheck``), a model whose table is the same
-    (its fingerprint, traced from a build on the meta device when the model can be built there) keeps it."""
+def sweep_one(
+    name: str, args: argparse.Namespace, previous: dict[str, Any] | None = None, builder: Builder = build
+) -> dict[str, Any]:
+    """One model's record, the model made by ``builder`` (:func:`build` for the zoos here; another script's own
+    catalogue). With the record of an earlier run (``--recheck``), a model whose table is the same (its
+    fingerprint, traced from a build on the meta device when the model can be built there) keeps it."""
     record: dict[str, Any] = {"model": name}
-    meta = meta_build(name, args.size)
+    meta = meta_build(name, args.size, builder)
     count = None if meta is None else sum(p.numel() for p in meta[0].parameters())
     if count is not None and count > args.max_build_parameters:
         return record | {"status": "skipped", "error": f"{count / 1e6:.0f}M parameters (--max-build-parameters)"}
@@ -461,7 +496,7 @@ def sweep_one(name: str, args: argparse.Namespace, previous: dict[str, Any] | No
         model, shape = meta  # no weights needed: the table is traced on the meta device anyway
     else:
         try:
-            model, shape = build(name, args.size)
+            model, shape = builder(name, args.size)
         except Exception as error:  # noqa: BLE001
             return record | {"status": "build failed", "error": f"{type(error).__name__}: {str(error)[:120]}"}
     record["shape"] = list(shape)
@@ -498,7 +533,7 @@ def sweep_one(name: str, args: argparse.Namespace, previous: dict[str, Any] | No
 # --------------------------------------------------------------------------------------------
 
 
-def _worker(connection, args: argparse.Namespace) -> None:
+def _worker(connection, args: argparse.Namespace, sweep: Sweep) -> None:
     if args.max_memory_gb:
         limit = int(args.max_memory_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -511,7 +546,7 @@ def _worker(connection, args: argparse.Namespace) -> None:
         name, previous = task
         start = time.perf_counter()
         try:
-            record = sweep_one(name, args, previous)
+            record = sweep(name, args, previous)
         except MemoryError:
             record = {
                 "model": name,
@@ -525,15 +560,16 @@ def _worker(connection, args: argparse.Namespace) -> None:
 
 
 class Workers:
-    """Runs ``sweep_one`` in a child process, restarted after ``recycle`` models, a timeout or a death."""
+    """Runs ``sweep`` (a module-level function: the child imports it) in a child process, restarted after
+    ``recycle`` models, a timeout or a death."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args, self.process, self.connection, self.done = args, None, None, 0
+    def __init__(self, args: argparse.Namespace, sweep: Sweep = sweep_one) -> None:
+        self.args, self.sweep, self.process, self.connection, self.done = args, sweep, None, None, 0
         self.context = multiprocessing.get_context("spawn")
 
     def _start(self) -> None:
         self.connection, child = self.context.Pipe()
-        self.process = self.context.Process(target=_worker, args=(child, self.args), daemon=True)
+        self.process = self.context.Process(target=_worker, args=(child, self.args, self.sweep), daemon=True)
         self.process.start()
         self.done = 0
 
@@ -671,13 +707,8 @@ def _read(path: str | None) -> dict[str, dict[str, Any]]:
     return records
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", help="source:name (sources: tv, seg, det, timm)")
-    parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
-    parser.add_argument("--timm", nargs="+", default=["*"], help="timm.list_models patterns (default: all)")
-    parser.add_argument("--limit", type=int, help="an evenly spaced sample of this many models")
-    parser.add_argument("--size", type=int, help="input height and width (default: 224, timm: the model's own)")
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a sweep that any catalogue shares: what is timed and checked, limits, workers, records."""
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (0: no timing)")
     parser.add_argument(
         "--units",
@@ -699,25 +730,26 @@ def main() -> None:
     parser.add_argument("--jsonl", help="append one JSON record per model; models already in it are not run again")
     parser.add_argument("--recheck", help="records of an earlier run: models whose table is unchanged keep theirs")
     parser.add_argument("--summary", action="store_true", help="only summarize the records of --jsonl")
-    args = parser.parse_args()
-    done = _read(args.jsonl)
-    if args.summary:
-        print(summary(list(done.values())))
-        return
-    previous = _read(args.recheck)
-    names = args.models or (list(previous) if previous else sample(catalogue(args.sources, args.timm), args.limit))
+
+
+def sweep_models(
+    names: list[str], args: argparse.Namespace, sweep: Sweep = sweep_one, describe: Callable = line, versions: str = ""
+) -> list[dict[str, Any]]:
+    """Every model's record: those already in ``--jsonl`` as they are, the others from ``sweep`` in worker processes
+    (``--workers`` at once), each printed as ``describe(record)`` and appended to ``--jsonl``."""
+    done, previous = _read(args.jsonl), _read(args.recheck)
     code = code_version()
     todo = [name for name in names if name not in done]
     print(
         f"{len(names)} models ({len(names) - len(todo)} already in {args.jsonl}), code {code}, 1 thread,"
-        f" torch {torch.__version__}, torchvision {torchvision.__version__}",
+        f" torch {torch.__version__}{versions}",
         flush=True,
     )
     records = [done[name] for name in names if name in done]
     queue, lock = iter(todo), threading.Lock()
 
     def work() -> None:  # one worker process per thread, each taking the next model in turn
-        workers = Workers(args)
+        workers = Workers(args, sweep)
         try:
             while True:
                 with lock:
@@ -728,7 +760,7 @@ def main() -> None:
                 record["code"] = record.get("code") if "same table as" in record else code
                 with lock:
                     records.append(record)
-                    print(line(record), flush=True)
+                    print(describe(record), flush=True)
                     if args.jsonl:
                         with open(args.jsonl, "a") as stream:
                             stream.write(json.dumps(record, default=str) + "\n")
@@ -740,7 +772,23 @@ def main() -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    print(summary(records))
+    return records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", help="source:name (sources: tv, seg, det, timm)")
+    parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
+    parser.add_argument("--timm", nargs="+", default=["*"], help="timm.list_models patterns (default: all)")
+    parser.add_argument("--limit", type=int, help="an evenly spaced sample of this many models")
+    parser.add_argument("--size", type=int, help="input height and width (default: 224, timm: the model's own)")
+    add_options(parser)
+    args = parser.parse_args()
+    if args.summary:
+        print(summary(list(_read(args.jsonl).values())))
+        return
+    names = args.models or list(_read(args.recheck)) or sample(catalogue(args.sources, args.timm), args.limit)
+    print(summary(sweep_models(names, args, versions=f", torchvision {torchvision.__version__}")))
 
 
 if __name__ == "__main__":

@@ -605,25 +605,38 @@ _ABSENT = object()
 """No instance attribute of that name (as opposed to one set to None)."""
 
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+_HOOK_COMPANIONS = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+"""A module's hooks by handle id, and the dicts that hold more about some of them under the same ids."""
+
+
 @contextlib.contextmanager
 def _attributes_kept(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """The modules' buffers, and the set of their attributes, put back after the trace.
+    """The modules' buffers, the set of their attributes, and their hooks put back after the trace.
 
     A forward that caches what it computes (ConViT's relative indices, stored in a buffer when the
     resolution changes) would otherwise keep the meta tensor of the trace, which the next real
     forward reads and fails on. Buffers are compared by identity (a tensor's ``==`` compares values)
     and attributes the trace added are removed: a few microseconds per module (journaling
     ``nn.Module.__setattr__`` instead costs a fifth of a mobile network's trace, its code deoptimized).
+    Hooks the forward registered go too, with the attribute that says they are there (transformers'
+    output capturing: hooks kept without their flag are registered again by the next forward, which
+    then collects every output twice).
     """
     # (A TorchScript module's buffers are not a dict, and its compiled forward caches nothing in Python.)
     saved = [
-        (module, module._buffers.copy() if type(module._buffers) is dict else {}, len(module.__dict__))
+        (
+            module,
+            module._buffers.copy() if type(module._buffers) is dict else {},
+            len(module.__dict__),
+            [len(module.__dict__.get(name, ())) for name in _HOOK_DICTS],
+        )
         for module in modules
     ]
     try:
         yield
     finally:
-        for module, buffers, count in saved:
+        for module, buffers, count, hook_counts in saved:
             now = module._buffers
             if buffers and (len(now) != len(buffers) or any(map(operator.is_not, now.values(), buffers.values()))):
                 now.clear()
@@ -632,6 +645,13 @@ def _attributes_kept(modules: Sequence[nn.Module]) -> Iterator[None]:
                 for name in list(module.__dict__)[count:]:
                     if name != "forward":  # the trace's own wrapper, which it removes itself
                         del module.__dict__[name]
+            for name, hook_count in zip(_HOOK_DICTS, hook_counts):
+                hooks = module.__dict__.get(name, ())
+                if len(hooks) > hook_count:  # registered by the trace's forward (handle ids only grow)
+                    for key in list(hooks)[hook_count:]:
+                        del hooks[key]
+                        for companion in _HOOK_COMPANIONS:
+                            module.__dict__.get(companion, {}).pop(key, None)
 
 
 @contextlib.contextmanager

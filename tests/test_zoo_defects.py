@@ -636,6 +636,38 @@ def test_what_a_cached_function_computes_during_the_trace_is_not_kept():
     assert model.index(8).device.type == "cpu" and _position_offsets(8).device.type == "cpu"
 
 
+class CapturesOutputs(nn.Module):
+    """transformers 5's output capturing: the first forward registers hooks on the blocks that collect their outputs,
+    and a flag on the model says so (SegFormer's decoder then pairs each collected stage with its projection)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 4, 3, stride=2, padding=1)])
+        self.heads = nn.ModuleList([nn.Conv2d(2, 3, 1), nn.Conv2d(4, 3, 1)])
+
+    def forward(self, x):
+        if not getattr(self, "_hooks_installed", False):
+            for block in self.blocks:
+                block.register_forward_hook(lambda module, args, output: self.collected.append(output))
+            self._hooks_installed = True
+        self.collected = []
+        for block in self.blocks:
+            x = block(x)
+        return sum(head(stage).mean((2, 3)) for stage, head in zip(self.collected, self.heads, strict=True))
+
+
+def test_hooks_a_forward_registers_during_the_trace_are_not_kept():
+    """Found by the external sweep on HF SegFormer: the trace removed the flag of the hooks its forward installed,
+    not the hooks; the next real forward installed them again, every stage was collected twice, and the model
+    failed (a model that pairs fewer outputs would have computed wrongly, silently)."""
+    model, image = CapturesOutputs(), torch.rand(1, 1, 8, 8)
+    assert receptive_fields(model, (1, 8, 8))["blocks.1"].size == (5, 5)
+    assert not model.blocks[0]._forward_hooks and not hasattr(model, "_hooks_installed")  # the model as found
+    assert len(model(image)) == 1 and len(model.collected) == 2
+    assert receptive_fields(model, (1, 8, 8))["blocks.1"].size == (5, 5)  # installed before the trace: kept
+    assert len(model.blocks[0]._forward_hooks) == 1 and len(model(image)) == 1 and len(model.collected) == 2
+
+
 class ZigZag(nn.Module):
     """CSATv2's DCT stem: 2x2 blocks transformed by a fixed matrix, the coefficients gathered in a fixed order
     (``x[:, :, order]``, along a dimension that holds no position), then a convolution over the blocks."""
