@@ -65,7 +65,9 @@ def _net_class():
             self.shard = shard
             self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
             self.bn = nn.BatchNorm2d(8)
-            self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)  # no max pooling: its CUDA backward is not deterministic
+            self.conv2 = nn.Conv2d(
+                8, 16, 3, stride=2, padding=1
+            )  # no max pooling: its CUDA backward is not deterministic
             self.head = nn.Linear(16, 4)
 
         def forward(self, x):
@@ -309,7 +311,10 @@ def resnet50_logging_pass(device: str) -> Report:
               f"medians of {repeats}")  # fmt: skip
     # A measurement: drawing and PNG encoding run on the CPU whatever the device, so the CPU's <= 3x target for the
     # whole pass says little on a GPU; the maps' share is the GPU's part.
-    return [figure, f"PASS resnet50_logging_pass: measured: maps {maps:.2f}x, whole pass {ratio:.2f}x a forward+backward"]
+    return [
+        figure,
+        f"PASS resnet50_logging_pass: measured: maps {maps:.2f}x, whole pass {ratio:.2f}x a forward+backward",
+    ]
 
 
 def fsdp_strategy(device: str) -> Report:
@@ -412,7 +417,9 @@ def run_all(names: list[str], device: str, budget: float, scale: float = 1.0) ->
         start = time.monotonic()
         command = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--device", device]
         try:
-            completed = subprocess.run(command, check=False, capture_output=True, text=True, timeout=limit, env=environment)
+            completed = subprocess.run(
+                command, check=False, capture_output=True, text=True, timeout=limit, env=environment
+            )
             output, errors, code = completed.stdout, completed.stderr, completed.returncode
         except subprocess.TimeoutExpired as expired:
             output = expired.stdout.decode() if isinstance(expired.stdout, bytes) else expired.stdout or ""

@@ -44,6 +44,46 @@ def event_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("events.out.tfevents.*"))
 
 
+def measure(name: str, repeats: int) -> tuple[int, dict[str, float], float]:
+    """The default layers' count, the median seconds of each step, and the megabytes one pass adds."""
+    model, probes = build(name)
+    monitor = ProbeMonitor(model, probes)
+    result = monitor.compute()
+    images, scalars = monitor.images(result), monitor.scalars(result)
+    with tempfile.TemporaryDirectory() as folder:
+        writer = SummaryWriter(folder)
+        destination = TensorBoardDestination(writer)
+
+        def train_step() -> None:
+            x = probes.clone().requires_grad_(True)
+            model(x).sum().backward()
+            model.zero_grad(set_to_none=True)
+
+        def write() -> None:
+            for tag, image in images.items():
+                destination.add_image(tag, image, 0)
+            destination.add_scalars(scalars, 0)
+            destination.flush()
+
+        times = interleaved(
+            {
+                "fwd+bwd": train_step,
+                "compute": monitor.compute,
+                "render": lambda: monitor.images(result),
+                "write": write,
+                "pass": lambda: monitor.log(destination, 0),
+            },
+            repeats,
+        )
+        writer.flush()
+        before = event_bytes(Path(folder))
+        monitor.log(destination, 1)
+        writer.flush()
+        size = (event_bytes(Path(folder)) - before) / 1e6
+        writer.close()
+    return len(monitor.layers), times, size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -55,44 +95,10 @@ def main() -> None:
     header = f"{'model':9s} {'layers':>6s} {'fwd+bwd s':>9s} {'compute':>8s} {'render':>7s} {'write':>6s}"
     print(f"{header} {'pass':>6s} {'pass/fwd+bwd':>12s} {'render share':>12s} {'MB/pass':>8s}")
     for name in args.models:
-        model, probes = build(name)
-        monitor = ProbeMonitor(model, probes)
-        result = monitor.compute()
-        images, scalars = monitor.images(result), monitor.scalars(result)
-        with tempfile.TemporaryDirectory() as folder:
-            writer = SummaryWriter(folder)
-            destination = TensorBoardDestination(writer)
-
-            def train_step() -> None:
-                x = probes.clone().requires_grad_(True)
-                model(x).sum().backward()
-                model.zero_grad(set_to_none=True)
-
-            def write() -> None:
-                for tag, image in images.items():
-                    destination.add_image(tag, image, 0)
-                destination.add_scalars(scalars, 0)
-                destination.flush()
-
-            times = interleaved(
-                {
-                    "fwd+bwd": train_step,
-                    "compute": monitor.compute,
-                    "render": lambda: monitor.images(result),
-                    "write": write,
-                    "pass": lambda: monitor.log(destination, 0),
-                },
-                args.repeats,
-            )
-            writer.flush()
-            before = event_bytes(Path(folder))
-            monitor.log(destination, 1)
-            writer.flush()
-            size = (event_bytes(Path(folder)) - before) / 1e6
-            writer.close()
+        layers, times, size = measure(name, args.repeats)
         base = times["fwd+bwd"]
         print(
-            f"{name:9s} {len(monitor.layers):6d} {base:9.3f} {times['compute'] / base:7.2f}x {times['render'] / base:6.2f}x"
+            f"{name:9s} {layers:6d} {base:9.3f} {times['compute'] / base:7.2f}x {times['render'] / base:6.2f}x"
             f" {times['write'] / base:5.2f}x {times['pass']:5.2f}s {times['pass'] / base:11.2f}x"
             f" {times['render'] / times['pass']:11.0%} {size:8.2f}"
         )

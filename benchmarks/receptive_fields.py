@@ -45,6 +45,15 @@ def build(name: str) -> torch.nn.Module:
     return torchvision.models.get_model(name, weights=None).eval()
 
 
+def trace_and_forward(model: torch.nn.Module, image: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Median seconds of the trace and of one forward of ``image``, timed in turn."""
+    shape = tuple(image.shape[1:])
+    times = interleaved(
+        {"trace": lambda: receptive_fields(model, shape, strict=False), "forward": lambda: model(image)}, repeats
+    )
+    return times["trace"], times["forward"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -63,14 +72,10 @@ def main() -> None:
         try:
             model = build(name)
             rows = len(receptive_fields(model, shape, strict=False))
-        except Exception as error:  # a model that does not run at this size: say so, go on
+        except Exception as error:  # noqa: BLE001  (a model that does not run at this size: say so, go on)
             print(f"{name:24s} skipped: {type(error).__name__}: {str(error)[:80]}")
             continue
-        times = interleaved(
-            {"trace": lambda: receptive_fields(model, shape, strict=False), "forward": lambda: model(image)},
-            args.repeats,
-        )
-        trace, forward = times["trace"], times["forward"]
+        trace, forward = trace_and_forward(model, image, args.repeats)
         print(f"{name:24s} {rows:6d} {trace * 1e3:9.1f} {forward * 1e3:11.1f} {trace / forward:6.2f}", flush=True)
 
 

@@ -24,7 +24,7 @@ events per pass for resnet50 and 0.2 MB for the demo.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -112,6 +112,26 @@ def summary_bytes(grid: Tensor) -> int:
     return len(image_summary("receptive_field/layer", grid, dataformats="CHW").SerializeToString())
 
 
+def drawers(side: int, channels: int, fields: list[int]) -> dict[str, Callable[[], list]]:
+    """One case's pictures drawn the old way and the new way, and drawn then encoded as written."""
+    images = probes(side, channels)
+    layers = [layer_maps(side, field, seed=k) for k, field in enumerate(fields)]
+    scale = max(1, round(112 / side))  # the callback's old default
+
+    def old() -> list[Tensor]:
+        return [old_probe_grid(images, maps, boxes, centers, scale) for maps, boxes, centers in layers]
+
+    def new() -> list[Tensor]:
+        return [layer_grid(images, maps, boxes, centers, labels=LABELS) for maps, boxes, centers in layers]
+
+    return {
+        "old": old,
+        "new": new,
+        "old_written": lambda: [summary_bytes(grid) for grid in old()],
+        "new_written": lambda: [summary_bytes(grid) for grid in new()],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
@@ -121,26 +141,10 @@ def main() -> None:
     header = f"{'case':24s} {'method':4s} {'image (h x w)':>14s} {'render ms':>10s} {'+ PNG ms':>9s} {'MB':>7s}"
     print(header)
     for case, (side, channels, fields) in CASES.items():
-        images = probes(side, channels)
-        layers = [layer_maps(side, field, seed=k) for k, field in enumerate(fields)]
-        scale = max(1, round(112 / side))  # the callback's old default
-
-        def old() -> list[Tensor]:
-            return [old_probe_grid(images, maps, boxes, centers, scale) for maps, boxes, centers in layers]
-
-        def new() -> list[Tensor]:
-            return [layer_grid(images, maps, boxes, centers, labels=LABELS) for maps, boxes, centers in layers]
-
-        def old_written() -> list[int]:
-            return [summary_bytes(grid) for grid in old()]
-
-        def new_written() -> list[int]:
-            return [summary_bytes(grid) for grid in new()]
-
-        seconds = interleaved(
-            {"old": old, "new": new, "old_written": old_written, "new_written": new_written}, args.repeats
-        )
-        megabytes = {"old": sum(old_written()) / 1e6, "new": sum(new_written()) / 1e6}
+        draw = drawers(side, channels, fields)
+        old, new = draw["old"], draw["new"]
+        seconds = interleaved(draw, args.repeats)
+        megabytes = {"old": sum(draw["old_written"]()) / 1e6, "new": sum(draw["new_written"]()) / 1e6}
         for method, draw in (("old", old), ("new", new)):
             shape = draw()[-1].shape
             print(

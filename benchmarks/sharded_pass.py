@@ -82,8 +82,12 @@ def run(rank: int, port: int, repeats: int, size: int) -> None:
         print(f"resnet18 at {size} px, 10 probes, {len(single.layers)} layers, 2 gloo processes, 1 thread each, "
               f"medians of {repeats}\n")  # fmt: skip
         print(f"one process                 {one:7.3f} s")
-        print(f"sharded, rank 0 (gather+maps) {everything[0]['sharded']:7.3f} s = {everything[0]['sharded'] / one:.2f}x")
-        print(f"sharded, rank 1 (gather only) {everything[1]['sharded']:7.3f} s = {everything[1]['sharded'] / one:.2f}x")
+        print(
+            f"sharded, rank 0 (gather+maps) {everything[0]['sharded']:7.3f} s = {everything[0]['sharded'] / one:.2f}x"
+        )
+        print(
+            f"sharded, rank 1 (gather only) {everything[1]['sharded']:7.3f} s = {everything[1]['sharded'] / one:.2f}x"
+        )
         print(f"gather alone, rank 0          {everything[0]['gather']:7.3f} s = {everything[0]['gather'] / one:.2f}x")
         print(f"rank 0 holds the full parameters for the pass: {held / 2**20:.1f} MiB; maps equal one process")
     dist.destroy_process_group()

@@ -45,5 +45,7 @@ def main(counts: list[int]) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4], help="thread counts, the first the reference")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[1, 2, 4], help="thread counts, the first the reference"
+    )
     main(parser.parse_args().threads)

@@ -19,7 +19,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from tests.lightning_helpers import read_events, read_wandb_history  # noqa: E402
+from tests.lightning_helpers import read_events, read_wandb_history
 
 
 def newest(paths) -> Path:

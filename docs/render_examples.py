@@ -23,8 +23,8 @@ import torchvision
 from PIL import Image
 
 from rf_callback import receptive_maps
-from rf_callback.demos.fashion_mnist import CLASSES, PIXEL_MEAN, PIXEL_STD
 from rf_callback.demos.cnns import SmallCNN
+from rf_callback.demos.fashion_mnist import CLASSES, PIXEL_MEAN, PIXEL_STD
 from rf_callback.render import plot_maps
 
 DOCS = Path(__file__).resolve().parent

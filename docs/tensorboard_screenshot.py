@@ -50,7 +50,10 @@ SHOWN = """deepAll('img').filter(i => i.complete && i.naturalWidth > 0 && /indiv
                                 && i.getBoundingClientRect().width > 0)"""
 """The images of logged summaries that the tab on show displays (Images: individualImage, Time Series: imageData)."""
 
-SIZES = DEEP + SHOWN + """.map(i => {
+SIZES = (
+    DEEP
+    + SHOWN
+    + """.map(i => {
     const box = i.getBoundingClientRect();
     const scale = Math.min(box.width / i.naturalWidth, box.height / i.naturalHeight);  // object-fit: contain
     const key = new URL(i.src).searchParams.get('blob_key');  // Images: [experiment, run, tag, ...] in base64
@@ -58,6 +61,7 @@ SIZES = DEEP + SHOWN + """.map(i => {
                     : i.closest('image-card').querySelector('.tag-path').getAttribute('title');  // Time Series
     return [tag, i.naturalWidth, i.naturalHeight, Math.round(scale * 1000) / 1000];
 })"""
+)
 
 
 def shoot(tools: DevTools, path: Path, size: tuple[int, int]) -> None:
@@ -99,7 +103,9 @@ def main(logs: Path, window: tuple[int, int], out: Path) -> None:
                 time.sleep(1)
         (tab,) = [t for t in targets if t["type"] == "page"]
         tools = DevTools(tab["webSocketDebuggerUrl"])
-        tools("Emulation.setDeviceMetricsOverride", width=window[0], height=window[1], deviceScaleFactor=1, mobile=False)
+        tools(
+            "Emulation.setDeviceMetricsOverride", width=window[0], height=window[1], deviceScaleFactor=1, mobile=False
+        )
 
         show(tools, "images&tagFilter=pool2", SHOWN + ".length >= 2")
         print(f"Images tab at {window[0]}x{window[1]}:")

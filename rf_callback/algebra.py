@@ -68,11 +68,11 @@ from rf_callback.errors import MisalignedBranchesError
 
 __all__ = [
     "IDENTITY",
-    "OnlyHolesError",
     "AxisRF",
     "Box",
     "Field",
     "MisalignedBranchesError",
+    "OnlyHolesError",
     "compose",
     "extreme_paths",
     "layer",

@@ -164,9 +164,7 @@ class ReceptiveFieldMonitor(Callback):
                     threshold=self.threshold, mass=self.mass, max_image_mb=self.max_image_mb,
                 )  # fmt: skip
         except UnsupportedShardingError as error:
-            raise MisconfigurationException(
-                f"{name} under {type(trainer.strategy).__name__}: {error}"
-            ) from None
+            raise MisconfigurationException(f"{name} under {type(trainer.strategy).__name__}: {error}") from None
         except (TypeError, ValueError) as error:
             if restored:
                 shape = tuple(self.probes.images.shape)

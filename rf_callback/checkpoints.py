@@ -116,7 +116,7 @@ def load_checkpoint(
         )
     try:
         model = cls.load_from_checkpoint(path, map_location="cpu")
-    except Exception as error:  # noqa: BLE001 - any failure to rebuild is this checkpoint's problem, said in one line
+    except Exception as error:  # any failure to rebuild is this checkpoint's problem, said in one line
         raise CheckpointError(
             path,
             f"cannot rebuild {_name_of(cls)} from it: {brief(error)}. HINT: the class"
@@ -149,7 +149,7 @@ def _read(path: Path) -> dict[str, Any]:
         contents = _load_verified(path)
     except CheckpointError:
         raise
-    except Exception as error:  # noqa: BLE001 - whatever torch.load meets, the file cannot be read as a checkpoint
+    except Exception as error:  # whatever torch.load meets, the file cannot be read as a checkpoint
         hint = (
             "it is not a checkpoint, or holds objects other than tensors and plain values, which torch.load(...,"
             " weights_only=True) refuses, as load_from_checkpoint does"
@@ -322,7 +322,7 @@ def load_probes(path: str | os.PathLike) -> Tensor:
         contents = _load_verified(path)
     except CheckpointError as error:
         raise CompareError(f"probes {error}") from error
-    except Exception as error:  # noqa: BLE001 - any failure to read is said in one line
+    except Exception as error:  # any failure to read is said in one line
         raise CompareError(f"probes '{path}': cannot be read ({brief(error)}).") from error
     if isinstance(contents, Tensor):
         return contents

@@ -33,9 +33,7 @@ from rf_callback.table import ReceptiveFieldTable, receptive_fields
 __all__ = ["Comparison", "compare_checkpoints"]
 
 
-def _probes(
-    source: Tensor | str | os.PathLike | None, first: Checkpoint
-) -> tuple[Tensor, str, tuple[str, ...] | None]:
+def _probes(source: Tensor | str | os.PathLike | None, first: Checkpoint) -> tuple[Tensor, str, tuple[str, ...] | None]:
     """The probes, a phrase saying where they come from, and their captions (the class names the callback
     stored with them) when known."""
     labels = None

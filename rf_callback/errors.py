@@ -41,7 +41,6 @@ class UnsupportedLayerError(ValueError):
             " strict=False to get the table with the layers that depend on it flagged as unsupported."
         )
 
-
     @property
     def cause(self) -> str:
         """The operation, where it ran and why: ``aten.grid_sampler_2d.default in 'up' (Warp): <reason>``."""

@@ -138,10 +138,12 @@ def _markdown(comparison: Comparison) -> str:
     lines = [
         "# ERF statistics across checkpoints",
         "",
-        f"{len(comparison.probes)} probes ({comparison.probe_origin}); {_unit_words(comparison)}."
-        " ERF size: side of a square with the area of the pixels above 4.55% of the map's peak (Luo et al.);"
-        " mass side: the square around the unit's centre holding 95% of the saliency; both in input pixels,"
-        " and as a fraction of the analytic RF (clipped to the image); dead: probes whose map is all zero.",
+        (
+            f"{len(comparison.probes)} probes ({comparison.probe_origin}); {_unit_words(comparison)}."
+            " ERF size: side of a square with the area of the pixels above 4.55% of the map's peak (Luo et al.);"
+            " mass side: the square around the unit's centre holding 95% of the saliency; both in input pixels,"
+            " and as a fraction of the analytic RF (clipped to the image); dead: probes whose map is all zero."
+        ),
         "",
         comparison.format_table(markdown=True),
         "",

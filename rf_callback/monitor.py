@@ -359,7 +359,7 @@ class ProbeMonitor:
         tag = f"{TAG}/coverage"
         try:
             coverage = self.coverage(result)
-        except Exception as error:  # noqa: BLE001 - like a layer's picture: costs only itself, and is reported
+        except Exception as error:  # like a layer's picture: costs only itself, and is reported
             if on_error is None:
                 raise
             on_error(None, f"the chart {tag}", error)
@@ -376,7 +376,9 @@ class ProbeMonitor:
         notes = unsupported_notes(every)
         chart = figure_image(summary_figure(monitored))
         items = [
-            _Item(f"the table {TAG}/table", lambda d: d.add_table(f"{TAG}/table", COLUMNS, table_rows(monitored), step)),
+            _Item(
+                f"the table {TAG}/table", lambda d: d.add_table(f"{TAG}/table", COLUMNS, table_rows(monitored), step)
+            ),
             _Item(
                 f"the table {TAG}/table_all_layers",
                 lambda d: d.add_table(f"{TAG}/table_all_layers", COLUMNS, table_rows(every), step),
@@ -386,9 +388,7 @@ class ProbeMonitor:
         if notes:
             text = "\n".join(f"* {note}" for note in notes)
             items.append(_Item(f"the notes {TAG}/unsupported", lambda d: d.add_text(f"{TAG}/unsupported", text, step)))
-        items.append(
-            _Item(f"the text {TAG}/unproductive", lambda d: d.add_text(f"{TAG}/unproductive", verdicts, step))
-        )
+        items.append(_Item(f"the text {TAG}/unproductive", lambda d: d.add_text(f"{TAG}/unproductive", verdicts, step)))
         items.append(
             _Item(f"the chart {TAG}/summary", lambda d: d.add_image(f"{TAG}/summary", chart, step), chart.numel())
         )

@@ -191,7 +191,7 @@ def layer_image(
         >>> signals.dtype, tuple(signals.shape), tuple(volumes.shape)
         (torch.uint8, (3, 153, 606), (3, 215, 330))
     """
-    count, spatial = _check(images, maps, boxes, centers, labels, None, tile, "layer_image")
+    _, spatial = _check(images, maps, boxes, centers, labels, None, tile, "layer_image")
     _check_fit(fit, "layer_image")
     kept = _finite(maps, finite)
     notes = _notes(boxes, spatial, analytic, None, kept)
@@ -335,7 +335,7 @@ def layer_grid(
         >>> grid.dtype, grid.shape  # 3 rows of 4 tiles of 112 px with captions, the legend below
         (torch.uint8, torch.Size([3, 408, 458]))
     """
-    count, spatial = _check(images, maps, boxes, centers, labels, whole_image, tile, "layer_grid", dims=2)
+    _, spatial = _check(images, maps, boxes, centers, labels, whole_image, tile, "layer_grid", dims=2)
     _check_fit(fit, "layer_grid")
     kept = _finite(maps, None)
     notes = _notes(boxes, spatial, analytic, whole_image, kept)
@@ -427,7 +427,9 @@ def _arrange(
             if nrow is None and columns > 1 and math.ceil(count / (columns - 1)) == rows:
                 continue  # as many rows with fewer columns: rows of more even length
             width = max(columns * (column + PADDING) + PADDING, room_width)
-            height = rows * (shape[0] + lines * LINE_HEIGHT + PADDING) + PADDING + _legend_height(width, drawn, len(spatial))
+            height = (
+                rows * (shape[0] + lines * LINE_HEIGHT + PADDING) + PADDING + _legend_height(width, drawn, len(spatial))
+            )
             scale = min(1.0, room_width / width, room_height / height)
             score = (scale == 1.0, max(shape) * scale)
             if best is None or score > best[0]:
@@ -470,7 +472,7 @@ def _panels(grey: Tensor, heat: Tensor, size: Sequence[int], cmap: str, scaled: 
     the smaller of input and screen size: large probes are reduced first, small ones blended first and
     then enlarged by repeating pixels.
     """
-    height, width = grey.shape[1:]
+    height = grey.shape[1]
     h, w = size
     planes = torch.nan_to_num_(torch.stack((grey, heat), 1), nan=0.0, posinf=0.0, neginf=0.0)
     if h < height:
@@ -742,7 +744,7 @@ def _check(
         if values is not None and len(values) != count:
             raise ValueError(f"{name}: {key} needs one entry per probe ({count}), got {len(values)}.")
     if isinstance(labels, str):
-        raise ValueError(f"{name}: labels must be a sequence of strings, one per probe, not one string.")
+        raise TypeError(f"{name}: labels must be a sequence of strings, one per probe, not one string.")
     if not isinstance(tile, int) or tile < 8:
         raise ValueError(f"{name}(tile={tile!r}): an int >= 8 (pixels on the longest side of a probe).")
     return count, spatial
@@ -853,7 +855,9 @@ def _legend(width: int, cmap: str, drawn: bool, kind: int = 2) -> Tensor:
                 draw.line((x, middle, x + 12, middle), fill=(int(SIGNAL_COLOR),) * 3, width=2)
             elif name == "curve":
                 colour = tuple(_palette(cmap)[CURVE].tolist())
-                draw.polygon([(x, middle + 5), (x + 4, middle - 5), (x + 8, middle + 2), (x + 12, middle + 5)], fill=colour)
+                draw.polygon(
+                    [(x, middle + 5), (x + 4, middle - 5), (x + 8, middle + 2), (x + 12, middle + 5)], fill=colour
+                )
             elif name == "scale":
                 draw.text((x, middle), "0", fill=TEXT_COLOR, font=font, anchor="lm")
                 ramp = _palette(cmap)[torch.linspace(0, 255, bar).round().long()].numpy()
@@ -1018,19 +1022,35 @@ def plot_maps(
         raise ValueError(f"plot_maps: analytic needs one flag per layer ({count}), got {len(flags)}.")
     if tile is None:
         columns = _arrange(len(images), tuple(images.shape[2:]), 8, nrow, [], True, None)[1]
-        fills = (t for t in range(256, 8, -1) if columns * (_panel_shape(images.shape[2:], t)[1] + PADDING) < NOTEBOOK_WIDTH)
+        fills = (
+            t for t in range(256, 8, -1) if columns * (_panel_shape(images.shape[2:], t)[1] + PADDING) < NOTEBOOK_WIDTH
+        )
         tile = next(fills, 8)
     grids = [
         layer_grid(
-            images, maps[:, k], boxes[:, k], centers[:, k], labels=labels, tile=tile, nrow=nrow,
-            whole_image=None if whole_image is None else torch.as_tensor(whole_image)[:, k], analytic=flags[k],
+            images,
+            maps[:, k],
+            boxes[:, k],
+            centers[:, k],
+            labels=labels,
+            tile=tile,
+            nrow=nrow,
+            whole_image=None if whole_image is None else torch.as_tensor(whole_image)[:, k],
+            analytic=flags[k],
             cmap=cmap,
-        )  # fmt: skip
+        )
         if dims == 2
         else layer_image(
-            images, maps[:, k], boxes[:, k], centers[:, k], labels=labels, tile=tile, nrow=nrow, analytic=flags[k],
+            images,
+            maps[:, k],
+            boxes[:, k],
+            centers[:, k],
+            labels=labels,
+            tile=tile,
+            nrow=nrow,
+            analytic=flags[k],
             cmap=cmap,
-        )  # fmt: skip
+        )
         for k in range(count)
     ]
     title = 0.3  # inches above each grid

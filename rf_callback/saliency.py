@@ -232,7 +232,7 @@ def _capture(
             for key, position in wanted[name].get(index, ()):
                 try:
                     captured[key] = pick(key, views[key](_input_dependent(output)[position]))
-                except Exception as error:  # ours, not the model's: stop, and raise it below as it is
+                except Exception as error:  # noqa: BLE001 - ours, not the model's: stop, and raise it below as it is
                     errors.append(error)
                     raise _Stop from None
             if len(captured) == len(layers):
@@ -691,7 +691,9 @@ def _receptive_maps(
         ).transpose(0, 1)
         stats = erf_stats(maps, boxes, centers, threshold, mass)
         kept = probes.detach().to("cpu", copy=True)  # for plot(); the caller may change its tensor later
-        return ReceptiveMaps(tuple(names), maps, signed, units_tensor, boxes, centers, stats, analytic, kept), non_finite
+        return ReceptiveMaps(
+            tuple(names), maps, signed, units_tensor, boxes, centers, stats, analytic, kept
+        ), non_finite
 
 
 class NonFiniteMapWarning(UserWarning):
@@ -719,7 +721,9 @@ def _non_finite(
         for probes, at in by_probes.items()
     )
     n, k = pairs[0]
-    origin = _first_non_finite(model, modules, fields, names[k], pixels[n : n + 1], units[names[k]][n], picks[names[k]], n)
+    origin = _first_non_finite(
+        model, modules, fields, names[k], pixels[n : n + 1], units[names[k]][n], picks[names[k]], n
+    )
     return (
         f"receptive_maps: maps hold NaN or infinite values ({listed}); {origin}. They are left out of the mean maps"
         " and the ERF statistics (not counted as dead) and drawn marked 'non-finite'. HINT: the model's values or"

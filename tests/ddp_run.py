@@ -6,11 +6,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from lightning.pytorch import Trainer, seed_everything  # noqa: E402
-from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.loggers import TensorBoardLogger
 
-from rf_callback import ReceptiveFieldMonitor  # noqa: E402
-from tests.lightning_helpers import TinyCNN, loaders  # noqa: E402
+from rf_callback import ReceptiveFieldMonitor
+from tests.lightning_helpers import TinyCNN, loaders
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])

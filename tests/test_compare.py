@@ -353,7 +353,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line_and_leaves_no_files(runs, tmp_path, capsys, case):
-    name, argv, message = next(c for c in bad_inputs(runs, tmp_path) if c[0] == case)
+    _name, argv, message = next(c for c in bad_inputs(runs, tmp_path) if c[0] == case)
     before = sorted(tmp_path.iterdir())
     out = [] if "--out" in argv else ["--out", tmp_path / "out"]
     assert main(["compare", *map(str, argv), *map(str, out)]) == 2
@@ -420,7 +420,9 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(runs, tmp_path, capsys):
     assert not torch.equal(stored(damaged)["probes"], stored(first)["probes"])  # torch.load alone does not notice
     assert main(["compare", str(damaged), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"rf-callback compare: error: {damaged}: is damaged: the checksum of '") and err.count("\n") == 1
+    assert (
+        err.startswith(f"rf-callback compare: error: {damaged}: is damaged: the checksum of '") and err.count("\n") == 1
+    )
     assert "does not match its bytes" in err
     # the same file given as probes
     assert main(["compare", str(first), "--probes", str(damaged), "--out", str(tmp_path / "out")]) == 2
@@ -442,7 +444,9 @@ def test_a_checkpoint_never_chooses_the_code_that_runs(runs, tmp_path):
 
     def compare(*options: str) -> subprocess.CompletedProcess:
         argv = [sys.executable, "-m", "rf_callback", "compare", "planted.ckpt", "--out", "out", *options]
-        return subprocess.run(argv, check=False, capture_output=True, text=True, cwd=tmp_path, env=environment, timeout=300)
+        return subprocess.run(
+            argv, check=False, capture_output=True, text=True, cwd=tmp_path, env=environment, timeout=300
+        )
 
     refused = compare()
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1

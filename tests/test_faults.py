@@ -368,7 +368,9 @@ def test_integer_outputs_stay_in_the_table_and_are_never_mapped():
     assert "pool:1" not in receptive_maps(model, probes).layers
     with pytest.raises(ValueError, match=re.escape("'pool:1' (MaxPool2d) gives int64 values (indices or a mask)")):
         receptive_maps(model, probes, ["conv2", "pool:1"])
-    with pytest.raises(ValueError, match="carry no gradient, so it has no receptive map. Layers that have maps: conv1,"):
+    with pytest.raises(
+        ValueError, match="carry no gradient, so it has no receptive map. Layers that have maps: conv1,"
+    ):
         ProbeMonitor(model, probes, ["pool:1"])
 
 

@@ -177,7 +177,7 @@ def test_unsupported_layers_are_named_never_guessed(up, operation):
     assert not table["up"].supported and not table["decode"].supported
     assert re.match(operation, table.unsupported[0].unsupported.operation)
     with pytest.raises(UnsupportedLayerError):
-        table["decode"].size
+        _ = table["decode"].size
 
 
 def test_one_dimensional_models():

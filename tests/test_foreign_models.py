@@ -133,7 +133,13 @@ def test_hugging_face_efficientnet_defaults_hold_no_padding():
     table = receptive_fields(transformers.EfficientNetModel(config), (3, 64, 64))
     chosen = default_layers(table)
     # one layer per stage, and the two sides of the border at 64 px (issue 24) among them
-    assert sorted({table[key].output_shape for key in chosen}, reverse=True) == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]
+    assert sorted({table[key].output_shape for key in chosen}, reverse=True) == [
+        (32, 32),
+        (16, 16),
+        (8, 8),
+        (4, 4),
+        (2, 2),
+    ]
     assert not [key for key in chosen if table[key].module_type in ("ZeroPad2d", "Dropout", "Identity")]
     assert all(key in table.relays for key in table if table[key].module_type == "ZeroPad2d")
 

@@ -42,7 +42,23 @@ LEVEL = {
 }
 """Each core module may import only modules of a lower level."""
 
-FRAMEWORK_FREE = {"errors", "algebra", "report", "tracing", "sharding", "table", "probes", "erf", "cost", "crops", "selection", "saliency", "render", "destinations", "monitor"}
+FRAMEWORK_FREE = {
+    "errors",
+    "algebra",
+    "report",
+    "tracing",
+    "sharding",
+    "table",
+    "probes",
+    "erf",
+    "cost",
+    "crops",
+    "selection",
+    "saliency",
+    "render",
+    "destinations",
+    "monitor",
+}
 STANDARD_LIBRARY_ONLY = {"errors", "algebra", "report"}
 
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).parents[1]
 
 
 def commands() -> list[str]:
-    block = re.search(r"## Quick start.*?```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    block = re.search(r"## Quick start.*?```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL).group(1)
     return [line for line in block.splitlines() if line and not line.startswith("#")]
 
 
@@ -31,7 +31,7 @@ def test_the_screenshot_is_in_the_repository():
 
 def runnable_blocks() -> list[str]:
     text = (ROOT / "README.md").read_text()
-    return re.findall(r"<!-- test: run -->\n```python\n(.*?)```", text, re.S)
+    return re.findall(r"<!-- test: run -->\n```python\n(.*?)```", text, re.DOTALL)
 
 
 def test_the_readme_marks_its_runnable_snippets():

@@ -29,15 +29,15 @@ def run(tmp_path, model, callbacks=(), train=None, val=None, **options):
     """Seed, build ``model()`` and fit it for two epochs of four batches; returns the trainer and the model."""
     seed_everything(0)
     model = model()
-    settings = dict(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=TensorBoardLogger(tmp_path, name="run"),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        deterministic=True,
-    )
+    settings = {
+        "max_epochs": 2,
+        "accelerator": "cpu",
+        "logger": TensorBoardLogger(tmp_path, name="run"),
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "deterministic": True,
+    }
     settings.update(options)
     trainer = Trainer(default_root_dir=tmp_path, callbacks=list(callbacks), **settings)
     default_train, default_val = loaders()
@@ -174,7 +174,9 @@ def test_default_probes_are_one_per_class_whatever_the_labels(tmp_path, kind):
     run(tmp_path, Unmeasured, [monitor], val=loader, max_epochs=1, num_sanity_val_steps=0, limit_val_batches=1)
     assert len(set(monitor.probes.labels)) == 4 and len(monitor.probes.images) == 4
     if kind == "targets-attribute":
-        assert monitor.probes.labels == ("coat", "dress", "shirt", "bag") and dataset.reads == 16 + 4  # one validation batch, four probes
+        assert (
+            monitor.probes.labels == ("coat", "dress", "shirt", "bag") and dataset.reads == 16 + 4
+        )  # one validation batch, four probes
 
 
 class Unmeasured(TinyCNN):
@@ -270,10 +272,22 @@ class StepCounting(TinyCNN):
         (StepCounting, {"channel": 10_000, "layers": ["conv2"]}, r"channel=10000: layer 'conv2' has 8 channels"),
         (StepCounting, {"layers": "conv9"}, r"'conv9'.*Layers that have maps: conv1, bn, pool, conv2"),
         (StepCounting, {"probes": [0, 1000]}, r"probes=\[0, 1000\]\): .*\[1000\] outside the dataset of 32 items"),
-        (StepCounting, {"probes": torch.rand(2, 3, 12, 12)}, r"3 channels, but .* 'conv1' \(Conv2d\), takes \(N, 1, H, W\)"),
-        (StepCounting, {"probes": torch.rand(1, 12, 12)}, r"read as \(N, C, L\).*unsqueeze\(0\), of shape \(1, 1, 12, 12\)"),
+        (
+            StepCounting,
+            {"probes": torch.rand(2, 3, 12, 12)},
+            r"3 channels, but .* 'conv1' \(Conv2d\), takes \(N, 1, H, W\)",
+        ),
+        (
+            StepCounting,
+            {"probes": torch.rand(1, 12, 12)},
+            r"read as \(N, C, L\).*unsqueeze\(0\), of shape \(1, 1, 12, 12\)",
+        ),
         (NoConvolution, {}, r"no layer with a receptive field that varies across the input.*nothing to map"),
-        (Signal1D, {"probes": torch.rand(2, 1, 32), "unit": (3, 3)}, r"unit=\(3, 3\): layer 'conv' has an output of 30"),
+        (
+            Signal1D,
+            {"probes": torch.rand(2, 1, 32), "unit": (3, 3)},
+            r"unit=\(3, 3\): layer 'conv' has an output of 30",
+        ),
     ],
     ids=["unit", "channel", "one-name", "index", "channels", "unbatched", "no-conv", "conv1d-unit"],
 )
@@ -408,7 +422,9 @@ def test_resume_with_other_options_keeps_the_probes_and_a_new_shape_is_named(tmp
 
     bigger = ReceptiveFieldMonitor()
     bigger.load_state_dict({"probes": torch.rand(2, 1, 12, 12)})
-    with pytest.raises(MisconfigurationException, match=r"probes stored in the checkpoint, of shape \(2, 1, 12, 12\), do"):
+    with pytest.raises(
+        MisconfigurationException, match=r"probes stored in the checkpoint, of shape \(2, 1, 12, 12\), do"
+    ):
         run(tmp_path / "c", Wider, [bigger], val=DataLoader(TensorDataset(torch.rand(4, 1, 16, 16), torch.arange(4))))
 
 

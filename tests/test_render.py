@@ -175,17 +175,17 @@ def test_the_same_inputs_give_the_same_image():
 
 
 @pytest.mark.parametrize(
-    ("change", "message"),
+    ("change", "error", "message"),
     [
-        ({"maps": torch.zeros(2, 27, 28)}, r"maps must be \(2, 28, 28\)"),
-        ({"boxes": torch.zeros(2, 2)}, r"boxes must be \(2, 4\)"),
-        ({"labels": ["a"]}, r"labels needs one entry per probe \(2\), got 1"),
-        ({"labels": "ab"}, "not one string"),
-        ({"whole_image": [True]}, "whole_image needs one entry per probe"),
-        ({"tile": 4}, r"tile=4\): an int >= 8"),
+        ({"maps": torch.zeros(2, 27, 28)}, ValueError, r"maps must be \(2, 28, 28\)"),
+        ({"boxes": torch.zeros(2, 2)}, ValueError, r"boxes must be \(2, 4\)"),
+        ({"labels": ["a"]}, ValueError, r"labels needs one entry per probe \(2\), got 1"),
+        ({"labels": "ab"}, TypeError, "not one string"),
+        ({"whole_image": [True]}, ValueError, "whole_image needs one entry per probe"),
+        ({"tile": 4}, ValueError, r"tile=4\): an int >= 8"),
     ],
 )
-def test_arguments_that_disagree_are_named(change, message):
+def test_arguments_that_disagree_are_named(change, error, message):
     args = {
         "images": torch.zeros(2, 1, 28, 28),
         "maps": torch.zeros(2, 28, 28),
@@ -193,7 +193,7 @@ def test_arguments_that_disagree_are_named(change, message):
         "centers": torch.zeros(2, 2),
     }
     args.update(change)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         layer_grid(**args)
 
 
@@ -284,7 +284,9 @@ def test_a_volume_is_three_orthogonal_slices_each_with_its_section_of_the_box():
     ]:
         size = tuple(view.shape[1:])
         slice_ = torch.zeros(1, 1, size[0] // 4, size[1] // 4)
-        alone = layer_grid(slice_, torch.zeros(1, *slice_.shape[2:]), torch.tensor([section]), torch.tensor([middle]), tile=32)
+        alone = layer_grid(
+            slice_, torch.zeros(1, *slice_.shape[2:]), torch.tensor([section]), torch.tensor([middle]), tile=32
+        )
         expected = alone[:, PADDING : PADDING + size[0], PADDING : PADDING + size[1]]
         assert torch.equal(cyan(view), cyan(expected))  # the same box and ticks a 2-D slice would get
     top = _palette("inferno")[255]
@@ -299,13 +301,20 @@ def test_mean_image_draws_the_map_alone_with_the_box_or_says_the_units_differ():
     loose = mean_image(mean, None, torch.tensor([14.0, 14.0]), probes=10)
     assert cyan(boxed).any() and not cyan(loose).any()
     assert above_legend(loose, drawn=False) == above_legend(boxed) + LINE_HEIGHT  # "units differ" under "mean of ..."
-    for signal in (mean_image(torch.rand(50), None, torch.tensor([25.0]), probes=3),
-                   mean_image(torch.rand(4, 8, 8), torch.tensor([0, 2, 2, 4, 6, 6]), torch.full((3,), 3.0), probes=3)):
+    for signal in (
+        mean_image(torch.rand(50), None, torch.tensor([25.0]), probes=3),
+        mean_image(torch.rand(4, 8, 8), torch.tensor([0, 2, 2, 4, 6, 6]), torch.full((3,), 3.0), probes=3),
+    ):
         assert signal.dtype == torch.uint8 and signal.shape[0] == 3
 
 
 def test_layer_image_draws_images_as_layer_grid_does_and_refuses_other_shapes():
-    args = (torch.rand(3, 1, 28, 28), torch.rand(3, 28, 28), torch.tensor([[8, 8, 20, 20]] * 3), torch.full((3, 2), 13.5))
+    args = (
+        torch.rand(3, 1, 28, 28),
+        torch.rand(3, 28, 28),
+        torch.tensor([[8, 8, 20, 20]] * 3),
+        torch.full((3, 2), 13.5),
+    )
     assert torch.equal(layer_image(*args, labels=["a", "b", "c"]), layer_grid(*args, labels=["a", "b", "c"]))
     with pytest.raises(ValueError, match=r"images must be \(N, C, L\), \(N, C, H, W\) or \(N, C, D, H, W\)"):
         layer_image(torch.rand(1, 1, 2, 2, 2, 2), torch.rand(1, 2, 2, 2, 2), torch.zeros(1, 8), torch.zeros(1, 4))
@@ -373,11 +382,17 @@ def test_a_layer_with_more_probes_than_a_card_holds_is_shrunk_as_little_as_its_p
 @pytest.mark.parametrize("width", [458, 320, 200])
 def test_the_legend_explains_every_mark_in_whole_words_on_as_many_lines_as_it_needs(width):
     lines = _legend_lines(width, True, 2)
-    assert [text for line in lines for _, text, _ in line] == ["peak |d unit / d input|", "receptive field, ticks at its centre"]
+    assert [text for line in lines for _, text, _ in line] == [
+        "peak |d unit / d input|",
+        "receptive field, ticks at its centre",
+    ]
     assert len(lines) == (1 if width == 458 else 2)
     signal = [[text for _, text, _ in line] for line in _legend_lines(width, True, 1)]
     probe, curve, field = "probe", "|d unit / d input|, 0 to its peak", "receptive field, tick at its centre"
-    assert signal == {458: [[probe, curve, field]], 320: [[probe, curve], [field]], 200: [[probe], [curve], [field]]}[width]
+    assert (
+        signal
+        == {458: [[probe, curve, field]], 320: [[probe, curve], [field]], 200: [[probe], [curve], [field]]}[width]
+    )
 
 
 def test_the_summary_chart_fits_a_tensorboard_card_with_its_layer_names_level():

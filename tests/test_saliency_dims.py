@@ -161,7 +161,9 @@ class Signal(nn.Module):
         return self.head(self.avg(F.relu(self.conv2(x))).mean(-1))
 
 
-@pytest.mark.parametrize(("unit", "channel"), [("center", None), ("max", None), ((3,), 2), ("max", 1), ("max_logit", None)])
+@pytest.mark.parametrize(
+    ("unit", "channel"), [("center", None), ("max", None), ((3,), 2), ("max", 1), ("max_logit", None)]
+)
 def test_1d_maps_equal_captum_neuron_gradient(unit, channel):
     torch.manual_seed(0)
     net = Signal()
@@ -173,7 +175,10 @@ def test_1d_maps_equal_captum_neuron_gradient(unit, channel):
     result = receptive_maps(net, probes, layers, unit=unit, channel=channel)
     channels = None
     if unit == "max_logit":
-        channels = [[picked_channel(net, name, probes[n], result.units[n, k]) for k, name in enumerate(layers)] for n in range(3)]
+        channels = [
+            [picked_channel(net, name, probes[n], result.units[n, k]) for k, name in enumerate(layers)]
+            for n in range(3)
+        ]
     assert_matches_captum(net, probes, result, channels if channels is not None else [[channel] * 4] * 3)
 
 
@@ -240,7 +245,10 @@ def test_3d_maps_equal_captum_neuron_gradient(unit, channel):
     layers = ["stem", "body", "pool", "deep"]
     result = receptive_maps(net, probes, layers, unit=unit, channel=channel)
     if unit == "max_logit":
-        channels = [[picked_channel(net, name, probes[n], result.units[n, k]) for k, name in enumerate(layers)] for n in range(2)]
+        channels = [
+            [picked_channel(net, name, probes[n], result.units[n, k]) for k, name in enumerate(layers)]
+            for n in range(2)
+        ]
     else:
         channels = [[channel] * 4] * 2
     assert_matches_captum(net, probes, result, channels)
@@ -302,14 +310,21 @@ class TinyUNet(nn.Module):
         skip = F.relu(self.enc(x))
         deep = F.relu(self.down(skip))
         if self.final_resize:  # the prediction at half resolution, resized in the top-level forward (FCN-style)
-            return F.interpolate(self.head(F.relu(self.fuse(torch.cat([skip[..., ::2, ::2], deep], 1)))), scale_factor=2)
+            return F.interpolate(
+                self.head(F.relu(self.fuse(torch.cat([skip[..., ::2, ::2], deep], 1)))), scale_factor=2
+            )
         return self.head(F.relu(self.fuse(torch.cat([skip, self.up(deep)], 1))))
 
 
 def without_field(table: ReceptiveFieldTable, names: list[str]) -> ReceptiveFieldTable:
     """``table`` with the rows ``names`` flagged as the tracer flags what it cannot follow."""
     rows = [
-        dataclasses.replace(row, field=None, equivariant=False, unsupported=UnsupportedLayerError(row.name, row.module_type, "aten.test", "a test"))
+        dataclasses.replace(
+            row,
+            field=None,
+            equivariant=False,
+            unsupported=UnsupportedLayerError(row.name, row.module_type, "aten.test", "a test"),
+        )
         if row.name in names
         else row
         for row in table.values()
@@ -319,7 +334,9 @@ def without_field(table: ReceptiveFieldTable, names: list[str]) -> ReceptiveFiel
 
 def test_rows_without_an_analytic_field_get_whole_input_maps_flagged():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.Conv2d(4, 2, 3)).eval()
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.Conv2d(4, 2, 3)
+    ).eval()
     probes = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     table = without_field(receptive_fields(net, (1, 16, 16)), ["2", "3"])
     assert "2" not in default_layers(table) and {"2", "3"} <= set(all_layers(table))
@@ -349,7 +366,13 @@ def test_unet_prediction_pixels_are_units(unit):
         assert result.boxes[:, 1].tolist() == [[0, 0, 16, 16]] * 2
     channels = [[None, None]] * 2
     if unit == "max_logit":
-        channels = [[picked_channel(net, "down", probes[n], result.units[n, 0]), picked_channel(net, "head", probes[n], result.units[n, 1])] for n in range(2)]
+        channels = [
+            [
+                picked_channel(net, "down", probes[n], result.units[n, 0]),
+                picked_channel(net, "head", probes[n], result.units[n, 1]),
+            ]
+            for n in range(2)
+        ]
         logits = net(probes).detach()
         for n in range(2):
             assert logits[n].amax(0)[tuple(result.units[n, 1].tolist())] == logits[n].max()
@@ -362,7 +385,9 @@ def with_output_row(table: ReceptiveFieldTable, model: nn.Module, probes: torch.
         return table
     shape = tuple(model(probes[:1]).shape)
     error = UnsupportedLayerError("", type(model).__name__, "aten.upsample_nearest2d.vec", "an upsampling")
-    row = LayerRF(OUTPUT_ROW, type(model).__name__, table.input_shape[1:], shape[2:], unsupported=error, tensor_shape=shape)
+    row = LayerRF(
+        OUTPUT_ROW, type(model).__name__, table.input_shape[1:], shape[2:], unsupported=error, tensor_shape=shape
+    )
     return ReceptiveFieldTable([*table.values(), row], table.input_shape, table.reused)
 
 

@@ -100,11 +100,17 @@ def test_hybrid_sharding_is_fsdp2_and_tensor_parallel_parameters_are_refused(gro
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    hybrid = fully_shard(net(), mesh=init_device_mesh("cpu", (1, 1), mesh_dim_names=("replicate", "shard")))  # HSDP: (Replicate(), Shard(0))
+    hybrid = fully_shard(
+        net(), mesh=init_device_mesh("cpu", (1, 1), mesh_dim_names=("replicate", "shard"))
+    )  # HSDP: (Replicate(), Shard(0))
     assert sharding_of(hybrid) == "fsdp2"
     split = net()
-    split[0].weight = nn.Parameter(distribute_tensor(split[0].weight.detach(), init_device_mesh("cpu", (1,)), [Shard(1)]))
-    with pytest.raises(UnsupportedShardingError, match=r"'0\.weight' is a DTensor placed .*Shard\(dim=1\).*outside FSDP2"):
+    split[0].weight = nn.Parameter(
+        distribute_tensor(split[0].weight.detach(), init_device_mesh("cpu", (1,)), [Shard(1)])
+    )
+    with pytest.raises(
+        UnsupportedShardingError, match=r"'0\.weight' is a DTensor placed .*Shard\(dim=1\).*outside FSDP2"
+    ):
         sharding_of(split)
     with pytest.raises(ValueError, match="tensor parallelism .* HINT: shard with FSDP2 alone"):
         ProbeMonitor(split, torch.rand(2, 1, 12, 12))
@@ -168,7 +174,9 @@ def test_maps_of_a_sharded_model_equal_those_of_one_process(group, make):
     for trained, opt in ((model, optimizer), (plain, reference_optimizer)):
         nn.functional.cross_entropy(trained(x), y).backward()
         opt.step()  # the gradients stay: the maps must not touch them
-    grads = [p.grad.clone() if not hasattr(p.grad, "to_local") else p.grad.to_local().clone() for p in model.parameters()]
+    grads = [
+        p.grad.clone() if not hasattr(p.grad, "to_local") else p.grad.to_local().clone() for p in model.parameters()
+    ]
     monitor = ProbeMonitor(model, probes, LAYERS, unit="max")
     assert monitor.sharded
     result = monitor.compute()
@@ -305,7 +313,9 @@ def test_tensor_parallelism_is_refused_when_fitting_starts(group, tmp_path):
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    message = r"ReceptiveFieldMonitor under ModelParallelStrategy: parameter 'head\.weight' is a DTensor .* tensor parall"
+    message = (
+        r"ReceptiveFieldMonitor under ModelParallelStrategy: parameter 'head\.weight' is a DTensor .* tensor parall"
+    )
     with pytest.raises(MisconfigurationException, match=message):
         trainer.fit(TensorParallelHead(), *loaders())
     assert trainer.global_step == 0

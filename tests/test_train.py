@@ -23,7 +23,7 @@ def test_train_py_logs_table_maps_and_scalars(tmp_path):
         f"--trainer.default_root_dir={tmp_path}",
         f"--data.data_dir={tmp_path / 'data'}",
     ]
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    completed = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-4000:]
     log_dir = tmp_path / "logs" / "small_cnn" / "version_0"
     assert f"tensorboard --logdir {tmp_path / 'logs'}" in completed.stdout
@@ -52,7 +52,7 @@ def test_missing_data_is_one_message_without_a_traceback(tmp_path):
         "--data.download=false",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
     ]
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    completed = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 1
     assert "train.py: " in completed.stderr and "Traceback" not in completed.stderr
     assert "train-images-idx3-ubyte" in completed.stderr
@@ -70,7 +70,7 @@ def test_a_misconfigured_callback_is_one_message_without_a_traceback(tmp_path):
         f"--trainer.default_root_dir={tmp_path}",
         f"--data.data_dir={tmp_path / 'data'}",
     ]
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    completed = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 1
     assert "Traceback" not in completed.stderr
     assert "train.py: ReceptiveFieldMonitor on SmallCNN: layers=['features.nope']: " in completed.stderr

@@ -297,7 +297,9 @@ def test_a_constant_channel_sum_is_named_with_a_hint():
     """After a LayerNorm with its initial unit scale the channels sum to a constant: the map would be noise."""
     vit = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=12, mlp_dim=16)
     probes = torch.rand(2, 3, 32, 32)
-    with pytest.warns(UserWarning, match=r"'encoder.layers.encoder_layer_0.ln_1' does not depend on the input.*channel=k"):
+    with pytest.warns(
+        UserWarning, match=r"'encoder.layers.encoder_layer_0.ln_1' does not depend on the input.*channel=k"
+    ):
         receptive_maps(vit, probes, ["encoder.layers.encoder_layer_0.ln_1"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")

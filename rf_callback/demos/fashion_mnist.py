@@ -351,9 +351,11 @@ def _copy_checked(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     try:
-        with gzip.open(source, "rb") if source.suffix == ".gz" else source.open("rb") as reader:
-            with partial.open("wb") as writer:
-                shutil.copyfileobj(reader, writer, length=1 << 20)
+        with (
+            gzip.open(source, "rb") if source.suffix == ".gz" else source.open("rb") as reader,
+            partial.open("wb") as writer,
+        ):
+            shutil.copyfileobj(reader, writer, length=1 << 20)
         try:
             check_idx_file(partial)
         except IdxFormatError as error:
