@@ -11,6 +11,7 @@ open one layer's receptive-field card at its last step.
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import os
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 PORT, DEBUG_PORT = 5123, 9323
@@ -86,6 +88,38 @@ class DevTools:
             time.sleep(0.5)
 
 
+@contextlib.contextmanager
+def browsing(server: list[str], port: int, debug_port: int, window: tuple[int, int]) -> Iterator[DevTools]:
+    """The ``server`` command started and serving on ``port``, and a headless Chromium's tab on ``debug_port``.
+
+    Each runs in a session of its own (a UI starts workers, Chromium its renderers): both are stopped after.
+    """
+    server_process = subprocess.Popen(
+        server, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    browser = subprocess.Popen(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--hide-scrollbars", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tempfile.mkdtemp()}", f"--remote-debugging-port={debug_port}",
+         f"--window-size={window[0]},{window[1]}", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+                targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/json", timeout=2))
+                break
+            except OSError:
+                time.sleep(1)
+        (tab,) = [t for t in targets if t["type"] == "page"]
+        yield DevTools(tab["webSocketDebuggerUrl"])
+    finally:
+        for process in (browser, server_process):
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
+
+
 def main(root: Path) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow import MlflowClient
@@ -96,30 +130,8 @@ def main(root: Path) -> None:
     (run,) = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
     page = f"http://127.0.0.1:{PORT}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}/model-metrics"
 
-    # each in a session of its own: the UI starts uvicorn and job workers, Chromium its renderers
     ui = ["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(PORT), "--workers", "1"]
-    server = subprocess.Popen(
-        [sys.executable, "-m", *ui], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    browser = subprocess.Popen(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tempfile.mkdtemp()}", f"--remote-debugging-port={DEBUG_PORT}", "--window-size=1000,1000",
-         "about:blank"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{PORT}/", timeout=2)
-                targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{DEBUG_PORT}/json", timeout=2))
-                break
-            except OSError:
-                time.sleep(1)
-        (tab,) = [t for t in targets if t["type"] == "page"]
-        tools = DevTools(tab["webSocketDebuggerUrl"])
+    with browsing([sys.executable, "-m", *ui], PORT, DEBUG_PORT, (1000, 1000)) as tools:
         tools("Page.navigate", url=page)
         tools.wait_for(f"document.body.innerText.includes('receptive_field/{LAYER}')")
         # close the assistant panel, open one layer's card full size, move its step slider to the end
@@ -145,10 +157,6 @@ def main(root: Path) -> None:
         )
         Path("docs/mlflow.png").write_bytes(base64.b64decode(shot["data"]))
         print(f"docs/mlflow.png: receptive_field/{LAYER} at step {step} of run {run.info.run_id}")
-    finally:
-        for process in (browser, server):
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -20,18 +20,12 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
-import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mlflow_screenshot import DevTools  # the sibling script's minimal DevTools client
+from mlflow_screenshot import DevTools, browsing  # the sibling script's minimal DevTools client and browser
 
 PORT, DEBUG_PORT = 6123, 9324
 LAYER = "02_features.pool2"
@@ -82,27 +76,18 @@ def measure(tools: DevTools, tab: str) -> None:
 
 
 def main(logs: Path, window: tuple[int, int], out: Path) -> None:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(logs), "--port", str(PORT), "--host", "127.0.0.1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    browser = subprocess.Popen(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--hide-scrollbars", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tempfile.mkdtemp()}", f"--remote-debugging-port={DEBUG_PORT}",
-         f"--window-size={window[0]},{window[1]}", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{PORT}/", timeout=2)
-                targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{DEBUG_PORT}/json", timeout=2))
-                break
-            except OSError:
-                time.sleep(1)
-        (tab,) = [t for t in targets if t["type"] == "page"]
-        tools = DevTools(tab["webSocketDebuggerUrl"])
+    board = [
+        sys.executable,
+        "-m",
+        "tensorboard.main",
+        "--logdir",
+        str(logs),
+        "--port",
+        str(PORT),
+        "--host",
+        "127.0.0.1",
+    ]
+    with browsing(board, PORT, DEBUG_PORT, window) as tools:
         tools(
             "Emulation.setDeviceMetricsOverride", width=window[0], height=window[1], deviceScaleFactor=1, mobile=False
         )
@@ -144,9 +129,6 @@ def main(logs: Path, window: tuple[int, int], out: Path) -> None:
 
         show(tools, "text&tagFilter=table", "deepAll('tf-text-loader').length > 0")
         shoot(tools, out / "tensorboard_text.png", window)
-    finally:
-        for process in (browser, server):
-            os.killpg(process.pid, signal.SIGTERM)
 
 
 if __name__ == "__main__":

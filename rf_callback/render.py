@@ -1026,33 +1026,16 @@ def plot_maps(
             t for t in range(256, 8, -1) if columns * (_panel_shape(images.shape[2:], t)[1] + PADDING) < NOTEBOOK_WIDTH
         )
         tile = next(fills, 8)
-    grids = [
-        layer_grid(
-            images,
-            maps[:, k],
-            boxes[:, k],
-            centers[:, k],
-            labels=labels,
-            tile=tile,
-            nrow=nrow,
-            whole_image=None if whole_image is None else torch.as_tensor(whole_image)[:, k],
-            analytic=flags[k],
-            cmap=cmap,
-        )
-        if dims == 2
-        else layer_image(
-            images,
-            maps[:, k],
-            boxes[:, k],
-            centers[:, k],
-            labels=labels,
-            tile=tile,
-            nrow=nrow,
-            analytic=flags[k],
-            cmap=cmap,
-        )
-        for k in range(count)
-    ]
+    options = {"labels": labels, "tile": tile, "nrow": nrow, "cmap": cmap}
+
+    def grid(k: int) -> Tensor:
+        layer = (images, maps[:, k], boxes[:, k], centers[:, k])
+        if dims != 2:
+            return layer_image(*layer, analytic=flags[k], **options)
+        whole = None if whole_image is None else torch.as_tensor(whole_image)[:, k]
+        return layer_grid(*layer, whole_image=whole, analytic=flags[k], **options)
+
+    grids = [grid(k) for k in range(count)]
     title = 0.3  # inches above each grid
     width = max(grid.shape[2] for grid in grids) / dpi
     heights = [grid.shape[1] / dpi for grid in grids]
