@@ -692,12 +692,12 @@ def _model_caches(kinds: Iterable[type]) -> list[Any]:
         if id(value) in seen or depth > 2 or not callable(value):
             return
         seen.add(id(value))
-        if hasattr(value, "cache_clear") and hasattr(value, "cache_info"):
+        if _attribute(value, "cache_clear") is not None and _attribute(value, "cache_info") is not None:
             found[id(value)] = value
-        wrapped = getattr(value, "__wrapped__", None)
+        wrapped = _attribute(value, "__wrapped__")
         if wrapped is not None:
             visit(wrapped, depth + 1)
-        for cell in getattr(value, "__closure__", None) or ():
+        for cell in _attribute(value, "__closure__") or ():
             try:
                 visit(cell.cell_contents, depth + 1)
             except ValueError:  # an empty cell
@@ -717,6 +717,15 @@ def _model_caches(kinds: Iterable[type]) -> list[Any]:
             if not isinstance(value, type):  # classes are walked through the modules' own
                 visit(value)
     return list(found.values())
+
+
+def _attribute(value: Any, name: str) -> Any:
+    """``getattr(value, name, None)``, and None where looking raises: MONAI's stand-ins for optional imports that
+    are not installed (``monai._C``) raise on any attribute, and the model's code holds them as globals."""
+    try:
+        return getattr(value, name, None)
+    except Exception:  # noqa: BLE001 - whatever a stranger's __getattr__ raises, it is no cache
+        return None
 
 
 def _no_autocast() -> contextlib.ExitStack:

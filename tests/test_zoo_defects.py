@@ -1,6 +1,8 @@
 """Defects found by sweeping public model zoos (issue 15), each on a minimal model written for it."""
 
 import functools
+import sys
+import types
 
 import pytest
 import torch
@@ -634,6 +636,38 @@ def test_what_a_cached_function_computes_during_the_trace_is_not_kept():
     assert receptive_fields(model, (1, 6, 8))["conv"].size == (3, 3)  # a width the caches had not seen
     assert torch.equal(model(torch.rand(1, 1, 6, 8)).isfinite(), torch.ones(1, 2, 6, 8, dtype=torch.bool))
     assert model.index(8).device.type == "cpu" and _position_offsets(8).device.type == "cpu"
+
+
+class _MissingExtension:
+    """MONAI's stand-in for an optional import that is not installed (``monai._C``): any attribute raises."""
+
+    def __getattr__(self, name):
+        raise ImportError(f"import monai._C (No module named 'monai._C'), asked for {name}")
+
+    def __call__(self, *args, **kwargs):
+        raise ImportError("import monai._C (No module named 'monai._C')")
+
+
+class UsesOptionalExtension(nn.Module):
+    """A module whose code's module holds the stand-in as a global, as ``monai.networks.layers`` does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_a_module_global_that_raises_on_any_attribute_is_no_obstacle(monkeypatch):
+    """Found by the external sweep on nine MONAI networks: looking for functools caches among the globals of the
+    model's module touched MONAI's placeholder for its missing compiled extension, which raises, and the trace
+    failed with "import monai._C"."""
+    layers = types.ModuleType("monai_like_layers")
+    layers._C = _MissingExtension()
+    monkeypatch.setitem(sys.modules, layers.__name__, layers)
+    monkeypatch.setattr(UsesOptionalExtension, "__module__", layers.__name__)
+    assert receptive_fields(UsesOptionalExtension(), (1, 8, 8))["conv"].size == (3, 3)
 
 
 class CapturesOutputs(nn.Module):
