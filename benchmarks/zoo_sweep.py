@@ -133,8 +133,10 @@ def meta_build(name: str, size: int | None, builder: Builder = build) -> tuple[n
 
 
 def linearized_twin(model: nn.Module, seed: int = 0) -> nn.Module:
-    """A float64 copy with positive weights and zero biases (run it under :class:`GradientEverywhere`), so that a
-    positive input's gradient reaches every path."""
+    """A float64 copy with positive weights and small positive biases (run it under :class:`GradientEverywhere`), so
+    that a positive input's gradient reaches every path. Biases are not zero: a query made of padding is then its
+    bias, as in the real model, and its attention depends on the keys of its window (zero, it depended on nothing:
+    SwinUNETR's padded windows read as units with no gradient)."""
     twin = copy.deepcopy(model).double().eval()
     pools = {nn.MaxPool1d: nn.AvgPool1d, nn.MaxPool2d: nn.AvgPool2d, nn.MaxPool3d: nn.AvgPool3d}
     for parent in list(twin.modules()):
@@ -152,7 +154,7 @@ def linearized_twin(model: nn.Module, seed: int = 0) -> nn.Module:
                 fan_in = max(parameter[0].numel(), 1)
                 parameter.copy_((0.5 + torch.rand(parameter.shape, generator=generator, dtype=torch.float64)) / fan_in)
             elif name.endswith("bias"):
-                parameter.zero_()
+                parameter.copy_(0.1 + 0.1 * torch.rand(parameter.shape, generator=generator, dtype=torch.float64))
             else:  # norm scales, layer scales: positive, unequal (equal ones cancel after a LayerNorm)
                 parameter.copy_(0.75 + 0.5 * torch.rand(parameter.shape, generator=generator, dtype=torch.float64))
         for name, buffer in twin.named_buffers():
@@ -201,6 +203,24 @@ def _adaptive_mean(pool: Any) -> Any:
     return pooled
 
 
+def _batch_norm_affine(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+    """An eval-mode ``F.batch_norm`` written as its per-channel affine map. torch 2.14.1's CPU kernel misreads a
+    gradient of batch 1 whose strides look channels-last (a token layout's ``flatten(2).transpose(1, 2)`` after the
+    norm, as in LeViT and CvT): it put the gradient of one token on the pixels of half the image.
+
+    Example::
+        >>> bn = nn.BatchNorm2d(2).eval()
+        >>> x = torch.rand(1, 2, 3, 3)
+        >>> torch.allclose(_batch_norm_affine(x, bn.running_mean, bn.running_var, bn.weight, bn.bias), bn(x))
+        True
+    """
+    if training or running_mean is None:
+        return NotImplemented
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    scale = (running_var + eps).rsqrt() * (1 if weight is None else weight)
+    return (x - running_mean.reshape(shape)) * scale.reshape(shape) + (0 if bias is None else bias.reshape(shape))
+
+
 def _mean_over(x, dim=None, keepdim=False, *args, **kwargs):
     """``amax`` / ``max(dim)`` as a mean over the same positions."""
     if dim is None or isinstance(dim, torch.Tensor):
@@ -213,8 +233,9 @@ def _mean_over(x, dim=None, keepdim=False, *args, **kwargs):
 
 class GradientEverywhere(TorchFunctionMode):
     """Runs the twin with the functions whose gradient can be exactly zero on a path replaced by ones with the same
-    inputs and a gradient everywhere: sigmoids and tanh by softsign curves of the same range (gates stay near
-    one half: the identity would multiply small values into nothing), the other elementwise activations (ReLU,
+    inputs and a gradient everywhere: eval-mode batch norms as their affine maps, sigmoids and tanh by softsign
+    curves of the same range (gates stay near one half: the identity would multiply small values into nothing),
+    the other elementwise activations (ReLU,
     ReLU6, GELU, SiLU, PReLU, ...: after a normalization that centres its input, or saturated by the twin's
     growing values, they cut paths) by the identity, modules and functions alike (an elementwise function
     changes no field), softmax by one of scores scaled into [-1, 1], max pooling and ``amax`` by averages, and
@@ -243,6 +264,10 @@ class GradientEverywhere(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.batch_norm and kwargs.get("training", len(args) > 5 and args[5]) and args[1] is None:
             return args[0]  # batch statistics in the eval-mode twin: weight standardization (ScaledStdConv2d)
+        if func is F.batch_norm:
+            result = _batch_norm_affine(*args, **kwargs)
+            if result is not NotImplemented:
+                return result
         if func in self.IDENTITY:
             return args[0]
         if func in self.SIGMOID or func in self.TANH:
