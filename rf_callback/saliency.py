@@ -350,6 +350,8 @@ def _warn_if_constant_sum(name: str, output: Tensor) -> None:
     sums = values.sum(1)  # (N, *grid)
     along = [0] if count > 1 else [d - 1 for d in grid]
     spread = float((sums.amax(dim=along) - sums.amin(dim=along)).max())
+    if spread > 2e-4 * float(values.abs().amax()) * channels**0.5:  # over the bound of the scale below: no warning
+        return
     # How much each channel varies over the same: 0 for a dead layer or probes all alike.
     scale = float(values.std(dim=across).mean()) * channels**0.5
     if 0 < scale and spread <= 1e-4 * scale:
