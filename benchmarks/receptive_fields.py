@@ -7,7 +7,7 @@ Measured (2 shared cores, torch 2.14.1, 7 repeats, 2026-12-07): 78 of 80 torchvi
 most 1x (resnet50 0.08x, densenet121 0.32x, efficientnet_b0 0.56x, mobilenet_v3_large 0.66x,
 mnasnet0_5 0.81x, shufflenet_v2_x1_0 0.89x); mobilenet_v3_small 1.24x and shufflenet_v2_x0_5 1.13x
 (21 repeats: 1.28x, 1.22x; timm's lcnet_050 1.17x), which earlier runs measured at 0.95-1.02x. What is
-left is the models' own Python, the geometry's and a cyclic collection (see the README's Performance).
+left is the models' own Python and the geometry's (see the README's Performance).
 
     python benchmarks/receptive_fields.py [--repeats 7] [--models resnet50 timm:lcnet_050 ...]
     python benchmarks/receptive_fields.py --torchvision   # every torchvision classification model
