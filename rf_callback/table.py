@@ -692,12 +692,12 @@ def _model_caches(kinds: Iterable[type]) -> list[Any]:
         if id(value) in seen or depth > 2 or not callable(value):
             return
         seen.add(id(value))
-        if _attribute(value, "cache_clear") is not None and _attribute(value, "cache_info") is not None:
+        if _getattr_or_none(value, "cache_clear") is not None and _getattr_or_none(value, "cache_info") is not None:
             found[id(value)] = value
-        wrapped = _attribute(value, "__wrapped__")
+        wrapped = _getattr_or_none(value, "__wrapped__")
         if wrapped is not None:
             visit(wrapped, depth + 1)
-        for cell in _attribute(value, "__closure__") or ():
+        for cell in _getattr_or_none(value, "__closure__") or ():
             try:
                 visit(cell.cell_contents, depth + 1)
             except ValueError:  # an empty cell
@@ -719,7 +719,7 @@ def _model_caches(kinds: Iterable[type]) -> list[Any]:
     return list(found.values())
 
 
-def _attribute(value: Any, name: str) -> Any:
+def _getattr_or_none(value: Any, name: str) -> Any:
     """``getattr(value, name, None)``, and None where looking raises: MONAI's stand-ins for optional imports that
     are not installed (``monai._C``) raise on any attribute, and the model's code holds them as globals."""
     try:
@@ -848,10 +848,11 @@ def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, strict: bo
                 wrapped.append((module, module.__dict__.get("forward", _ABSENT)))
                 module.__dict__["forward"] = announcing(module, place)
         # Outside inference mode and autocast, so that composite operations decompose as usual.
+        modules = [module for _, module in walked]
         with (
-            _attributes_kept([module for _, module in walked]),
-            _caches_cleared([module for _, module in walked]),
-            evaluating(model, [module for _, module in walked]),
+            _attributes_kept(modules),
+            _caches_cleared(modules),
+            evaluating(model, modules),
             _gc_paused(),  # the trace allocates many small tuples; the cyclic collector would double its time
             torch.inference_mode(False),
             torch.no_grad(),

@@ -157,7 +157,8 @@ class Tracer(TorchDispatchMode):
         self.info = TensorInfos()
         self.stack: list[tuple[str, str]] = []  # (module name, module type) being run
         self.transparent = 0
-        self.pool_windows: dict[int, tuple[Field, Any]] = {}  # id(field of pooled indices) -> (it, windows): ops.py
+        # id(field of pooled indices) -> (it, windows per axis, flat lengths): ops.py's _keep_windows, _max_unpool
+        self.pool_windows: dict[int, tuple[Field, dict[int, Any], tuple[int, ...]]] = {}
         self.computed = 0  # operations so far that computed values from the input (not only moved them)
         # The graph of the forward, over fields: id(field) -> (the field, the fields of the tensors read by the
         # operation that made it; None where one of them was not followed). A field passed on unchanged
@@ -272,13 +273,8 @@ class Tracer(TorchDispatchMode):
     ) -> Indexed | Traced | None:
         """A view or pad that no layout follows, followed element by element (see :class:`Indexed`), or None."""
         info = infos[0] if len(infos) == 1 else None
-        if (
-            info is None
-            or any(_prefix(dim) is FED for dim in info.layout)
-            or refusal(info)
-            or tensors[0].numel() > 1 << 20
-        ):
-            return None
+        if info is None or any(_prefix(dim) is FED for dim in info.layout) or tensors[0].numel() > 1 << 20:
+            return None  # (``info`` is followed exactly: :meth:`follow` passes ``elements`` on only then)
         with _untraced():
             try:
                 positions = element_positions(info.layout, tensors[0].shape, len(self.image))
@@ -714,7 +710,7 @@ class FunctionInterceptor(TorchFunctionMode):
             self.tracer.transparent -= 1
         traced = [t for t in inputs if t in self.tracer.info]
         if traced:
-            self.tracer.computed += func not in (torch.nn.functional.pad, torch._C._nn.pad)
+            self.tracer.computed += func not in _MOVES  # a pad only moves values
             outputs = flat_tensors(out)
             moves = _MOVES.get(func)
 

@@ -710,33 +710,33 @@ def moved_positions(func: Any, bound: dict[str, Any], positions: torch.Tensor, o
     """Where each element of ``out`` comes from, for an operation that only moves elements (views, permutes,
     slices, constant pads, elementwise operations): ``positions`` (``(axes, *input shape)``, see
     ``element_positions``) moved the same way; -1 for the constants a pad adds. None for any other operation.
+    The tracer calls it with its modes off (``engine._untraced``), as it calls :func:`padded_positions`.
     """
     if not isinstance(out, torch.Tensor):
         return None
     source = bound.get("self", bound.get("input"))
-    with _disable_current_modes(), torch._C.DisableTorchFunction(), torch.no_grad():
-        if func in _RESHAPES:
-            return positions.reshape(positions.shape[0], *out.shape)
-        if func in _COPIES or (elementwise(func) and tuple(out.shape) == tuple(positions.shape[1:])):
-            return positions
-        if func is aten.permute.default:
-            return positions.permute(0, *(1 + _normalize_dim(d, source.dim()) for d in bound["dims"]))
-        if func is aten.transpose.int:
-            a, b = (_normalize_dim(bound[name], source.dim()) for name in ("dim0", "dim1"))
-            return positions.transpose(a + 1, b + 1)
-        if func is aten.unsqueeze.default:
-            return positions.unsqueeze(1 + _normalize_dim(bound["dim"], out.dim()))
-        if func is aten.expand.default:
-            lead = [1] * (out.dim() - source.dim())
-            return positions.reshape(positions.shape[0], *lead, *source.shape).expand(positions.shape[0], *out.shape)
-        if func is aten.slice.Tensor:
-            d = _normalize_dim(bound["dim"], source.dim())
-            cut = slice(bound["start"], bound["end"], bound["step"])
-            return positions[(slice(None),) * (d + 1) + (cut,)]
-        if func is aten.select.int:
-            return positions.select(1 + _normalize_dim(bound["dim"], source.dim()), bound["index"])
-        if func is aten.constant_pad_nd.default:
-            return torch.nn.functional.pad(positions, list(bound["pad"]), value=-1)
+    if func in _RESHAPES:
+        return positions.reshape(positions.shape[0], *out.shape)
+    if func in _COPIES or (elementwise(func) and tuple(out.shape) == tuple(positions.shape[1:])):
+        return positions
+    if func is aten.permute.default:
+        return positions.permute(0, *(1 + _normalize_dim(d, source.dim()) for d in bound["dims"]))
+    if func is aten.transpose.int:
+        a, b = (_normalize_dim(bound[name], source.dim()) for name in ("dim0", "dim1"))
+        return positions.transpose(a + 1, b + 1)
+    if func is aten.unsqueeze.default:
+        return positions.unsqueeze(1 + _normalize_dim(bound["dim"], out.dim()))
+    if func is aten.expand.default:
+        lead = [1] * (out.dim() - source.dim())
+        return positions.reshape(positions.shape[0], *lead, *source.shape).expand(positions.shape[0], *out.shape)
+    if func is aten.slice.Tensor:
+        d = _normalize_dim(bound["dim"], source.dim())
+        cut = slice(bound["start"], bound["end"], bound["step"])
+        return positions[(slice(None),) * (d + 1) + (cut,)]
+    if func is aten.select.int:
+        return positions.select(1 + _normalize_dim(bound["dim"], source.dim()), bound["index"])
+    if func is aten.constant_pad_nd.default:
+        return torch.nn.functional.pad(positions, list(bound["pad"]), value=-1)
     return None
 
 
@@ -744,8 +744,7 @@ def padded_positions(mode: str, pad: Sequence[int], positions: torch.Tensor) -> 
     """``positions`` after ``F.pad(..., pad, mode)``: -1 for the constants a constant pad adds; None for other modes."""
     if mode != "constant":
         return None
-    with _disable_current_modes(), torch._C.DisableTorchFunction(), torch.no_grad():
-        return torch.nn.functional.pad(positions, list(pad), value=-1)
+    return torch.nn.functional.pad(positions, list(pad), value=-1)
 
 
 # --------------------------------------------------------------------------------------------
