@@ -10,6 +10,7 @@ weights.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -204,7 +205,8 @@ def test_receptive_maps_refuses_a_sharded_model_and_names_the_way(group):
         receptive_maps(fsdp2(), torch.rand(2, 1, 12, 12))
 
 
-def test_log_without_destinations_computes_only(tmp_path):
+def test_log_without_destinations_computes_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a writer made by default would put its files
     monitor = ProbeMonitor(net(), torch.rand(2, 1, 12, 12), LAYERS)
     result = monitor.log(None, step=0)
     assert result.maps.shape == (2, 3, 12, 12) and not list(tmp_path.iterdir())
@@ -234,6 +236,9 @@ def run_two_processes(tmp_path: Path, scenario: str) -> dict:
         text=True,
         timeout=280,
         cwd=ROOT,
+        # No CUDA: on a GPU machine the device mesh would make a gloo group of its own with the 30-minute default
+        # timeout, and a rank left waiting would outlive this test; the default group's is 60 s (sharded_run.py).
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     return json.loads((tmp_path / "report.json").read_text())
