@@ -37,6 +37,8 @@ class Cost:
         input_shape: the input the table was traced at, without the batch.
         widest: the row whose smallest field over paths spans the most of the input (global rows left
             out), and that field; None where no row has one.
+        unproductive: the unproductive rows that compute a field (:meth:`~ReceptiveFieldTable.computing`),
+            weighted or not: named where no weighted layer is (a pooling past the border).
 
     Example::
         >>> from rf_callback import receptive_fields
@@ -58,11 +60,12 @@ class Cost:
     total_macs: int
     input_shape: tuple[int, ...]
     widest: tuple[str, tuple[int, ...]] | None = None
+    unproductive: tuple[str, ...] = ()
 
     def describe(self, most: int = 6) -> str:
         """One sentence: which layers, what they hold, what share of a forward they compute (``most`` names at most)."""
         size = "x".join(map(str, self.input_shape[1:]))
-        if not self.layers and not self.parameters:
+        if not self.layers and not self.unproductive:
             if self.widest is None:
                 return f"At {size}, no layer is predicted unproductive (Richter et al. 2021)."
             name, field = self.widest
@@ -70,13 +73,14 @@ class Cost:
                 f"At {size}, no layer is predicted unproductive (Richter et al. 2021): the widest shortest path of a"
                 f" layer that is not global spans {'x'.join(map(str, field))} ({name})."
             )
-        count = len(self.layers)
-        names = ", ".join(self.layers[:most]) + (f" and {count - most} more" if count > most else "")
+        shown = self.layers or self.unproductive
+        count = len(shown)
+        names = ", ".join(shown[:most]) + (f" and {count - most} more" if count > most else "")
         share = f"{100 * self.macs / self.total_macs:.1f}%" if self.total_macs else "none"
         return (
             f"At {size}, {count} layer{'s are' if count != 1 else ' is'} unproductive (Richter et al. 2021: "
             f"{'their' if count != 1 else 'its'} shortest path and {'their' if count != 1 else 'its'} inputs' already"
-            f" see the whole input): {names or 'no weighted layer'}. {'They hold' if count != 1 else 'It holds'}"
+            f" see the whole input): {names}. {'They hold' if count != 1 else 'It holds'}"
             f" {_count(self.parameters)} of {_count(self.total_parameters)} parameters"
             f" ({100 * self.parameters / max(self.total_parameters, 1):.1f}%) and {share} of the multiply-adds of a"
             " forward."
@@ -152,9 +156,10 @@ def unproductive_cost(model: nn.Module, table: ReceptiveFieldTable) -> Cost:
             if id(parameter) not in seen:
                 seen.add(id(parameter))
                 parameters += parameter.numel()
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    total = sum(p.numel() for p in model.parameters())  # each shared parameter once
     spatial = table.input_shape[1:]
     computing = [table[key] for key in table.computing()]  # not a container or BatchNorm that passes it on
     judged = [(row.name, row.min_size) for row in computing if row.verdict not in ("global", "unknown")]
     widest = max(judged, key=lambda item: min(n / length for n, length in zip(item[1], spatial)), default=None)
-    return Cost(tuple(named), parameters, total, macs, total_macs, tuple(table.input_shape), widest)
+    marked = tuple(key for key in table.computing() if table[key].verdict == "unproductive")
+    return Cost(tuple(named), parameters, total, macs, total_macs, tuple(table.input_shape), widest, marked)

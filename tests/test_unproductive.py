@@ -293,6 +293,17 @@ def test_multiply_adds_equal_pytorchs_flop_counter():
     assert cost.layers == ("layer3.1.conv2", "layer4.0.conv2", "layer4.1.conv2")
 
 
+def test_an_unproductive_layer_without_weights_is_named_not_denied():
+    """Found in review: a pooling past the border holds no parameters and no multiply-adds, and the sentence said
+    that no layer was unproductive, naming that very pooling as the widest path."""
+    from rf_callback.cost import unproductive_cost
+
+    net = nn.Sequential(nn.Conv2d(1, 1, 5, padding=2), nn.Conv2d(1, 1, 5, padding=2), nn.MaxPool2d(3, 1, 1), nn.ReLU())
+    cost = unproductive_cost(net, receptive_fields(net, (1, 8, 8)))
+    assert cost.layers == () and cost.unproductive == ("2",)
+    assert cost.describe().startswith("At 8x8, 1 layer is unproductive") and "): 2. It holds 0 of 52" in cost.describe()
+
+
 def test_the_command_line_shows_the_unproductive_layers_of_resnet18_at_32_pixels(capsys):
     from rf_callback.cli import main
 
