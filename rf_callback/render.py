@@ -16,6 +16,7 @@ dimension, each file would import most of the others.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
@@ -388,9 +389,14 @@ def _panel_shape(spatial: Sequence[int], tile: int) -> tuple[int, int]:
 
 def _column_width(panel: int, captions: Sequence[Caption]) -> int:
     """A column's width: the panel's, widened (up to twice) so that the captions are whole."""
+    return min(max(panel, _widest_caption(tuple(captions))), 2 * panel)
+
+
+@functools.lru_cache(maxsize=64)
+def _widest_caption(captions: tuple[Caption, ...]) -> int:
+    """The width of the widest caption line with its margins: measured once for every panel size tried."""
     font = _font(FONT_SIZE)
-    widest = max((math.ceil(font.getlength(text)) + 2 * PADDING for lines in captions for text, _ in lines), default=0)
-    return min(max(panel, widest), 2 * panel)
+    return max((math.ceil(font.getlength(text)) + 2 * PADDING for lines in captions for text, _ in lines), default=0)
 
 
 def _arrange(
