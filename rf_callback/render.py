@@ -399,6 +399,11 @@ def _widest_caption(captions: tuple[Caption, ...]) -> int:
     return max((math.ceil(font.getlength(text)) + 2 * PADDING for lines in captions for text, _ in lines), default=0)
 
 
+def _default_row(count: int, dims: int) -> int:
+    """Panels per row by default: at most 4 images, in rows of equal length where possible; 2 signals or volumes."""
+    return math.ceil(count / math.ceil(count / 4)) if dims == 2 else min(count, 2)
+
+
 def _arrange(
     count: int,
     spatial: Sequence[int],
@@ -416,8 +421,7 @@ def _arrange(
     fits, those that are largest once the picture is shrunk to fit.
     """
     if fit is None:
-        default = math.ceil(count / math.ceil(count / 4)) if len(spatial) == 2 else min(count, 2)
-        return tile, nrow if nrow is not None else default
+        return tile, nrow if nrow is not None else _default_row(count, len(spatial))
     room_height, room_width = fit
     lines = max(map(len, captions), default=0)
     best: tuple[tuple[bool, float], int, int] | None = None
@@ -1027,7 +1031,7 @@ def plot_maps(
     if len(flags) != count:
         raise ValueError(f"plot_maps: analytic needs one flag per layer ({count}), got {len(flags)}.")
     if tile is None:
-        columns = _arrange(len(images), tuple(images.shape[2:]), 8, nrow, [], True, None)[1]
+        columns = nrow if nrow is not None else _default_row(len(images), images.dim() - 2)
         fills = (
             t for t in range(256, 8, -1) if columns * (_panel_shape(images.shape[2:], t)[1] + PADDING) < NOTEBOOK_WIDTH
         )
