@@ -26,6 +26,7 @@ from torch import nn
 from rf_callback import ProbeMonitor, ReceptiveFieldMonitor, receptive_fields, receptive_maps
 from rf_callback.callback import _sharded_root
 from rf_callback.sharding import UnsupportedShardingError, gathered, sharding_of, structure_twin
+from tests import sharded_run
 from tests.lightning_helpers import TinyCNN, loaders, read_events
 from tests.sharded_run import tiny_net as net
 
@@ -48,20 +49,11 @@ def group():
 def fsdp2(per_layer: bool = True) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    model = net()
-    if per_layer:
-        for index in (0, 4, 8):
-            fully_shard(model[index])
-    return fully_shard(model)
+    return sharded_run.fsdp2(net()) if per_layer else fully_shard(net())
 
 
 def fsdp1() -> nn.Module:
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    def policy(module, recurse, nonwrapped_numel):
-        return recurse or isinstance(module, nn.Conv2d)
-
-    return FullyShardedDataParallel(net(), device_id=torch.device("cpu"), auto_wrap_policy=policy)
+    return sharded_run.fsdp1_flat(net())
 
 
 def snapshot(model: nn.Module) -> list:
